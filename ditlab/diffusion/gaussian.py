@@ -1,0 +1,146 @@
+"""The DDPM objective used by DiT (Ho et al. 2020; learned variance from Nichol & Dhariwal, "Improved
+Denoising Diffusion Probabilistic Models", 2021).
+
+Linear betas 1e-4..0.02 over T=1000 steps, epsilon (or v) prediction with a mean-squared error, and,
+when the network learns its variance, the variational bound term ``L_vb`` on the interpolation
+coefficient with a stop-gradient on the predicted mean, weighted 1 as in DiT (IDDPM's hybrid loss).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Noised:
+    """A noisy training input: ``xt = a(t) x0 + s(t) noise``; ``model_t`` is what the network sees."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    model_t: torch.Tensor
+    noise: torch.Tensor
+
+
+def mean_flat(values: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch: ``(B, ...) -> (B,)``."""
+    return values.flatten(1).mean(1)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """A fast tanh approximation of the standard normal CDF (the one IDDPM uses)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of data in [-1, 1] quantised to 256 bins under a Gaussian, elementwise."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    )
+
+
+class GaussianDiffusion:
+    """DDPM training objective. ``prediction`` is ``"epsilon"`` (DiT) or ``"v_prediction"``."""
+
+    kind = "gaussian"
+
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        prediction: str = "epsilon",
+        learn_sigma: bool = True,
+    ) -> None:
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unknown prediction {prediction!r}; choices: ['epsilon', 'v_prediction']")
+        self.num_timesteps = num_timesteps
+        self.beta_start, self.beta_end = beta_start, beta_end
+        self.prediction = prediction
+        self.learn_sigma = learn_sigma
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.tables = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+            "log_betas": torch.log(betas),
+        }
+
+    def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Table ``name`` at steps ``t: (B,)`` broadcast to ``like``'s shape and dtype."""
+        values = self.tables[name].to(t.device)[t].to(like.dtype)
+        return values.view(-1, *([1] * (like.ndim - 1)))
+
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
+        """Draw ``t ~ U{0..T-1}`` and noise, and return the noisy input."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=t.float(), noise=noise)
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+
+    def target(self, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return noised.noise
+        t = noised.t
+        return self._at("sqrt_alphas_cumprod", t, x0) * noised.noise - self._at("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+
+    def prediction_channels(self, output: torch.Tensor, channels: int) -> torch.Tensor:
+        """The mean-prediction half of a learned-sigma output."""
+        return output[:, :channels]
+
+    def losses(self, output: torch.Tensor, x0: torch.Tensor, noised: Noised) -> dict[str, torch.Tensor]:
+        """``loss_diffusion`` (MSE), ``loss_vb`` when learning sigma, and their sum ``loss``; all scalars."""
+        channels = x0.shape[1]
+        prediction = output[:, :channels]
+        terms = {"loss_diffusion": mean_flat((prediction - self.target(x0, noised)) ** 2).mean()}
+        if self.learn_sigma:
+            if output.shape[1] != 2 * channels:
+                raise ValueError(f"learn_sigma needs {2 * channels} output channels, the network gives {output.shape[1]}")
+            frozen = torch.cat([prediction.detach(), output[:, channels:]], dim=1)
+            terms["loss_vb"] = self.vb_terms(frozen, x0, noised).mean()
+        terms["loss"] = sum(terms.values())
+        return terms
+
+    def predict_x0(self, prediction: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return self._at("sqrt_recip_alphas_cumprod", t, xt) * xt - self._at("sqrt_recipm1_alphas_cumprod", t, xt) * prediction
+        return self._at("sqrt_alphas_cumprod", t, xt) * xt - self._at("sqrt_one_minus_alphas_cumprod", t, xt) * prediction
+
+    def vb_terms(self, output: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """Per-sample variational bound in bits/dim: KL for t>0, decoder NLL at t=0. ``(B,)``."""
+        channels = x0.shape[1]
+        xt, t = noised.xt, noised.t
+        true_mean = self._at("posterior_mean_coef1", t, x0) * x0 + self._at("posterior_mean_coef2", t, x0) * xt
+        true_log_var = self._at("posterior_log_variance_clipped", t, x0)
+        fraction = (output[:, channels:] + 1) / 2
+        model_log_var = fraction * self._at("log_betas", t, x0) + (1 - fraction) * true_log_var
+        pred_x0 = self.predict_x0(output[:, :channels], xt, t)
+        model_mean = self._at("posterior_mean_coef1", t, x0) * pred_x0 + self._at("posterior_mean_coef2", t, x0) * xt
+        kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)

@@ -1,0 +1,299 @@
+"""The DiT / SiT backbone (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+Faithful to the public facebookresearch/DiT model: patch embedding with a fixed 2-D sin-cos position
+embedding, a timestep MLP on 256 sinusoidal frequencies, a label table with a null class for
+classifier-free guidance, adaLN-Zero blocks and a zero-initialised final layer. Parameter names match
+the public checkpoints so they load with no renaming. SiT (Ma et al., 2024) uses the same network.
+
+Two options exist only to reproduce diffusers' port of DiT exactly (see ``models/interop.py``):
+``freq_shift`` (diffusers divides the frequency exponent by ``half - 1``) and ``mlp_norm_eps``
+(diffusers' second LayerNorm in a block uses eps 1e-5).
+
+The forward pass is split into ``embed`` -> ``blocks`` -> ``head`` so that methods can tap, skip or
+replace blocks (``models/taps.py``) without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditlab.models.attention import Attention
+
+PRESETS: dict[str, dict[str, int]] = {
+    "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
+    "B": {"depth": 12, "hidden_size": 768, "num_heads": 12},
+    "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16},
+    "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16},
+}
+
+
+def modulate(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``tokens (B, N, D) * (1 + scale (B, D)) + shift (B, D)``."""
+    return tokens * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int = 256, freq_shift: float = 0.0) -> torch.Tensor:
+    """``t: (B,)`` -> ``(B, dim)`` as ``[cos(t f), sin(t f)]`` with ``f_i = 10^4^(-i / (half - shift))``."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    angles = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> ``(B, D)`` through sinusoidal features and a 2-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, freq_shift: float = 0.0) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_frequencies(t, self.frequency_size, self.freq_shift)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> ``(B, D)``; row ``num_classes`` is the null class used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def drop(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``dropout_prob``."""
+        draws = torch.rand(labels.shape, device=labels.device, generator=generator)
+        return torch.where(draws < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            labels = self.drop(labels)
+        return self.embedding_table(labels)
+
+
+class DiTBlock(nn.Module):
+    """Attention then MLP, each behind an adaLN-Zero modulation of the conditioning vector."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        mlp_norm_eps: float = 1e-6,
+        attention: str = "full",
+    ) -> None:
+        super().__init__()
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, operator=attention)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(hidden_size, mlp_hidden))
+        self.mlp.add_module("act", nn.GELU(approximate="tanh"))
+        self.mlp.add_module("fc2", nn.Linear(mlp_hidden, hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self, tokens: torch.Tensor, cond: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``tokens: (B, N, D)``, ``cond: (B, D)``; with ``return_attention`` also the ``(B, H, N, N)`` map."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(
+            6, dim=1
+        )
+        mixed, weights = self.attn(modulate(self.norm1(tokens), shift_msa, scale_msa), return_attention)
+        tokens = tokens + gate_msa.unsqueeze(1) * mixed
+        tokens = tokens + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(tokens), shift_mlp, scale_mlp))
+        return (tokens, weights) if return_attention else tokens
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from tokens to patches."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(tokens), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, (H/p)(W/p), D)`` with a stride-p convolution."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """``(M,)`` positions -> ``(M, dim)`` as ``[sin(pos w), cos(pos w)]``, ``w_i = 10^4^(-i / (dim/2))``."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+    """The fixed DiT position embedding ``(grid^2, dim)``: first half columns (x), second half rows (y)."""
+    coords = np.arange(grid_size, dtype=np.float32)
+    grid_w, grid_h = np.meshgrid(coords, coords)
+    return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=1)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer. ``dit(x, t, y) -> (B, out_channels, H, W)``, the public DiT call."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
+        attention: str = "full",
+    ) -> None:
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(
+                f"input_size={input_size} is not divisible by patch_size={patch_size}; "
+                "pick a patch size that divides the image (or latent) size"
+            )
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 for the 2-D position embedding")
+        self._config = {
+            "input_size": input_size, "patch_size": patch_size, "in_channels": in_channels,
+            "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+            "class_dropout_prob": class_dropout_prob, "num_classes": num_classes,
+            "learn_sigma": learn_sigma, "freq_shift": freq_shift, "mlp_norm_eps": mlp_norm_eps,
+            "attention": attention,
+        }  # fmt: skip
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps, attention) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DiT:
+        """``DiT.from_preset("S/2", input_size=16, in_channels=1)``: a paper size, then free overrides."""
+        size, _, patch = name.removeprefix("DiT-").removeprefix("SiT-").partition("/")
+        if size not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choices: {[f'{s}/{p}' for s in PRESETS for p in (2, 4, 8)]}")
+        kwargs = {**PRESETS[size], "patch_size": int(patch or 2)}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def initialize_weights(self) -> None:
+        """The DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output."""
+
+        def xavier(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier)
+        pos = sincos_2d(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        kernel = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(kernel.data.view(kernel.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1],
+                      self.final_layer.linear]:  # fmt: skip
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this network (depth follows pruning edits)."""
+        return {**self._config, "depth": len(self.blocks)}
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` -> ``tokens: (B, N, D)``, ``cond: (B, D)``."""
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs got {tuple(x.shape[-2:])}")
+        tokens = self.x_embedder(x) + self.pos_embed
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        cond = self.t_embedder(t) + self.y_embedder(y)
+        return tokens, cond
+
+    def head(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``tokens: (B, N, D)`` -> ``(B, out_channels, H, W)``."""
+        return self.unpatchify(self.final_layer(tokens, cond))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tokens, cond = self.embed(x, t, y)
+        for block in self.blocks:
+            tokens = block(tokens, cond)
+        return self.head(tokens, cond)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_channels: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Guided output for the conditional labels ``y``: ``uncond + w (cond - uncond)``.
+
+        The guided channels default to all ``in_channels``; ``cfg_channels=3`` reproduces the public DiT.
+        """
+        null = torch.full_like(y, self.num_classes)
+        both = self(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, torch.cat([y, null]))
+        channels = cfg_channels or self.in_channels
+        guided, rest = both[:, :channels], both[:, channels:]
+        cond, uncond = guided.chunk(2)
+        return torch.cat([uncond + cfg_scale * (cond - uncond), rest.chunk(2)[0]], dim=1)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, N, p*p*C)`` in the order ``unpatchify`` inverts."""
+        p = self.patch_size
+        batch, channels, height, width = images.shape
+        patches = images.reshape(batch, channels, height // p, p, width // p, p)
+        return torch.einsum("nchpwq->nhwpqc", patches).reshape(batch, (height // p) * (width // p), p * p * channels)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, N, p*p*C)`` -> ``(B, C, H, W)``."""
+        p, channels = self.patch_size, patches.shape[-1] // self.patch_size**2
+        grid = int(patches.shape[1] ** 0.5)
+        patches = patches.reshape(patches.shape[0], grid, grid, p, p, channels)
+        return torch.einsum("nhwpqc->nchpwq", patches).reshape(patches.shape[0], channels, grid * p, grid * p)

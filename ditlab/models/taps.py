@@ -1,0 +1,87 @@
+"""Run a DiT while reading or editing its blocks: the one hook every method uses.
+
+Alignment (REPA, HASTE) reads hidden states and attention maps of chosen blocks; distillation reads
+matched student/teacher features; pruning analysis runs the network with blocks skipped; caching
+replaces blocks. All of that is :func:`run_blocks`, built on the core's ``embed`` / ``blocks`` /
+``head`` split, so no method ever patches the core. Block indices here are 0-based positions in
+``dit.blocks`` (the specs' "block k" is index ``k - 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ditlab.models.dit import DiT
+
+BlockFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Tapped:
+    """What a tapped forward pass returns."""
+
+    output: torch.Tensor
+    """``(B, C_out, H, W)`` network output, or the tokens ``(B, N, D)`` after block ``stop_after``."""
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Block index -> tokens ``(B, N, D)`` after that block (index -1: the embedded input)."""
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Block index -> attention map ``(B, H, N, N)``."""
+
+
+def run_blocks(
+    dit: DiT,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    hidden: Iterable[int] = (),
+    attention: Iterable[int] = (),
+    skip: Iterable[int] = (),
+    replace: dict[int, BlockFn] | None = None,
+    stop_after: int | None = None,
+) -> Tapped:
+    """Forward ``dit`` capturing hidden states after ``hidden`` blocks and maps of ``attention`` blocks.
+
+    ``skip`` drops blocks (identity), ``replace`` maps a block index to ``fn(tokens, cond) -> tokens``.
+    ``stop_after`` ends the pass after that block and returns its tokens as ``output`` (no head),
+    which saves compute when only early features are needed.
+    """
+    hidden, attention, skip = set(hidden), set(attention), set(skip)
+    replace = replace or {}
+    bad = {i for i in hidden | attention | skip | set(replace) if not -1 <= i < dit.depth}
+    if bad:
+        raise IndexError(f"block indices {sorted(bad)} out of range for a DiT of depth {dit.depth}")
+    tokens, cond = dit.embed(x, t, y)
+    result = Tapped(output=tokens)
+    if -1 in hidden:
+        result.hidden[-1] = tokens
+    for index, block in enumerate(dit.blocks):
+        if index in skip:
+            pass
+        elif index in replace:
+            tokens = replace[index](tokens, cond)
+        elif index in attention:
+            tokens, result.attention[index] = block(tokens, cond, return_attention=True)
+        else:
+            tokens = block(tokens, cond)
+        if index in hidden:
+            result.hidden[index] = tokens
+        if stop_after is not None and index == stop_after:
+            result.output = tokens
+            return result
+    result.output = dit.head(tokens, cond)
+    return result
+
+
+def block_io(dit: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Tokens before every block and after the last: a list of ``depth + 1`` tensors ``(B, N, D)``."""
+    tapped = run_blocks(dit, x, t, y, hidden=range(-1, dit.depth))
+    return [tapped.hidden[i] for i in range(-1, dit.depth)]
+
+
+def kept_blocks(dit: DiT, keep: Iterable[int]) -> nn.ModuleList:
+    """The blocks at ``keep`` (in order), for building a shallower DiT that shares their weights."""
+    return nn.ModuleList(dit.blocks[i] for i in sorted(set(keep)))
