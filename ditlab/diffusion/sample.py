@@ -25,6 +25,7 @@ from ditlab.models.dit import DiT
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim", "dpm++")
 FLOW_SAMPLERS = ("euler", "heun")
+ANCESTRAL_SEED = 1 << 32  # DDPM's per-sample noise stream for sample i is seeded ANCESTRAL_SEED + seed + i
 
 
 def default_sampler(objective: GaussianDiffusion | FlowMatching) -> str:
@@ -69,12 +70,13 @@ def denoise(
     sampler: str | None = None,
     cfg_scale: float = 1.0,
     cfg_channels: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Integrate from ``noise: (B, C, H, W)`` to data for class ``labels: (B,)``.
 
-    ``generator`` drives the ancestral noise of DDPM (other samplers are deterministic).
+    ``generator`` drives the ancestral noise of DDPM (other samplers are deterministic); a list gives
+    one generator per sample.
     """
     scheduler = make_scheduler(objective, sampler or default_sampler(objective))
     scheduler.set_timesteps(steps, device=noise.device)
@@ -122,9 +124,12 @@ def sample_images(
         for offset in range(0, len(labels), batch_size):
             chunk = labels[offset : offset + batch_size].to(device)
             noise = seeded_noise((len(chunk), *shape), seed, start + offset).to(device)
-            generator = torch.Generator(device=device).manual_seed(seed + start + offset + 7919)
+            # one ancestral-noise stream per sample (seeds far from the initial-noise seeds), so DDPM is
+            # batch-size independent too; diffusers' schedulers accept a list of generators, one per row
+            generators = [torch.Generator(device=device).manual_seed(ANCESTRAL_SEED + seed + start + offset + i)
+                          for i in range(len(chunk))]  # fmt: skip
             outputs.append(
-                denoise(dit, objective, noise, chunk, generator=generator,
+                denoise(dit, objective, noise, chunk, generator=generators,
                         progress=progress if show_progress else None, **denoise_kwargs).cpu()
             )  # fmt: skip
             progress.advance(overall, len(chunk))

@@ -1,0 +1,62 @@
+"""Sample grids with fixed noise and fixed classes, so progress is visible on the same seeds.
+
+Every ``every_n_steps`` and at the end of fit, the EMA network samples ``per_class`` images of each
+class in ``classes``; the grid (one row per class) goes to TensorBoard under ``samples/grid`` and to
+``<log_dir>/samples/step_<N>.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+
+class SampleGrid(L.Callback):
+    """Logs an EMA sample grid every ``every_n_steps`` optimiser steps and at the end of fit."""
+
+    def __init__(self, every_n_steps: int = 500, classes: list[int] | None = None, per_class: int = 8,
+                 seed: int = 0, steps: int | None = None, cfg_scale: float | None = None) -> None:  # fmt: skip
+        self.every_n_steps = every_n_steps
+        self.classes = classes
+        self.per_class = per_class
+        self.seed = seed
+        self.overrides = {k: v for k, v in {"steps": steps, "cfg_scale": cfg_scale}.items() if v is not None}
+        self.last_path: Path | None = None
+
+    def grid(self, pl_module) -> torch.Tensor:
+        """``(3, H', W')`` grid in [0, 1]: row ``r`` holds class ``classes[r]``."""
+        classes = self.classes if self.classes is not None else list(range(min(pl_module.network.num_classes, 10)))
+        labels = torch.tensor(classes).repeat_interleave(self.per_class)
+        images = pl_module.sample(labels, seed=self.seed, **self.overrides)
+        if images.shape[-1] < 48:  # small images (digits) are upscaled so the grid is readable
+            images = F.interpolate(images, scale_factor=48 // images.shape[-1], mode="nearest")
+        return make_grid((images + 1) / 2, nrow=self.per_class, padding=1, pad_value=1.0)
+
+    def log_grid(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        grid = self.grid(pl_module)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("samples/grid", grid, global_step=step)
+        if trainer.log_dir:
+            self.last_path = Path(trainer.log_dir) / "samples" / f"step_{step:07d}.png"
+            self.last_path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid, self.last_path)
+            pl_module.summary["last_sample_grid"] = str(self.last_path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            self.log_grid(trainer, pl_module)

@@ -1,0 +1,69 @@
+"""``summary.json``: one file per run that says what was run and what came out.
+
+Written at the end of fit in the log directory (final metrics, parameter count, training images/s,
+steps, wall time, the resolved config, and whatever callbacks put in ``pl_module.summary``); its path
+is printed so scripts and notebooks can find it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def _plain(value):
+    """Tensors and numpy scalars -> JSON numbers; non-finite -> None."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and not isinstance(value, list | dict):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunSummary(L.Callback):
+    """Measures throughput and wall time, then writes ``summary.json``; ``config`` is set by the CLI."""
+
+    def __init__(self, filename: str = "summary.json") -> None:
+        self.filename = filename
+        self.config: dict | None = None
+        self.path: Path | None = None
+        self._fit_start = 0.0
+        self._train_time = 0.0
+        self._images = 0
+        self._batch_start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._train_time += time.perf_counter() - self._batch_start
+        self._images += len(batch[0]) * trainer.world_size
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not trainer.log_dir:
+            return
+        metrics = {name: _plain(value) for name, value in trainer.callback_metrics.items()}
+        summary = {
+            "metrics": metrics,
+            "parameters": pl_module.num_parameters() if hasattr(pl_module, "num_parameters") else None,
+            "train_images_per_s": self._images / self._train_time if self._train_time else None,
+            "steps": trainer.global_step,
+            "wall_time_s": time.perf_counter() - self._fit_start,
+            **{key: _plain(value) if not isinstance(value, dict) else value
+               for key, value in getattr(pl_module, "summary", {}).items()},  # fmt: skip
+            "config": self.config,
+        }
+        self.path = Path(trainer.log_dir) / self.filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary: {self.path}")

@@ -1,0 +1,92 @@
+"""Reading ditlab checkpoints outside Lightning: the sampled (EMA) network and how to sample it.
+
+A ditlab Lightning checkpoint carries a ``ditlab`` entry (written by ``DiffusionModule``) with the
+architecture, objective, sampling and VAE settings, so a pruned student rebuilds at its own depth and a
+checkpoint never needs the config file that trained it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ditlab.methods.config import ObjectiveConfig, SamplingConfig
+from ditlab.models.dit import DiT
+
+
+@dataclass
+class Bundle:
+    """Everything needed to sample a trained run."""
+
+    network: DiT
+    objective: object
+    sampling: SamplingConfig
+    vae: str | None
+    latent_scale: float
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` with one-line errors for a missing, truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (runs/<name>/version_N/checkpoints/)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
+                         "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
+
+
+def _prefixed(state_dict: dict, prefix: str) -> dict:
+    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def network_from_checkpoint(checkpoint: dict | str | Path, use_ema: bool = True) -> DiT:
+    """The DiT of a ditlab checkpoint (the EMA weights unless ``use_ema=False``)."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    if "ditlab" not in checkpoint:
+        raise ValueError("this is not a ditlab checkpoint (no 'ditlab' entry); public DiT checkpoints load "
+                         "with ditlab.models.interop.load_dit_checkpoint")  # fmt: skip
+    network = DiT(**checkpoint["ditlab"]["dit_config"])
+    state_dict = checkpoint["state_dict"]
+    weights = _prefixed(state_dict, "ema.") if use_ema else {}
+    weights = weights or _prefixed(state_dict, "network.")
+    load_matching(network, weights, "checkpoint")
+    return network.eval()
+
+
+def load_matching(network: torch.nn.Module, weights: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` whose error names the mismatching keys and shapes in one line."""
+    own = network.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and weights[k].shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
+        if missing:
+            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        raise ValueError(f"{source} does not fit this architecture: {'; '.join(parts)} "
+                         "(was it trained with another depth/width, or pruned?)")  # fmt: skip
+    network.load_state_dict(weights)
+
+
+def bundle_from_checkpoint(path: str | Path, use_ema: bool = True) -> Bundle:
+    """Network, objective and sampling settings of a ditlab checkpoint."""
+    checkpoint = read_checkpoint(path)
+    network = network_from_checkpoint(checkpoint, use_ema)
+    meta = checkpoint["ditlab"]
+    known = {f.name for f in fields(ObjectiveConfig)}
+    objective = ObjectiveConfig(**{k: v for k, v in meta["objective"].items() if k in known}).build(network.learn_sigma)
+    known = {f.name for f in fields(SamplingConfig)}
+    sampling = SamplingConfig(**{k: v for k, v in meta["sampling"].items() if k in known})
+    return Bundle(network, objective, sampling, meta.get("vae"), meta.get("latent_scale", 0.18215))

@@ -1,0 +1,138 @@
+"""The ``ditlab`` command: LightningCLI (OmegaConf mode) for fit/validate/test/predict, plus tools.
+
+``ditlab fit --config configs/dit.yaml [--trainer.max_steps 100 ...]`` trains; ``ditlab sample``,
+``ditlab convert`` work from a checkpoint. Bad input ends in one line that names the key or file and
+the fix, with exit code 2 (set ``DITLAB_DEBUG=1`` for the full traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ditlab.callbacks.interrupt import SaveOnInterrupt
+from ditlab.callbacks.summary import RunSummary
+from ditlab.data.digits import DigitsDataModule
+from ditlab.methods.base import DiffusionModule
+
+TOOLS = {
+    "sample": "ditlab.tools.sample",
+    "convert": "ditlab.convert",
+}
+
+
+class UsageError(Exception):
+    """Bad input from the command line or a config file; reported in one line."""
+
+
+def condense(message: str) -> str:
+    """jsonargparse's nested, multi-line validation messages -> the one line a user needs."""
+    text = str(message)
+    unknown = re.search(r"unrecognized arguments: (\S+)", text, re.IGNORECASE)
+    if unknown:
+        return f"unknown option {unknown.group(1)}; run `ditlab fit --help` to list the valid keys"
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    noise = ("Does not validate", "Subtypes", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+    details = []
+    for piece in re.split(r"\n| - ", text):
+        piece = re.sub(r'Parser key "[^"]+":\s*', "", piece).strip(" -")
+        if piece and not piece.startswith(noise):
+            details.append(re.sub(r"<class '([\w.]+)'>", r"\1", piece))
+    detail = details[0] if details else text.splitlines()[0]
+    where = ".".join(key for key in keys if key != "config")
+    hint = "; run `ditlab fit --help` to list the valid keys" if "not accepted" in detail else ""
+    detail = detail.split("; run `ditlab")[0]
+    return f"{where}: {detail}{hint}" if where else f"{detail}{hint}"
+
+
+class DitlabArgumentParser(LightningArgumentParser):
+    """Reports errors as one line instead of a usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None):  # noqa: D401
+        raise UsageError(message)
+
+
+class DitlabCLI(LightningCLI):
+    """LightningCLI with ditlab's defaults: digits data, checkpoints that survive Ctrl-C, summary.json."""
+
+    def before_fit(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunSummary):
+                callback.config = config.clone().as_dict() if hasattr(config, "as_dict") else dict(config)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> DitlabCLI:
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # configs say ${data.init_args.image_size}
+    return DitlabCLI(
+        DiffusionModule,
+        DigitsDataModule,
+        parser_class=DitlabArgumentParser,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "callbacks": [
+                ModelCheckpoint(save_last=True, every_n_train_steps=500, save_top_k=1),
+                SaveOnInterrupt(),
+                LearningRateMonitor(logging_interval="step"),
+                RunSummary(),
+            ],
+        },
+        args=args,
+        run=run,
+    )
+
+
+def full_help(argv: list[str]) -> int:
+    """Trainer options, then every option of the model and data classes the config names (or the defaults)."""
+    import yaml
+
+    classes = {"model": "ditlab.methods.base.DiffusionModule", "data": "ditlab.data.digits.DigitsDataModule"}
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        config = yaml.safe_load(open(argv[argv.index("--config") + 1])) or {}
+        for key in classes:
+            classes[key] = (config.get(key) or {}).get("class_path", classes[key])
+    for extra in ([], *([f"--{key}.help", name] for key, name in classes.items())):
+        try:
+            build_cli([argv[0], *(extra or ["--help"])], run=True)
+        except SystemExit:
+            pass
+    return 0
+
+
+QUIET = (r".*litlogger.*", r".*module\(s\) in eval mode.*", r".*`weights_only` was not set.*",
+         r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in TOOLS:
+            import importlib
+
+            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:]) or 0
+        if argv and argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv):
+            return full_help(argv)
+        build_cli(None if argv == sys.argv[1:] else argv)
+        return 0
+    except (UsageError, ValueError, FileNotFoundError, IndexError, KeyError) as error:
+        if os.environ.get("DITLAB_DEBUG"):
+            raise
+        message = str(error.args[0]) if error.args else type(error).__name__
+        print(f"ditlab: error: {condense(message)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

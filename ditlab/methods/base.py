@@ -1,0 +1,161 @@
+"""``DiffusionModule``: the LightningModule every method family extends.
+
+It owns the core network, its EMA copy (the one that is sampled and exported), the diffusion
+objective, the optimiser with linear warm-up, class-conditional training with label dropout for
+classifier-free guidance (inside the DiT's label embedder), and sampling. Methods override
+:meth:`training_losses` to add loss terms; everything else is shared.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import nn
+
+from ditlab.diffusion.sample import sample_images
+from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
+from ditlab.models.dit import DiT
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains a DiT with a diffusion objective; see the config dataclasses for every option.
+
+    Args:
+        network: the DiT backbone.
+        objective: DDPM (``gaussian``) or interpolant (``flow``) training objective.
+        sampling: how sample grids and metrics draw images.
+        lr: AdamW learning rate (DiT: 1e-4 at batch 256).
+        weight_decay: AdamW weight decay (DiT: 0).
+        betas: AdamW betas.
+        warmup_steps: linear learning-rate warm-up from 0 (DiT: none).
+        ema_decay: decay of the EMA network, updated every step; None disables EMA.
+        vae: a local diffusers ``AutoencoderKL`` folder when training in latent space; None for pixels.
+        latent_scale: multiplier applied to VAE latents (0.18215 for SD-VAE).
+    """
+
+    def __init__(
+        self,
+        network: NetworkConfig = NetworkConfig(),
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.9999,
+        vae: str | None = None,
+        latent_scale: float = 0.18215,
+    ) -> None:
+        super().__init__()
+        self.network_config, self.objective_config, self.sampling = network, objective, sampling
+        self.save_hyperparameters()
+        self.network = self.network_config.build()
+        self.objective = self.objective_config.build(self.network.learn_sigma)
+        self.ema: DiT | None = None
+        if ema_decay is not None:
+            if not 0.0 <= ema_decay < 1.0:
+                raise ValueError(f"model.ema_decay={ema_decay} must be in [0, 1), e.g. 0.9999, or null to disable EMA")
+            self.ema = copy.deepcopy(self.network).requires_grad_(False).eval()
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.ema_decay = ema_decay
+        self.vae_path, self.latent_scale = vae, latent_scale
+        self._vae: nn.Module | None = None
+        self.summary: dict = {}
+        """Entries callbacks add to the run's summary.json (metrics, teacher vs student, ...)."""
+
+    # ----------------------------------------------------------------------------------- training
+    def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch; ``loss`` is what is optimised. Methods extend this."""
+        noised = self.objective.prepare(images)
+        output = self.network(noised.xt, noised.model_t, labels)
+        return self.objective.losses(output, images, noised)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        terms = self.training_losses(images, labels)
+        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items() if name != "loss"},
+                      on_step=True, on_epoch=False, batch_size=len(images))  # fmt: skip
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, on_step=True, batch_size=len(images))
+        return terms["loss"]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        generator = torch.Generator(device=images.device).manual_seed(1234 + batch_idx)
+        noised = self.objective.prepare(images, generator=generator)
+        network = self.ema if self.ema is not None else self.network
+        terms = self.objective.losses(network(noised.xt, noised.model_t, labels), images, noised)
+        self.log("val/loss", terms["loss"], prog_bar=True, sync_dist=True, batch_size=len(images))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``ema <- decay * ema + (1 - decay) * network`` on every trainable tensor; buffers copied."""
+        ema_params = [p for p in self.ema.parameters()]
+        net_params = [p for p in self.network.parameters()]
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - self.ema_decay)
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        warmup = max(1, self.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------- sampling
+    @property
+    def sampling_network(self) -> DiT:
+        """The EMA network when there is one: the weights that are sampled, evaluated and exported."""
+        return self.ema if self.ema is not None else self.network
+
+    def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
+               **overrides) -> torch.Tensor:  # fmt: skip
+        """Images in [-1, 1], ``(N, C, H, W)``, for ``labels: (N,)``; sample ``i`` uses seed ``seed + start + i``.
+
+        ``overrides`` replace fields of ``self.sampling`` (sampler, steps, cfg_scale, ...).
+        """
+        options = {**asdict(self.sampling), **overrides}
+        network = self.sampling_network
+        was_training = network.training
+        network.eval()
+        latents = sample_images(network, self.objective, labels, seed=seed, start=start,
+                                show_progress=show_progress, **options)  # fmt: skip
+        network.train(was_training)
+        return self.decode(latents.to(self.device)).clamp(-1, 1).cpu()
+
+    # ----------------------------------------------------------------------------------- latent space
+    @property
+    def vae(self) -> nn.Module | None:
+        """The frozen VAE, loaded on first use and never saved in checkpoints."""
+        if self.vae_path is not None and self._vae is None:
+            from ditlab.data.vae import load_vae
+
+            self._vae = load_vae(self.vae_path).to(self.device)
+        return self._vae
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Network space -> images in [-1, 1]; identity in pixel space."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents / self.latent_scale).sample
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the architecture so a checkpoint rebuilds its (possibly pruned) network alone."""
+        checkpoint["ditlab"] = {
+            "dit_config": self.network.config,
+            "objective": asdict(self.objective_config),
+            "sampling": asdict(self.sampling),
+            "vae": self.vae_path,
+            "latent_scale": self.latent_scale,
+        }
+
+    def num_parameters(self) -> int:
+        """Parameters of the sampled network (including DiT's frozen position embedding)."""
+        return sum(p.numel() for p in self.sampling_network.parameters())

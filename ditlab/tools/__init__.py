@@ -1,0 +1,1 @@
+"""Command-line tools that work from a checkpoint: ``ditlab sample``, ``ditlab convert``, ..."""
