@@ -20,7 +20,12 @@ def path_coefficients(path: str, t: torch.Tensor):
     if path == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     half_pi = math.pi / 2
-    return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
+    return (
+        torch.cos(half_pi * t),
+        torch.sin(half_pi * t),
+        -half_pi * torch.sin(half_pi * t),
+        half_pi * torch.cos(half_pi * t),
+    )
 
 
 class GaussianVelocity(nn.Module):
@@ -51,7 +56,12 @@ class GaussianVelocity(nn.Module):
 
 @pytest.mark.parametrize(
     ("path", "sampler", "steps", "t_scale"),
-    [("linear", "euler", 200, 1.0), ("linear", "heun", 25, 1000.0), ("gvp", "euler", 200, 1.0), ("gvp", "heun", 25, 1.0)],
+    [
+        ("linear", "euler", 200, 1.0),
+        ("linear", "heun", 25, 1000.0),
+        ("gvp", "euler", 200, 1.0),
+        ("gvp", "heun", 25, 1.0),
+    ],
 )
 def test_sampler_reaches_gaussian_data_distribution(path, sampler, steps, t_scale):
     objective = FlowMatching(path=path, t_scale=t_scale)
@@ -78,7 +88,9 @@ def test_sampler_convergence_order(sampler, order):
     exact = MU + STD * seeded_noise((1, 4, 32, 32), seed=0)
     errors = []
     for steps in (20, 40, 80):
-        samples = sample_images(GaussianVelocity("linear"), FlowMatching(), labels, steps=steps, sampler=sampler)
+        samples = sample_images(
+            GaussianVelocity("linear"), FlowMatching(), labels, steps=steps, sampler=sampler
+        )
         errors.append((samples - exact).abs().max().item())
     for coarse, fine in zip(errors[:-1], errors[1:]):
         assert 2**order * 0.8 < coarse / fine < 2**order * 1.25, errors
@@ -187,7 +199,9 @@ def test_logit_normal_time_sampling():
     logits = torch.log(t / (1 - t))
     assert logits.mean().item() == pytest.approx(0.6, abs=0.03)
     assert logits.std().item() == pytest.approx(1.2, abs=0.03)
-    uniform = FlowMatching().sample_time(40000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    uniform = FlowMatching().sample_time(
+        40000, torch.device("cpu"), generator=torch.Generator().manual_seed(0)
+    )
     assert uniform.median().item() == pytest.approx(0.5, abs=0.01)
     assert uniform.std().item() == pytest.approx(1 / math.sqrt(12), abs=0.005)
 

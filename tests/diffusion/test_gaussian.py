@@ -29,24 +29,32 @@ def test_schedule_tables_match_ddpm():
 
 def test_add_noise_matches_diffusers():
     objective = GaussianDiffusion()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
+    )
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(6, 4, 8, 8, generator=generator)
     noise = torch.randn(6, 4, 8, 8, generator=generator)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
     ours = objective.add_noise(x0, t, noise)
-    torch.testing.assert_close(ours, scheduler.add_noise(x0, noise, t), atol=1e-5, rtol=1e-5)  # diffusers builds its tables in float32
+    torch.testing.assert_close(
+        ours, scheduler.add_noise(x0, noise, t), atol=1e-5, rtol=1e-5
+    )  # diffusers builds its tables in float32
     assert not torch.allclose(ours[2], ours[3])
     # prepare draws t in {0..T-1} and noises consistently
     noised = objective.prepare(x0, generator=torch.Generator().manual_seed(1))
     assert noised.t.dtype == torch.long and 0 <= noised.t.min() and noised.t.max() < 1000
-    torch.testing.assert_close(noised.xt, scheduler.add_noise(x0, noised.noise, noised.t), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        noised.xt, scheduler.add_noise(x0, noised.noise, noised.t), atol=1e-5, rtol=1e-5
+    )
     assert torch.equal(noised.model_t, noised.t.float())
 
 
 def test_v_prediction_target_identity():
     objective = GaussianDiffusion(prediction="v_prediction", learn_sigma=False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction"
+    )
     x0 = torch.randn(5, 4, 8, 8, dtype=torch.float64)
     noised = objective.prepare(x0, generator=torch.Generator().manual_seed(2))
     v = objective.target(x0, noised)
@@ -112,13 +120,18 @@ def test_vb_kl_matches_closed_form(step):
     abar_t, abar_prev, beta_t = abar[step], abar[step - 1], betas[step]
     posterior_var = beta_t * (1 - abar_prev) / (1 - abar_t)
     xt, x = noised.xt.numpy(), x0.numpy()
-    coef1, coef2 = beta_t * np.sqrt(abar_prev) / (1 - abar_t), (1 - abar_prev) * np.sqrt(1 - beta_t) / (1 - abar_t)
+    coef1, coef2 = (
+        beta_t * np.sqrt(abar_prev) / (1 - abar_t),
+        (1 - abar_prev) * np.sqrt(1 - beta_t) / (1 - abar_t),
+    )
     true_mean = coef1 * x + coef2 * xt
     x0_hat = (xt - np.sqrt(1 - abar_t) * eps_hat) / np.sqrt(abar_t)
     model_mean = coef1 * x0_hat + coef2 * xt
     frac = (v + 1) / 2
     model_var = np.exp(frac * np.log(beta_t) + (1 - frac) * np.log(posterior_var))
-    kl = 0.5 * (np.log(model_var / posterior_var) + (posterior_var + (true_mean - model_mean) ** 2) / model_var - 1)
+    kl = 0.5 * (
+        np.log(model_var / posterior_var) + (posterior_var + (true_mean - model_mean) ** 2) / model_var - 1
+    )
     expected = kl.reshape(3, -1).mean(1) / np.log(2)
     ours = objective.vb_terms(output, x0, noised)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-8)
@@ -137,7 +150,9 @@ def test_vb_at_step_zero_is_discretized_nll():
     nll = objective.vb_terms(output, x0, noised).numpy()
     # reference: Gaussian with the model mean (= x0 for the true noise) and log-variance mix at t=0
     betas = np.linspace(1e-4, 0.02, 1000)
-    log_var = 0.5 * np.log(betas[0]) + 0.5 * np.log(betas[1] * (1 - (1 - betas[0])) / (1 - (1 - betas[0]) * (1 - betas[1])))
+    log_var = 0.5 * np.log(betas[0]) + 0.5 * np.log(
+        betas[1] * (1 - (1 - betas[0])) / (1 - (1 - betas[0]) * (1 - betas[1]))
+    )
     std = math.exp(0.5 * log_var)
 
     def cdf(z):

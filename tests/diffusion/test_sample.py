@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from torch import nn
 
 from ditlab.diffusion.flow import FlowMatching
@@ -100,13 +105,17 @@ def test_every_sampler_runs(objective, sampler, learn_sigma, cfg_scale):
 
 def test_default_sampler_and_scheduler_config():
     assert default_sampler(GaussianDiffusion()) == "ddpm" and default_sampler(FlowMatching()) == "euler"
-    objective = GaussianDiffusion(num_timesteps=500, beta_start=2e-4, beta_end=0.03, prediction="v_prediction")
+    objective = GaussianDiffusion(
+        num_timesteps=500, beta_start=2e-4, beta_end=0.03, prediction="v_prediction"
+    )
     scheduler = make_scheduler(objective, "ddpm")
     assert isinstance(scheduler, DDPMScheduler)
     config = scheduler.config
     assert (config.num_train_timesteps, config.beta_start, config.beta_end) == (500, 2e-4, 0.03)
     assert config.prediction_type == "v_prediction" and config.variance_type == "learned_range"
-    torch.testing.assert_close(scheduler.alphas_cumprod.double(), objective.tables["alphas_cumprod"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        scheduler.alphas_cumprod.double(), objective.tables["alphas_cumprod"], atol=1e-6, rtol=1e-5
+    )
     assert make_scheduler(GaussianDiffusion(learn_sigma=False), "ddpm").config.variance_type == "fixed_small"
     assert isinstance(make_scheduler(objective, "ddim"), DDIMScheduler)
     assert isinstance(make_scheduler(objective, "dpm++"), DPMSolverMultistepScheduler)
@@ -114,9 +123,14 @@ def test_default_sampler_and_scheduler_config():
 
 
 def test_wrong_sampler_name_names_the_choices(dit):
-    with pytest.raises(ValueError, match=r"'euler' does not apply to the Gaussian objective; choices: \['ddpm', 'ddim', 'dpm\+\+'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'euler' does not apply to the Gaussian objective; choices: \['ddpm', 'ddim', 'dpm\+\+'\]",
+    ):
         make_scheduler(GaussianDiffusion(), "euler")
-    with pytest.raises(ValueError, match=r"'ddim' does not apply to the flow objective; choices: \['euler', 'heun'\]"):
+    with pytest.raises(
+        ValueError, match=r"'ddim' does not apply to the flow objective; choices: \['euler', 'heun'\]"
+    ):
         make_scheduler(FlowMatching(), "ddim")
     with pytest.raises(ValueError, match="choices"):
         sample_images(dit, FlowMatching(), LABELS, sampler="ddpm", steps=2)
@@ -183,4 +197,6 @@ def test_ddpm_uses_the_learned_variance_channels():
     assert large.std() > small.std() * 1.05  # v = +1 samples with beta_t, v = -1 with the posterior variance
     deterministic = sample_images(model, objective, labels, steps=20, sampler="ddim")
     del model.forward
-    torch.testing.assert_close(sample_images(model, objective, labels, steps=20, sampler="ddim"), deterministic)
+    torch.testing.assert_close(
+        sample_images(model, objective, labels, steps=20, sampler="ddim"), deterministic
+    )

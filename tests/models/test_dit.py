@@ -62,7 +62,9 @@ def test_one_backward_at_init_only_reaches_final_linear():
     dit = tiny_dit().train()
     x, t, y = inputs(dit)
     dit(x, t, y).pow(2).add(dit(x, t, y)).sum().backward()
-    nonzero = {name for name, p in dit.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad) > 0}
+    nonzero = {
+        name for name, p in dit.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad) > 0
+    }
     assert nonzero == {"final_layer.linear.weight", "final_layer.linear.bias"}
     assert dit.pos_embed.grad is None and not dit.pos_embed.requires_grad
 
@@ -77,7 +79,9 @@ def test_parameter_count_matches_paper(preset, expected):
 def analytic_param_count(depth: int, hidden: int, patch: int, channels: int = 4, classes: int = 1000,
                          grid: int = 16, mlp_ratio: int = 4) -> int:  # fmt: skip
     d = hidden
-    block = (3 * d * d + 3 * d) + (d * d + d) + (2 * mlp_ratio * d * d + mlp_ratio * d + d) + (6 * d * d + 6 * d)
+    block = (
+        (3 * d * d + 3 * d) + (d * d + d) + (2 * mlp_ratio * d * d + mlp_ratio * d + d) + (6 * d * d + 6 * d)
+    )
     out = patch * patch * 2 * channels
     return (channels * patch * patch * d + d  # patch embed
             + grid * grid * d  # frozen position embedding
@@ -191,7 +195,9 @@ def test_timestep_embedding_depends_on_t():
     dit = perturb_zero_layers(tiny_dit()).eval()
     x, _, y = inputs(dit)
     assert not torch.allclose(dit(x, torch.full((3,), 10.0), y), dit(x, torch.full((3,), 900.0), y))
-    torch.testing.assert_close(dit(x, torch.tensor(10.0), y), dit(x, torch.full((3,), 10.0), y), atol=0, rtol=0)
+    torch.testing.assert_close(
+        dit(x, torch.tensor(10.0), y), dit(x, torch.full((3,), 10.0), y), atol=0, rtol=0
+    )
 
 
 def test_modulate():
@@ -205,7 +211,12 @@ def test_modulate():
 
 @pytest.mark.parametrize(
     ("name", "depth", "hidden", "heads", "patch"),
-    [("S/2", 12, 384, 6, 2), ("DiT-B/4", 12, 768, 12, 4), ("SiT-L/8", 24, 1024, 16, 8), ("XL", 28, 1152, 16, 2)],
+    [
+        ("S/2", 12, 384, 6, 2),
+        ("DiT-B/4", 12, 768, 12, 4),
+        ("SiT-L/8", 24, 1024, 16, 8),
+        ("XL", 28, 1152, 16, 2),
+    ],
 )
 def test_from_preset_names(name, depth, hidden, heads, patch):
     with torch.device("meta"):
@@ -216,7 +227,13 @@ def test_from_preset_names(name, depth, hidden, heads, patch):
 
 def test_from_preset_overrides():
     dit = DiT.from_preset("S/2", input_size=16, in_channels=1, depth=2, num_classes=10, learn_sigma=False)
-    assert (dit.input_size, dit.in_channels, dit.out_channels, dit.depth, dit.num_classes) == (16, 1, 1, 2, 10)
+    assert (dit.input_size, dit.in_channels, dit.out_channels, dit.depth, dit.num_classes) == (
+        16,
+        1,
+        1,
+        2,
+        10,
+    )
     assert dit.config["hidden_size"] == 384
     assert dit(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 9])).shape == (2, 1, 16, 16)
     rebuilt = DiT(**dit.config)

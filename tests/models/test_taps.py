@@ -142,7 +142,10 @@ def test_stop_after_returns_tokens(dit, batch, stop):
 def test_stop_after_saves_the_later_blocks():
     dit = perturbed_dit()
     calls = []
-    handles = [block.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, block in enumerate(dit.blocks)]
+    handles = [
+        block.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+        for k, block in enumerate(dit.blocks)
+    ]
     x, t, y = torch.randn(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long)
     run_blocks(dit, x, t, y, stop_after=1)
     assert calls == [0, 1]
