@@ -23,7 +23,9 @@ from ditlab.methods.base import DiffusionModule
 
 TOOLS = {
     "sample": "ditlab.tools.sample",
-    "convert": "ditlab.convert",
+    "convert": "ditlab.tools.convert",
+    "eval": "ditlab.tools.eval",
+    "analyze": "ditlab.tools.analyze",
 }
 
 

@@ -1,7 +1,8 @@
-"""Nothing lost when a run is stopped: Ctrl-C or any crash during fit writes ``interrupted.ckpt``.
+"""Nothing lost when a run is stopped: the end of fit writes ``final.ckpt``; Ctrl-C or a crash ``interrupted.ckpt``.
 
 Lightning's ``OnExceptionCheckpoint`` also turns every later ``fit()`` into a resume from "last"; this
-callback only saves, so resuming stays an explicit ``--ckpt_path``.
+callback only saves, so resuming stays an explicit ``--ckpt_path``. ``final.ckpt`` exists whatever the
+periodic checkpoint interval, so a short run (or a teacher build) always leaves its trained weights.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import lightning as L
 
 
 class SaveOnInterrupt(L.Callback):
-    """Saves ``<log_dir>/checkpoints/interrupted.ckpt`` when fit ends in an exception (KeyboardInterrupt too)."""
+    """Saves ``<log_dir>/checkpoints/final.ckpt`` after fit and ``interrupted.ckpt`` when fit raises."""
 
-    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+    def __init__(self, filename: str = "interrupted.ckpt", final: str = "final.ckpt") -> None:
         self.filename = filename
+        self.final = final
         self.path: Path | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 or not trainer.log_dir:
+            return
+        self.path = Path(trainer.log_dir) / "checkpoints" / self.final
+        trainer.save_checkpoint(self.path)
+        if hasattr(pl_module, "summary"):
+            pl_module.summary["checkpoint"] = str(self.path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.global_step == 0 or not trainer.log_dir:

@@ -24,7 +24,7 @@ class DiffusionModule(L.LightningModule):
     """Trains a DiT with a diffusion objective; see the config dataclasses for every option.
 
     Args:
-        network: the DiT backbone.
+        network: the DiT backbone; None when a subclass supplies the network (e.g. a pruned teacher).
         objective: DDPM (``gaussian``) or interpolant (``flow``) training objective.
         sampling: how sample grids and metrics draw images.
         lr: AdamW learning rate (DiT: 1e-4 at batch 256).
@@ -38,7 +38,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        network: NetworkConfig = NetworkConfig(),
+        network: NetworkConfig | None = NetworkConfig(),
         objective: ObjectiveConfig = ObjectiveConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         lr: float = 1e-4,
@@ -52,19 +52,26 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.network_config, self.objective_config, self.sampling = network, objective, sampling
         self.save_hyperparameters()
-        self.network = self.network_config.build()
-        self.objective = self.objective_config.build(self.network.learn_sigma)
-        self.ema: DiT | None = None
-        if ema_decay is not None:
-            if not 0.0 <= ema_decay < 1.0:
-                raise ValueError(f"model.ema_decay={ema_decay} must be in [0, 1), e.g. 0.9999, or null to disable EMA")
-            self.ema = copy.deepcopy(self.network).requires_grad_(False).eval()
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay={ema_decay} must be in [0, 1), e.g. 0.9999, or null to disable EMA")
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.ema_decay = ema_decay
+        self.network: DiT | None = None
+        self.ema: DiT | None = None
+        self.objective = None
+        if network is not None:
+            self.attach(network.build())
         self.vae_path, self.latent_scale = vae, latent_scale
         self._vae: nn.Module | None = None
         self.summary: dict = {}
         """Entries callbacks add to the run's summary.json (metrics, teacher vs student, ...)."""
+
+    def attach(self, network: DiT, ema: DiT | None = None) -> None:
+        """Train ``network``: builds the objective that fits it and its EMA copy (``ema`` or a fresh copy)."""
+        self.network = network
+        self.objective = self.objective_config.build(network.learn_sigma)
+        if self.ema_decay is not None:
+            self.ema = (ema if ema is not None else copy.deepcopy(network)).requires_grad_(False).eval()
 
     # ----------------------------------------------------------------------------------- training
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,13 +121,14 @@ class DiffusionModule(L.LightningModule):
         return self.ema if self.ema is not None else self.network
 
     def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
-               **overrides) -> torch.Tensor:  # fmt: skip
+               network: DiT | None = None, **overrides) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1], ``(N, C, H, W)``, for ``labels: (N,)``; sample ``i`` uses seed ``seed + start + i``.
 
-        ``overrides`` replace fields of ``self.sampling`` (sampler, steps, cfg_scale, ...).
+        ``network`` defaults to the EMA network (a teacher can be sampled the same way); ``overrides``
+        replace fields of ``self.sampling`` (sampler, steps, cfg_scale, ...).
         """
         options = {**asdict(self.sampling), **overrides}
-        network = self.sampling_network
+        network = network if network is not None else self.sampling_network
         was_training = network.training
         network.eval()
         latents = sample_images(network, self.objective, labels, seed=seed, start=start,

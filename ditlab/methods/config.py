@@ -30,6 +30,10 @@ class NetworkConfig:
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
     attention: str = "full"
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_heads (set by width pruning)."""
+    mlp_hidden: int | None = None
+    """MLP inner width; None means int(hidden_size * mlp_ratio) (set by width pruning)."""
 
     def build(self) -> DiT:
         return DiT(**asdict(self))

@@ -36,25 +36,33 @@ OPERATORS: dict[str, AttentionOperator] = {"full": full_attention}
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (qkv bias on, as in DiT)."""
+    """Multi-head self-attention with a fused qkv projection (qkv bias on, as in DiT).
 
-    def __init__(self, dim: int, num_heads: int, operator: str = "full") -> None:
+    The inner width is ``num_heads * head_dim`` (``qkv: (3 H Dh, D)``, ``proj: (D, H Dh)``); ``head_dim``
+    defaults to ``dim // num_heads``. A different inner width is what width pruning (dropping heads) leaves.
+    """
+
+    def __init__(self, dim: int, num_heads: int, operator: str = "full", head_dim: int | None = None) -> None:
         super().__init__()
-        if dim % num_heads:
+        if head_dim is None and dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        if head_dim is not None and head_dim < 1:
+            raise ValueError(f"head_dim={head_dim} must be a positive integer (or None for dim // num_heads)")
         if operator not in OPERATORS:
             raise ValueError(f"unknown attention operator {operator!r}; choices: {sorted(OPERATORS)}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.head_dim = head_dim or dim // num_heads
+        inner = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
         self.operator_name = operator
 
     def forward(
         self, tokens: torch.Tensor, return_map: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``tokens: (B, N, D)`` -> ``(out: (B, N, D), map: (B, H, N, N) or None)``."""
-        batch, length, dim = tokens.shape
-        qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        batch, length, _ = tokens.shape
+        qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if return_map:
             weights = attention_map(q, k)
@@ -62,5 +70,5 @@ class Attention(nn.Module):
         else:
             weights = None
             mixed = OPERATORS[self.operator_name](q, k, v)
-        out = mixed.transpose(1, 2).reshape(batch, length, dim)
+        out = mixed.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.proj(out), weights

@@ -85,7 +85,11 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Attention then MLP, each behind an adaLN-Zero modulation of the conditioning vector."""
+    """Attention then MLP, each behind an adaLN-Zero modulation of the conditioning vector.
+
+    ``head_dim`` and ``mlp_hidden`` default to ``hidden_size // num_heads`` and ``hidden_size * mlp_ratio``;
+    width-pruned networks set them explicitly.
+    """
 
     def __init__(
         self,
@@ -94,11 +98,13 @@ class DiTBlock(nn.Module):
         mlp_ratio: float = 4.0,
         mlp_norm_eps: float = 1e-6,
         attention: str = "full",
+        head_dim: int | None = None,
+        mlp_hidden: int | None = None,
     ) -> None:
         super().__init__()
-        mlp_hidden = int(hidden_size * mlp_ratio)
+        mlp_hidden = mlp_hidden or int(hidden_size * mlp_ratio)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, operator=attention)
+        self.attn = Attention(hidden_size, num_heads, operator=attention, head_dim=head_dim)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = nn.Sequential()
         self.mlp.add_module("fc1", nn.Linear(hidden_size, mlp_hidden))
@@ -161,7 +167,12 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer. ``dit(x, t, y) -> (B, out_channels, H, W)``, the public DiT call."""
+    """Diffusion Transformer. ``dit(x, t, y) -> (B, out_channels, H, W)``, the public DiT call.
+
+    ``head_dim`` (default ``hidden_size // num_heads``) and ``mlp_hidden`` (default
+    ``int(hidden_size * mlp_ratio)``) describe width-pruned networks; ``config`` records them only when
+    they differ from the defaults, so unpruned configs are unchanged.
+    """
 
     def __init__(
         self,
@@ -178,6 +189,8 @@ class DiT(nn.Module):
         freq_shift: float = 0.0,
         mlp_norm_eps: float = 1e-6,
         attention: str = "full",
+        head_dim: int | None = None,
+        mlp_hidden: int | None = None,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -187,6 +200,13 @@ class DiT(nn.Module):
             )
         if hidden_size % 4:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 for the 2-D position embedding")
+        for name, value in (("head_dim", head_dim), ("mlp_hidden", mlp_hidden)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer, or None for the default")
+        if head_dim == hidden_size // num_heads and hidden_size % num_heads == 0:
+            head_dim = None  # the default: keep configs of unpruned networks free of width keys
+        if mlp_hidden == int(hidden_size * mlp_ratio):
+            mlp_hidden = None
         self._config = {
             "input_size": input_size, "patch_size": patch_size, "in_channels": in_channels,
             "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
@@ -194,6 +214,10 @@ class DiT(nn.Module):
             "learn_sigma": learn_sigma, "freq_shift": freq_shift, "mlp_norm_eps": mlp_norm_eps,
             "attention": attention,
         }  # fmt: skip
+        if head_dim is not None:
+            self._config["head_dim"] = head_dim
+        if mlp_hidden is not None:
+            self._config["mlp_hidden"] = mlp_hidden
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -205,7 +229,8 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps, attention) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps, attention, head_dim, mlp_hidden)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()

@@ -287,3 +287,46 @@ def test_block_attention_return_matches_plain_block():
 def test_unknown_attention_operator():
     with pytest.raises(ValueError, match="unknown attention operator 'nope'; choices: \\['full'\\]"):
         Attention(32, 4, operator="nope")
+
+
+# --- explicit widths (what width pruning leaves) ----------------------------------------------------
+
+
+def test_default_widths_leave_config_and_parameter_names_unchanged():
+    dit = tiny_dit()
+    assert "head_dim" not in dit.config and "mlp_hidden" not in dit.config
+    explicit = tiny_dit(head_dim=8, mlp_hidden=128)  # the defaults for hidden 32, 4 heads, ratio 4
+    assert explicit.config == dit.config
+    assert {k: v.shape for k, v in explicit.state_dict().items()} == {
+        k: v.shape for k, v in dit.state_dict().items()
+    }
+    torch.testing.assert_close(explicit(*inputs(explicit)), dit(*inputs(dit)), atol=0, rtol=0)
+
+
+def test_explicit_head_dim_and_mlp_hidden_shape_the_block_and_rebuild_from_config():
+    dit = perturb_zero_layers(tiny_dit(num_heads=2, head_dim=8, mlp_hidden=40)).eval()
+    block = dit.blocks[0]
+    assert block.attn.qkv.weight.shape == (3 * 2 * 8, 32) and block.attn.proj.weight.shape == (32, 16)
+    assert block.mlp.fc1.weight.shape == (40, 32) and block.mlp.fc2.weight.shape == (32, 40)
+    assert dit.config["head_dim"] == 8 and dit.config["mlp_hidden"] == 40
+    rebuilt = DiT(**dit.config)
+    rebuilt.load_state_dict(dit.state_dict())  # strict
+    x, t, y = inputs(dit)
+    assert torch.equal(rebuilt.eval()(x, t, y), dit(x, t, y))
+    tokens, cond = dit.embed(x, t, y)
+    fused = block(tokens, cond)
+    explicit, weights = block(tokens, cond, return_attention=True)
+    assert weights.shape == (3, 2, 16, 16)
+    torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="head_dim=0 must be a positive integer"):
+        tiny_dit(head_dim=0)
+
+
+def test_network_config_builds_explicit_widths():
+    from ditlab.methods.config import NetworkConfig
+
+    config = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=3,
+                           head_dim=8, mlp_hidden=24, num_classes=3)  # fmt: skip
+    dit = config.build()
+    assert dit.blocks[0].attn.qkv.weight.shape == (72, 32) and dit.blocks[0].mlp.fc1.out_features == 24
+    assert NetworkConfig(**dit.config).build().config == dit.config

@@ -1,0 +1,61 @@
+"""Teacher and student side by side at the end of a compression run, in ``summary.json``.
+
+For both networks, with the same sampler, seeds and class labels: blocks, parameters, forward FLOPs per
+image, sampling images/s on this machine, and FID against the reference set with the features it used
+(``fid_features``), so a reader sees in one place what the compression cost and what it bought.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+
+class CompressionReport(L.Callback):
+    """Writes ``summary["teacher"]``, ``summary["student"]`` and their ratios at the end of fit.
+
+    Args:
+        num_samples: images sampled from each network for FID (class-balanced, seeds ``seed + i``).
+        reference: reference statistics for FID (``digits`` or an ADM-style ``.npz``).
+        features: feature network for FID (``digits-classifier`` or ``inception-v3``).
+        seed: first noise seed.
+        throughput_batch: batch size used to time sampling.
+    """
+
+    def __init__(self, num_samples: int = 500, reference: str = "digits", features: str = "digits-classifier",
+                 seed: int = 0, throughput_batch: int = 64) -> None:  # fmt: skip
+        self.num_samples, self.reference, self.features = num_samples, reference, features
+        self.seed, self.throughput_batch = seed, throughput_batch
+
+    @torch.no_grad()
+    def measure(self, pl_module, network) -> dict:
+        """Size, sampling speed and sample quality of one network."""
+        from ditlab.metrics.fid import evaluate_images
+
+        report = pl_module.describe(network)
+        num_classes = network.num_classes
+        labels = torch.arange(self.throughput_batch) % num_classes
+        start = time.perf_counter()
+        pl_module.sample(labels, seed=self.seed, network=network, batch_size=self.throughput_batch)
+        report["sampling_images_per_s"] = self.throughput_batch / (time.perf_counter() - start)
+        if self.num_samples:
+            labels = torch.arange(self.num_samples) % num_classes
+            images = pl_module.sample(labels, seed=self.seed, network=network, show_progress=True)
+            metrics = evaluate_images(images, reference=self.reference, features=self.features)
+            report.update({key: metrics[key] for key in ("fid", "fid_features", "num_samples") if key in metrics})
+        return report
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        teacher = self.measure(pl_module, pl_module.teacher)
+        student = self.measure(pl_module, pl_module.sampling_network)
+        ratios = {f"{key}_ratio": student[key] / teacher[key]
+                  for key in ("parameters", "flops_per_image", "sampling_images_per_s", "fid")
+                  if key in student and teacher.get(key)}  # fmt: skip
+        pl_module.summary.update({"teacher": teacher, "student": student, "student_vs_teacher": ratios})
+        for logger in trainer.loggers:
+            logger.log_metrics({f"compression/{key}": value for key, value in ratios.items()}, step=trainer.global_step)
+        print("compression: " + ", ".join(f"{key}={value:.3g}" for key, value in ratios.items()))
