@@ -177,7 +177,7 @@ class DicompModule(DiffusionModule):
             student = prune_width(student, num_heads=self.prune.num_heads, mlp_hidden=self.prune.mlp_hidden,
                                   score=self.prune.width_score)  # fmt: skip
         self.keep = list(selection.keep)
-        self.attach(student.requires_grad_(True).train())
+        self.attach(student.train())
         self.summary["selection"] = {"criterion": selection.criterion, "keep": self.keep,
                                      "scores": [round(float(s), 6) for s in selection.scores]}  # fmt: skip
 
@@ -190,7 +190,7 @@ class DicompModule(DiffusionModule):
                                   criterion or self.prune.criterion, num_blocks, seed=self.prune.seed,
                                   num_timesteps=self.prune.num_timesteps)  # fmt: skip
         init = init or self.prune.init
-        student = prune_depth(self.network, selection.keep, init=init).requires_grad_(True).train()
+        student = prune_depth(self.network, selection.keep, init=init).train()
         ema = prune_depth(self.ema, selection.keep, init=init) if self.ema is not None else None
         self.keep = [self.keep[i] for i in selection.keep]
         self.attach(student, ema)
