@@ -53,6 +53,8 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero or not trainer.log_dir:
             return
         metrics = {name: _plain(value) for name, value in trainer.callback_metrics.items()}
+        extra = dict(getattr(pl_module, "summary", {}))
+        metrics.update(extra.pop("metrics", {}))  # callbacks' final metrics (FID, ...) join the trainer's
         summary = {
             "metrics": metrics,
             "parameters": pl_module.num_parameters() if hasattr(pl_module, "num_parameters") else None,
@@ -60,7 +62,7 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step,
             "wall_time_s": time.perf_counter() - self._fit_start,
             **{key: _plain(value) if not isinstance(value, dict) else value
-               for key, value in getattr(pl_module, "summary", {}).items()},  # fmt: skip
+               for key, value in extra.items()},  # fmt: skip
             "config": self.config,
         }
         self.path = Path(trainer.log_dir) / self.filename

@@ -1,0 +1,314 @@
+"""Feature extractors for image metrics, behind one interface.
+
+FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+Equilibrium") compares Gaussian fits of a network's features; the Inception Score (Salimans et al., 2016)
+and improved precision/recall (Kynkaanniemi et al., 2019) read the same network. Two networks are offered:
+
+- ``inception-v3``: the TF-ported Inception-v3 of torch-fidelity through torchmetrics'
+  ``NoTrainInceptionV3`` with ``antialias=False`` (the ADM / torch-fidelity resize), from a local weight
+  file only; it never downloads.
+- ``digits-classifier``: a small CNN that ditlab trains itself, deterministically and in seconds, on
+  scikit-learn's digits, cached on disk by a hash of its recipe. Inception features of 8x8 grey digits
+  say little; a classifier trained on the data in question is the usual stand-in (as MNIST FIDs do).
+
+Every extractor takes images ``(N, C, H, W)`` in [-1, 1] of any size and channel count and returns
+``(N, F)`` features; :meth:`FeatureExtractor.features_and_logits` also returns class logits for IS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def cache_root(path: str | Path | None = None) -> Path:
+    """Where ditlab keeps what it computes once: ``path``, else ``$DITLAB_CACHE``, else ``~/.cache/ditlab``."""
+    if path is None:
+        path = os.environ.get("DITLAB_CACHE") or Path.home() / ".cache" / "ditlab"
+    return Path(path).expanduser()
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file, so concurrent ranks never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen network: ``extractor(images: (N, C, H, W) in [-1, 1]) -> (N, num_features)``.
+
+    ``name`` is what metric results report as ``fid_features``; ``fingerprint`` identifies the weights, so
+    cached reference statistics are never mixed across networks. It stays in eval mode, never needs
+    gradients, and is an ``nn.Module`` so torchmetrics accepts it as a custom ``feature=`` network.
+    """
+
+    name: str = "features"
+    num_features: int = 0
+    fingerprint: str = ""
+
+    def __init__(self, batch_size: int = 256) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, logits)`` for one batch already on ``self.device``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features: (N, F)`` and ``logits: (N, classes)``, float32 on the input's device, in batches."""
+        if images.dim() != 4:
+            raise ValueError(
+                f"{self.name} expects images (N, C, H, W) in [-1, 1]; got shape {tuple(images.shape)}"
+            )
+        features, logits = [], []
+        for chunk in images.split(self.batch_size):
+            chunk_features, chunk_logits = self._batch(chunk.to(self.device, torch.float32))
+            features.append(chunk_features.float().to(images.device))
+            logits.append(chunk_logits.float().to(images.device))
+        if not features:
+            return images.new_zeros(0, self.num_features), images.new_zeros(0, 0)
+        return torch.cat(features), torch.cat(logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+
+# ----------------------------------------------------------------------------------------- Inception-v3
+def inception_weights_path(weights: str | Path | None = None) -> Path:
+    """The local Inception-v3 weight file: ``weights``, ``$DITLAB_INCEPTION_WEIGHTS``, then the usual folders."""
+    explicit = weights or os.environ.get("DITLAB_INCEPTION_WEIGHTS")
+    if explicit:
+        path = Path(explicit).expanduser()
+        path = path / INCEPTION_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception-v3 weights {path} do not exist; pass the path of a local copy of "
+                                    f"{INCEPTION_FILE} (download it on a networked machine from {INCEPTION_URL})")  # fmt: skip
+        return path
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE, cache_root() / INCEPTION_FILE]
+    if os.environ.get("DITLAB_WEIGHTS_DIR"):
+        candidates.insert(0, Path(os.environ["DITLAB_WEIGHTS_DIR"]).expanduser() / INCEPTION_FILE)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"Inception-v3 weights {INCEPTION_FILE} not found (looked in {', '.join(str(p.parent) for p in candidates)}); "
+        f"set DITLAB_INCEPTION_WEIGHTS (or --inception-weights) to a local copy, downloaded on a networked machine "
+        f"from {INCEPTION_URL}"
+    )
+
+
+class InceptionV3(FeatureExtractor):
+    """Inception-v3 pool features (2048) and unbiased logits (1008), the FID/IS network of ADM and torchmetrics."""
+
+    name = "inception-v3"
+    num_features = 2048
+
+    def __init__(self, weights: str | Path | None = None, batch_size: int = 64) -> None:
+        super().__init__(batch_size)
+        path = inception_weights_path(weights)
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError as error:  # pragma: no cover - torch-fidelity is a dependency
+            raise ModuleNotFoundError(
+                "inception-v3 features need torch-fidelity: pip install torch-fidelity"
+            ) from error
+        self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=str(path), antialias=False)  # fmt: skip
+        self.fingerprint = f"{INCEPTION_FILE}:{path.stat().st_size}"
+
+    def _batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = (
+            ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        )  # the uint8 input it was ported for
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        features = self.network(pixels)
+        return features, features @ self.network.fc.weight.T  # "logits_unbiased", as torchmetrics' IS uses
+
+
+def inception_v3(weights: str | Path | None = None, batch_size: int = 64) -> InceptionV3:
+    """Inception-v3 features from a local weight file; a one-line ``FileNotFoundError`` when there is none."""
+    return InceptionV3(weights, batch_size)
+
+
+# ----------------------------------------------------------------------------------------- digits classifier
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """Everything that determines the digits classifier's weights; its hash names the cache file."""
+
+    image_size: int = 16
+    widths: tuple[int, int] = (16, 32)
+    num_features: int = 64
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    max_shift: int = 1
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    version: int = 1
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class DigitsNet(nn.Module):
+    """Conv-pool-conv-pool, then a ``num_features`` penultimate layer (the FID features) and 10 logits."""
+
+    def __init__(self, recipe: ClassifierRecipe) -> None:
+        super().__init__()
+        narrow, wide = recipe.widths
+        self.body = nn.Sequential(
+            nn.Conv2d(1, narrow, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Conv2d(narrow, wide, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(wide * 16, recipe.num_features), nn.SiLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(recipe.num_features, 10)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(images)
+        return features, self.head(features)
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey ``(N, 1, size, size)``: channels averaged; upscaling bilinear as ``digits_tensors`` does, downscaling antialiased."""
+    if images.shape[1] != 1:
+        images = images.mean(dim=1, keepdim=True)
+    if images.shape[-2:] == (size, size):
+        return images
+    antialias = images.shape[-1] > size or images.shape[-2] > size
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translations by up to ``max_shift`` pixels (zero-padded with -1, the background)."""
+    if max_shift == 0:
+        return images
+    padded = F.pad(images, [max_shift] * 4, value=-1.0)
+    size = images.shape[-1]
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator)
+    return torch.stack(
+        [padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets.tolist())]
+    )
+
+
+def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe()) -> tuple[DigitsNet, float]:
+    """Train on a fixed split of the digits; returns the network and its held-out accuracy.
+
+    Seeds are fixed and deterministic algorithms are on, and the caller's RNG state is left as it was, so
+    calling this in the middle of a training run changes nothing there.
+    """
+    from ditlab.data.digits import digits_tensors
+
+    images, labels = digits_tensors(recipe.image_size)
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)  # the same reduction order on every machine, and no oversubscription under DDP
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            generator = torch.Generator().manual_seed(recipe.seed)
+            order = torch.randperm(len(labels), generator=generator)
+            num_holdout = int(round(recipe.holdout_fraction * len(labels)))
+            holdout, train = order[:num_holdout], order[num_holdout:]
+            network = DigitsNet(recipe)
+            optimizer = torch.optim.AdamW(
+                network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+            )
+            steps = recipe.epochs * (len(train) // recipe.batch_size)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps)
+            network.train()
+            for _ in range(recipe.epochs):
+                permutation = train[torch.randperm(len(train), generator=generator)]
+                for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
+                    index = permutation[start : start + recipe.batch_size]
+                    batch = _shift(images[index], recipe.max_shift, generator)
+                    loss = F.cross_entropy(network(batch)[1], labels[index])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+            network.eval()
+            with torch.no_grad():
+                accuracy = (network(images[holdout])[1].argmax(1) == labels[holdout]).float().mean().item()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    return network.requires_grad_(False), accuracy
+
+
+class DigitsClassifier(FeatureExtractor):
+    """Penultimate-layer features and logits of ditlab's own digits CNN (any input size, resized to its own)."""
+
+    name = "digits-classifier"
+
+    def __init__(self, network: DigitsNet, recipe: ClassifierRecipe, accuracy: float, fingerprint: str,
+                 batch_size: int = 512) -> None:  # fmt: skip
+        super().__init__(batch_size)
+        self.network, self.recipe, self.accuracy = network.eval(), recipe, accuracy
+        self.num_features, self.fingerprint = recipe.num_features, fingerprint
+
+    def _batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network(resize_to(images.clamp(-1, 1), self.recipe.image_size))
+
+
+def digits_classifier(cache_dir: str | Path | None = None, recipe: ClassifierRecipe = ClassifierRecipe(),
+                      retrain: bool = False) -> DigitsClassifier:  # fmt: skip
+    """The digits classifier, trained once per recipe and then loaded from ``<cache>/digits-classifier-<hash>.pt``."""
+    path = cache_root(cache_dir) / f"digits-classifier-{recipe.digest()}.pt"
+    entry = None
+    if path.is_file() and not retrain:
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a corrupt cache file is simply rebuilt
+            entry = None
+    if entry is None:
+        started = time.perf_counter()
+        network, accuracy = train_digits_classifier(recipe)
+        entry = {"state_dict": network.state_dict(), "accuracy": accuracy, "recipe": asdict(recipe),
+                 "train_seconds": time.perf_counter() - started}  # fmt: skip
+        atomic_save(entry, path)
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # the initialisation is overwritten; keep the caller's RNG as it was
+        network = DigitsNet(recipe)
+    network.load_state_dict(entry["state_dict"])
+    network.requires_grad_(False)
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in entry["state_dict"].values())).hexdigest()[
+        :12
+    ]
+    extractor = DigitsClassifier(network, recipe, entry["accuracy"], f"digits-classifier-{digest}")
+    extractor.train_seconds = entry.get("train_seconds")
+    return extractor
+
+
+# ----------------------------------------------------------------------------------------- factory
+EXTRACTORS = {"inception-v3": inception_v3, "digits-classifier": digits_classifier}
+
+
+def feature_extractor(name: str, **kwargs) -> FeatureExtractor:
+    """``feature_extractor("digits-classifier")`` or ``feature_extractor("inception-v3", weights=PATH)``."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; choices: {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name](**kwargs)
