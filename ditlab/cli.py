@@ -26,6 +26,7 @@ TOOLS = {
     "convert": "ditlab.tools.convert",
     "eval": "ditlab.tools.eval",
     "analyze": "ditlab.tools.analyze",
+    "encode": "ditlab.tools.encode",
 }
 
 

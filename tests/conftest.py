@@ -25,3 +25,13 @@ def tiny_args(tmp_path: Path) -> list[str]:
     """CLI arguments for a tiny ``configs/dit.yaml`` run logging under ``tmp_path``."""
     return ["--config", str(ROOT / "configs" / "dit.yaml"), *TINY,
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_per_process():
+    """Tiny networks run faster on one thread, and DDP tests start two processes on two cores."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
