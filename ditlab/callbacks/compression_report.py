@@ -8,6 +8,7 @@ image, sampling images/s on this machine, and FID against the reference set with
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -22,12 +23,16 @@ class CompressionReport(L.Callback):
         features: feature network for FID (``digits-classifier`` or ``inception-v3``).
         seed: first noise seed.
         throughput_batch: batch size used to time sampling.
+        sampler, steps, cfg_scale: override the module's sampling settings (the same for both networks).
     """
 
     def __init__(self, num_samples: int = 500, reference: str = "digits", features: str = "digits-classifier",
-                 seed: int = 0, throughput_batch: int = 64) -> None:  # fmt: skip
+                 seed: int = 0, throughput_batch: int = 64, sampler: str | None = None, steps: int | None = None,
+                 cfg_scale: float | None = None) -> None:  # fmt: skip
         self.num_samples, self.reference, self.features = num_samples, reference, features
         self.seed, self.throughput_batch = seed, throughput_batch
+        self.overrides = {k: v for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}.items()
+                          if v is not None}  # fmt: skip
 
     @torch.no_grad()
     def measure(self, pl_module, network) -> dict:
@@ -38,11 +43,11 @@ class CompressionReport(L.Callback):
         num_classes = network.num_classes
         labels = torch.arange(self.throughput_batch) % num_classes
         start = time.perf_counter()
-        pl_module.sample(labels, seed=self.seed, network=network, batch_size=self.throughput_batch)
+        pl_module.sample(labels, seed=self.seed, network=network, batch_size=self.throughput_batch, **self.overrides)
         report["sampling_images_per_s"] = self.throughput_batch / (time.perf_counter() - start)
         if self.num_samples:
             labels = torch.arange(self.num_samples) % num_classes
-            images = pl_module.sample(labels, seed=self.seed, network=network, show_progress=True)
+            images = pl_module.sample(labels, seed=self.seed, network=network, show_progress=True, **self.overrides)
             metrics = evaluate_images(images, reference=self.reference, features=self.features)
             report.update({key: metrics[key] for key in ("fid", "fid_features", "num_samples") if key in metrics})
         return report
@@ -55,7 +60,9 @@ class CompressionReport(L.Callback):
         ratios = {f"{key}_ratio": student[key] / teacher[key]
                   for key in ("parameters", "flops_per_image", "sampling_images_per_s", "fid")
                   if key in student and teacher.get(key)}  # fmt: skip
-        pl_module.summary.update({"teacher": teacher, "student": student, "student_vs_teacher": ratios})
+        protocol = {"num_samples": self.num_samples, "seed": self.seed, **asdict(pl_module.sampling), **self.overrides}
+        pl_module.summary.update({"teacher": teacher, "student": student, "student_vs_teacher": ratios,
+                                  "comparison_protocol": protocol})  # fmt: skip
         for logger in trainer.loggers:
             logger.log_metrics({f"compression/{key}": value for key, value in ratios.items()}, step=trainer.global_step)
         print("compression: " + ", ".join(f"{key}={value:.3g}" for key, value in ratios.items()))

@@ -76,6 +76,12 @@ class DistillConfig:
     teacher_forced: bool = False
 
 
+def criterion_options(criterion: str) -> dict:
+    """PPCL keeps each redundant interval's *first* block, so the student block's segment (the blocks it stands
+    for, ``prune.segments``) is exactly PPCL's interval and feature distillation matches ``h_s -> h_{e+1}``."""
+    return {"representative": "start"} if criterion == "ppcl" else {}
+
+
 class DicompModule(DiffusionModule):
     """Prunes a teacher DiT into a student and distils it; see the config dataclasses for every option.
 
@@ -171,7 +177,8 @@ class DicompModule(DiffusionModule):
         objective = self.objective_config.build(teacher.learn_sigma)
         selection = select_blocks(teacher, objective, images.to(self.device), labels.to(self.device),
                                   self.prune.criterion, self.prune.num_blocks, seed=self.prune.seed,
-                                  num_timesteps=self.prune.num_timesteps)  # fmt: skip
+                                  num_timesteps=self.prune.num_timesteps,
+                                  **criterion_options(self.prune.criterion))  # fmt: skip
         student = prune_depth(teacher, selection.keep, init=self.prune.init)
         if self.prune.num_heads is not None or self.prune.mlp_hidden is not None:
             student = prune_width(student, num_heads=self.prune.num_heads, mlp_hidden=self.prune.mlp_hidden,
@@ -186,9 +193,10 @@ class DicompModule(DiffusionModule):
         if not 1 <= num_blocks <= self.network.depth:
             raise ValueError(f"cannot shrink a {self.network.depth}-block student to {num_blocks} blocks")
         images, labels = self.calibration
+        criterion = criterion or self.prune.criterion
         selection = select_blocks(self.network, self.objective, images.to(self.device), labels.to(self.device),
-                                  criterion or self.prune.criterion, num_blocks, seed=self.prune.seed,
-                                  num_timesteps=self.prune.num_timesteps)  # fmt: skip
+                                  criterion, num_blocks, seed=self.prune.seed, num_timesteps=self.prune.num_timesteps,
+                                  **criterion_options(criterion))  # fmt: skip
         init = init or self.prune.init
         student = prune_depth(self.network, selection.keep, init=init).train()
         ema = prune_depth(self.ema, selection.keep, init=init) if self.ema is not None else None

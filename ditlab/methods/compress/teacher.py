@@ -89,7 +89,7 @@ def build_from_recipe(config: TeacherConfig) -> Path:
         if summary.is_file():
             shutil.copyfile(summary, folder / "summary.json")
         os.replace(partial, target)  # atomic: a half-copied teacher is never found at the final path
-        shutil.rmtree(work, ignore_errors=True)
+        print(f"teacher: cached {target} (its run, with TensorBoard logs and sample grids: {work})", flush=True)
         return target
 
 

@@ -54,7 +54,7 @@ def dicomp_config(tmp_path: Path, teacher: Path, at_steps: list[int], blocks: li
         if callback["class_path"].endswith("ProgressiveDistillation"):
             callback["init_args"] = {"at_steps": at_steps, "blocks": blocks}
         if callback["class_path"].endswith("CompressionReport"):
-            callback["init_args"].update(num_samples=samples, throughput_batch=8)
+            callback["init_args"].update(num_samples=samples, throughput_batch=8, steps=4)
         if callback["class_path"].endswith("SampleGrid"):
             callback["init_args"].update(every_n_steps=0, per_class=1)
     config["trainer"]["callbacks"].append({"class_path": f"{__name__}.DepthRecorder"})

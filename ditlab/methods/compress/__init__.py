@@ -1,0 +1,1 @@
+"""dicomp: analyse, prune and distil a trained DiT into a shallower student."""
