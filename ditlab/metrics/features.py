@@ -226,7 +226,7 @@ def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe()) -> tu
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # the same reduction order on every machine, and no oversubscription under DDP
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be sampling under no_grad
             torch.manual_seed(recipe.seed)
             generator = torch.Generator().manual_seed(recipe.seed)
             order = torch.randperm(len(labels), generator=generator)

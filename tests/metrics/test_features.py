@@ -122,3 +122,10 @@ def test_inception_pipeline_runs_on_small_grey_images(random_inception_weights, 
     assert features.shape == (3, 2048) and logits.shape == (3, 1008)
     torch.testing.assert_close(extractor(images[2:3]), features[2:3], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, features @ extractor.network.fc.weight.T)
+
+
+def test_classifier_trains_when_first_needed_inside_no_grad(tmp_path):
+    """Sampling code runs under no_grad; the first evaluation there must still be able to train the network."""
+    with torch.no_grad():
+        extractor = digits_classifier(cache_dir=tmp_path, recipe=QUICK)
+    assert extractor(digits_tensors(16)[0][:4]).shape[0] == 4
