@@ -50,8 +50,10 @@ def student_fid(teacher: Path, criterion: str, seed: int, args: argparse.Namespa
 
 
 def teacher_fid(teacher: Path, seed: int, args: argparse.Namespace) -> float:
+    """The teacher's FID with the same sampler, steps and seeds as the students."""
     module = DicompModule(teacher=TeacherConfig(checkpoint=str(teacher)))
-    network = module.teacher
+    network = module.teacher  # loads the teacher with its objective and sampling settings
+    module.objective = module.objective_config.build(network.learn_sigma)
     labels = torch.arange(args.samples) % network.num_classes
     images = module.sample(labels, seed=seed * 100_000, network=network, steps=args.sampling_steps)
     return evaluate_images(images, reference="digits", features="digits-classifier")["fid"]

@@ -12,13 +12,13 @@ import re
 import sys
 import warnings
 
+import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ditlab.callbacks.interrupt import SaveOnInterrupt
 from ditlab.callbacks.summary import RunSummary
-from ditlab.data.digits import DigitsDataModule
 from ditlab.methods.base import DiffusionModule
 
 TOOLS = {
@@ -75,7 +75,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DitlabCLI:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # configs say ${data.init_args.image_size}
     return DitlabCLI(
         DiffusionModule,
-        DigitsDataModule,
+        L.LightningDataModule,  # any datamodule by class_path; the configs name theirs
         parser_class=DitlabArgumentParser,
         parser_kwargs={"parser_mode": "omegaconf+"},
         subclass_mode_model=True,

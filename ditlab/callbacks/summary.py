@@ -60,6 +60,7 @@ class RunSummary(L.Callback):
             "parameters": pl_module.num_parameters() if hasattr(pl_module, "num_parameters") else None,
             "train_images_per_s": self._images / self._train_time if self._train_time else None,
             "steps": trainer.global_step,
+            "skipped_images": getattr(trainer.datamodule, "skipped", None),  # unreadable files (image folders)
             "wall_time_s": time.perf_counter() - self._fit_start,
             **{key: _plain(value) if not isinstance(value, dict) else value
                for key, value in extra.items()},  # fmt: skip

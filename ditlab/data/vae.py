@@ -1,25 +1,76 @@
 """Loading the frozen VAE (diffusers ``AutoencoderKL``) named once in a config.
 
 Weights are never downloaded at run time here: a local folder (``config.json`` plus weights) is
-required, and a missing one gets a message saying how to bring it in.
+required, and a missing one gets a message saying how to bring it in. :func:`vae_identity` fingerprints a
+folder (config and weights) so latents pre-extracted with one VAE are never mixed with another's
+(sd-vae-ft-ema and sd-vae-ft-mse share a config and differ only in weights).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import lru_cache
 from pathlib import Path
 
 from torch import nn
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-def load_vae(path: str) -> nn.Module:
-    """A frozen ``AutoencoderKL`` from a local diffusers folder (e.g. a copy of stabilityai/sd-vae-ft-ema)."""
-    from diffusers import AutoencoderKL
 
+def vae_folder(path: str) -> Path:
+    """``path`` as a folder holding ``config.json``; otherwise the one-line error saying how to get it."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"VAE folder {folder} has no config.json: download stabilityai/sd-vae-ft-ema on a machine with "
             f"network (huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir {folder}) and copy it here"
         )
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    return folder
+
+
+def load_vae(path: str) -> nn.Module:
+    """A frozen ``AutoencoderKL`` from a local diffusers folder (e.g. a copy of stabilityai/sd-vae-ft-ema)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder(path), local_files_only=True, low_cpu_mem_usage=False)
     return vae.requires_grad_(False).eval()
+
+
+def vae_config(path: str) -> dict:
+    """The folder's ``config.json`` without diffusers' bookkeeping keys (``_diffusers_version``, ...)."""
+    config = json.loads((vae_folder(path) / "config.json").read_text())
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+@lru_cache(maxsize=16)
+def _weights_hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def vae_identity(path: str) -> dict:
+    """``{"path", "config_hash", "weights_hash"}``: what a latent shard folder records about its VAE."""
+    folder = vae_folder(path)
+    config = json.dumps(vae_config(path), sort_keys=True)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    stamp = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in weights)
+    return {
+        "path": str(folder.resolve()),
+        "config_hash": hashlib.sha256(config.encode()).hexdigest()[:12],
+        "weights_hash": _weights_hash(stamp) if stamp else None,
+    }
+
+
+def vae_latent_shape(path: str, image_size: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` latents of a ``(3, image_size, image_size)`` image: one halving per encoder block but the last."""
+    config = vae_config(path)
+    factor = 2 ** (len(config.get("block_out_channels", (128, 256, 512, 512))) - 1)
+    if image_size % factor:
+        raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor} "
+                         f"({path}); use a multiple of {factor}, e.g. {factor * max(1, image_size // factor)}")  # fmt: skip
+    return config.get("latent_channels", 4), image_size // factor, image_size // factor

@@ -38,7 +38,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        network: NetworkConfig | None = NetworkConfig(),
+        network: NetworkConfig = NetworkConfig(),  # subclasses that build their own network pass None
         objective: ObjectiveConfig = ObjectiveConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         lr: float = 1e-4,

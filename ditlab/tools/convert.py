@@ -1,0 +1,94 @@
+"""``ditlab convert --ckpt RUN.ckpt --out DIR [--format safetensors|diffusers] [--no-ema]``.
+
+Exports a run's sampled (EMA) network without Lightning: ``safetensors`` writes ``DIR/dit.safetensors``
+and ``DIR/dit.json`` (DiT config, objective, sampling settings; ``ditlab.models.interop.load_safetensors``
+rebuilds it); ``diffusers`` writes a ``DiTPipeline`` folder (transformer, scheduler matching the run's
+sampler, and the run's VAE when it trained on latents) for the diffusers port of Peebles & Xie's DiT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
+from ditlab.methods.config import ObjectiveConfig
+from ditlab.models.dit import sincos_2d
+from ditlab.models.interop import save_safetensors, to_diffusers
+
+FORMATS = ("safetensors", "diffusers")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ditlab convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="a ditlab Lightning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", default="safetensors", help="safetensors (default) | diffusers")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw network instead of its EMA")
+    return parser.parse_args(argv)
+
+
+def pipeline_scheduler(objective: dict, sampler: str | None):
+    """The diffusers scheduler ``DiTPipeline`` should step with: the run's sampler, fixed variance
+    (the pipeline drops a learned-sigma network's variance channels)."""
+    from ditlab.diffusion.sample import GAUSSIAN_SAMPLERS, make_scheduler
+
+    if objective["kind"] != "gaussian":
+        raise ValueError("a diffusers export (--format diffusers) needs a DDPM-trained (objective.kind gaussian) run: DiTPipeline "
+                         "feeds integer DDPM timesteps and has no flow sampler; use --format safetensors")  # fmt: skip
+    known = {k: v for k, v in objective.items() if k in ObjectiveConfig.__dataclass_fields__}
+    built = ObjectiveConfig(**known)
+    sampler = sampler if sampler in GAUSSIAN_SAMPLERS else "ddpm"
+    return make_scheduler(built.build(learn_sigma=False), sampler)  # learn_sigma False: DDPM's fixed variance
+
+
+def export_diffusers(network, meta: dict, out: Path) -> None:
+    """A ``DiTPipeline`` folder; pixel-space runs get ``vae: null`` (pass ``vae=`` to ``from_pretrained``)."""
+    from diffusers import DiTPipeline
+
+    standard = torch.from_numpy(sincos_2d(network.pos_embed.shape[-1], network.x_embedder.grid_size)).float()
+    if not torch.allclose(network.pos_embed.detach()[0], standard, atol=1e-6):
+        raise ValueError("this network's pos_embed is not DiT's fixed sin-cos table, which diffusers regenerates "
+                         "on load; export it with --format safetensors")  # fmt: skip
+    transformer = to_diffusers(network)
+    scheduler = pipeline_scheduler(meta["objective"], meta["sampling"].get("sampler"))
+    vae = None
+    if meta.get("vae"):
+        from ditlab.data.vae import load_vae
+
+        vae = load_vae(meta["vae"])
+        vae.register_to_config(scaling_factor=float(meta.get("latent_scale", vae.config.scaling_factor)))
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown export format {args.format!r} (--format); choices: {list(FORMATS)}")
+    checkpoint = read_checkpoint(args.ckpt)
+    network = network_from_checkpoint(checkpoint, use_ema=not args.no_ema)
+    meta = checkpoint["ditlab"]
+    if args.format == "diffusers":  # refuse a flow run before writing anything
+        pipeline_scheduler(meta["objective"], meta["sampling"].get("sampler"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    has_ema = any(key.startswith("ema.") for key in checkpoint["state_dict"])
+    weights = "ema" if has_ema and not args.no_ema else "network"
+    if args.format == "safetensors":
+        extra = {key: meta.get(key) for key in ("objective", "sampling", "vae", "latent_scale")}
+        path = save_safetensors(network, out / "dit.safetensors", {**extra, "weights": weights,
+                                                                    "source": str(args.ckpt)})  # fmt: skip
+        print(f"wrote {path} and {path.with_suffix('.json').name} ({weights} weights, "
+              f"{sum(p.numel() for p in network.parameters()):,} parameters)")  # fmt: skip
+        return 0
+    export_diffusers(network, meta, out)
+    (out / "ditlab.json").write_text(json.dumps({"weights": weights, "source": str(args.ckpt)}, indent=2))
+    if network.num_classes != 1000:
+        print(f"note: DiTPipeline hard-codes the null class to 1000; with this {network.num_classes}-class model "
+              "call it with guidance_scale=1")  # fmt: skip
+    print(f"wrote a DiTPipeline folder {out} ({weights} weights{'' if meta.get('vae') else ', no VAE: pixel-space run'}); "
+          "load it with ditlab.models.interop.load_diffusers for bit-exact timesteps")  # fmt: skip
+    return 0
