@@ -45,6 +45,11 @@ class ProgressiveDistillation(L.Callback):
         if not hasattr(pl_module, "shrink"):
             raise ValueError("ProgressiveDistillation needs a compression module (ditlab.methods.compress.module.DicompModule)")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        """The starting depth, so TensorBoard's ``dicomp/blocks`` curve steps down at each stage."""
+        for logger in trainer.loggers:
+            logger.log_metrics({"dicomp/blocks": pl_module.network.depth}, step=trainer.global_step)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step not in self.schedule or step in self.applied:

@@ -1,0 +1,144 @@
+"""Training health under stable names: gradient norm, throughput, and the resolved config in the HParams tab.
+
+- ``train/grad_norm``: total L2 norm of the trainable parameters' gradients just before the optimiser step
+  (after AMP unscaling), the first number to look at when a loss spikes or stalls.
+- ``train/images_per_s``: training images per second over the last logging interval (``log_every_n_steps``
+  optimiser steps, all processes counted), so slow-downs (evaluation, data stalls) show where they happen.
+- HParams: the flattened resolved config (``RunSummary.config``, set by ``DitlabCLI.before_fit``) with the
+  final metrics as columns (``val/loss``, ``eval/fid``, ...), so runs can be compared in one table. It is
+  written in ``on_fit_start``, before Lightning's own hyper-parameter logging: TensorBoard keeps the first
+  HParams record of a run, and the resolved config says more than the module's ``__init__`` arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+
+HPARAM_METRICS = ("val/loss", "eval/fid", "train/loss", "train/images_per_s")
+
+
+def flatten_config(config: Mapping, prefix: str = "", sep: str = ".") -> dict[str, bool | int | float | str]:
+    """``{"model": {"init_args": {"lr": 1e-3}}}`` -> ``{"model.init_args.lr": 1e-3}``; lists and None as text.
+
+    TensorBoard's HParams tab accepts only bool, number and string values.
+    """
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, name, sep))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def gradient_norm(parameters) -> torch.Tensor | None:
+    """Squared-sum-then-root L2 norm over every gradient in ``parameters`` (None when none has a gradient)."""
+    grads = [p.grad.detach() for p in parameters if p.requires_grad and p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+class TrainingMonitor(L.Callback):
+    """Logs ``train/grad_norm`` and ``train/images_per_s``, and the resolved config to the HParams tab.
+
+    Args:
+        grad_norm: log the gradient norm (one extra pass over the gradients per logged step).
+        hparams: write the resolved config and ``metrics`` to the loggers' hyper-parameters.
+        metrics: metric columns of the HParams table; their values are the last logged scalars.
+    """
+
+    def __init__(self, grad_norm: bool = True, hparams: bool = True,
+                 metrics: list[str] | tuple[str, ...] = HPARAM_METRICS) -> None:  # fmt: skip
+        self.grad_norm, self.hparams, self.metrics = grad_norm, hparams, tuple(metrics)
+        self._interval_start: float | None = None
+        self._interval_images = 0
+        self.last_images_per_s: float | None = None
+
+    # ------------------------------------------------------------------------------- hparams
+    def resolved_config(self, trainer: L.Trainer) -> dict | None:
+        """The config ``RunSummary`` holds (None outside the CLI)."""
+        from ditlab.callbacks.summary import RunSummary
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunSummary) and callback.config:
+                return callback.config
+        return None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._interval_start, self._interval_images = None, 0
+        config = self.resolved_config(trainer) if self.hparams else None
+        if not config or not trainer.is_global_zero:
+            return
+        flat = flatten_config(config)
+        for logger in trainer.loggers:
+            writer = getattr(getattr(logger, "experiment", None), "_get_file_writer", None)
+            if writer is None:  # CSV, W&B, ...: the generic call
+                logger.log_hyperparams(flat)
+                continue
+            from torch.utils.tensorboard.summary import hparams
+
+            if hasattr(logger, "hparams"):
+                logger.hparams.update(flat)  # also lands in hparams.yaml
+            # metric values are not logged here: the HParams tab reads each column's last scalar of the run
+            for summary in hparams(flat, dict.fromkeys(self.metrics, 0.0)):
+                writer().add_summary(summary)
+            logger.experiment.flush()
+
+    # ------------------------------------------------------------------------------- gradient norm
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if not self.grad_norm:
+            return
+        norm = gradient_norm(pl_module.parameters())
+        if norm is None:
+            return
+        if "FSDP" in type(trainer.strategy).__name__:  # sharded gradients: sum the squares across ranks
+            norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+    # ------------------------------------------------------------------------------- throughput
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._interval_start is None:
+            self._interval_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        self._interval_images += len(images) * trainer.world_size
+        step, every = trainer.global_step, max(1, trainer.log_every_n_steps)
+        if step == 0 or step % every or self._interval_start is None:
+            return
+        elapsed = time.perf_counter() - self._interval_start
+        self.last_images_per_s = self._interval_images / elapsed if elapsed > 0 else None
+        self._interval_start, self._interval_images = time.perf_counter(), 0
+        if self.last_images_per_s is not None:  # this step is a logging step, so it lands beside train/loss
+            pl_module.log(
+                "train/images_per_s", self.last_images_per_s, on_step=True, on_epoch=False, batch_size=1
+            )
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting optimiser steps against ``max_steps``.
+
+    ditlab runs are budgeted in steps (``max_epochs`` is -1), where Lightning's own description reads
+    "Epoch 0/-2" and restarts every epoch; this one reads "step 120/2000 (epoch 4)".
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 0:
+            return super()._get_train_description(current_epoch)
+        return f"step {self.trainer.global_step}/{max_steps} (epoch {current_epoch})"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            description = self._get_train_description(trainer.current_epoch)
+            self.progress.update(self.train_progress_bar_id, description=description)
