@@ -14,11 +14,16 @@ import warnings
 
 import lightning as L
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ditlab.callbacks.interrupt import SaveOnInterrupt
+from ditlab.callbacks.monitor import StepProgressBar, TrainingMonitor
+from ditlab.callbacks.reliability import NaNGuard, ResumeState
 from ditlab.callbacks.summary import RunSummary
+from ditlab.checkpoint_io import AtomicCheckpointIO
 from ditlab.methods.base import DiffusionModule
 
 TOOLS = {
@@ -44,7 +49,7 @@ def condense(message: str) -> str:
     noise = ("Does not validate", "Subtypes", "Errors:", "Given value", "Expected a <class 'NoneType'>")
     details = []
     for piece in re.split(r"\n| - ", text):
-        piece = re.sub(r'Parser key "[^"]+":\s*', "", piece).strip(" -")
+        piece = re.sub(r"^-\s+", "", re.sub(r'Parser key "[^"]+":\s*', "", piece).strip()).strip()
         if piece and not piece.startswith(noise):
             details.append(re.sub(r"<class '([\w.]+)'>", r"\1", piece))
     detail = details[0] if details else text.splitlines()[0]
@@ -52,6 +57,26 @@ def condense(message: str) -> str:
     hint = "; run `ditlab fit --help` to list the valid keys" if "not accepted" in detail else ""
     detail = detail.split("; run `ditlab")[0]
     return f"{where}: {detail}{hint}" if where else f"{detail}{hint}"
+
+
+def state_dict_mismatch(message: str) -> str | None:
+    """PyTorch's multi-line ``load_state_dict`` error -> one line naming the mismatching shapes and keys."""
+    if "Error(s) in loading state_dict" not in message:
+        return None
+    shapes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                        r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", message)  # fmt: skip
+    parts = []
+    if shapes:
+        listed = ", ".join(f"{key}: {ckpt} in the checkpoint vs {model} here" for key, ckpt, model in shapes[:3])  # fmt: skip
+        parts.append(f"shape mismatches ({len(shapes)}): {listed}{' ...' if len(shapes) > 3 else ''}")
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):  # fmt: skip
+        found = re.search(pattern, message)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            parts.append(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)} keys)")
+    return ("the checkpoint does not fit this model's architecture: " + "; ".join(parts) +
+            " (was it trained with another depth/width, or pruned? use the config that trained it)")  # fmt: skip
 
 
 class DitlabArgumentParser(LightningArgumentParser):
@@ -63,6 +88,33 @@ class DitlabArgumentParser(LightningArgumentParser):
 
 class DitlabCLI(LightningCLI):
     """LightningCLI with ditlab's defaults: digits data, checkpoints that survive Ctrl-C, summary.json."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(NaNGuard, "nan_guard")  # always on; --nan_guard.max_bad_steps N
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Atomic checkpoint writes (unless the config chose a ``CheckpointIO``) and a progress bar counting steps."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for index, callback in enumerate(trainer.callbacks):
+            if type(callback) is RichProgressBar:  # Lightning's default; a config may name its own bar
+                trainer.callbacks[index] = StepProgressBar()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyperparameters first; an unreadable file is one line, not a traceback."""
+        import pickle
+        import zipfile
+
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+            if "Weights only load failed" in str(error):  # not plain data: the full load reports it, if it must
+                return
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
+                             "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
 
     def before_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -86,8 +138,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DitlabCLI:
             "callbacks": [
                 ModelCheckpoint(save_last=True, every_n_train_steps=500, save_top_k=1),
                 SaveOnInterrupt(),
+                ResumeState(),
                 LearningRateMonitor(logging_interval="step"),
                 RunSummary(),
+                TrainingMonitor(),
             ],
         },
         args=args,
@@ -129,11 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             return full_help(argv)
         build_cli(None if argv == sys.argv[1:] else argv)
         return 0
-    except (UsageError, ValueError, FileNotFoundError, IndexError, KeyError) as error:
-        if os.environ.get("DITLAB_DEBUG"):
-            raise
+    except SIGTERMException as stop:  # preempted: interrupted.ckpt is saved (SaveOnInterrupt)
+        return stop.code if isinstance(stop.code, int) else 143
+    except (UsageError, ValueError, FileNotFoundError, IndexError, KeyError, RuntimeError) as error:
         message = str(error.args[0]) if error.args else type(error).__name__
-        print(f"ditlab: error: {condense(message)}", file=sys.stderr)
+        mismatch = state_dict_mismatch(message)
+        if os.environ.get("DITLAB_DEBUG") or (isinstance(error, RuntimeError) and mismatch is None):
+            raise
+        if "Problems parsing config" in message and "--config" in argv:  # name the file YAML could not read
+            configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+            message = f"{message.splitlines()[0]} (in {', '.join(configs)}); check its YAML syntax"
+        print(f"ditlab: error: {mismatch or condense(message)}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,9 @@
-"""Nothing lost when a run is stopped: the end of fit writes ``final.ckpt``; Ctrl-C or a crash ``interrupted.ckpt``.
+"""Nothing lost when a run is stopped: the end of fit writes ``final.ckpt``; Ctrl-C, SIGTERM or a crash
+``interrupted.ckpt``.
+
+Lightning 2.6 only notes a SIGTERM (cluster preemption) on one device and acts on it at the *end of the
+epoch*, which a scheduler's grace period may not reach; this callback stops after the current step
+(``SIGTERMException``, exit code 143 from ``ditlab``) and saves ``interrupted.ckpt`` on the way out.
 
 Lightning's ``OnExceptionCheckpoint`` also turns every later ``fit()`` into a resume from "last"; this
 callback only saves, so resuming stays an explicit ``--ckpt_path``. ``final.ckpt`` exists whatever the
@@ -10,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class SaveOnInterrupt(L.Callback):
@@ -19,6 +25,10 @@ class SaveOnInterrupt(L.Callback):
         self.filename = filename
         self.final = final
         self.path: Path | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException(143)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 or not trainer.log_dir:
@@ -33,6 +43,8 @@ class SaveOnInterrupt(L.Callback):
             return
         self.path = Path(trainer.log_dir) / "checkpoints" / self.filename
         trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero and isinstance(exception, SIGTERMException):
+            print(f"received SIGTERM; stopped after step {trainer.global_step}", flush=True)
         if trainer.is_global_zero:
             print(f"interrupted at step {trainer.global_step}; saved {self.path} "
-                  f"(resume with --ckpt_path {self.path})")  # fmt: skip
+                  f"(resume with --ckpt_path {self.path})", flush=True)  # fmt: skip

@@ -10,9 +10,55 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 CLASS_NAMES = [str(d) for d in range(10)]
+
+
+class SeededSampler(Sampler[int]):
+    """Shuffles with ``torch.Generator().manual_seed(seed + epoch)``, so an epoch's order never depends on the
+    global RNG, and can start mid-epoch: after ``load_state_dict`` the next ``iter()`` skips the indices the
+    interrupted run had already consumed (Lightning restarts a non-stateful loader from the epoch's start)."""
+
+    def __init__(self, num_items: int, seed: int = 0) -> None:
+        self.num_items, self.seed = num_items, seed
+        self.epoch = 0
+        self.consumed = 0  # indices handed out in the current epoch
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch start; a saved position only applies to the epoch it was saved in
+        (a checkpoint taken after an epoch's last batch resumes at the next epoch's start)."""
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        start, self._start = self._start, 0
+        self.consumed = start
+        for index in order[start:].tolist():
+            self.consumed += 1
+            yield index
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._start = int(state["epoch"]), int(state["consumed"])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning sees as stateful: its position is saved in every checkpoint and restored on resume."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def digits_tensors(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +73,8 @@ def digits_tensors(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 class DigitsDataModule(L.LightningDataModule):
     """Train/val split of the digits, deterministic for a given ``split_seed``.
 
-    Batches are ``(images: (B, 1, S, S) in [-1, 1], labels: (B,))``.
+    Batches are ``(images: (B, 1, S, S) in [-1, 1], labels: (B,))``. The training order is seeded per epoch
+    (``shuffle_seed``, default: the run's ``seed_everything`` seed) and resumes mid-epoch exactly.
     """
 
     num_classes = 10
@@ -41,6 +88,7 @@ class DigitsDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -55,6 +103,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
+        self.shuffle_seed = torch.initial_seed() % 2**62 if shuffle_seed is None else shuffle_seed
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -74,8 +123,11 @@ class DigitsDataModule(L.LightningDataModule):
         self.val_set = TensorDataset(images[val_index], labels[val_index])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
+        seed = self.shuffle_seed
+        sampler = SeededSampler(len(self.train_set), seed=seed)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                   generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -65,6 +65,8 @@ class DiffusionModule(L.LightningModule):
         self._vae: nn.Module | None = None
         self.summary: dict = {}
         """Entries callbacks add to the run's summary.json (metrics, teacher vs student, ...)."""
+        self.skipped_step = False
+        """Set by ``ditlab.callbacks.reliability.NaNGuard`` when this step's update was skipped (no EMA update)."""
 
     def attach(self, network: DiT, ema: DiT | None = None) -> None:
         """Train ``network``: builds the objective that fits it and its EMA copy (``ema`` or a fresh copy)."""
@@ -96,8 +98,11 @@ class DiffusionModule(L.LightningModule):
         terms = self.objective.losses(network(noised.xt, noised.model_t, labels), images, noised)
         self.log("val/loss", terms["loss"], prog_bar=True, sync_dist=True, batch_size=len(images))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimiser step, then the EMA update, so a checkpoint saved in ``on_train_batch_end`` (callbacks run
+        before the module's hook) already holds step ``k``'s EMA, and a step skipped by ``NaNGuard`` leaves it."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not self.skipped_step:
             self.update_ema()
 
     @torch.no_grad()
