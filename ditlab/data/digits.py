@@ -55,10 +55,13 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader Lightning sees as stateful: its position is saved in every checkpoint and restored on resume."""
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        # under DDP Lightning wraps the sampler in a DistributedSamplerWrapper, which has no position to save:
+        # there a resume restarts the interrupted epoch (exact mid-epoch resume is single-process for now)
+        return self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+        if state and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state)
 
 
 def digits_tensors(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

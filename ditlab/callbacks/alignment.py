@@ -1,0 +1,85 @@
+"""Stage-wise termination of representation alignment (HASTE: Wang et al., 2025, NUS-HPC-AI-Lab/HASTE).
+
+HASTE argues that alignment to a frozen encoder helps early and then constrains the model, so it switches
+every alignment term off at a fixed iteration and trains with the plain diffusion loss afterwards. At
+global step ``step`` (before that step's loss is computed) this callback:
+
+- calls ``pl_module.terminate_alignment(step)``: alignment losses off, the encoder (or teacher) dropped
+  from the module and garbage-collected (``torch.cuda.empty_cache()`` on GPU), the step recorded in
+  ``pl_module.summary["alignment"]`` (summary.json) and in every later checkpoint;
+- logs the moment: ``align/terminated`` (the step) and ``align/released_mb`` as scalars at that step, a
+  text marker ``align/termination`` in TensorBoard, and the module logs ``align/active`` (1 -> 0) every
+  step.
+
+A resumed run knows it has terminated from the module's checkpoint (``checkpoint["align"]``) and from this
+callback's state; the module never loads its target lazily after termination, and the marker is logged
+once. The step is a global optimiser step; HASTE uses 250K for SiT-XL/2 at batch 256.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+
+class AlignmentTermination(L.Callback):
+    """Switches alignment off for good at global step ``step`` and releases the frozen encoder.
+
+    Args:
+        step: the first global step trained without alignment (>= 0; 0 means never aligned).
+    """
+
+    def __init__(self, step: int) -> None:
+        if step < 0:
+            raise ValueError(f"AlignmentTermination step={step} must be >= 0 (a global optimiser step)")
+        self.step = step
+        self.terminated_at: int | None = None
+        self.enabled = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "terminate_alignment"):
+            raise ValueError("AlignmentTermination needs an alignment module (ditlab.methods.align.AlignModule or "
+                             "SelfTranscendenceModule)")  # fmt: skip
+        self.enabled = pl_module.terminable
+        if not self.enabled and trainer.is_global_zero:
+            print(
+                "alignment: this stage has no termination step (Self-Transcendence phase 1); the callback is idle"
+            )
+
+    def _sync(self, trainer: L.Trainer, pl_module) -> bool:
+        """Agree with the module (both are checkpointed); True when alignment is already off."""
+        if pl_module.terminated_at is not None:
+            self.terminated_at = pl_module.terminated_at
+            return True
+        if self.terminated_at is not None:  # e.g. the module's state was reset: never align again
+            pl_module.terminate_alignment(self.terminated_at)
+            return True
+        return False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        """Runs before the module's own ``on_fit_start``, so a run resumed past the step never loads the target."""
+        self.on_train_batch_start(trainer, pl_module, None, 0)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.enabled and not self._sync(trainer, pl_module) and trainer.global_step >= self.step:
+            self.terminate(trainer, pl_module, trainer.global_step)
+
+    def terminate(self, trainer: L.Trainer, pl_module, step: int) -> None:
+        released = pl_module.terminate_alignment(step)
+        self.terminated_at = step
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"align/terminated": float(step), "align/released_mb": released / 2**20}, step=step
+            )
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_text(
+                    "align/termination", f"alignment terminated at step {step}; encoder released", step
+                )
+        if trainer.is_global_zero:
+            print(f"alignment: terminated at step {step}; released {released / 2**20:.1f} MiB", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "terminated_at": self.terminated_at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.terminated_at = state_dict.get("terminated_at")

@@ -1,0 +1,141 @@
+"""``AlignModule``: REPA feature alignment, and HASTE's attention alignment on top of it.
+
+REPA (Yu et al., "Representation Alignment for Generation: Training Diffusion Transformers Is Easier Than
+You Think", 2024): the tokens after DiT block k go through a small MLP projector and are pushed, patch by
+patch, to a high cosine similarity with a frozen encoder's features of the *clean* image, at every noise
+level: ``L = L_diffusion + lambda * (-mean cos(proj(h_k), z))``.
+
+HASTE (Wang et al., "REPA Works Until It Doesn't: Early-Stopped, Holistic Alignment Supercharges Diffusion
+Training", 2025): also distil the encoder's attention maps into mid-level DiT blocks (row-wise cross-
+entropy, teacher as target), and switch *all* alignment off at a fixed step
+(``ditlab.callbacks.alignment.AlignmentTermination``), after which training is plain diffusion.
+
+The token grids must match: DINOv2's input is resized to ``14 * grid`` (REPA's resize) so its patch grid
+is the DiT's; ditlab's ``digits-vit`` has a fixed 4x4 grid whose features and maps are resampled
+bilinearly to the DiT's grid when they differ (``ditlab.models.encoders``). Attention maps are computed
+only for the aligned blocks (``run_blocks(attention=...)``); every other block uses the fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ditlab.methods.align.base import AlignmentBase
+from ditlab.methods.align.config import AttentionAlignConfig, EncoderConfig, FeatureAlignConfig
+from ditlab.methods.align.losses import attention_loss, mlp, negative_cosine
+from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
+from ditlab.models.encoders import FrozenEncoder, encoder_info, load_encoder
+from ditlab.models.taps import run_blocks
+
+
+def _check_blocks(key: str, blocks: list[int], depth: int, what: str) -> None:
+    if not blocks:
+        raise ValueError(f"{key} is empty; list at least one block (1-indexed)")
+    bad = [b for b in blocks if not 1 <= b <= depth]
+    if bad:
+        raise ValueError(f"{key}={list(blocks)}: blocks {bad} out of range for {what} of depth {depth} "
+                         f"(blocks are 1-indexed, 1..{depth})")  # fmt: skip
+
+
+class AlignModule(AlignmentBase):
+    """REPA (``feature``) and HASTE (``feature`` + ``attention`` + termination) on any DiT and objective.
+
+    Args:
+        network, objective, sampling, lr, weight_decay, betas, warmup_steps, ema_decay: as in ``DiffusionModule``
+            (REPA and HASTE train SiT: ``objective.kind=flow``; network None is the DiT-XL/2 default).
+        encoder: the frozen target encoder (kept out of checkpoints; released at termination).
+        feature: REPA's projector alignment; None turns it off.
+        attention: HASTE's attention-map alignment; None turns it off.
+
+    Loss terms: ``loss_diffusion``, ``loss_align_feature``, ``loss_align_attention``, ``loss_align`` (their
+    weighted sum) and ``loss``. Projectors live in ``heads["block<k>"]`` (``(B, N, D) -> (B, N, F)``).
+    """
+
+    def __init__(
+        self,
+        network: NetworkConfig | None = None,
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        encoder: EncoderConfig = EncoderConfig(),
+        feature: FeatureAlignConfig | None = FeatureAlignConfig(),
+        attention: AttentionAlignConfig | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.9999,
+    ) -> None:
+        if feature is None and attention is None:
+            raise ValueError("model.init_args.feature and model.init_args.attention are both null: nothing to align; "
+                             "set one, or train ditlab.methods.base.DiffusionModule")  # fmt: skip
+        self.method = "haste" if attention is not None else "repa"
+        network = network if network is not None else NetworkConfig()
+        super().__init__(network=network, objective=objective, sampling=sampling, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, ema_decay=ema_decay)  # fmt: skip
+        self.encoder_config, self.feature, self.attention = encoder, feature, attention
+        info = encoder_info(encoder.name)
+        depth, width = self.network.depth, network.hidden_size
+        if feature is not None:
+            _check_blocks("model.init_args.feature.blocks", feature.blocks, depth, "the DiT")
+            for block in sorted(set(feature.blocks)):
+                self.heads[f"block{block}"] = mlp(width, feature.projector_hidden, info.feature_dim,
+                                                  feature.projector_layers)  # fmt: skip
+        if attention is not None:
+            _check_blocks("model.init_args.attention.blocks", attention.blocks, depth, "the DiT")
+            _check_blocks("model.init_args.attention.encoder_blocks", attention.encoder_blocks, info.depth,
+                          f"encoder {encoder.name}")  # fmt: skip
+            if len(attention.blocks) != len(attention.encoder_blocks):
+                raise ValueError(f"model.init_args.attention.blocks {attention.blocks} and encoder_blocks "
+                                 f"{attention.encoder_blocks} must pair up (same length)")  # fmt: skip
+            if attention.heads == "first" and network.num_heads < info.num_heads:
+                raise ValueError(f"model.init_args.attention.heads=first needs a DiT with at least {info.num_heads} "
+                                 f"heads ({encoder.name} has {info.num_heads}, the DiT {network.num_heads}); "
+                                 "use attention.heads=mean")  # fmt: skip
+        self.summary["alignment"].update(method=self.method, encoder=encoder.name)
+
+    # ----------------------------------------------------------------------------------- encoder
+    def load_target(self) -> FrozenEncoder:
+        config = self.encoder_config
+        encoder = load_encoder(
+            config.name, weights=config.weights, repo=config.repo, cache_dir=config.cache_dir
+        )
+        for key in ("scores", "train_seconds"):
+            if getattr(encoder, key, None) is not None:
+                self.summary["alignment"][f"encoder_{key}"] = getattr(encoder, key)
+        return encoder
+
+    @property
+    def encoder(self) -> FrozenEncoder | None:
+        """The frozen encoder (loaded on first use); None after termination."""
+        return self.target_network
+
+    # ----------------------------------------------------------------------------------- losses
+    def alignment_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Diffusion loss plus the feature and attention terms, from one tapped forward pass."""
+        feature, attention = self.feature, self.attention
+        noised = self.objective.prepare(images)
+        tapped = run_blocks(
+            self.network, noised.xt, noised.model_t, labels,
+            hidden=[b - 1 for b in feature.blocks] if feature else (),
+            attention=[b - 1 for b in attention.blocks] if attention else (),
+        )  # fmt: skip
+        terms = self.objective.losses(tapped.output, images, noised)
+        target = self.encoder(images, self.network.x_embedder.grid_size,
+                              attention=[b - 1 for b in attention.encoder_blocks] if attention else ())  # fmt: skip
+        align = terms["loss"].new_zeros(())
+        if feature is not None:
+            per_block = [negative_cosine(self.heads[f"block{b}"](tapped.hidden[b - 1]), target.features)
+                         for b in feature.blocks]  # fmt: skip
+            terms["loss_align_feature"] = torch.stack(per_block).mean()
+            align = align + feature.weight * terms["loss_align_feature"]
+        if attention is not None:
+            per_pair = [attention_loss(tapped.attention[s - 1], target.attention[e - 1], attention.loss, attention.heads)
+                        for s, e in zip(attention.blocks, attention.encoder_blocks)]  # fmt: skip
+            terms["loss_align_attention"] = torch.stack(per_pair).mean()
+            align = align + attention.weight * terms["loss_align_attention"]
+        terms["loss_align"] = align
+        terms["loss"] = terms["loss"] + align
+        return terms
+
+    def alignment_state(self) -> dict:
+        return {**super().alignment_state(), "encoder": self.encoder_config.name}
