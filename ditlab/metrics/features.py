@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +46,22 @@ def atomic_save(obj, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, temporary)
     os.replace(temporary, path)
+
+
+def cached_training(path: Path, train: Callable[[], dict], retrain: bool = False) -> dict:
+    """A self-trained network's entry from ``path``, or ``train()``'s (timed, saved atomically) when absent.
+
+    A corrupt cache file is simply rebuilt.
+    """
+    if path.is_file() and not retrain:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            pass
+    started = time.perf_counter()
+    entry = {**train(), "train_seconds": time.perf_counter() - started}
+    atomic_save(entry, path)
+    return entry
 
 
 class FeatureExtractor(nn.Module):
@@ -277,18 +294,12 @@ def digits_classifier(cache_dir: str | Path | None = None, recipe: ClassifierRec
                       retrain: bool = False) -> DigitsClassifier:  # fmt: skip
     """The digits classifier, trained once per recipe and then loaded from ``<cache>/digits-classifier-<hash>.pt``."""
     path = cache_root(cache_dir) / f"digits-classifier-{recipe.digest()}.pt"
-    entry = None
-    if path.is_file() and not retrain:
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a corrupt cache file is simply rebuilt
-            entry = None
-    if entry is None:
-        started = time.perf_counter()
+
+    def train() -> dict:
         network, accuracy = train_digits_classifier(recipe)
-        entry = {"state_dict": network.state_dict(), "accuracy": accuracy, "recipe": asdict(recipe),
-                 "train_seconds": time.perf_counter() - started}  # fmt: skip
-        atomic_save(entry, path)
+        return {"state_dict": network.state_dict(), "accuracy": accuracy, "recipe": asdict(recipe)}
+
+    entry = cached_training(path, train, retrain)
     with torch.random.fork_rng(
         devices=[]
     ):  # the initialisation is overwritten; keep the caller's RNG as it was

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditlab.metrics.features import atomic_save, cache_root, resize_to
+from ditlab.metrics.features import cache_root, cached_training, resize_to
 from ditlab.models.attention import Attention
 from ditlab.models.dit import sincos_2d
 from ditlab.models.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder
@@ -225,18 +224,12 @@ def digits_vit(cache_dir: str | Path | None = None, recipe: DigitsViTRecipe = Di
                retrain: bool = False) -> DigitsViTEncoder:  # fmt: skip
     """The digits ViT, trained once per recipe, then loaded from ``<cache>/digits-vit-<hash>.pt``."""
     path = cache_root(cache_dir) / f"digits-vit-{recipe.digest()}.pt"
-    entry = None
-    if path.is_file() and not retrain:
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a corrupt cache file is simply rebuilt
-            entry = None
-    if entry is None:
-        started = time.perf_counter()
+
+    def train() -> dict:
         network, scores = train_digits_vit(recipe)
-        entry = {"state_dict": network.state_dict(), "scores": scores, "recipe": asdict(recipe),
-                 "train_seconds": time.perf_counter() - started}  # fmt: skip
-        atomic_save(entry, path)
+        return {"state_dict": network.state_dict(), "scores": scores, "recipe": asdict(recipe)}
+
+    entry = cached_training(path, train, retrain)
     with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten; keep the caller's RNG
         network = DigitsViT(recipe)
     network.load_state_dict(entry["state_dict"])
