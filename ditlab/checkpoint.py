@@ -30,8 +30,11 @@ class Bundle:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` with one-line errors for a missing, truncated or corrupt file."""
+    """``torch.load`` with one-line errors for a missing, truncated or corrupt file; a sharded (FSDP)
+    checkpoint folder is gathered into the same single dictionary."""
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        return read_sharded_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (runs/<name>/version_N/checkpoints/)")
     try:
@@ -39,6 +42,23 @@ def read_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
         raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
                          "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
+
+
+def read_sharded_checkpoint(path: Path) -> dict:
+    """A ``FSDP2Strategy`` checkpoint folder (one shard file per process plus ``meta.pt``) as one full dictionary."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            dcp_to_torch_save(path, Path(scratch) / "full.pt")
+            tensors = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=False)
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001  (any reader error means the same thing to the user)
+            raise ValueError(f"sharded checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:120]}); use an earlier checkpoint") from None  # fmt: skip
+    return {**meta, **tensors}
 
 
 def _prefixed(state_dict: dict, prefix: str) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
+from ditlab.distributed import gathered, is_sharded
+
 
 class CompressionReport(L.Callback):
     """Writes ``summary["teacher"]``, ``summary["student"]`` and their ratios at the end of fit.
@@ -53,10 +55,13 @@ class CompressionReport(L.Callback):
         return report
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        student_network = pl_module.sampling_network
+        if is_sharded(pl_module):  # rank 0 measures alone, so it needs the whole student (a collective)
+            student_network = gathered(student_network)
         if not trainer.is_global_zero:
             return
         teacher = self.measure(pl_module, pl_module.teacher)
-        student = self.measure(pl_module, pl_module.sampling_network)
+        student = self.measure(pl_module, student_network)
         ratios = {f"{key}_ratio": student[key] / teacher[key]
                   for key in ("parameters", "flops_per_image", "sampling_images_per_s", "fid")
                   if key in student and teacher.get(key)}  # fmt: skip

@@ -15,6 +15,7 @@ import math
 import lightning as L
 import torch
 
+from ditlab.distributed import is_sharded
 from ditlab.metrics.features import FeatureExtractor, feature_extractor
 from ditlab.metrics.fid import compute_metrics
 from ditlab.metrics.reference import ReferenceStats, reference_stats
@@ -102,8 +103,12 @@ class Evaluation(L.Callback):
         labels = torch.arange(self.num_samples) % num_classes
         start, stop = self.local_range(trainer.global_rank, trainer.world_size)
         per_rank = math.ceil(self.num_samples / trainer.world_size)
+        # a sharded network needs every process in every forward pass: all draw per_rank images, extras dropped
+        count = per_rank if is_sharded(pl_module) else stop - start
+        if count > 0:
+            indices = torch.arange(start, start + count) % self.num_samples
+            images = pl_module.sample(labels[indices], seed=self.seed, start=start, **self.overrides)[: stop - start]
         if stop > start:
-            images = pl_module.sample(labels[start:stop], seed=self.seed, start=start, **self.overrides)
             features, logits = extractor.features_and_logits(images.to(pl_module.device))
         else:  # more ranks than samples: this one contributes padding only
             images = None

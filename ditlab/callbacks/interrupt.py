@@ -25,16 +25,24 @@ class SaveOnInterrupt(L.Callback):
         self.filename = filename
         self.final = final
         self.path: Path | None = None
+        self._saved_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.received_sigterm:
             raise SIGTERMException(143)
+        if 0 < trainer.max_steps <= trainer.global_step:  # the last step: save while the epoch is still open, so
+            self.save_final(trainer, pl_module)          # resuming it (with more max_steps) continues mid-epoch
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0 or not trainer.log_dir:
+        if self._saved_step != trainer.global_step:  # ended otherwise (max_epochs, early stopping)
+            self.save_final(trainer, pl_module)
+
+    def save_final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 or not trainer.log_dir:  # log_dir is a collective: every process calls it
             return
         self.path = Path(trainer.log_dir) / "checkpoints" / self.final
         trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
         if hasattr(pl_module, "summary"):
             pl_module.summary["checkpoint"] = str(self.path)
 

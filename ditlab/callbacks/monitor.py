@@ -19,6 +19,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
+from ditlab.distributed import is_sharded, local
+
 HPARAM_METRICS = ("val/loss", "eval/fid", "train/loss", "train/images_per_s")
 
 
@@ -40,8 +42,9 @@ def flatten_config(config: Mapping, prefix: str = "", sep: str = ".") -> dict[st
 
 
 def gradient_norm(parameters) -> torch.Tensor | None:
-    """Squared-sum-then-root L2 norm over every gradient in ``parameters`` (None when none has a gradient)."""
-    grads = [p.grad.detach() for p in parameters if p.requires_grad and p.grad is not None]
+    """Squared-sum-then-root L2 norm over every gradient in ``parameters`` (None when none has a gradient);
+    of this process's shards when the gradients are sharded."""
+    grads = [local(p.grad.detach()) for p in parameters if p.requires_grad and p.grad is not None]
     if not grads:
         return None
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
@@ -100,7 +103,7 @@ class TrainingMonitor(L.Callback):
         norm = gradient_norm(pl_module.parameters())
         if norm is None:
             return
-        if "FSDP" in type(trainer.strategy).__name__:  # sharded gradients: sum the squares across ranks
+        if is_sharded(pl_module):  # sharded gradients: sum the squares across ranks
             norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 

@@ -21,6 +21,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from ditlab.distributed import local
+
 
 class ResumeState(L.Callback):
     """Checkpoints the RNG states and restores them at the first training batch after a resume."""
@@ -90,10 +92,13 @@ class NaNGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads_finite = not params or bool(
-            torch.stack(torch._foreach_norm([p.grad for p in params])).isfinite().all()
-        )
-        if self._loss_finite and grads_finite:
+        grads = [local(p.grad) for p in params]  # under FSDP each process checks its shard
+        grads_finite = not params or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        good = self._loss_finite and grads_finite
+        if trainer.world_size > 1:  # every process skips or steps together (shards and losses differ by process)
+            votes = trainer.strategy.reduce(torch.tensor(float(good), device=pl_module.device), reduce_op="sum")
+            good = int(votes.item()) == trainer.world_size
+        if good:
             self.in_a_row = 0
         else:
             for param in params:  # AdamW skips parameters without a gradient: no update, no moment change

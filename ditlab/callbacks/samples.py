@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from ditlab.callbacks.run_dir import run_dir
+
 
 class SampleGrid(L.Callback):
     """Logs an EMA sample grid every ``every_n_steps`` optimiser steps and at the end of fit."""
@@ -47,8 +49,8 @@ class SampleGrid(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("samples/grid", grid, global_step=step)
-        if trainer.log_dir:
-            self.last_path = Path(trainer.log_dir) / "samples" / f"step_{step:07d}.png"
+        if run_dir(trainer):
+            self.last_path = run_dir(trainer) / "samples" / f"step_{step:07d}.png"
             self.last_path.parent.mkdir(parents=True, exist_ok=True)
             save_image(grid, self.last_path)
             pl_module.summary["last_sample_grid"] = str(self.last_path)

@@ -1,7 +1,7 @@
 """``summary.json``: one file per run that says what was run and what came out.
 
 Written at the end of fit in the log directory (final metrics, parameter count, training images/s,
-steps, wall time, the resolved config, and whatever callbacks put in ``pl_module.summary``); its path
+steps, wall time, peak memory per process, the resolved config, and whatever callbacks put in ``pl_module.summary``); its path
 is printed so scripts and notebooks can find it.
 """
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ditlab.callbacks.run_dir import run_dir
+
 
 def _plain(value):
     """Tensors and numpy scalars -> JSON numbers; non-finite -> None."""
@@ -25,6 +27,20 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def peak_memory_mb(trainer: L.Trainer, device: torch.device) -> list[float]:
+    """Peak memory of every process, rank order: accelerator memory allocated on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    value = torch.tensor([float(peak)], device=device)
+    if trainer.world_size > 1:
+        value = trainer.strategy.all_gather(value)
+    return [round(float(v), 1) for v in value.flatten().tolist()]
 
 
 class RunSummary(L.Callback):
@@ -50,7 +66,8 @@ class RunSummary(L.Callback):
         self._images += len(batch[0]) * trainer.world_size
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        peaks = peak_memory_mb(trainer, pl_module.device)  # a collective: every process takes part
+        if not trainer.is_global_zero or not run_dir(trainer):
             return
         metrics = {name: _plain(value) for name, value in trainer.callback_metrics.items()}
         extra = dict(getattr(pl_module, "summary", {}))
@@ -62,11 +79,12 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step,
             "skipped_images": getattr(trainer.datamodule, "skipped", None),  # unreadable files (image folders)
             "wall_time_s": time.perf_counter() - self._fit_start,
+            "peak_memory_mb": peaks,
             **{key: _plain(value) if not isinstance(value, dict) else value
                for key, value in extra.items()},  # fmt: skip
             "config": self.config,
         }
-        self.path = Path(trainer.log_dir) / self.filename
+        self.path = run_dir(trainer) / self.filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=2, default=str))
         print(f"summary: {self.path}")

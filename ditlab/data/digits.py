@@ -10,20 +10,32 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from ditlab.distributed import data_parallel_split
 
 CLASS_NAMES = [str(d) for d in range(10)]
 
 
-class SeededSampler(Sampler[int]):
+class SeededSampler(DistributedSampler):
     """Shuffles with ``torch.Generator().manual_seed(seed + epoch)``, so an epoch's order never depends on the
-    global RNG, and can start mid-epoch: after ``load_state_dict`` the next ``iter()`` skips the indices the
-    interrupted run had already consumed (Lightning restarts a non-stateful loader from the epoch's start)."""
+    global RNG, deals it across processes and can start mid-epoch.
 
-    def __init__(self, num_items: int, seed: int = 0) -> None:
-        self.num_items, self.seed = num_items, seed
+    Process ``rank`` of ``world_size`` takes positions ``rank, rank + W, ...`` of the epoch's order (cut to a
+    multiple of ``W`` so every process has as many batches), so ``W`` processes with batch ``B/W`` together see
+    the batches one process with batch ``B`` sees. The position is kept in the *global* order, so a checkpoint
+    resumes mid-epoch on any number of processes: after ``load_state_dict`` the next ``iter()`` skips what the
+    interrupted run had consumed (Lightning restarts a non-stateful loader from the epoch's start). It is a
+    ``DistributedSampler`` only so that Lightning does not wrap it in one.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.num_items, self.seed, self.rank, self.num_replicas = num_items, seed, rank, world_size
+        self.shuffle, self.drop_last = True, True
         self.epoch = 0
-        self.consumed = 0  # indices handed out in the current epoch
+        self.consumed = 0  # positions of the global order handed out in the current epoch (all processes)
         self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -34,14 +46,16 @@ class SeededSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_items // self.num_replicas
 
     def __iter__(self):
         order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        start, self._start = self._start, 0
-        self.consumed = start
-        for index in order[start:].tolist():
-            self.consumed += 1
+        world = self.num_replicas
+        mine = order[: len(self) * world][self.rank :: world]
+        start, self._start = self._start // world, 0
+        self.consumed = start * world
+        for index in mine[start:].tolist():
+            self.consumed += world
             yield index
 
     def state_dict(self) -> dict:
@@ -55,8 +69,6 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader Lightning sees as stateful: its position is saved in every checkpoint and restored on resume."""
 
     def state_dict(self) -> dict:
-        # under DDP Lightning wraps the sampler in a DistributedSamplerWrapper, which has no position to save:
-        # there a resume restarts the interrupted epoch (exact mid-epoch resume is single-process for now)
         return self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -127,7 +139,8 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         seed = self.shuffle_seed
-        sampler = SeededSampler(len(self.train_set), seed=seed)
+        rank, world_size = data_parallel_split(getattr(self, "trainer", None))
+        sampler = SeededSampler(len(self.train_set), seed=seed, rank=rank, world_size=world_size)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ditlab.diffusion.gaussian import Noised, mean_flat
+from ditlab.diffusion.global_batch import draw_rows
 
 PATHS = ("linear", "gvp")
 TIME_SAMPLING = ("uniform", "logit_normal")
@@ -59,9 +60,13 @@ class FlowMatching:
             t = torch.sigmoid(self.logit_mean + self.logit_std * normal)
         return self.t_eps + (1 - 2 * self.t_eps) * t
 
-    def prepare(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
-        t = self.sample_time(x0.shape[0], x0.device, generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator | None = None, rank: int = 0,
+                world_size: int = 1) -> Noised:  # fmt: skip
+        """Draw ``t`` and noise (this process's rows of the global batch's draws) and return the noisy input."""
+        batch, device = x0.shape[0], x0.device
+        t = draw_rows(lambda n: self.sample_time(n, device, generator), batch, rank, world_size)
+        noise = draw_rows(lambda n: torch.randn((n, *x0.shape[1:]), device=device, dtype=x0.dtype, generator=generator),
+                          batch, rank, world_size)  # fmt: skip
         return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=t * self.t_scale, noise=noise)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

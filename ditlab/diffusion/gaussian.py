@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ditlab.diffusion.global_batch import draw_rows
+
 
 @dataclass
 class Noised:
@@ -94,10 +96,15 @@ class GaussianDiffusion:
         values = self.tables[name].to(t.device)[t].to(like.dtype)
         return values.view(-1, *([1] * (like.ndim - 1)))
 
-    def prepare(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
-        """Draw ``t ~ U{0..T-1}`` and noise, and return the noisy input."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator | None = None, rank: int = 0,
+                world_size: int = 1) -> Noised:  # fmt: skip
+        """Draw ``t ~ U{0..T-1}`` and noise, and return the noisy input; ``rank``/``world_size``: this process's
+        rows of the global batch's draws (``ditlab.diffusion.global_batch``)."""
+        batch, device = x0.shape[0], x0.device
+        t = draw_rows(lambda n: torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator),
+                      batch, rank, world_size)  # fmt: skip
+        noise = draw_rows(lambda n: torch.randn((n, *x0.shape[1:]), device=device, dtype=x0.dtype, generator=generator),
+                          batch, rank, world_size)  # fmt: skip
         return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=t.float(), noise=noise)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

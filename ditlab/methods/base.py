@@ -9,13 +9,25 @@ classifier-free guidance (inside the DiT's label embedder), and sampling. Method
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from ditlab.diffusion.gaussian import Noised
+from ditlab.diffusion.global_batch import draw_rows
 from ditlab.diffusion.sample import sample_images
+from ditlab.distributed import (
+    FSDP2Strategy,
+    checkpoint_blocks,
+    compile_blocks,
+    data_parallel_split,
+    local,
+    shard,
+)
 from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
 from ditlab.models.dit import DiT
 
@@ -34,6 +46,11 @@ class DiffusionModule(L.LightningModule):
         ema_decay: decay of the EMA network, updated every step; None disables EMA.
         vae: a local diffusers ``AutoencoderKL`` folder when training in latent space; None for pixels.
         latent_scale: multiplier applied to VAE latents (0.18215 for SD-VAE).
+        compile: ``torch.compile`` each block of the trained network (parameter names unchanged).
+        activation_checkpointing: recompute each block's activations in backward (less memory, ~1/3 more compute).
+
+    Sharding: under ``ditlab.distributed.FSDP2Strategy`` (``configs/trainer/fsdp.yaml``) ``configure_model``
+    shards the network, its EMA copy and any trainable heads per DiT block.
     """
 
     def __init__(
@@ -48,6 +65,8 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float | None = 0.9999,
         vae: str | None = None,
         latent_scale: float = 0.18215,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.network_config, self.objective_config, self.sampling = network, objective, sampling
@@ -62,6 +81,10 @@ class DiffusionModule(L.LightningModule):
         if network is not None:
             self.attach(network.build())
         self.vae_path, self.latent_scale = vae, latent_scale
+        self.compile_blocks, self.activation_checkpointing = compile, activation_checkpointing
+        self._scaled_out = False
+        self._draws: torch.Generator | None = None
+        self._pending_draws: torch.Tensor | None = None  # the stream's state read from a checkpoint
         self._vae: nn.Module | None = None
         self.summary: dict = {}
         """Entries callbacks add to the run's summary.json (metrics, teacher vs student, ...)."""
@@ -78,16 +101,49 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- training
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms for one batch; ``loss`` is what is optimised. Methods extend this."""
-        noised = self.objective.prepare(images)
-        output = self.network(noised.xt, noised.model_t, labels)
+        noised, drop = self.training_draws(images, labels)
+        output = self.network(noised.xt, noised.model_t, labels, force_drop_ids=drop)
         return self.objective.losses(output, images, noised)
+
+    def training_draws(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[Noised, torch.Tensor | None]:
+        """Timesteps, noise and label drop-outs (``force_drop_ids``, None when the network has no drop-out) of
+        one batch: this process's rows of the global batch's draws, so a run does not depend on its process count."""
+        rank, world_size = data_parallel_split(self._trainer)
+        generator = self.training_generator(images.device)
+        noised = self.objective.prepare(images, generator=generator, rank=rank, world_size=world_size)
+        dropout = self.network.y_embedder.dropout_prob
+        if not (self.network.training and dropout > 0):
+            return noised, None
+        draws = draw_rows(lambda n: torch.rand(n, device=labels.device, generator=generator), len(labels), rank,
+                          world_size)  # fmt: skip
+        return noised, (draws < dropout).long()
+
+    def seed_training_draws(self, seed: int) -> None:
+        """Restart the training draws from ``seed`` (same-noise comparisons, ablations)."""
+        self._draws, self._pending_draws = None, None
+        self._draws = torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_generator(self, device: torch.device) -> torch.Generator:
+        """The stream every training draw comes from: seeded with the run's seed (``seed_everything``) on first
+        use and saved in checkpoints, so neither model building, sampling grids, validation nor the process
+        count moves it (DDP re-seeds the global RNG after the model is built; one process does not)."""
+        if self._draws is None or self._draws.device != torch.device(device):
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            state = self._draws.get_state() if self._draws is not None else self._pending_draws
+            self._draws = torch.Generator(device=device).manual_seed(seed)
+            if state is not None:
+                self._draws.set_state(state)
+            self._pending_draws = None
+        return self._draws
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         terms = self.training_losses(images, labels)
+        # averaged over processes (sync_dist), so a logged loss is the global batch's whatever the process count
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items() if name != "loss"},
-                      on_step=True, on_epoch=False, batch_size=len(images))  # fmt: skip
-        self.log("train/loss", terms["loss"].detach(), prog_bar=True, on_step=True, batch_size=len(images))
+                      on_step=True, on_epoch=False, batch_size=len(images), sync_dist=True)  # fmt: skip
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, on_step=True, batch_size=len(images),
+                 sync_dist=True)  # fmt: skip
         return terms["loss"]
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -97,6 +153,25 @@ class DiffusionModule(L.LightningModule):
         network = self.ema if self.ema is not None else self.network
         terms = self.objective.losses(network(noised.xt, noised.model_t, labels), images, noised)
         self.log("val/loss", terms["loss"], prog_bar=True, sync_dist=True, batch_size=len(images))
+
+    def configure_model(self) -> None:
+        """Per-block activation checkpointing, compile and (under ``FSDP2Strategy``) sharding, applied once.
+
+        Subclasses that build their network here (dicomp's student) build it first, then call this.
+        """
+        if self.network is None or self._scaled_out:
+            return
+        self._scaled_out = True
+        if self.activation_checkpointing:
+            checkpoint_blocks(self.network)
+        if self.compile_blocks:
+            compile_blocks(self.network)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            shard(self, strategy)
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise ValueError("trainer.strategy: use ditlab.distributed.FSDP2Strategy (configs/trainer/fsdp.yaml) for "
+                             "sharded training; plain ModelParallelStrategy does not know how to shard a DiT")  # fmt: skip
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimiser step, then the EMA update, so a checkpoint saved in ``on_train_batch_end`` (callbacks run
@@ -108,8 +183,8 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def update_ema(self) -> None:
         """``ema <- decay * ema + (1 - decay) * network`` on every trainable tensor; buffers copied."""
-        ema_params = [p for p in self.ema.parameters()]
-        net_params = [p for p in self.network.parameters()]
+        ema_params = [local(p) for p in self.ema.parameters()]  # under FSDP each process updates its shard
+        net_params = [local(p) for p in self.network.parameters()]
         torch._foreach_lerp_(ema_params, net_params, 1.0 - self.ema_decay)
 
     def configure_optimizers(self):
@@ -168,6 +243,13 @@ class DiffusionModule(L.LightningModule):
             "vae": self.vae_path,
             "latent_scale": self.latent_scale,
         }
+        if self._draws is not None:
+            checkpoint["ditlab"]["training_draws"] = self._draws.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Continue the training draws where the checkpoint left them (exact resume)."""
+        state = checkpoint.get("ditlab", {}).get("training_draws")
+        self._draws, self._pending_draws = None, state
 
     def num_parameters(self) -> int:
         """Parameters of the sampled network (including DiT's frozen position embedding)."""

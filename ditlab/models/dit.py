@@ -73,14 +73,20 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def drop(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``dropout_prob``."""
-        draws = torch.rand(labels.shape, device=labels.device, generator=generator)
-        return torch.where(draws < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
+    def drop(self, labels: torch.Tensor, generator: torch.Generator | None = None,
+             force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Replace labels by the null class: where ``force_drop_ids == 1`` if given, else each with probability
+        ``dropout_prob`` (the public DiT's ``token_drop``)."""
+        if force_drop_ids is None:
+            dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < self.dropout_prob
+        else:
+            dropped = force_drop_ids == 1
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            labels = self.drop(labels)
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Random drop-out in training mode unless the caller decided it (``force_drop_ids``, as in public DiT)."""
+        if (self.training and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.drop(labels, force_drop_ids=force_drop_ids)
         return self.embedding_table(labels)
 
 
@@ -276,22 +282,27 @@ class DiT(nn.Module):
         """Constructor arguments that rebuild this network (depth follows pruning edits)."""
         return {**self._config, "depth": len(self.blocks)}
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` -> ``tokens: (B, N, D)``, ``cond: (B, D)``."""
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+              force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` -> ``tokens: (B, N, D)``, ``cond: (B, D)``.
+
+        ``force_drop_ids: (B,)`` (1 = null class) replaces the random label drop-out of training mode.
+        """
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs got {tuple(x.shape[-2:])}")
         tokens = self.x_embedder(x) + self.pos_embed
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        cond = self.t_embedder(t) + self.y_embedder(y)
+        cond = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
         return tokens, cond
 
     def head(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``tokens: (B, N, D)`` -> ``(B, out_channels, H, W)``."""
         return self.unpatchify(self.final_layer(tokens, cond))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tokens, cond = self.embed(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        tokens, cond = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
             tokens = block(tokens, cond)
         return self.head(tokens, cond)

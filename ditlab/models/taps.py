@@ -42,19 +42,20 @@ def run_blocks(
     skip: Iterable[int] = (),
     replace: dict[int, BlockFn] | None = None,
     stop_after: int | None = None,
+    force_drop_ids: torch.Tensor | None = None,
 ) -> Tapped:
     """Forward ``dit`` capturing hidden states after ``hidden`` blocks and maps of ``attention`` blocks.
 
     ``skip`` drops blocks (identity), ``replace`` maps a block index to ``fn(tokens, cond) -> tokens``.
     ``stop_after`` ends the pass after that block and returns its tokens as ``output`` (no head),
-    which saves compute when only early features are needed.
+    which saves compute when only early features are needed. ``force_drop_ids`` as in :meth:`DiT.embed`.
     """
     hidden, attention, skip = set(hidden), set(attention), set(skip)
     replace = replace or {}
     bad = {i for i in hidden | attention | skip | set(replace) if not -1 <= i < dit.depth}
     if bad:
         raise IndexError(f"block indices {sorted(bad)} out of range for a DiT of depth {dit.depth}")
-    tokens, cond = dit.embed(x, t, y)
+    tokens, cond = dit.embed(x, t, y, force_drop_ids)
     result = Tapped(output=tokens)
     if -1 in hidden:
         result.hidden[-1] = tokens

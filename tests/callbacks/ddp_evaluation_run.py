@@ -1,4 +1,4 @@
-"""Run by tests/callbacks/test_evaluation.py: ``python ddp_evaluation_run.py DEVICES OUT_DIR``.
+"""Run by tests/callbacks/test_evaluation.py: ``python ddp_evaluation_run.py DEVICES OUT_DIR [ddp|fsdp]``.
 
 Fits a tiny DiffusionModule for one step with lr 0 (so the weights are the same whatever the number of
 processes) and an ``Evaluation`` callback, then writes each rank's final metrics to ``OUT_DIR/rank<r>.json``
@@ -17,6 +17,7 @@ import torch
 
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.data.digits import DigitsDataModule
+from ditlab.distributed import FSDP2Strategy
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.config import NetworkConfig, SamplingConfig
 
@@ -29,14 +30,14 @@ class RecordingEvaluation(Evaluation):
         return self.gathered
 
 
-def main(devices: int, out: Path) -> None:
+def main(devices: int, out: Path, strategy: str = "ddp") -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     network = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                             num_classes=10)  # fmt: skip
-    module = DiffusionModule(network=network, sampling=SamplingConfig(sampler="ddim", steps=2), lr=0.0)
-    evaluation = RecordingEvaluation(num_samples=21, steps=2, seed=7)  # 21: ranks get unequal shares
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    module = DiffusionModule(network=network, sampling=SamplingConfig(sampler="ddim", steps=2, batch_size=5), lr=0.0)
+    evaluation = RecordingEvaluation(num_samples=21, steps=2, seed=7)  # 21: unequal shares (11 and 10: 3 and 2 sampling batches of 5)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy=FSDP2Strategy() if strategy == "fsdp" else strategy if devices > 1 else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[evaluation])  # fmt: skip
     trainer.fit(module, DigitsDataModule(batch_size=8, image_size=8))
@@ -46,4 +47,4 @@ def main(devices: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]))
+    main(int(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])

@@ -109,12 +109,13 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.slow
-def test_ddp_fid_equals_single_process_fid(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # fsdp: every rank joins each sharded forward pass
+def test_distributed_fid_equals_single_process_fid(tmp_path, strategy):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"devices{devices}"
-        subprocess.run([sys.executable, str(HERE / "ddp_evaluation_run.py"), str(devices), str(out)],
+        subprocess.run([sys.executable, str(HERE / "ddp_evaluation_run.py"), str(devices), str(out), strategy],
                        check=True, timeout=240, env=env, cwd=tmp_path, capture_output=True)  # fmt: skip
         results[devices] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
     single = results[1][0]

@@ -173,3 +173,4 @@ class AlignmentBase(DiffusionModule):
             self.terminated_at = int(state["terminated_at"])
             self._target = ()
             self.summary["alignment"].update(terminated_at=self.terminated_at)
+        super().on_load_checkpoint(checkpoint)

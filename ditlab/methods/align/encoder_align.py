@@ -113,11 +113,11 @@ class AlignModule(AlignmentBase):
     def alignment_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Diffusion loss plus the feature and attention terms, from one tapped forward pass."""
         feature, attention = self.feature, self.attention
-        noised = self.objective.prepare(images)
+        noised, drop = self.training_draws(images, labels)
         tapped = run_blocks(
             self.network, noised.xt, noised.model_t, labels,
             hidden=[b - 1 for b in feature.blocks] if feature else (),
-            attention=[b - 1 for b in attention.blocks] if attention else (),
+            attention=[b - 1 for b in attention.blocks] if attention else (), force_drop_ids=drop,
         )  # fmt: skip
         terms = self.objective.losses(tapped.output, images, noised)
         target = self.encoder(images, self.network.x_embedder.grid_size,

@@ -161,9 +161,9 @@ class SelfTranscendenceModule(AlignmentBase):
 
     # ----------------------------------------------------------------------------------- losses
     def alignment_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        noised = self.objective.prepare(images)
+        noised, drop = self.training_draws(images, labels)
         block = (self.clean.block if self.phase == 1 else self.guided.block) - 1
-        tapped = run_blocks(self.network, noised.xt, noised.model_t, labels, hidden=[block])
+        tapped = run_blocks(self.network, noised.xt, noised.model_t, labels, hidden=[block], force_drop_ids=drop)
         terms = self.objective.losses(tapped.output, images, noised)
         if self.phase == 1:
             name, weight = "loss_align_clean", self.clean.weight

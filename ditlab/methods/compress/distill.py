@@ -16,8 +16,7 @@ Features are block outputs ``(B, N, D)``. The teacher runs once, without gradien
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,24 +74,19 @@ def matched_layers(keep: Sequence[int], teacher_depth: int) -> dict[int, int]:
     return {index: last for index, (_, last) in enumerate(segments(teacher_depth, keep))}
 
 
-@contextmanager
-def _shared_label_dropout(student: DiT, teacher: DiT, y: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Draw classifier-free label dropout once for both networks, so they see the same (null) labels.
+def shared_drop_ids(student: DiT, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One classifier-free label drop-out for student and teacher, so both see the same (null) labels.
 
     Otherwise a training student drops labels its (eval-mode) teacher keeps and learns to match the
-    conditional output on null labels.
+    conditional output on null labels. ``force_drop_ids`` (drawn by the module for the global batch) wins;
+    else the student's embedder draws, in training mode only.
     """
-    embedders = [student.y_embedder, teacher.y_embedder]
-    modes = [embedder.training for embedder in embedders]
-    if student.y_embedder.training and student.y_embedder.dropout_prob > 0:
-        y = student.y_embedder.drop(y)
-    try:
-        for embedder in embedders:
-            embedder.train(False)
-        yield y
-    finally:
-        for embedder, mode in zip(embedders, modes):
-            embedder.train(mode)
+    if force_drop_ids is not None:
+        return force_drop_ids
+    embedder = student.y_embedder
+    if embedder.training and embedder.dropout_prob > 0:
+        return (torch.rand(y.shape, device=y.device) < embedder.dropout_prob).long()
+    return torch.zeros_like(y)
 
 
 def layer_losses(
@@ -107,6 +101,7 @@ def layer_losses(
     layers: Sequence[int] | None = None,
     teacher_forced: bool = False,
     with_output: bool = False,
+    force_drop_ids: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Per student block feature loss against its matched teacher output, and the output KD term.
 
@@ -115,7 +110,8 @@ def layer_losses(
     comes from the ordinary (not teacher-forced) student pass.
     """
     losses, output_loss, _ = _layer_losses(student, teacher, xt, t, y, keep, feature_kind=feature_kind, layers=layers,
-                                           teacher_forced=teacher_forced, with_output=with_output)  # fmt: skip
+                                           teacher_forced=teacher_forced, with_output=with_output,
+                                           force_drop_ids=force_drop_ids)  # fmt: skip
     return losses, output_loss
 
 
@@ -131,6 +127,7 @@ def _layer_losses(
     layers: Sequence[int] | None = None,
     teacher_forced: bool = False,
     with_output: bool = False,
+    force_drop_ids: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """:func:`layer_losses` plus the student's output ``(B, C_out, H, W)`` when it was computed."""
     if feature_kind not in FEATURE_LOSSES:
@@ -149,23 +146,23 @@ def _layer_losses(
         return {}, None, None
     targets = {bounds[i][1] for i in layers}
     inputs = {bounds[i][0] - 1 for i in layers} if teacher_forced else set()
-    with _shared_label_dropout(student, teacher, y) as y:
-        with torch.no_grad():
-            stop = None if with_output else max(targets | inputs)
-            tapped = run_blocks(teacher, xt, t, y, hidden=targets | inputs, stop_after=stop)
-        output = student_output = None
-        if teacher_forced:
-            _, cond = student.embed(xt, t, y)
-            features = {i: student.blocks[i](tapped.hidden[bounds[i][0] - 1], cond) for i in layers}
-            if with_output:
-                student_output = student(xt, t, y)
-        else:
-            stop = None if with_output else max(layers)
-            student_tapped = run_blocks(student, xt, t, y, hidden=layers, stop_after=stop)
-            features = student_tapped.hidden
-            student_output = student_tapped.output if with_output else None
-        if student_output is not None:
-            output = (student_output - tapped.output).square().mean()
+    drop = shared_drop_ids(student, y, force_drop_ids)
+    with torch.no_grad():
+        stop = None if with_output else max(targets | inputs)
+        tapped = run_blocks(teacher, xt, t, y, hidden=targets | inputs, stop_after=stop, force_drop_ids=drop)
+    output = student_output = None
+    if teacher_forced:
+        _, cond = student.embed(xt, t, y, drop)
+        features = {i: student.blocks[i](tapped.hidden[bounds[i][0] - 1], cond) for i in layers}
+        if with_output:
+            student_output = student(xt, t, y, drop)
+    else:
+        stop = None if with_output else max(layers)
+        student_tapped = run_blocks(student, xt, t, y, hidden=layers, stop_after=stop, force_drop_ids=drop)
+        features = student_tapped.hidden
+        student_output = student_tapped.output if with_output else None
+    if student_output is not None:
+        output = (student_output - tapped.output).square().mean()
     losses = {i: feature_loss(features[i], tapped.hidden[bounds[i][1]], feature_kind) for i in layers}
     return losses, output, student_output
 
@@ -184,6 +181,7 @@ def distillation_losses(
     layers: Sequence[int] | None = None,
     teacher_forced: bool = False,
     return_student_output: bool = False,
+    force_drop_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Weighted KD terms, ready to sum and log: ``loss_kd_output`` and ``loss_kd_feature`` (scalars).
 
@@ -196,6 +194,7 @@ def distillation_losses(
     losses, output, student_output = _layer_losses(
         student, teacher, xt, t, y, keep, feature_kind=feature_kind, layers=layers if feature_weight else [],
         teacher_forced=teacher_forced, with_output=bool(output_weight) or return_student_output,
+        force_drop_ids=force_drop_ids,
     )  # fmt: skip
     zero = xt.new_zeros(())
     feature = torch.stack(list(losses.values())).mean() if losses else zero

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from ditlab.distributed import is_sharded
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.compress.analysis import select_blocks
 from ditlab.methods.compress.distill import FEATURE_LOSSES, distillation_losses
@@ -106,13 +107,16 @@ class DicompModule(DiffusionModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         ema_decay: float | None = 0.9999,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         if distill.feature_loss not in FEATURE_LOSSES:
             raise ValueError(f"model.distill.feature_loss={distill.feature_loss!r}; choices: {list(FEATURE_LOSSES)}")
         if prune.num_blocks < 1:
             raise ValueError(f"model.prune.num_blocks={prune.num_blocks} must be at least 1")
         super().__init__(network=None, objective=objective, sampling=sampling or SamplingConfig(), lr=lr,
-                         weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, ema_decay=ema_decay)  # fmt: skip
+                         weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, ema_decay=ema_decay,
+                         compile=compile, activation_checkpointing=activation_checkpointing)  # fmt: skip
         self.teacher_config, self.prune, self.distill = teacher, prune, distill
         self._sampling_given = sampling is not None
         self._teacher: tuple[DiT, ...] = ()  # a tuple keeps the frozen teacher out of state_dict and the optimiser
@@ -140,11 +144,11 @@ class DicompModule(DiffusionModule):
 
     def configure_model(self) -> None:
         """Build the student once the trainer (and its datamodule, for calibration images) is attached."""
-        if self.network is not None:
-            return
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        images, labels = self.calibration_batch(datamodule)
-        self.build_student(images, labels)
+        if self.network is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            images, labels = self.calibration_batch(datamodule)
+            self.build_student(images, labels)
+        super().configure_model()
 
     def calibration_batch(self, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
         """``prune.calibration_images`` training images and labels (digits when there is no datamodule)."""
@@ -206,12 +210,12 @@ class DicompModule(DiffusionModule):
 
     # ----------------------------------------------------------------------------------- training
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        noised = self.objective.prepare(images)
+        noised, drop = self.training_draws(images, labels)
         terms, output = distillation_losses(
             self.network, self.teacher, noised.xt, noised.model_t, labels, self.keep,
             output_weight=self.distill.output_weight, feature_weight=self.distill.feature_weight,
             feature_kind=self.distill.feature_loss, teacher_forced=self.distill.teacher_forced,
-            return_student_output=True,
+            return_student_output=True, force_drop_ids=drop,
         )  # fmt: skip
         task = self.objective.losses(output, images, noised)
         terms.update({name: value for name, value in task.items() if name != "loss"})
@@ -233,7 +237,15 @@ class DicompModule(DiffusionModule):
         meta = checkpoint.get("ditlab", {})
         if "dit_config" not in meta or "dicomp" not in checkpoint:
             raise ValueError("this checkpoint was not written by DicompModule; resume it with the module that wrote it")
+        super().on_load_checkpoint(checkpoint)
         self.objective_config = ObjectiveConfig(**known_fields(ObjectiveConfig, meta["objective"]))
-        student = DiT(**meta["dit_config"]).to(self.device)
         self.keep = list(checkpoint["dicomp"]["keep"])
+        if self.network is not None and self.network.config == meta["dit_config"]:
+            return  # same architecture: the strategy loads the weights into the (possibly sharded) student
+        if is_sharded(self):
+            raise ValueError("this checkpoint's student has another architecture (a later progressive stage) and "
+                             "cannot be loaded into a sharded student; resume it with strategy ddp or on one device")  # fmt: skip
+        student = DiT(**meta["dit_config"]).to(self.device)
         self.attach(student, copy.deepcopy(student) if self.ema_decay is not None else None)
+        self._scaled_out = False
+        super().configure_model()

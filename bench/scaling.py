@@ -1,0 +1,144 @@
+"""Training throughput and peak memory per process: 1 vs 2 processes (DDP, FSDP2), compile and activation
+checkpointing on and off, through the real ``ditlab fit`` command.
+
+Each variant is one ``python -m ditlab fit --config configs/dit.yaml`` run (the digits DiT: 12 blocks, width
+128, global batch 64) for ``--steps`` steps. Images/s is the median of ``train/images_per_s`` over the logged
+intervals after the first two (those include compilation and warm-up); peak memory per process is
+``summary.json``'s ``peak_memory_mb`` (resident set size on CPU, allocated memory on GPU). Every variant uses
+all the machine's cores: one process with ``--threads`` threads, or that many processes with one thread each.
+On a GPU (``--accelerator gpu``) the runs use bf16 autocast and the table adds MFU: 3 x forward FLOPs per
+image x images/s over ``--peak-tflops``.
+
+    python bench/scaling.py [--steps 80] [--accelerator gpu --peak-tflops 989]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TRAINER = ROOT / "configs" / "trainer"
+VARIANTS = {
+    "1 process": {"processes": 1, "args": []},
+    "1 process + activation checkpointing": {"processes": 1,
+                                             "args": ["--model.init_args.activation_checkpointing", "true"]},
+    "1 process + compile": {"processes": 1, "args": ["--model.init_args.compile", "true"]},
+    "2 processes DDP": {"processes": 2, "args": ["--config", str(TRAINER / "ddp.yaml")]},
+    "2 processes FSDP2": {"processes": 2, "args": ["--config", str(TRAINER / "fsdp.yaml"),
+                                                   "--trainer.strategy.init_args.param_dtype", "null",
+                                                   "--trainer.strategy.init_args.reduce_dtype", "null"]},
+    "2 processes FSDP2 + activation checkpointing": {
+        "processes": 2, "args": ["--config", str(TRAINER / "fsdp.yaml"), "--model.init_args.activation_checkpointing",
+                                 "true", "--trainer.strategy.init_args.param_dtype", "null",
+                                 "--trainer.strategy.init_args.reduce_dtype", "null"]},
+}  # fmt: skip
+
+
+def scalars(run: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    return [event.value for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def run_variant(name: str, steps: int, global_batch: int, threads: int, accelerator: str, out: Path) -> dict:
+    variant = VARIANTS[name]
+    processes = variant["processes"]
+    gpu = accelerator == "gpu"
+    command = [sys.executable, "-m", "ditlab", "fit", "--config", str(ROOT / "configs" / "dit.yaml"), *variant["args"],
+               "--trainer.accelerator", accelerator, "--trainer.devices", str(processes),
+               "--trainer.precision", "bf16-mixed" if gpu and "FSDP" not in name else "32-true",
+               "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "10",
+               "--trainer.val_check_interval", str(10 * steps), "--trainer.num_sanity_val_steps", "0",
+               "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+               "--data.init_args.batch_size", str(global_batch // processes),
+               "--trainer.logger.init_args.save_dir", str(out)]  # fmt: skip
+    if gpu and "FSDP" in name:  # bf16 compute through the FSDP policy instead of autocast
+        command += ["--trainer.strategy.init_args.param_dtype", "bfloat16",
+                    "--trainer.strategy.init_args.reduce_dtype", "float32"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    run = next(out.glob("dit/version_*"))
+    summary = json.loads((run / "summary.json").read_text())
+    rates = scalars(run, "train/images_per_s")[2:]
+    return {"processes": processes, "threads_per_process": max(1, threads // processes),
+            "images_per_s": statistics.median(rates) if rates else summary["train_images_per_s"],
+            "peak_memory_mb": summary.get("peak_memory_mb"), "wall_time_s": summary["wall_time_s"],
+            "parameters": summary["parameters"]}  # fmt: skip
+
+
+def forward_flops_per_image() -> int:
+    from ditlab.methods.compress.prune import flops_per_image
+    from ditlab.models.dit import DiT
+
+    return flops_per_image(DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=12, num_heads=4,
+                               num_classes=10))  # fmt: skip
+
+
+def table(results: dict, meta: dict) -> str:
+    base = results.get("1 process", {}).get("images_per_s")
+    head = "| variant | processes x threads | img/s | vs 1 process | peak MiB per process |"
+    rule = "|---|---|---|---|---|"
+    if meta.get("peak_tflops"):
+        head, rule = head + " MFU |", rule + "---|"
+    lines = [head, rule]
+    for name, row in results.items():
+        if "error" in row:
+            lines.append(f"| {name} | | failed: {row['error'][:80]} | | |")
+            continue
+        ratio = f"{row['images_per_s'] / base:.2f}x" if base else ""
+        memory = ", ".join(f"{m:.0f}" for m in row["peak_memory_mb"] or [])
+        line = (f"| {name} | {row['processes']} x {row['threads_per_process']} | {row['images_per_s']:.1f} | {ratio} "
+                f"| {memory} |")  # fmt: skip
+        if meta.get("peak_tflops"):
+            line += f" {3 * meta['forward_flops_per_image'] * row['images_per_s'] / (meta['peak_tflops'] * 1e12):.1%} |"
+        lines.append(line)
+    lines.append("")
+    lines.append(f"{meta['machine']}; torch {meta['torch']}; {meta['steps']} steps at global batch {meta['batch']}; "
+                 f"load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=64, help="global batch")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores shared by each variant's processes")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 bf16: 989)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, name in enumerate(args.variants):
+            out = Path(scratch) / f"variant{index}" / "runs"
+            out.parent.mkdir(parents=True)
+            results[name] = run_variant(name, args.steps, args.batch, args.threads, args.accelerator, out)
+            print(name, results[name], flush=True)
+    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {args.accelerator}",
+            "torch": torch.__version__, "steps": args.steps, "batch": args.batch, "load_before": load_before,
+            "load_after": os.getloadavg()[0], "peak_tflops": args.peak_tflops,
+            "forward_flops_per_image": forward_flops_per_image()}  # fmt: skip
+    name = "scaling" if args.accelerator == "cpu" else "scaling_gpu"
+    (HERE / "results" / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (HERE / "results" / f"{name}.md").write_text(table(results, meta) + "\n")
+    print(table(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Two CPU processes (gloo) under DDP and FSDP2 train exactly what one process trains, and resume exactly.
+
+Every run is a real ``python -m ditlab fit`` (Lightning starts the second process by re-running the command).
+A global batch of 16 is one process at batch 16 or two at batch 8; the draws of noise, timesteps, label
+drop-out and data order belong to the global batch (``ditlab.diffusion.global_batch``), so the weights and
+logged losses agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ditlab.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NETWORK = [
+    "--model.init_args.network.hidden_size", "32",
+    "--model.init_args.network.depth", "3",
+    "--model.init_args.network.num_heads", "2",
+]  # fmt: skip
+TINY = [
+    "--model.init_args.sampling.steps", "3",
+    "--model.init_args.warmup_steps", "0",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.log_every_n_steps", "1",
+    "--trainer.num_sanity_val_steps", "0",
+]  # fmt: skip
+STRATEGIES = {
+    "single": ["--trainer.devices", "1"],
+    "ddp": ["--config", str(ROOT / "configs" / "trainer" / "ddp.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--trainer.precision", "32-true"],
+    "fsdp": ["--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"), "--trainer.accelerator", "cpu",
+             "--trainer.devices", "2", "--trainer.strategy.init_args.param_dtype", "null",
+             "--trainer.strategy.init_args.reduce_dtype", "null"],
+    "fsdp-1": ["--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"), "--trainer.accelerator", "cpu",
+               "--trainer.devices", "1", "--trainer.strategy.init_args.param_dtype", "null",
+               "--trainer.strategy.init_args.reduce_dtype", "null"],
+}  # fmt: skip
+PROCESSES = {"single": 1, "ddp": 2, "fsdp": 2, "fsdp-1": 1}
+
+
+def fit(out: Path, strategy: str, *args: str, global_batch: int = 16, config: str = "dit.yaml",
+        network: list[str] = NETWORK) -> Path:  # fmt: skip
+    """Run ``ditlab fit`` (a tiny 3-block network unless ``network=[]``) and return its log directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "ditlab", "fit", "--config", str(ROOT / "configs" / config), *network, *TINY,
+               *STRATEGIES[strategy], "--data.init_args.batch_size", str(global_batch // PROCESSES[strategy]),
+               "--trainer.logger.init_args.save_dir", str(out), *args]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return next(out.glob("*/version_*"))
+
+
+def losses(run: Path, tag: str = "train/loss") -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def weights(run: Path, name: str = "final.ckpt") -> dict[str, torch.Tensor]:
+    state = read_checkpoint(run / "checkpoints" / name)["state_dict"]
+    return {key: value for key, value in state.items() if key.startswith(("network.", "ema."))}
+
+
+def assert_same_training(run: Path, reference: Path, steps: range) -> None:
+    ours, theirs = losses(run), losses(reference)
+    assert set(steps) <= set(ours), sorted(ours)
+    for step in steps:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
+    ours, theirs = weights(run), weights(reference)
+    assert ours.keys() == theirs.keys() and any(k.startswith("ema.") for k in ours)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=2e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, batch 16, 4 steps."""
+    return fit(tmp_path_factory.mktemp("single") / "runs", "single", "--trainer.max_steps", "4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_what_one_process_trains(tmp_path, reference, strategy):
+    run = fit(tmp_path / "runs", strategy, "--trainer.max_steps", "4")
+    assert_same_training(run, reference, range(0, 4))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and str(summary["config"]["trainer"]["devices"]) == "2"
+    if strategy == "fsdp":  # a folder of shards, one per process
+        assert sorted(p.name for p in (run / "checkpoints" / "final.ckpt").glob("*.distcp")) == ["__0_0.distcp",
+                                                                                                 "__1_0.distcp"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_on", ["fsdp", "fsdp-1"])
+def test_sharded_checkpoint_resumes_on_the_same_trajectory(tmp_path, reference, resume_on):
+    """Stop an FSDP run at step 2, resume it (on 2 processes, or on 1) to step 4: the uninterrupted run's losses."""
+    first = fit(tmp_path / "first", "fsdp", "--trainer.max_steps", "2")
+    resumed = fit(tmp_path / "resumed", resume_on, "--trainer.max_steps", "4",
+                  "--ckpt_path", str(first / "checkpoints" / "final.ckpt"))  # fmt: skip
+    assert min(losses(resumed)) == 2  # steps 2 and 3 were trained after the resume
+    assert_same_training(resumed, reference, range(2, 4))
+
+
+@pytest.fixture(scope="module")
+def encoder_cache(tmp_path_factory) -> Path:
+    """The digits ViT that REPA aligns to, trained once here so two processes never race to train it."""
+    from ditlab.models.encoders import digits_vit
+
+    cache = tmp_path_factory.mktemp("cache")
+    digits_vit(cache)
+    return cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_alignment_runs_distributed(tmp_path, encoder_cache, strategy, monkeypatch):
+    monkeypatch.setenv("DITLAB_CACHE", str(encoder_cache))
+    run = fit(tmp_path / "runs", strategy, "--trainer.max_steps", "3", "--model.init_args.feature.blocks", "[2]",
+              "--model.init_args.feature.projector_hidden", "32", "--trainer.callbacks", "[]",
+              "--model.init_args.lr", "1e-2", config="repa.yaml")  # fmt: skip
+    align = losses(run, "train/loss_align")
+    assert sorted(align) == [0, 1, 2] and all(-1.0 <= value <= 1.0 for value in align.values())  # negative cosine
+    state = weights(run) | read_checkpoint(run / "checkpoints" / "final.ckpt")["state_dict"]
+    assert any(key.startswith("heads.") for key in state)  # the projector trained and was saved (sharded too)
+    assert not any("encoder" in key or "_target" in key for key in state)  # the frozen encoder stays out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dicomp_runs_distributed(tmp_path, reference, strategy):
+    config = yaml.safe_load((ROOT / "configs" / "dicomp.yaml").read_text())
+    config["trainer"]["callbacks"] = [  # no progressive stage (single-process only); the report gathers the student
+        {"class_path": "ditlab.callbacks.compression_report.CompressionReport",
+         "init_args": {"num_samples": 0, "throughput_batch": 4, "steps": 2}}]
+    config["model"]["init_args"]["teacher"]["checkpoint"] = str(reference / "checkpoints" / "final.ckpt")
+    config["model"]["init_args"]["prune"].update(num_blocks=2, calibration_images=32)
+    path = tmp_path / "dicomp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = fit(tmp_path / "runs", strategy, "--trainer.max_steps", "3", config=str(path), network=[])
+    assert sorted(losses(run, "train/loss_kd_output")) == [0, 1, 2]
+    state = weights(run)
+    assert {key.split(".")[2] for key in state if key.startswith("network.blocks.")} == {"0", "1"}  # 2-block student
+    assert not any(key.startswith(("teacher", "_teacher")) for key in state)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["student"]["blocks"] == 2 and summary["teacher"]["blocks"] == 3
+    assert summary["student_vs_teacher"]["parameters_ratio"] < 1
+
+
+def tiny_module(**options):
+    from ditlab.methods.base import DiffusionModule
+    from ditlab.methods.config import NetworkConfig
+
+    network = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2,
+                            num_classes=10)  # fmt: skip
+    torch.manual_seed(0)
+    return DiffusionModule(network=network, ema_decay=0.9, **options)
+
+
+def loss_and_grads(module, images, labels) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad()
+    module.seed_training_draws(3)
+    loss = module.training_losses(images, labels)["loss"]
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in module.network.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", "compile"])
+def test_block_options_keep_names_losses_and_gradients(option, monkeypatch):
+    """Checkpointed or compiled blocks compute the same loss and gradients under the same parameter names."""
+    import ditlab.distributed
+
+    if option == "compile":  # the eager backend keeps the test fast; the inductor path is timed in bench/scaling.py
+        real = ditlab.distributed.compile_blocks
+        monkeypatch.setattr("ditlab.methods.base.compile_blocks", lambda network: real(network, backend="eager"))
+    images, labels = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4])
+    plain, edited = tiny_module(), tiny_module(**{option: True})
+    edited.load_state_dict(plain.state_dict())
+    edited.configure_model()
+    assert edited.state_dict().keys() == plain.state_dict().keys()
+    if option == "compile":
+        assert all(block._compiled_call_impl is not None for block in edited.network.blocks)
+    loss, grads = loss_and_grads(plain, images, labels)
+    edited_loss, edited_grads = loss_and_grads(edited, images, labels)
+    torch.testing.assert_close(edited_loss, loss)
+    assert edited_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(edited_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_plain_model_parallel_strategy_is_refused_with_the_fix():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module = tiny_module()
+    module._trainer = type("Trainer", (), {"strategy": ModelParallelStrategy()})()
+    with pytest.raises(ValueError, match="ditlab.distributed.FSDP2Strategy"):
+        module.configure_model()
+
+
+def test_training_draws_split_the_global_batch_by_rank():
+    """Rank r of W gets rows r, r+W, ... of the draws one process makes for the whole batch."""
+    from ditlab.diffusion.global_batch import draw_rows
+
+    def draw(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+
+    whole = draw_rows(draw, 6)
+    parts = [draw_rows(draw, 3, rank, 2) for rank in range(2)]
+    torch.testing.assert_close(torch.stack(parts, 1).reshape(6, 3), whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside world size"):
+        draw_rows(draw, 3, 2, 2)
+
+
+def test_digits_sampler_deals_one_order_and_resumes_on_another_process_count():
+    from ditlab.data.digits import SeededSampler
+
+    single = list(SeededSampler(20, seed=1))
+    ranks = [list(SeededSampler(20, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert [index for pair in zip(*ranks) for index in pair] == single
+    first = SeededSampler(20, seed=1, rank=0, world_size=2)
+    iterator = iter(first)
+    [next(iterator) for _ in range(3)]  # 3 per process: 6 positions of the global order
+    resumed = SeededSampler(20, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert list(resumed) == single[6:]
