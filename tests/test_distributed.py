@@ -111,6 +111,19 @@ def test_sharded_checkpoint_resumes_on_the_same_trajectory(tmp_path, reference, 
     assert_same_training(resumed, reference, range(2, 4))
 
 
+@pytest.mark.slow
+def test_fsdp_options_mixed_precision_accumulation_clipping_checkpointing(tmp_path):
+    """bf16 compute with fp32 reduction, gradient accumulation, clipping and activation checkpointing together."""
+    run = fit(tmp_path / "runs", "fsdp", "--trainer.max_steps", "3", "--trainer.strategy.init_args.param_dtype",
+              "bfloat16", "--trainer.strategy.init_args.reduce_dtype", "float32", "--trainer.accumulate_grad_batches",
+              "2", "--trainer.gradient_clip_val", "0.5", "--model.init_args.activation_checkpointing", "true")  # fmt: skip
+    assert sorted(losses(run)) == [0, 1, 2]
+    state = weights(run)
+    assert all(value.dtype == torch.float32 for value in state.values())  # sharded masters stay float32
+    gates = [value for key, value in state.items() if key.startswith("network.") and "adaLN_modulation" in key]
+    assert gates and all(gate.abs().sum() > 0 for gate in gates)  # zero-initialised, so nonzero means trained
+
+
 @pytest.fixture(scope="module")
 def encoder_cache(tmp_path_factory) -> Path:
     """The digits ViT that REPA aligns to, trained once here so two processes never race to train it."""
@@ -125,11 +138,16 @@ def encoder_cache(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_alignment_runs_distributed(tmp_path, encoder_cache, strategy, monkeypatch):
     monkeypatch.setenv("DITLAB_CACHE", str(encoder_cache))
+    """HASTE: REPA's feature term on block 2's hidden state and attention maps of blocks 1-2, all tapped."""
     run = fit(tmp_path / "runs", strategy, "--trainer.max_steps", "3", "--model.init_args.feature.blocks", "[2]",
-              "--model.init_args.feature.projector_hidden", "32", "--trainer.callbacks", "[]",
-              "--model.init_args.lr", "1e-2", config="repa.yaml")  # fmt: skip
-    align = losses(run, "train/loss_align")
-    assert sorted(align) == [0, 1, 2] and all(-1.0 <= value <= 1.0 for value in align.values())  # negative cosine
+              "--model.init_args.feature.projector_hidden", "32", "--model.init_args.attention.blocks", "[1, 2]",
+              "--model.init_args.attention.encoder_blocks", "[3, 4]", "--model.init_args.attention.heads", "mean",
+              "--trainer.callbacks", "[]",
+              config="haste.yaml")  # fmt: skip
+    feature, attention = losses(run, "train/loss_align_feature"), losses(run, "train/loss_align_attention")
+    assert sorted(feature) == sorted(attention) == [0, 1, 2]
+    assert all(-1.0 <= value <= 1.0 for value in feature.values())  # negative cosine
+    assert all(value > 0 for value in attention.values())  # cross-entropy to the encoder's maps
     state = weights(run) | read_checkpoint(run / "checkpoints" / "final.ckpt")["state_dict"]
     assert any(key.startswith("heads.") for key in state)  # the projector trained and was saved (sharded too)
     assert not any("encoder" in key or "_target" in key for key in state)  # the frozen encoder stays out

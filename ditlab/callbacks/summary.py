@@ -29,18 +29,38 @@ def _plain(value):
     return value
 
 
-def peak_memory_mb(trainer: L.Trainer, device: torch.device) -> list[float]:
-    """Peak memory of every process, rank order: accelerator memory allocated on GPU, resident set size on CPU."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
+def resident_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``) in MiB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0.0
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    value = torch.tensor([float(peak)], device=device)
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Restart the peak-memory mark at the start of training; returns the memory in use now (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:  # "5": peak RSS := current RSS (Linux)
+            clear.write("5")
+    except OSError:
+        pass
+    return resident_mb()
+
+
+def peak_memory_mb(trainer: L.Trainer, device: torch.device, at_start: float) -> dict[str, list[float]]:
+    """Every process's peak memory during training and its rise over the start (rank order): allocated
+    accelerator memory on GPU, resident set size on CPU (which includes the ~1 GiB of loaded libraries)."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident_mb("VmHWM")
+    values = torch.tensor([float(peak), float(peak - at_start)], device=device)
     if trainer.world_size > 1:
-        value = trainer.strategy.all_gather(value)
-    return [round(float(v), 1) for v in value.flatten().tolist()]
+        values = trainer.strategy.all_gather(values)
+    values = values.reshape(-1, 2).tolist()
+    return {"peak_memory_mb": [round(row[0], 1) for row in values],
+            "training_memory_rise_mb": [round(row[1], 1) for row in values]}  # fmt: skip
 
 
 class RunSummary(L.Callback):
@@ -54,9 +74,13 @@ class RunSummary(L.Callback):
         self._train_time = 0.0
         self._images = 0
         self._batch_start = 0.0
+        self._memory_at_start = 0.0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._memory_at_start = reset_peak_memory(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()
@@ -66,7 +90,7 @@ class RunSummary(L.Callback):
         self._images += len(batch[0]) * trainer.world_size
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        peaks = peak_memory_mb(trainer, pl_module.device)  # a collective: every process takes part
+        memory = peak_memory_mb(trainer, pl_module.device, self._memory_at_start)  # a collective: all processes
         if not trainer.is_global_zero or not run_dir(trainer):
             return
         metrics = {name: _plain(value) for name, value in trainer.callback_metrics.items()}
@@ -79,7 +103,7 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step,
             "skipped_images": getattr(trainer.datamodule, "skipped", None),  # unreadable files (image folders)
             "wall_time_s": time.perf_counter() - self._fit_start,
-            "peak_memory_mb": peaks,
+            **memory,
             **{key: _plain(value) if not isinstance(value, dict) else value
                for key, value in extra.items()},  # fmt: skip
             "config": self.config,
