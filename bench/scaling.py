@@ -3,8 +3,9 @@ checkpointing on and off, through the real ``ditlab fit`` command.
 
 Each variant is one ``python -m ditlab fit --config configs/dit.yaml`` run (the digits DiT: 12 blocks, width
 128, global batch 64) for ``--steps`` steps. Images/s is the median of ``train/images_per_s`` over the logged
-intervals after the first two (those include compilation and warm-up); memory per process is
-``summary.json``'s ``peak_memory_mb`` during training (resident set size on CPU, so it includes ~1 GiB of
+intervals after the first two (those include compilation and warm-up); memory per process comes from a
+second, 4-step run with glibc's mmap threshold at 64 KiB (freed tensors leave the RSS at once; that setting
+slows training, hence two runs): ``summary.json``'s ``peak_memory_mb`` during training (resident set size on CPU, so it includes ~1 GiB of
 loaded libraries; allocated memory on GPU) and ``training_memory_rise_mb``, the peak's rise over the memory
 in use when training started (weights, gradients, optimiser state, activations). Every variant uses
 all the machine's cores: one process with ``--threads`` threads, or that many processes with one thread each.
@@ -75,19 +76,26 @@ def run_variant(name: str, steps: int, global_batch: int, threads: int, accelera
     if gpu and "FSDP" in name:  # bf16 compute through the FSDP policy instead of autocast
         command += ["--trainer.strategy.init_args.param_dtype", "bfloat16",
                     "--trainer.strategy.init_args.reduce_dtype", "float32"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), "PYTHONWARNINGS": "ignore",
-           "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the RSS at once, so its peak means something
-    done = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), "PYTHONWARNINGS": "ignore"}
+    speed = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True)
+    # memory in a second, short run where glibc returns freed tensors to the OS at once (so the RSS peak is the
+    # real one); that allocator setting costs throughput, hence two runs
+    memory_out = out.parent / "memory"
+    memory_command = [*command, "--trainer.max_steps", "4", "--trainer.logger.init_args.save_dir", str(memory_out)]
+    memory = subprocess.run(memory_command, env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"}, cwd=out.parent,
+                            capture_output=True, text=True)  # fmt: skip
+    for done in (speed, memory):
+        if done.returncode != 0:
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     run = next(out.glob("dit/version_*"))
     summary = json.loads((run / "summary.json").read_text())
+    memory_summary = json.loads(next(memory_out.glob("dit/version_*/summary.json")).read_text())
     rates = scalars(run, "train/images_per_s")[2:]
     return {"processes": processes, "threads_per_process": max(1, threads // processes),
             "images_per_s": statistics.median(rates) if rates else summary["train_images_per_s"],
-            "peak_memory_mb": summary.get("peak_memory_mb"), "wall_time_s": summary["wall_time_s"],
-            "training_memory_rise_mb": summary.get("training_memory_rise_mb"),
-            "parameters": summary["parameters"]}  # fmt: skip
+            "wall_time_s": summary["wall_time_s"], "parameters": summary["parameters"],
+            "peak_memory_mb": memory_summary.get("peak_memory_mb"),
+            "training_memory_rise_mb": memory_summary.get("training_memory_rise_mb")}  # fmt: skip
 
 
 def forward_flops_per_image(network: str) -> int:

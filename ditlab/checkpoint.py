@@ -48,6 +48,7 @@ def read_sharded_checkpoint(path: Path) -> dict:
     """A ``FSDP2Strategy`` checkpoint folder (one shard file per process plus ``meta.pt``) as one full dictionary."""
     import tempfile
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -55,7 +56,7 @@ def read_sharded_checkpoint(path: Path) -> dict:
             dcp_to_torch_save(path, Path(scratch) / "full.pt")
             tensors = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=False)
             meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001  (any reader error means the same thing to the user)
+        except (Exception, CheckpointException) as error:  # any reader error means the same thing to the user
             raise ValueError(f"sharded checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
                              f"{str(error).splitlines()[0][:120]}); use an earlier checkpoint") from None  # fmt: skip
     return {**meta, **tensors}

@@ -95,9 +95,17 @@ def test_two_processes_train_what_one_process_trains(tmp_path, reference, strate
     assert_same_training(run, reference, range(0, 4))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and str(summary["config"]["trainer"]["devices"]) == "2"
-    if strategy == "fsdp":  # a folder of shards, one per process
-        assert sorted(p.name for p in (run / "checkpoints" / "final.ckpt").glob("*.distcp")) == ["__0_0.distcp",
-                                                                                                 "__1_0.distcp"]
+    if strategy == "fsdp":  # a folder of shards, one per process, that the tools read like a file
+        from ditlab.cli import main
+
+        folder = run / "checkpoints" / "final.ckpt"
+        assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert main(["sample", "--ckpt", str(folder), "--num", "3", "--out", str(tmp_path / "samples"),
+                     "--steps", "2"]) == 0  # fmt: skip
+        assert len(list((tmp_path / "samples").glob("*.png"))) == 3
+        (folder / "__1_0.distcp").write_bytes(b"truncated")
+        with pytest.raises(ValueError, match="incomplete or corrupt"):
+            read_checkpoint(folder)
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 It owns the core network, its EMA copy (the one that is sampled and exported), the diffusion
 objective, the optimiser with linear warm-up, class-conditional training with label dropout for
-classifier-free guidance (inside the DiT's label embedder), and sampling. Methods override
+classifier-free guidance, sampling, and per-block compile / activation checkpointing / FSDP2 sharding.
+Training draws (timesteps, noise, label drop-outs) come from one checkpointed stream and belong to the
+global batch (:meth:`training_draws`), so any number of processes trains the same run. Methods override
 :meth:`training_losses` to add loss terms; everything else is shared.
 """
 
@@ -50,7 +52,7 @@ class DiffusionModule(L.LightningModule):
         activation_checkpointing: recompute each block's activations in backward (less memory, ~1/3 more compute).
 
     Sharding: under ``ditlab.distributed.FSDP2Strategy`` (``configs/trainer/fsdp.yaml``) ``configure_model``
-    shards the network, its EMA copy and any trainable heads per DiT block.
+    shards the network, its EMA copy and any trainable heads unit by unit (embedders, each block, final layer).
     """
 
     def __init__(
@@ -120,8 +122,7 @@ class DiffusionModule(L.LightningModule):
 
     def seed_training_draws(self, seed: int) -> None:
         """Restart the training draws from ``seed`` (same-noise comparisons, ablations)."""
-        self._draws, self._pending_draws = None, None
-        self._draws = torch.Generator(device=self.device).manual_seed(seed)
+        self._draws, self._pending_draws = torch.Generator(device=self.device).manual_seed(seed), None
 
     def training_generator(self, device: torch.device) -> torch.Generator:
         """The stream every training draw comes from: seeded with the run's seed (``seed_everything``) on first
