@@ -2,8 +2,8 @@
 
 DDP needs nothing from here (Lightning's ``DDPStrategy`` wraps the module). Sharded training uses
 :class:`FSDP2Strategy`, Lightning's ``ModelParallelStrategy`` with every process in one data-parallel
-group; the module then calls :func:`shard` in ``configure_model`` (``fully_shard`` on each DiT block, then on
-each trainable child). That also runs on CPU with gloo, which is how the tests check it. Frozen networks
+group; the module then calls :func:`shard` in ``configure_model`` (``fully_shard`` on each embedder, DiT block,
+final layer and head). That also runs on CPU with gloo, which is how the tests check it. Frozen networks
 (teachers, encoders) held outside the module's children are left whole on every process: they never enter
 the optimiser, and each process runs them on its own rows.
 
@@ -112,14 +112,12 @@ def shard(module: nn.Module, strategy: FSDP2Strategy) -> None:
 
 
 def gathered(network: nn.Module) -> nn.Module:
-    """An unsharded copy of a sharded network (every process must call this; each gets the full copy)."""
-    import copy
-
+    """An unsharded copy of a sharded DiT (every process must call this; each gets the full copy)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    state = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
-        full = copy.deepcopy(network) if not hasattr(network, "config") else type(network)(**network.config)
+        full = type(network)(**network.config)
     full = full.to_empty(device=next(iter(state.values())).device)
     full.load_state_dict({key: local(value) for key, value in state.items()})
     return full.train(network.training)
