@@ -165,20 +165,24 @@ def test_alignment_runs_distributed(tmp_path, encoder_cache, strategy, monkeypat
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_dicomp_runs_distributed(tmp_path, reference, strategy):
     config = yaml.safe_load((ROOT / "configs" / "dicomp.yaml").read_text())
-    config["trainer"]["callbacks"] = [  # no progressive stage (single-process only); the report gathers the student
+    config["trainer"]["callbacks"] = [  # a progressive stage 2 -> 1 block at step 2; the report gathers the student
+        {"class_path": "ditlab.callbacks.progressive.ProgressiveDistillation",
+         "init_args": {"at_steps": [2], "blocks": [1]}},
         {"class_path": "ditlab.callbacks.compression_report.CompressionReport",
          "init_args": {"num_samples": 0, "throughput_batch": 4, "steps": 2}}]
     config["model"]["init_args"]["teacher"]["checkpoint"] = str(reference / "checkpoints" / "final.ckpt")
     config["model"]["init_args"]["prune"].update(num_blocks=2, calibration_images=32)
     path = tmp_path / "dicomp.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = fit(tmp_path / "runs", strategy, "--trainer.max_steps", "3", config=str(path), network=[])
-    assert sorted(losses(run, "train/loss_kd_output")) == [0, 1, 2]
+    run = fit(tmp_path / "runs", strategy, "--trainer.max_steps", "4", config=str(path), network=[])
+    assert sorted(losses(run, "train/loss_kd_output")) == [0, 1, 2, 3]  # trained on after the stage
+    assert weights(run, "stage_0_blocks_2.ckpt").keys() > {"network.blocks.1.attn.qkv.weight"}
     state = weights(run)
-    assert {key.split(".")[2] for key in state if key.startswith("network.blocks.")} == {"0", "1"}  # 2-block student
+    assert {key.split(".")[2] for key in state if key.startswith("network.blocks.")} == {"0"}  # 1-block student
     assert not any(key.startswith(("teacher", "_teacher")) for key in state)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["student"]["blocks"] == 2 and summary["teacher"]["blocks"] == 3
+    assert [stage["blocks"] for stage in summary["stages"]] == [1]
+    assert summary["student"]["blocks"] == 1 and summary["teacher"]["blocks"] == 3
     assert summary["student_vs_teacher"]["parameters_ratio"] < 1
 
 

@@ -7,7 +7,8 @@ run on the *current student*, the optimiser is rebuilt for the new parameters, t
 student is saved as ``checkpoints/stage_<k>_blocks_<d>.ckpt``, and the change is logged
 (``dicomp/blocks``, ``dicomp/parameters``) so TensorBoard shows where each stage starts.
 
-Which stages have run is checkpointed; a resumed run rebuilds the student at its checkpointed depth
+It runs under DDP (the new student is re-wrapped; all processes must agree on the cut) and FSDP2 (the
+student is gathered, cut and sharded again). Which stages have run is checkpointed; a resumed run rebuilds the student at its checkpointed depth
 (``DicompModule.on_load_checkpoint``) and never applies a stage twice.
 """
 
@@ -16,6 +17,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
+
+
+def rewrap(trainer: L.Trainer, kept: list[int]) -> None:
+    """After a stage on several processes: check they all cut the same blocks, and give DDP the new student.
+
+    (FSDP2 needs nothing here: ``shrink`` re-shards the new student, and Lightning does not wrap the module.)
+    """
+    agreed = trainer.strategy.broadcast(kept)
+    if agreed != kept:
+        raise RuntimeError(f"processes chose different blocks ({kept} here, {agreed} on rank 0) at a progressive "
+                           "stage; use a deterministic criterion or a fixed calibration set")  # fmt: skip
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy.model = trainer.lightning_module
+        trainer.strategy.configure_ddp()
 
 
 class ProgressiveDistillation(L.Callback):
@@ -54,13 +70,13 @@ class ProgressiveDistillation(L.Callback):
         step = trainer.global_step
         if step not in self.schedule or step in self.applied:
             return
-        if trainer.world_size > 1:
-            raise RuntimeError("progressive distillation does not yet re-wrap DDP/FSDP models; run it on one device")
         before = pl_module.describe(pl_module.network)
         if trainer.log_dir:
             path = Path(trainer.log_dir) / "checkpoints" / f"stage_{len(self.applied)}_blocks_{before['blocks']}.ckpt"
             trainer.save_checkpoint(path)
         kept = pl_module.shrink(self.schedule[step], self.criterion, self.init)
+        if trainer.world_size > 1:
+            rewrap(trainer, kept)
         trainer.strategy.setup_optimizers(trainer)  # new parameters: a fresh optimiser and warm-up
         self.applied.append(step)
         after = pl_module.describe(pl_module.network)

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ditlab.distributed import is_sharded
+from ditlab.distributed import gathered, is_sharded
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.compress.analysis import select_blocks
 from ditlab.methods.compress.distill import FEATURE_LOSSES, distillation_losses
@@ -193,19 +193,28 @@ class DicompModule(DiffusionModule):
                                      "scores": [round(float(s), 6) for s in selection.scores]}  # fmt: skip
 
     def shrink(self, num_blocks: int, criterion: str | None = None, init: str | None = None) -> list[int]:
-        """Cut the current student to ``num_blocks`` (a progressive stage); returns the student blocks kept."""
+        """Cut the current student to ``num_blocks`` (a progressive stage); returns the student blocks kept.
+
+        Every process must call it (a sharded student is gathered first); the caller rebuilds the optimiser and,
+        under DDP, the wrapper (``ditlab.callbacks.progressive``).
+        """
         if not 1 <= num_blocks <= self.network.depth:
             raise ValueError(f"cannot shrink a {self.network.depth}-block student to {num_blocks} blocks")
         images, labels = self.calibration
+        network, ema = self.network, self.ema
+        if is_sharded(self):  # cut whole copies (every process), then shard the new student below
+            network, ema = gathered(network), gathered(ema) if ema is not None else None
         criterion = criterion or self.prune.criterion
-        selection = select_blocks(self.network, self.objective, images.to(self.device), labels.to(self.device),
+        selection = select_blocks(network, self.objective, images.to(self.device), labels.to(self.device),
                                   criterion, num_blocks, seed=self.prune.seed, num_timesteps=self.prune.num_timesteps,
                                   **criterion_options(criterion))  # fmt: skip
         init = init or self.prune.init
-        student = prune_depth(self.network, selection.keep, init=init).train()
-        ema = prune_depth(self.ema, selection.keep, init=init) if self.ema is not None else None
+        student = prune_depth(network, selection.keep, init=init).train()
+        ema = prune_depth(ema, selection.keep, init=init) if ema is not None else None
         self.keep = [self.keep[i] for i in selection.keep]
         self.attach(student, ema)
+        self._scaled_out = False
+        DiffusionModule.configure_model(self)  # checkpointing, compile and sharding for the new blocks
         return list(selection.keep)
 
     # ----------------------------------------------------------------------------------- training
