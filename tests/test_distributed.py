@@ -248,17 +248,3 @@ def test_training_draws_split_the_global_batch_by_rank():
     torch.testing.assert_close(torch.stack(parts, 1).reshape(6, 3), whole, rtol=0, atol=0)
     with pytest.raises(ValueError, match="outside world size"):
         draw_rows(draw, 3, 2, 2)
-
-
-def test_digits_sampler_deals_one_order_and_resumes_on_another_process_count():
-    from ditlab.data.digits import SeededSampler
-
-    single = list(SeededSampler(20, seed=1))
-    ranks = [list(SeededSampler(20, seed=1, rank=r, world_size=2)) for r in range(2)]
-    assert [index for pair in zip(*ranks) for index in pair] == single
-    first = SeededSampler(20, seed=1, rank=0, world_size=2)
-    iterator = iter(first)
-    [next(iterator) for _ in range(3)]  # 3 per process: 6 positions of the global order
-    resumed = SeededSampler(20, seed=1)
-    resumed.load_state_dict(first.state_dict())
-    assert list(resumed) == single[6:]

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ditlab.data.sampling import training_loader
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -126,9 +128,12 @@ class ImageFolderDataset(Dataset):
         return [self.samples[i][0] for i in self.bad.nonzero().flatten().tolist()]
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())  # fmt: skip
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, trainer=None) -> DataLoader:
+    if train:  # seeded by the run's seed, dealt across processes, resumable mid-epoch
+        return training_loader(dataset, batch_size, torch.initial_seed() % 2**62, trainer, num_workers,
+                               pin_memory=torch.cuda.is_available())  # fmt: skip
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available())  # fmt: skip
 
 
 def _check_batch(batch_size: int, available: int, what: str) -> None:
@@ -215,7 +220,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return len(self.skipped_files)
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, train=True)
+        return _loader(self.train_set, self.batch_size, self.num_workers, train=True, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         if not len(self.val_set):
@@ -282,7 +287,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         _check_batch(self.batch_size, len(self.train_set), "CIFAR-10 training split")
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, train=True)
+        return _loader(self.train_set, self.batch_size, self.num_workers, train=True, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return _loader(self.val_set, self.batch_size, self.num_workers, train=False)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ditlab.data import shards
 from ditlab.data.images import ImageFolderDataset, scan_image_folder
+from ditlab.data.sampling import training_loader
 from ditlab.data.vae import load_vae, vae_config, vae_identity, vae_latent_shape
 
 MODES = ("moments", "sample")
@@ -385,8 +386,8 @@ class LatentDataModule(L.LightningDataModule):
         self.val_set = self._dataset(val, val_rows, train=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
+        return training_loader(self.train_set, self.batch_size, torch.initial_seed() % 2**62, self.trainer,
+                               self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader | list:
         if not len(self.val_set):
