@@ -170,6 +170,16 @@ QUIET = (r".*litlogger.*", r".*module\(s\) in eval mode.*", r".*`weights_only` w
          r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*")  # fmt: skip
 
 
+def close_process_group() -> None:
+    """Destroy the DDP/FSDP process group before the interpreter exits; left to exit-time destructors, gloo's
+    threads can abort the process (``terminate called without an active exception``) after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process closes its connections while another still talks to it
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
@@ -181,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(TOOLS[argv[0]]).main(argv[1:]) or 0
         if argv and argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv):
             return full_help(argv)
-        build_cli(None if argv == sys.argv[1:] else argv)
+        try:
+            build_cli(None if argv == sys.argv[1:] else argv)
+        finally:
+            close_process_group()
         return 0
     except SIGTERMException as stop:  # preempted: interrupted.ckpt is saved (SaveOnInterrupt)
         return stop.code if isinstance(stop.code, int) else 143

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from ditlab.callbacks.evaluation import Evaluation
+from ditlab.cli import close_process_group
 from ditlab.data.digits import DigitsDataModule
 from ditlab.distributed import FSDP2Strategy
 from ditlab.methods.base import DiffusionModule
@@ -44,6 +45,7 @@ def main(devices: int, out: Path, strategy: str = "ddp") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(module.summary["metrics"]))
     torch.save([tensor.cpu() for tensor in evaluation.gathered], out / f"rank{trainer.global_rank}.pt")
+    close_process_group()
 
 
 if __name__ == "__main__":
