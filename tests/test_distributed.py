@@ -248,3 +248,19 @@ def test_training_draws_split_the_global_batch_by_rank():
     torch.testing.assert_close(torch.stack(parts, 1).reshape(6, 3), whole, rtol=0, atol=0)
     with pytest.raises(ValueError, match="outside world size"):
         draw_rows(draw, 3, 2, 2)
+
+
+@pytest.mark.slow
+def test_self_transcendence_runs_distributed(tmp_path):
+    """Phase 1 (clean-velocity head) under DDP, then phase 2 (guided features of that frozen teacher) under FSDP."""
+    common = ["--trainer.max_steps", "3", "--trainer.callbacks", "[]", "--model.init_args.clean.block", "2",
+              "--model.init_args.clean.hidden", "32"]  # fmt: skip
+    first = fit(tmp_path / "phase1", "ddp", *common, "--model.init_args.phase", "1", config="self_transcendence.yaml")
+    assert sorted(losses(first, "train/loss_align_clean")) == [0, 1, 2]
+    second = fit(tmp_path / "phase2", "fsdp", *common, "--model.init_args.phase", "2",
+                 "--model.init_args.guided.teacher_block", "3", "--model.init_args.guided.block", "2",
+                 "--model.init_args.teacher.checkpoint", str(first / "checkpoints" / "final.ckpt"),
+                 config="self_transcendence.yaml")  # fmt: skip
+    guided = losses(second, "train/loss_align_guided")
+    assert sorted(guided) == [0, 1, 2] and all(value > 0 for value in guided.values())
+    assert not any(key.startswith(("teacher", "_target")) for key in weights(second))  # the teacher stays out
