@@ -41,11 +41,12 @@ class AlignModule(AlignmentBase):
     """REPA (``feature``) and HASTE (``feature`` + ``attention`` + termination) on any DiT and objective.
 
     Args:
-        network, objective, sampling, lr, weight_decay, betas, warmup_steps, ema_decay: as in ``DiffusionModule``
-            (REPA and HASTE train SiT: ``objective.kind=flow``; network None is the DiT-XL/2 default).
+        network, objective, sampling: as in ``DiffusionModule`` (REPA and HASTE train SiT:
+            ``objective.kind=flow``; network None is the DiT-XL/2 default).
         encoder: the frozen target encoder (kept out of checkpoints; released at termination).
         feature: REPA's projector alignment; None turns it off.
         attention: HASTE's attention-map alignment; None turns it off.
+        options: every other ``DiffusionModule`` option (lr, warmup, EMA, VAE, compile, checkpointing, ...).
 
     Loss terms: ``loss_diffusion``, ``loss_align_feature``, ``loss_align_attention``, ``loss_align`` (their
     weighted sum) and ``loss``. Projectors live in ``heads["block<k>"]`` (``(B, N, D) -> (B, N, F)``).
@@ -59,19 +60,14 @@ class AlignModule(AlignmentBase):
         encoder: EncoderConfig = EncoderConfig(),
         feature: FeatureAlignConfig | None = FeatureAlignConfig(),
         attention: AttentionAlignConfig | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        ema_decay: float | None = 0.9999,
+        **options,
     ) -> None:
         if feature is None and attention is None:
             raise ValueError("model.init_args.feature and model.init_args.attention are both null: nothing to align; "
                              "set one, or train ditlab.methods.base.DiffusionModule")  # fmt: skip
         self.method = "haste" if attention is not None else "repa"
         network = network if network is not None else NetworkConfig()
-        super().__init__(network=network, objective=objective, sampling=sampling, lr=lr, weight_decay=weight_decay,
-                         betas=betas, warmup_steps=warmup_steps, ema_decay=ema_decay)  # fmt: skip
+        super().__init__(network=network, objective=objective, sampling=sampling, **options)
         self.encoder_config, self.feature, self.attention = encoder, feature, attention
         info = encoder_info(encoder.name)
         depth, width = self.network.depth, network.hidden_size

@@ -50,12 +50,12 @@ class SelfTranscendenceModule(AlignmentBase):
 
     Args:
         phase: 1 trains the teacher with the shallow clean head; 2 trains a fresh student against it.
-        network, objective, sampling, lr, weight_decay, betas, warmup_steps, ema_decay, vae, latent_scale: as in
-            ``DiffusionModule``; the objective must be ``flow`` (the method is defined on SiT); network None is the
-            DiT-XL/2 default.
+        network, objective, sampling: as in ``DiffusionModule``; the objective must be ``flow`` (the method is
+            defined on SiT); network None is the DiT-XL/2 default.
         clean: the phase-1 head and its loss.
         guided: the phase-2 teacher block, student block, feature guidance scale and loss.
         teacher: where the phase-1 network comes from (phase 2).
+        options: every other ``DiffusionModule`` option (lr, warmup, EMA, VAE, compile, checkpointing, ...).
 
     Loss terms: ``loss_diffusion``, ``loss_align_clean`` (phase 1) or ``loss_align_guided`` (phase 2),
     ``loss_align`` (weighted) and ``loss``.
@@ -72,13 +72,7 @@ class SelfTranscendenceModule(AlignmentBase):
         clean: CleanAlignConfig = CleanAlignConfig(),
         guided: GuidedAlignConfig = GuidedAlignConfig(),
         teacher: PhaseOneTeacherConfig = PhaseOneTeacherConfig(),
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        ema_decay: float | None = 0.9999,
-        vae: str | None = None,
-        latent_scale: float = 0.18215,
+        **options,
     ) -> None:
         if phase not in (1, 2):
             raise ValueError(
@@ -88,9 +82,7 @@ class SelfTranscendenceModule(AlignmentBase):
             raise ValueError("Self-Transcendence is defined on SiT's interpolant objective; set "
                              "model.init_args.objective.kind=flow")  # fmt: skip
         network = network if network is not None else NetworkConfig()
-        super().__init__(network=network, objective=objective, sampling=sampling, lr=lr, weight_decay=weight_decay,
-                         betas=betas, warmup_steps=warmup_steps, ema_decay=ema_decay, vae=vae,
-                         latent_scale=latent_scale)  # fmt: skip
+        super().__init__(network=network, objective=objective, sampling=sampling, **options)
         self.phase, self.clean, self.guided, self.teacher_config = phase, clean, guided, teacher
         depth, width = self.network.depth, network.hidden_size
         if phase == 1:

@@ -92,7 +92,7 @@ class DicompModule(DiffusionModule):
         distill: loss weights and the feature loss.
         objective: used only for teachers that do not record one (public DiT / diffusers files).
         sampling: sampling settings for grids and metrics; None takes the teacher's.
-        lr, weight_decay, betas, warmup_steps, ema_decay: as in ``DiffusionModule``.
+        options: every other ``DiffusionModule`` option (lr, warmup, EMA, compile, checkpointing, ...).
     """
 
     def __init__(
@@ -102,21 +102,13 @@ class DicompModule(DiffusionModule):
         distill: DistillConfig = DistillConfig(),
         objective: ObjectiveConfig = ObjectiveConfig(),
         sampling: SamplingConfig | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        ema_decay: float | None = 0.9999,
-        compile: bool = False,
-        activation_checkpointing: bool = False,
+        **options,
     ) -> None:
         if distill.feature_loss not in FEATURE_LOSSES:
             raise ValueError(f"model.distill.feature_loss={distill.feature_loss!r}; choices: {list(FEATURE_LOSSES)}")
         if prune.num_blocks < 1:
             raise ValueError(f"model.prune.num_blocks={prune.num_blocks} must be at least 1")
-        super().__init__(network=None, objective=objective, sampling=sampling or SamplingConfig(), lr=lr,
-                         weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, ema_decay=ema_decay,
-                         compile=compile, activation_checkpointing=activation_checkpointing)  # fmt: skip
+        super().__init__(network=None, objective=objective, sampling=sampling or SamplingConfig(), **options)
         self.teacher_config, self.prune, self.distill = teacher, prune, distill
         self._sampling_given = sampling is not None
         self._teacher: tuple[DiT, ...] = ()  # a tuple keeps the frozen teacher out of state_dict and the optimiser
