@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -325,15 +326,21 @@ def select_blocks(dit: DiT, objective: GaussianDiffusion | FlowMatching, images:
     options = check_request(criterion, num_keep, dit.depth, options)
     if criterion in ("random", "first", "last"):
         return _baseline(criterion, dit.depth, num_keep, seed)
+    with _calibrated(dit, objective, images, labels, num_timesteps, seed) as calibration:
+        run = {"ppcl": _ppcl, "laptop": _laptop, "amber": _amber}[criterion]
+        return run(dit, calibration, num_keep, seed, **options)
+
+
+@contextmanager
+def _calibrated(dit: DiT, objective: GaussianDiffusion | FlowMatching, images: torch.Tensor, labels: torch.Tensor,
+                num_timesteps: int, seed: int) -> Iterator:  # fmt: skip
+    """The calibration set on ``dit``'s device, with ``dit`` in eval mode and no gradients (mode restored after)."""
     parameter = next(dit.parameters())
     was_training = dit.training
     dit.eval()
     try:
         with torch.no_grad():
-            calibration = calibration_set(objective, images.to(parameter), labels.to(parameter.device),
-                                          num_timesteps, seed)  # fmt: skip
-            run = {"ppcl": _ppcl, "laptop": _laptop, "amber": _amber}[criterion]
-            return run(dit, calibration, num_keep, seed, **options)
+            yield calibration_set(objective, images.to(parameter), labels.to(parameter.device), num_timesteps, seed)
     finally:
         dit.train(was_training)
 
@@ -342,18 +349,8 @@ def additivity_diagnostic(dit: DiT, objective: GaussianDiffusion | FlowMatching,
                           labels: torch.Tensor, *, num_sets: int = 50, sizes: Sequence[int] = (2, 3),
                           seed: int = 0, num_timesteps: int = 8, batch_size: int = 256) -> dict:  # fmt: skip
     """:func:`additivity` on a DiT with the same calibration as :func:`select_blocks`."""
-    parameter = next(dit.parameters())
-    was_training = dit.training
-    dit.eval()
-    try:
-        with torch.no_grad():
-            calibration = calibration_set(objective, images.to(parameter), labels.to(parameter.device),
-                                          num_timesteps, seed)  # fmt: skip
-            return additivity(
-                network_forward(dit), calibration, dit.depth, None, num_sets, sizes, seed, batch_size
-            )
-    finally:
-        dit.train(was_training)
+    with _calibrated(dit, objective, images, labels, num_timesteps, seed) as calibration:
+        return additivity(network_forward(dit), calibration, dit.depth, None, num_sets, sizes, seed, batch_size)
 
 
 def importance_table(selections: Sequence[Selection]) -> str:
