@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ditlab.analysis import scalar_series
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRAINER = ROOT / "configs" / "trainer"
@@ -51,13 +53,6 @@ VARIANTS = {
                                  "true", "--trainer.strategy.init_args.param_dtype", "null",
                                  "--trainer.strategy.init_args.reduce_dtype", "null"]},
 }  # fmt: skip
-
-
-def scalars(run: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-    return [event.value for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
 def run_variant(name: str, steps: int, global_batch: int, threads: int, accelerator: str, out: Path,
@@ -90,7 +85,7 @@ def run_variant(name: str, steps: int, global_batch: int, threads: int, accelera
     run = next(out.glob("dit/version_*"))
     summary = json.loads((run / "summary.json").read_text())
     memory_summary = json.loads(next(memory_out.glob("dit/version_*/summary.json")).read_text())
-    rates = scalars(run, "train/images_per_s")[2:]
+    rates = [value for _, value in scalar_series(run, "train/images_per_s")][2:]
     return {"processes": processes, "threads_per_process": max(1, threads // processes),
             "images_per_s": statistics.median(rates) if rates else summary["train_images_per_s"],
             "wall_time_s": summary["wall_time_s"], "parameters": summary["parameters"],

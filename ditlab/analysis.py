@@ -131,14 +131,19 @@ def metrics_table(
     return rows
 
 
-def fid_vs_step(run: Run, tag: str = "eval/fid") -> list[tuple[int, float]]:
-    """``(step, value)`` of a TensorBoard scalar in the run's events (empty when it was never logged)."""
+def scalar_series(log_dir: str | Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of a TensorBoard scalar in a log directory's events (empty when it was never logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run.path), size_guidance={"scalars": 0}).Reload()
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
     if tag not in events.Tags().get("scalars", []):
         return []
     return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def fid_vs_step(run: Run, tag: str = "eval/fid") -> list[tuple[int, float]]:
+    """``(step, value)`` of a TensorBoard scalar in the run's events (empty when it was never logged)."""
+    return scalar_series(run.path, tag)
 
 
 def function_evaluations(steps: int, sampler: str | None, cfg_scale: float) -> int:

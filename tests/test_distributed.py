@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from ditlab.analysis import scalar_series
 from ditlab.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +61,7 @@ def fit(out: Path, strategy: str, *args: str, global_batch: int = 16, config: st
 
 
 def losses(run: Path, tag: str = "train/loss") -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-    return {event.step: event.value for event in events.Scalars(tag)}
+    return dict(scalar_series(run, tag))
 
 
 def weights(run: Path, name: str = "final.ckpt") -> dict[str, torch.Tensor]:
