@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,36 @@ def cached_training(path: Path, train: Callable[[], dict], retrain: bool = False
     entry = {**train(), "train_seconds": time.perf_counter() - started}
     atomic_save(entry, path)
     return entry
+
+
+@contextmanager
+def reproducible_training(seed: int, num_items: int, holdout_fraction: float
+                          ) -> Iterator[tuple[torch.Generator, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Deterministic, single-thread training from ``seed`` for the self-trained digits networks.
+
+    Yields a seeded generator and a ``(train, holdout)`` index split of ``num_items``; gradients are on (callers
+    may be sampling under ``no_grad``), and the caller's RNG, thread count and determinism setting come back
+    after. One thread gives the same reduction order on every machine and no oversubscription under DDP.
+    """
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(num_items, generator=generator)
+            num_holdout = int(round(holdout_fraction * num_items))
+            yield generator, order[num_holdout:], order[:num_holdout]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+def one_cycle_adamw(network: nn.Module, lr: float, weight_decay: float, total_steps: int):
+    """AdamW with a one-cycle learning-rate schedule peaking at ``lr``: ``(optimizer, schedule)``."""
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
 
 
 class FeatureExtractor(nn.Module):
@@ -239,39 +270,24 @@ def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe()) -> tu
     from ditlab.data.digits import digits_tensors
 
     images, labels = digits_tensors(recipe.image_size)
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)  # the same reduction order on every machine, and no oversubscription under DDP
-    try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be sampling under no_grad
-            torch.manual_seed(recipe.seed)
-            generator = torch.Generator().manual_seed(recipe.seed)
-            order = torch.randperm(len(labels), generator=generator)
-            num_holdout = int(round(recipe.holdout_fraction * len(labels)))
-            holdout, train = order[:num_holdout], order[num_holdout:]
-            network = DigitsNet(recipe)
-            optimizer = torch.optim.AdamW(
-                network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
-            )
-            steps = recipe.epochs * (len(train) // recipe.batch_size)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps)
-            network.train()
-            for _ in range(recipe.epochs):
-                permutation = train[torch.randperm(len(train), generator=generator)]
-                for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
-                    index = permutation[start : start + recipe.batch_size]
-                    batch = _shift(images[index], recipe.max_shift, generator)
-                    loss = F.cross_entropy(network(batch)[1], labels[index])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-            network.eval()
-            with torch.no_grad():
-                accuracy = (network(images[holdout])[1].argmax(1) == labels[holdout]).float().mean().item()
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    with reproducible_training(recipe.seed, len(labels), recipe.holdout_fraction) as (generator, train, holdout):
+        network = DigitsNet(recipe)
+        steps = recipe.epochs * (len(train) // recipe.batch_size)
+        optimizer, schedule = one_cycle_adamw(network, recipe.lr, recipe.weight_decay, steps)
+        network.train()
+        for _ in range(recipe.epochs):
+            permutation = train[torch.randperm(len(train), generator=generator)]
+            for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
+                index = permutation[start : start + recipe.batch_size]
+                batch = _shift(images[index], recipe.max_shift, generator)
+                loss = F.cross_entropy(network(batch)[1], labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        network.eval()
+        with torch.no_grad():
+            accuracy = (network(images[holdout])[1].argmax(1) == labels[holdout]).float().mean().item()
     return network.requires_grad_(False), accuracy
 
 

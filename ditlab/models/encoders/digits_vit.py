@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditlab.metrics.features import cache_root, cached_training, resize_to
+from ditlab.metrics.features import (
+    cache_root,
+    cached_training,
+    one_cycle_adamw,
+    reproducible_training,
+    resize_to,
+)
 from ditlab.models.attention import Attention
 from ditlab.models.dit import sincos_2d
 from ditlab.models.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder
@@ -151,52 +157,37 @@ def train_digits_vit(recipe: DigitsViTRecipe = DigitsViTRecipe()) -> tuple[Digit
     from ditlab.data.digits import digits_tensors
 
     images, labels = digits_tensors(recipe.image_size)
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
-            generator = torch.Generator().manual_seed(recipe.seed)
-            order = torch.randperm(len(labels), generator=generator)
-            num_holdout = int(round(recipe.holdout_fraction * len(labels)))
-            holdout, train = order[:num_holdout], order[num_holdout:]
-            network = DigitsViT(recipe)
-            optimizer = torch.optim.AdamW(
-                network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
-            )
-            steps = recipe.epochs * (len(train) // recipe.batch_size)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps)
-            count = recipe.grid**2
-            network.train()
-            for _ in range(recipe.epochs):
-                permutation = train[torch.randperm(len(train), generator=generator)]
-                for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
-                    batch = _random_shift(images[permutation[start : start + recipe.batch_size]],
-                                          recipe.max_shift, generator)  # fmt: skip
-                    mask = _random_mask(len(batch), count, recipe.mask_ratio, generator)
-                    tokens, _ = network(batch, mask)
-                    error = (network.decoder(tokens[:, 1:]) - network.patchify(batch)) ** 2
-                    loss = error.mean(-1)[mask].mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-            network.eval()
-            with torch.no_grad():
-                mask = _random_mask(len(holdout), count, recipe.mask_ratio, generator)
-                tokens, _ = network(images[holdout], mask)
-                error = (network.decoder(tokens[:, 1:]) - network.patchify(images[holdout])) ** 2
-                pooled = network(images)[0][:, 1:].mean(1)
-            scores = {
-                "holdout_masked_mse": error.mean(-1)[mask].mean().item(),
-                "probe_accuracy": _probe_accuracy(pooled[train], labels[train], pooled[holdout], labels[holdout]),
-                "pixel_probe_accuracy": _probe_accuracy(images[train].flatten(1), labels[train],
-                                                        images[holdout].flatten(1), labels[holdout]),
-            }  # fmt: skip
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    with reproducible_training(recipe.seed, len(labels), recipe.holdout_fraction) as (generator, train, holdout):
+        network = DigitsViT(recipe)
+        steps = recipe.epochs * (len(train) // recipe.batch_size)
+        optimizer, schedule = one_cycle_adamw(network, recipe.lr, recipe.weight_decay, steps)
+        count = recipe.grid**2
+        network.train()
+        for _ in range(recipe.epochs):
+            permutation = train[torch.randperm(len(train), generator=generator)]
+            for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
+                batch = _random_shift(images[permutation[start : start + recipe.batch_size]],
+                                      recipe.max_shift, generator)  # fmt: skip
+                mask = _random_mask(len(batch), count, recipe.mask_ratio, generator)
+                tokens, _ = network(batch, mask)
+                error = (network.decoder(tokens[:, 1:]) - network.patchify(batch)) ** 2
+                loss = error.mean(-1)[mask].mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        network.eval()
+        with torch.no_grad():
+            mask = _random_mask(len(holdout), count, recipe.mask_ratio, generator)
+            tokens, _ = network(images[holdout], mask)
+            error = (network.decoder(tokens[:, 1:]) - network.patchify(images[holdout])) ** 2
+            pooled = network(images)[0][:, 1:].mean(1)
+        scores = {
+            "holdout_masked_mse": error.mean(-1)[mask].mean().item(),
+            "probe_accuracy": _probe_accuracy(pooled[train], labels[train], pooled[holdout], labels[holdout]),
+            "pixel_probe_accuracy": _probe_accuracy(images[train].flatten(1), labels[train],
+                                                    images[holdout].flatten(1), labels[holdout]),
+        }  # fmt: skip
     return network.requires_grad_(False), scores
 
 
