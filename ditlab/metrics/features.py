@@ -142,20 +142,33 @@ class FeatureExtractor(nn.Module):
         return self.features_and_logits(images)[0]
 
 
+# ----------------------------------------------------------------------------------------- weight files
+def explicit_weight_file(explicit: str | Path, filename: str) -> Path:
+    """A user-given weight path: the file itself, or ``filename`` inside the given folder."""
+    path = Path(explicit).expanduser()
+    return path / filename if path.is_dir() else path
+
+
+def weight_file_candidates(filename: str) -> list[Path]:
+    """Where a downloaded weight file may already be: ``$DITLAB_WEIGHTS_DIR``, torch hub's checkpoints, ditlab's
+    cache (in that order)."""
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename, cache_root() / filename]
+    if os.environ.get("DITLAB_WEIGHTS_DIR"):
+        candidates.insert(0, Path(os.environ["DITLAB_WEIGHTS_DIR"]).expanduser() / filename)
+    return candidates
+
+
 # ----------------------------------------------------------------------------------------- Inception-v3
 def inception_weights_path(weights: str | Path | None = None) -> Path:
     """The local Inception-v3 weight file: ``weights``, ``$DITLAB_INCEPTION_WEIGHTS``, then the usual folders."""
     explicit = weights or os.environ.get("DITLAB_INCEPTION_WEIGHTS")
     if explicit:
-        path = Path(explicit).expanduser()
-        path = path / INCEPTION_FILE if path.is_dir() else path
+        path = explicit_weight_file(explicit, INCEPTION_FILE)
         if not path.is_file():
             raise FileNotFoundError(f"Inception-v3 weights {path} do not exist; pass the path of a local copy of "
                                     f"{INCEPTION_FILE} (download it on a networked machine from {INCEPTION_URL})")  # fmt: skip
         return path
-    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE, cache_root() / INCEPTION_FILE]
-    if os.environ.get("DITLAB_WEIGHTS_DIR"):
-        candidates.insert(0, Path(os.environ["DITLAB_WEIGHTS_DIR"]).expanduser() / INCEPTION_FILE)
+    candidates = weight_file_candidates(INCEPTION_FILE)
     for path in candidates:
         if path.is_file():
             return path

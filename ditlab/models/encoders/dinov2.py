@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditlab.metrics.features import cache_root
+from ditlab.metrics.features import explicit_weight_file, weight_file_candidates
 from ditlab.models.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder, patch_attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,15 +42,12 @@ def dinov2_weights_path(name: str, weights: str | Path | None = None) -> Path:
     url = f"{DINOV2_URL}/{DINOV2[name][0].removesuffix('_reg')}/{filename}"
     explicit = weights or os.environ.get("DITLAB_DINOV2_WEIGHTS")
     if explicit:
-        path = Path(explicit).expanduser()
-        path = path / filename if path.is_dir() else path
+        path = explicit_weight_file(explicit, filename)
         if not path.is_file():
             raise FileNotFoundError(f"DINOv2 weights {path} do not exist; set model.init_args.encoder.weights (or "
                                     f"DITLAB_DINOV2_WEIGHTS) to a local copy of {filename} from {url}")  # fmt: skip
         return path
-    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename, cache_root() / filename]
-    if os.environ.get("DITLAB_WEIGHTS_DIR"):
-        candidates.insert(0, Path(os.environ["DITLAB_WEIGHTS_DIR"]).expanduser() / filename)
+    candidates = weight_file_candidates(filename)
     for path in candidates:
         if path.is_file():
             return path
