@@ -23,7 +23,7 @@ import torch
 from ditlab.data.digits import DigitsDataModule
 from ditlab.methods.compress.analysis import CRITERIA
 from ditlab.methods.compress.module import DicompModule, DistillConfig, PruneConfig
-from ditlab.methods.compress.teacher import TeacherConfig, build_from_recipe
+from ditlab.methods.teacher import TeacherConfig, build_from_recipe
 from ditlab.metrics.fid import evaluate_images
 
 RESULTS = Path(__file__).parent / "results"

@@ -94,7 +94,7 @@ def run_variant(name: str, steps: int, global_batch: int, threads: int, accelera
 
 
 def forward_flops_per_image(network: str) -> int:
-    from ditlab.methods.compress.prune import flops_per_image
+    from ditlab.models.budget import flops_per_image
     from ditlab.models.dit import DiT
 
     sizes = {"digits": dict(input_size=16, patch_size=4, hidden_size=128, num_heads=4),

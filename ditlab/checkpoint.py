@@ -7,15 +7,14 @@ checkpoint never needs the config file that trained it.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import torch
-
-from ditlab.methods.config import ObjectiveConfig, SamplingConfig
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.models.dit import DiT
+from ditlab.models.loading import load_matching, network_from_checkpoint, read_checkpoint
+
+__all__ = ["Bundle", "bundle_from_checkpoint", "known_fields", "run_settings", "load_matching", "network_from_checkpoint", "read_checkpoint"]
 
 
 @dataclass
@@ -29,76 +28,16 @@ class Bundle:
     latent_scale: float
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` with one-line errors for a missing, truncated or corrupt file; a sharded (FSDP)
-    checkpoint folder is gathered into the same single dictionary."""
-    path = Path(path)
-    if path.is_dir() and (path / ".metadata").is_file():
-        return read_sharded_checkpoint(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (runs/<name>/version_N/checkpoints/)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
-                         "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
+def known_fields(cls, values: dict) -> dict:
+    """The entries of ``values`` that are fields of dataclass ``cls`` (older checkpoints may carry others)."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in values.items() if key in names}
 
 
-def read_sharded_checkpoint(path: Path) -> dict:
-    """A ``FSDP2Strategy`` checkpoint folder (one shard file per process plus ``meta.pt``) as one full dictionary."""
-    import tempfile
-
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            dcp_to_torch_save(path, Path(scratch) / "full.pt")
-            tensors = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=False)
-            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-        except (Exception, CheckpointException) as error:  # any reader error means the same thing to the user
-            raise ValueError(f"sharded checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:120]}); use an earlier checkpoint") from None  # fmt: skip
-    return {**meta, **tensors}
-
-
-def _prefixed(state_dict: dict, prefix: str) -> dict:
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
-def network_from_checkpoint(checkpoint: dict | str | Path, use_ema: bool = True) -> DiT:
-    """The DiT of a ditlab checkpoint (the EMA weights unless ``use_ema=False``)."""
-    if not isinstance(checkpoint, dict):
-        checkpoint = read_checkpoint(checkpoint)
-    if "ditlab" not in checkpoint:
-        raise ValueError("this is not a ditlab checkpoint (no 'ditlab' entry); public DiT checkpoints load "
-                         "with ditlab.models.interop.load_dit_checkpoint")  # fmt: skip
-    network = DiT(**checkpoint["ditlab"]["dit_config"])
-    state_dict = checkpoint["state_dict"]
-    weights = _prefixed(state_dict, "ema.") if use_ema else {}
-    weights = weights or _prefixed(state_dict, "network.")
-    load_matching(network, weights, "checkpoint")
-    return network.eval()
-
-
-def load_matching(network: torch.nn.Module, weights: dict, source: str) -> None:
-    """``load_state_dict(strict=True)`` whose error names the mismatching keys and shapes in one line."""
-    own = network.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in weights and weights[k].shape != own[k].shape]  # fmt: skip
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
-        if missing:
-            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        raise ValueError(f"{source} does not fit this architecture: {'; '.join(parts)} "
-                         "(was it trained with another depth/width, or pruned?)")  # fmt: skip
-    network.load_state_dict(weights)
+def run_settings(meta: dict) -> tuple[ObjectiveConfig, SamplingConfig]:
+    """The objective and sampling settings recorded in a checkpoint's ``ditlab`` entry."""
+    return (ObjectiveConfig(**known_fields(ObjectiveConfig, meta["objective"])),
+            SamplingConfig(**known_fields(SamplingConfig, meta["sampling"])))  # fmt: skip
 
 
 def bundle_from_checkpoint(path: str | Path, use_ema: bool = True) -> Bundle:
@@ -106,8 +45,5 @@ def bundle_from_checkpoint(path: str | Path, use_ema: bool = True) -> Bundle:
     checkpoint = read_checkpoint(path)
     network = network_from_checkpoint(checkpoint, use_ema)
     meta = checkpoint["ditlab"]
-    known = {f.name for f in fields(ObjectiveConfig)}
-    objective = ObjectiveConfig(**{k: v for k, v in meta["objective"].items() if k in known}).build(network.learn_sigma)
-    known = {f.name for f in fields(SamplingConfig)}
-    sampling = SamplingConfig(**{k: v for k, v in meta["sampling"].items() if k in known})
-    return Bundle(network, objective, sampling, meta.get("vae"), meta.get("latent_scale", 0.18215))
+    objective, sampling = run_settings(meta)
+    return Bundle(network, objective.build(network.learn_sigma), sampling, meta.get("vae"), meta.get("latent_scale", 0.18215))

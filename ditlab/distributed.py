@@ -117,7 +117,7 @@ def gathered(network: nn.Module) -> nn.Module:
 
     state = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
-        full = type(network)(**network.config)
+        full = type(network)(network.config)
     full = full.to_empty(device=next(iter(state.values())).device)
     full.load_state_dict({key: local(value) for key, value in state.items()})
     return full.train(network.training)

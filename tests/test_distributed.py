@@ -186,9 +186,9 @@ def test_dicomp_runs_distributed(tmp_path, reference, strategy):
 
 def tiny_module(**options):
     from ditlab.methods.base import DiffusionModule
-    from ditlab.methods.config import NetworkConfig
+    from ditlab.models.config import DiTConfig
 
-    network = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2,
+    network = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2,
                             num_classes=10)  # fmt: skip
     torch.manual_seed(0)
     return DiffusionModule(network=network, ema_decay=0.9, **options)

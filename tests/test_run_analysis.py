@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ditlab import analysis
-from ditlab.methods.config import ObjectiveConfig, SamplingConfig
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.models.dit import DiT
 
 
@@ -27,7 +27,7 @@ def make_run(folder: Path, seed: int, summary: dict | None = None, depth: int = 
             parameter.add_(0.05 * torch.randn_like(parameter))
     checkpoint = {
         "state_dict": {f"ema.{key}": value for key, value in network.state_dict().items()},
-        "ditlab": {"dit_config": network.config, "objective": asdict(ObjectiveConfig()),
+        "ditlab": {"dit_config": network.config.to_dict(), "objective": asdict(ObjectiveConfig()),
                    "sampling": asdict(SamplingConfig(steps=3, cfg_scale=1.0)), "vae": None, "latent_scale": 1.0},
     }  # fmt: skip
     (folder / "checkpoints").mkdir(parents=True)

@@ -11,9 +11,9 @@ global step ``step`` (before that step's loss is computed) this callback:
   text marker ``align/termination`` in TensorBoard, and the module logs ``align/active`` (1 -> 0) every
   step.
 
-A resumed run knows it has terminated from the module's checkpoint (``checkpoint["align"]``) and from this
-callback's state; the module never loads its target lazily after termination, and the marker is logged
-once. The step is a global optimiser step; HASTE uses 250K for SiT-XL/2 at batch 256.
+The module owns the termination state (``terminated_at``, in its checkpoint's ``align`` entry); this callback
+holds only the configured step. A resumed run past the step never loads the target, and the marker is
+logged once. The step is a global optimiser step; HASTE uses 250K for SiT-XL/2 at batch 256.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class AlignmentTermination(L.Callback):
         if step < 0:
             raise ValueError(f"AlignmentTermination step={step} must be >= 0 (a global optimiser step)")
         self.step = step
-        self.terminated_at: int | None = None
         self.enabled = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -46,27 +45,16 @@ class AlignmentTermination(L.Callback):
                 "alignment: this stage has no termination step (Self-Transcendence phase 1); the callback is idle"
             )
 
-    def _sync(self, trainer: L.Trainer, pl_module) -> bool:
-        """Agree with the module (both are checkpointed); True when alignment is already off."""
-        if pl_module.terminated_at is not None:
-            self.terminated_at = pl_module.terminated_at
-            return True
-        if self.terminated_at is not None:  # e.g. the module's state was reset: never align again
-            pl_module.terminate_alignment(self.terminated_at)
-            return True
-        return False
-
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         """Runs before the module's own ``on_fit_start``, so a run resumed past the step never loads the target."""
         self.on_train_batch_start(trainer, pl_module, None, 0)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.enabled and not self._sync(trainer, pl_module) and trainer.global_step >= self.step:
+        if self.enabled and pl_module.alignment_active and trainer.global_step >= self.step:
             self.terminate(trainer, pl_module, trainer.global_step)
 
     def terminate(self, trainer: L.Trainer, pl_module, step: int) -> None:
         released = pl_module.terminate_alignment(step)
-        self.terminated_at = step
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"align/terminated": float(step), "align/released_mb": released / 2**20}, step=step
@@ -77,9 +65,3 @@ class AlignmentTermination(L.Callback):
                 )
         if trainer.is_global_zero:
             print(f"alignment: terminated at step {step}; released {released / 2**20:.1f} MiB", flush=True)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "terminated_at": self.terminated_at}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.terminated_at = state_dict.get("terminated_at")

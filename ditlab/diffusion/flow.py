@@ -67,7 +67,32 @@ class FlowMatching:
         t = draw_rows(lambda n: self.sample_time(n, device, generator), batch, rank, world_size)
         noise = draw_rows(lambda n: torch.randn((n, *x0.shape[1:]), device=device, dtype=x0.dtype, generator=generator),
                           batch, rank, world_size)  # fmt: skip
-        return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=t * self.t_scale, noise=noise)
+        return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=self.model_time(t), noise=noise)
+
+    # ----------------------------------------------------------------------------------- time convention
+    samplers = ("euler", "heun")
+    default_sampler = "euler"
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is given for time ``t`` in [0, 1]: ``t * t_scale`` (REPA/SiT-style 1000 or 1)."""
+        return t * self.t_scale
+
+    def time_at(self, fractions: torch.Tensor) -> torch.Tensor:
+        """Objective times at ``fractions`` in (0, 1) of the noise range: the fractions themselves."""
+        return fractions.float()
+
+    def scheduler(self, sampler: str):
+        """The diffusers flow-matching scheduler for ``sampler``; it steps in ``t`` generically (any path)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} does not apply to the flow objective; choices: {list(self.samplers)}")
+        scheduler = FlowMatchEulerDiscreteScheduler if sampler == "euler" else FlowMatchHeunDiscreteScheduler
+        return scheduler(num_train_timesteps=1000, shift=1.0)
+
+    def scheduler_time(self, timestep: torch.Tensor, scheduler) -> torch.Tensor:
+        """The objective time of a diffusers flow timestep (``sigma * num_train_timesteps``, sigma = t here)."""
+        return timestep.float() / scheduler.config.num_train_timesteps
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a, s, _, _ = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in self.coefficients(t))

@@ -105,7 +105,42 @@ class GaussianDiffusion:
                       batch, rank, world_size)  # fmt: skip
         noise = draw_rows(lambda n: torch.randn((n, *x0.shape[1:]), device=device, dtype=x0.dtype, generator=generator),
                           batch, rank, world_size)  # fmt: skip
-        return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=t.float(), noise=noise)
+        return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=self.model_time(t), noise=noise)
+
+    # ----------------------------------------------------------------------------------- time convention
+    samplers = ("ddpm", "ddim", "dpm++")
+    default_sampler = "ddpm"
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is given for time ``t``: the DDPM step itself, as a float (DiT's convention)."""
+        return t.float()
+
+    def time_at(self, fractions: torch.Tensor) -> torch.Tensor:
+        """Objective times at ``fractions`` in (0, 1) of the noise range (0 data, 1 noise): integer steps."""
+        if len(fractions) > self.num_timesteps:
+            raise ValueError(f"num_timesteps={len(fractions)} exceeds the objective's {self.num_timesteps} steps")
+        return (fractions * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+
+    def scheduler(self, sampler: str):
+        """The diffusers scheduler that integrates this objective with ``sampler``."""
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} does not apply to the Gaussian objective; choices: {list(self.samplers)}")
+        common = {
+            "num_train_timesteps": self.num_timesteps, "beta_start": self.beta_start,
+            "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": self.prediction,
+        }  # fmt: skip
+        if sampler == "ddpm":
+            variance = "learned_range" if self.learn_sigma else "fixed_small"
+            return DDPMScheduler(**common, variance_type=variance, clip_sample=False)
+        if sampler == "ddim":
+            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++")
+
+    def scheduler_time(self, timestep: torch.Tensor, scheduler) -> torch.Tensor:
+        """The objective time of a scheduler timestep (the same integer step here)."""
+        return timestep
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise

@@ -16,9 +16,11 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.gaussian import Noised
 from ditlab.diffusion.global_batch import draw_rows
 from ditlab.diffusion.sample import sample_images
@@ -30,7 +32,9 @@ from ditlab.distributed import (
     local,
     shard,
 )
-from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
+from ditlab.methods.frozen import FrozenNetwork
+from ditlab.models.components import pop_aux_losses
+from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 
 
@@ -38,7 +42,8 @@ class DiffusionModule(L.LightningModule):
     """Trains a DiT with a diffusion objective; see the config dataclasses for every option.
 
     Args:
-        network: the DiT backbone; None when a subclass supplies the network (e.g. a pruned teacher).
+        network: the DiT backbone: a preset (``digits``, ``S/2`` .. ``XL/8``) plus overrides and component slots;
+            without one, DiT-XL/2 on 32x32x4 latents (subclasses that build their own network ignore it).
         objective: DDPM (``gaussian``) or interpolant (``flow``) training objective.
         sampling: how sample grids and metrics draw images.
         lr: AdamW learning rate (DiT: 1e-4 at batch 256).
@@ -57,7 +62,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        network: NetworkConfig = NetworkConfig(),  # subclasses that build their own network pass None
+        network: DiTConfig = lazy_instance(DiTConfig),
         objective: ObjectiveConfig = ObjectiveConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         lr: float = 1e-4,
@@ -71,6 +76,7 @@ class DiffusionModule(L.LightningModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        network = None if self.builds_own_network else DiTConfig.plain(network)
         self.network_config, self.objective_config, self.sampling = network, objective, sampling
         self.save_hyperparameters()
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -80,18 +86,21 @@ class DiffusionModule(L.LightningModule):
         self.network: DiT | None = None
         self.ema: DiT | None = None
         self.objective = None
-        if network is not None:
+        if not self.builds_own_network:
             self.attach(network.build())
         self.vae_path, self.latent_scale = vae, latent_scale
         self.compile_blocks, self.activation_checkpointing = compile, activation_checkpointing
         self._scaled_out = False
         self._draws: torch.Generator | None = None
         self._pending_draws: torch.Tensor | None = None  # the stream's state read from a checkpoint
-        self._vae: nn.Module | None = None
+        self._vae = FrozenNetwork(self._load_vae)
         self.summary: dict = {}
         """Entries callbacks add to the run's summary.json (metrics, teacher vs student, ...)."""
         self.skipped_step = False
         """Set by ``ditlab.callbacks.reliability.NaNGuard`` when this step's update was skipped (no EMA update)."""
+
+    builds_own_network = False
+    """True where a subclass builds the network itself (dicomp cuts it from a teacher)."""
 
     def attach(self, network: DiT, ema: DiT | None = None) -> None:
         """Train ``network``: builds the objective that fits it and its EMA copy (``ema`` or a fresh copy)."""
@@ -140,6 +149,9 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         terms = self.training_losses(images, labels)
+        auxiliary = pop_aux_losses(self.network)  # e.g. a router's balance loss, left by a block component
+        if auxiliary:
+            terms = {**terms, **auxiliary, "loss": terms["loss"] + sum(auxiliary.values())}
         # averaged over processes (sync_dist), so a logged loss is the global batch's whatever the process count
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items() if name != "loss"},
                       on_step=True, on_epoch=False, batch_size=len(images), sync_dist=True)  # fmt: skip
@@ -158,7 +170,8 @@ class DiffusionModule(L.LightningModule):
     def configure_model(self) -> None:
         """Per-block activation checkpointing, compile and (under ``FSDP2Strategy``) sharding, applied once.
 
-        Subclasses that build their network here (dicomp's student) build it first, then call this.
+        Subclasses that build their network here (dicomp's student) build it first, then call this; after
+        replacing the network later (a pruning stage, a graft), call :meth:`reconfigure`.
         """
         if self.network is None or self._scaled_out:
             return
@@ -174,6 +187,12 @@ class DiffusionModule(L.LightningModule):
             raise ValueError("trainer.strategy: use ditlab.distributed.FSDP2Strategy (configs/trainer/fsdp.yaml) for "
                              "sharded training; plain ModelParallelStrategy does not know how to shard a DiT")  # fmt: skip
 
+    def reconfigure(self) -> None:
+        """Re-apply checkpointing, compile and sharding to a network that was replaced or edited after
+        :meth:`configure_model` ran (the caller rebuilds the optimiser, and under DDP the wrapper)."""
+        self._scaled_out = False
+        DiffusionModule.configure_model(self)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimiser step, then the EMA update, so a checkpoint saved in ``on_train_batch_end`` (callbacks run
         before the module's hook) already holds step ``k``'s EMA, and a step skipped by ``NaNGuard`` leaves it."""
@@ -188,9 +207,15 @@ class DiffusionModule(L.LightningModule):
         net_params = [local(p) for p in self.network.parameters()]
         torch._foreach_lerp_(ema_params, net_params, 1.0 - self.ema_decay)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser trains: the network's parameters that require grad. Methods that train more
+        (alignment heads) or less (a router on a frozen backbone) override this, not the optimiser."""
+        return [p for p in self.network.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
-        trainable = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        """AdamW over :meth:`trainable_parameters` with a linear learning-rate warm-up."""
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, betas=self.betas,
+                                      weight_decay=self.weight_decay)  # fmt: skip
         warmup = max(1, self.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -221,11 +246,12 @@ class DiffusionModule(L.LightningModule):
     @property
     def vae(self) -> nn.Module | None:
         """The frozen VAE, loaded on first use and never saved in checkpoints."""
-        if self.vae_path is not None and self._vae is None:
-            from ditlab.data.vae import load_vae
+        return self._vae.get(self.device) if self.vae_path is not None else None
 
-            self._vae = load_vae(self.vae_path).to(self.device)
-        return self._vae
+    def _load_vae(self) -> nn.Module:
+        from ditlab.data.vae import load_vae
+
+        return load_vae(self.vae_path)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -238,7 +264,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the architecture so a checkpoint rebuilds its (possibly pruned) network alone."""
         checkpoint["ditlab"] = {
-            "dit_config": self.network.config,
+            "dit_config": self.network.config.to_dict(),
             "objective": asdict(self.objective_config),
             "sampling": asdict(self.sampling),
             "vae": self.vae_path,

@@ -1,9 +1,11 @@
-"""Attention operators behind one interface.
+"""The attention component and the operators behind it.
 
-A DiT block owns an :class:`Attention` module (the ``qkv`` and ``proj`` projections, named as in the
-public DiT code) and delegates the token mixing to an *operator*: a callable ``(q, k, v) -> out`` on
-``(B, heads, N, head_dim)`` tensors. Full attention is the default; later operators (local window,
-linear) implement the same call so that attention grafting swaps the operator, never the block.
+:class:`Attention` owns the ``qkv`` and ``proj`` projections (named as in the public DiT code) and hands
+the token mixing to an *operator*: a callable ``(q, k, v) -> out`` on ``(B, H, N, Dh)`` tensors. Full
+softmax attention is the ``full`` kind. Another operator (local window, sparse, linear) is registered
+as a new attention kind that builds ``Attention.from_config(config, operator)``, so grafting swaps the
+operator and keeps the projections. An operator gives attention maps (HASTE aligns them) only if it has
+``map(q, k) -> (B, H, N, N)`` with ``map @ v == operator(q, k, v)``; otherwise a map request is refused.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditlab.models.components import register_attention
+from ditlab.models.config import DiTConfig
+
 
 class AttentionOperator(Protocol):
-    """Mixes tokens: ``q, k, v: (B, H, N, Dh) -> (B, H, N, Dh)``."""
+    """Mixes tokens: ``q, k, v: (B, H, N, Dh) -> (B, H, N, Dh)``; ``macs`` counts the mixing per image."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
-
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over all tokens through PyTorch's fused kernel."""
-    return F.scaled_dot_product_attention(q, k, v)
+    def macs(self, num_tokens: int, num_heads: int, head_dim: int) -> int: ...
 
 
 def attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,22 @@ def attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
 
 
-OPERATORS: dict[str, AttentionOperator] = {"full": full_attention}
+class FullAttention:
+    """Softmax attention over all tokens through PyTorch's fused kernel."""
+
+    name = "full"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return attention_map(q, k)
+
+    def macs(self, num_tokens: int, num_heads: int, head_dim: int) -> int:
+        return 2 * num_tokens * num_tokens * num_heads * head_dim  # q k^T and attn v
+
+
+full_attention = FullAttention()
 
 
 class Attention(nn.Module):
@@ -42,20 +59,27 @@ class Attention(nn.Module):
     defaults to ``dim // num_heads``. A different inner width is what width pruning (dropping heads) leaves.
     """
 
-    def __init__(self, dim: int, num_heads: int, operator: str = "full", head_dim: int | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int, operator: AttentionOperator = full_attention,
+                 head_dim: int | None = None) -> None:  # fmt: skip
         super().__init__()
         if head_dim is None and dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         if head_dim is not None and head_dim < 1:
             raise ValueError(f"head_dim={head_dim} must be a positive integer (or None for dim // num_heads)")
-        if operator not in OPERATORS:
-            raise ValueError(f"unknown attention operator {operator!r}; choices: {sorted(OPERATORS)}")
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner)
         self.proj = nn.Linear(inner, dim)
-        self.operator_name = operator
+        self.operator = operator
+
+    @classmethod
+    def from_config(cls, config: DiTConfig, operator: AttentionOperator = full_attention) -> Attention:
+        return cls(config.hidden_size, config.num_heads, operator, config.head_dim)
+
+    @property
+    def operator_name(self) -> str:
+        return getattr(self.operator, "name", type(self.operator).__name__)
 
     def forward(
         self, tokens: torch.Tensor, return_map: bool = False
@@ -65,10 +89,29 @@ class Attention(nn.Module):
         qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if return_map:
-            weights = attention_map(q, k)
+            if not hasattr(self.operator, "map"):
+                raise ValueError(f"the {self.operator_name!r} attention operator gives no attention maps; align maps "
+                                 "of blocks with full attention, or give the operator a map(q, k) method")  # fmt: skip
+            weights = self.operator.map(q, k)
             mixed = weights @ v
         else:
             weights = None
-            mixed = OPERATORS[self.operator_name](q, k, v)
+            mixed = self.operator(q, k, v)
         out = mixed.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.proj(out), weights
+
+    def macs(self, num_tokens: int) -> int:
+        """Projections plus the operator's mixing, per image."""
+        operator_macs = getattr(self.operator, "macs", None)
+        if operator_macs is None:
+            raise ValueError(f"the {self.operator_name!r} attention operator does not count its FLOPs; "
+                             "give it a macs(num_tokens, num_heads, head_dim) method")  # fmt: skip
+        projections = num_tokens * (self.qkv.weight.numel() + self.proj.weight.numel())
+        return projections + int(operator_macs(num_tokens, self.num_heads, self.head_dim))
+
+
+@register_attention("full")
+def full(config: DiTConfig) -> Attention:
+    if config.attention_options:
+        raise ValueError(f"full attention takes no attention_options (got {sorted(config.attention_options)})")
+    return Attention.from_config(config)

@@ -5,7 +5,9 @@ embedding, a timestep MLP on 256 sinusoidal frequencies, a label table with a nu
 classifier-free guidance, adaLN-Zero blocks and a zero-initialised final layer. Parameter names match
 the public checkpoints so they load with no renaming. SiT (Ma et al., 2024) uses the same network.
 
-Two options exist only to reproduce diffusers' port of DiT exactly (see ``models/interop.py``):
+The architecture is one :class:`~ditlab.models.config.DiTConfig`; each block's attention and MLP are
+components chosen by name from registries (:mod:`ditlab.models.components`), dense MLP and full attention
+by default. Two options exist only to reproduce diffusers' port of DiT exactly (see ``models/interop.py``):
 ``freq_shift`` (diffusers divides the frequency exponent by ``half - 1``) and ``mlp_norm_eps``
 (diffusers' second LayerNorm in a block uses eps 1e-5).
 
@@ -21,14 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditlab.models.attention import Attention
-
-PRESETS: dict[str, dict[str, int]] = {
-    "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
-    "B": {"depth": 12, "hidden_size": 768, "num_heads": 12},
-    "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16},
-    "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16},
-}
+import ditlab.models.attention  # noqa: F401 - registers the "full" attention kind
+import ditlab.models.mlp  # noqa: F401 - registers the "dense" MLP kind
+from ditlab.diffusion.guidance import guided_output
+from ditlab.models.components import build_component, component_macs
+from ditlab.models.config import DiTConfig
 
 
 def modulate(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,29 +92,17 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Attention then MLP, each behind an adaLN-Zero modulation of the conditioning vector.
 
-    ``head_dim`` and ``mlp_hidden`` default to ``hidden_size // num_heads`` and ``hidden_size * mlp_ratio``;
-    width-pruned networks set them explicitly.
+    The attention and MLP are the components ``config.attention`` and ``config.mlp`` name
+    (:mod:`ditlab.models.components`); the norms and the modulation are DiT's.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        mlp_norm_eps: float = 1e-6,
-        attention: str = "full",
-        head_dim: int | None = None,
-        mlp_hidden: int | None = None,
-    ) -> None:
+    def __init__(self, config: DiTConfig) -> None:
         super().__init__()
-        mlp_hidden = mlp_hidden or int(hidden_size * mlp_ratio)
+        hidden_size = config.hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, operator=attention, head_dim=head_dim)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("fc1", nn.Linear(hidden_size, mlp_hidden))
-        self.mlp.add_module("act", nn.GELU(approximate="tanh"))
-        self.mlp.add_module("fc2", nn.Linear(mlp_hidden, hidden_size))
+        self.attn = build_component("attention", config)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=config.mlp_norm_eps)
+        self.mlp = build_component("mlp", config)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
@@ -129,6 +116,11 @@ class DiTBlock(nn.Module):
         tokens = tokens + gate_msa.unsqueeze(1) * mixed
         tokens = tokens + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(tokens), shift_mlp, scale_mlp))
         return (tokens, weights) if return_attention else tokens
+
+    def macs(self, num_tokens: int, config: DiTConfig) -> int:
+        """Multiply-accumulates per image: the adaLN linear and the two components."""
+        return (self.adaLN_modulation[-1].weight.numel() + component_macs(self.attn, config.attention, num_tokens)
+                + component_macs(self.mlp, config.mlp, num_tokens))  # fmt: skip
 
 
 class FinalLayer(nn.Module):
@@ -175,81 +167,44 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
 class DiT(nn.Module):
     """Diffusion Transformer. ``dit(x, t, y) -> (B, out_channels, H, W)``, the public DiT call.
 
-    ``head_dim`` (default ``hidden_size // num_heads``) and ``mlp_hidden`` (default
-    ``int(hidden_size * mlp_ratio)``) describe width-pruned networks; ``config`` records them only when
-    they differ from the defaults, so unpruned configs are unchanged.
+    Built from one :class:`~ditlab.models.config.DiTConfig` (``DiT(config)``, or ``DiT(**fields)`` as a
+    shorthand); ``dit.config`` is that config, its depth following depth-pruning edits of ``dit.blocks``.
     """
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        freq_shift: float = 0.0,
-        mlp_norm_eps: float = 1e-6,
-        attention: str = "full",
-        head_dim: int | None = None,
-        mlp_hidden: int | None = None,
-    ) -> None:
+    def __init__(self, config: DiTConfig | None = None, **fields) -> None:
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(
-                f"input_size={input_size} is not divisible by patch_size={patch_size}; "
-                "pick a patch size that divides the image (or latent) size"
-            )
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 for the 2-D position embedding")
-        for name, value in (("head_dim", head_dim), ("mlp_hidden", mlp_hidden)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer, or None for the default")
-        if head_dim == hidden_size // num_heads and hidden_size % num_heads == 0:
-            head_dim = None  # the default: keep configs of unpruned networks free of width keys
-        if mlp_hidden == int(hidden_size * mlp_ratio):
-            mlp_hidden = None
-        self._config = {
-            "input_size": input_size, "patch_size": patch_size, "in_channels": in_channels,
-            "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
-            "class_dropout_prob": class_dropout_prob, "num_classes": num_classes,
-            "learn_sigma": learn_sigma, "freq_shift": freq_shift, "mlp_norm_eps": mlp_norm_eps,
-            "attention": attention,
-        }  # fmt: skip
-        if head_dim is not None:
-            self._config["head_dim"] = head_dim
-        if mlp_hidden is not None:
-            self._config["mlp_hidden"] = mlp_hidden
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if config is not None and fields:
+            raise TypeError("pass either a DiTConfig or its fields, not both")
+        config = config if config is not None else DiTConfig(**fields)
+        self._config = config
+        hidden_size = config.hidden_size
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.freq_shift)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps, attention, head_dim, mlp_hidden)
-            for _ in range(depth)
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(hidden_size, config.patch_size, config.out_channels)
         self.initialize_weights()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DiT:
-        """``DiT.from_preset("S/2", input_size=16, in_channels=1)``: a paper size, then free overrides."""
-        size, _, patch = name.removeprefix("DiT-").removeprefix("SiT-").partition("/")
-        if size not in PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choices: {[f'{s}/{p}' for s in PRESETS for p in (2, 4, 8)]}")
-        kwargs = {**PRESETS[size], "patch_size": int(patch or 2)}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """``DiT.from_preset("S/2", input_size=16, in_channels=1)``: a preset, then free overrides."""
+        return cls(DiTConfig(preset=name, **overrides))
+
+    @property
+    def config(self) -> DiTConfig:
+        """The config that rebuilds this network (its depth follows edits of ``blocks``)."""
+        if self._config.depth != len(self.blocks):
+            self._config = self._config.replace(depth=len(self.blocks))
+        return self._config
+
+    # the sizes everyone reads, all from the one config
+    input_size = property(lambda self: self._config.input_size)
+    patch_size = property(lambda self: self._config.patch_size)
+    in_channels = property(lambda self: self._config.in_channels)
+    out_channels = property(lambda self: self._config.out_channels)
+    learn_sigma = property(lambda self: self._config.learn_sigma)
+    num_classes = property(lambda self: self._config.num_classes)
 
     def initialize_weights(self) -> None:
         """The DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output."""
@@ -276,11 +231,6 @@ class DiT(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
-
-    @property
-    def config(self) -> dict:
-        """Constructor arguments that rebuild this network (depth follows pruning edits)."""
-        return {**self._config, "depth": len(self.blocks)}
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
               force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -313,12 +263,7 @@ class DiT(nn.Module):
 
         The guided channels default to all ``in_channels``; ``cfg_channels=3`` reproduces the public DiT.
         """
-        null = torch.full_like(y, self.num_classes)
-        both = self(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, torch.cat([y, null]))
-        channels = cfg_channels or self.in_channels
-        guided, rest = both[:, :channels], both[:, channels:]
-        cond, uncond = guided.chunk(2)
-        return torch.cat([uncond + cfg_scale * (cond - uncond), rest.chunk(2)[0]], dim=1)
+        return guided_output(self, x, t, y, self.num_classes, cfg_scale, cfg_channels)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, N, p*p*C)`` in the order ``unpatchify`` inverts."""

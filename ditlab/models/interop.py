@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from ditlab.checkpoint import load_matching, network_from_checkpoint
-from ditlab.models.dit import PRESETS, DiT, sincos_2d
+from ditlab.models.config import SIZES, DiTConfig
+from ditlab.models.dit import DiT, sincos_2d
+from ditlab.models.loading import load_matching, network_from_checkpoint
 
 DOWNLOAD_HINT = ("on a machine with network download DiT-XL-2-256x256.pt (or DiT-XL-2-512x512.pt) from "
                  "https://dl.fbaipublicfiles.com/DiT/models/, copy it here and pass its path")  # fmt: skip
@@ -73,7 +74,7 @@ def unwrap_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 def preset_heads(hidden_size: int) -> int | None:
     """Heads of the paper preset with this width (S 384: 6, B 768: 12, L 1024: 16, XL 1152: 16)."""
-    return next((p["num_heads"] for p in PRESETS.values() if p["hidden_size"] == hidden_size), None)
+    return next((p["num_heads"] for p in SIZES.values() if p["hidden_size"] == hidden_size), None)
 
 
 def infer_config(weights: dict[str, torch.Tensor], **overrides) -> dict:
@@ -121,7 +122,7 @@ def infer_widths(weights: dict[str, torch.Tensor], hidden: int, depth: int, over
     if heads is None:
         preset = preset_heads(hidden)
         if head_dim is None and preset is None:
-            raise ValueError(f"hidden size {hidden} matches no DiT preset {sorted(p['hidden_size'] for p in PRESETS.values())}, "
+            raise ValueError(f"hidden size {hidden} matches no DiT preset {sorted(p['hidden_size'] for p in SIZES.values())}, "
                              "so the head count is unknown; pass num_heads=...")  # fmt: skip
         head_dim = head_dim or hidden // preset
         heads = attention_width // head_dim
@@ -145,7 +146,7 @@ def load_dit_checkpoint(path_or_state_dict: str | Path | dict, **overrides) -> D
     if "ditlab" in checkpoint and "state_dict" in checkpoint:
         return network_from_checkpoint(checkpoint)
     weights = unwrap_state_dict(checkpoint)
-    dit = DiT(**infer_config(weights, **overrides))
+    dit = DiT(DiTConfig(**infer_config(weights, **overrides)))
     if "pos_embed" not in weights:  # a fixed function of the grid: take the freshly built one
         weights = {**weights, "pos_embed": dit.pos_embed.detach().clone()}
     load_matching(dit, weights, "DiT checkpoint")
@@ -160,7 +161,7 @@ def save_safetensors(dit: DiT, path: str | Path, metadata: dict | None = None) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in dit.state_dict().items()}, path)
-    path.with_suffix(".json").write_text(json.dumps({"dit_config": dit.config, **(metadata or {})}, indent=2))
+    path.with_suffix(".json").write_text(json.dumps({"dit_config": dit.config.to_dict(), **(metadata or {})}, indent=2))
     return path
 
 
@@ -179,7 +180,7 @@ def load_safetensors(path: str | Path) -> DiT:
                                 "use load_dit_checkpoint, which infers the architecture")  # fmt: skip
     from safetensors.torch import load_file
 
-    dit = DiT(**json.loads(config_path.read_text())["dit_config"])
+    dit = DiT(DiTConfig.from_dict(json.loads(config_path.read_text())["dit_config"]))
     load_matching(dit, load_file(path), str(path))
     return dit.eval()
 
@@ -201,6 +202,11 @@ HEAD_MAP = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1
 def check_exportable(dit: DiT) -> None:
     """Refuse DiTs that ``DiTTransformer2DModel`` cannot express, naming what differs."""
     hidden = dit.pos_embed.shape[-1]
+    config = dit.config
+    if (config.attention, config.mlp) != ("full", "dense"):
+        raise ValueError(f"this DiT has {config.attention!r} attention and a {config.mlp!r} MLP; diffusers' "
+                         "DiTTransformer2DModel has full attention and a dense MLP only, so export it with "
+                         "`ditlab convert --format safetensors`")  # fmt: skip
     if not dit.depth:
         raise ValueError("a DiT with no blocks cannot go to diffusers, whose head reads block 0's embedder")
     for index, block in enumerate(dit.blocks):
@@ -212,9 +218,6 @@ def check_exportable(dit: DiT) -> None:
         if block.mlp.fc1.weight.shape[0] != 4 * hidden:
             raise ValueError(f"block {index} has MLP width {block.mlp.fc1.weight.shape[0]} != 4 x hidden size {hidden}; "
                              "diffusers' DiTTransformer2DModel fixes mlp_ratio=4, so export with --format safetensors")  # fmt: skip
-        if getattr(block.attn, "operator_name", "full") != "full":
-            raise ValueError(f"block {index} uses the {block.attn.operator_name!r} attention operator; diffusers' "
-                             "DiTTransformer2DModel has full attention only")  # fmt: skip
 
 
 def to_diffusers(dit: DiT):
@@ -331,7 +334,7 @@ def from_diffusers(model, **overrides) -> DiT:
               "class_dropout_prob": dropout, "num_classes": embedder.class_embedder.num_classes,
               "learn_sigma": model.out_channels == 2 * in_channels, "freq_shift": freq_shift,
               "mlp_norm_eps": mlp_norm_eps, **overrides}  # fmt: skip
-    dit = DiT(**kwargs)
+    dit = DiT(DiTConfig(**kwargs))
     theirs = model.state_dict()
     ours: dict[str, torch.Tensor] = {"pos_embed": model.pos_embed.pos_embed.detach().clone()}
     for name, source in HEAD_MAP.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
-from ditlab.methods.config import ObjectiveConfig
+from ditlab.diffusion.config import ObjectiveConfig
 from ditlab.models.dit import sincos_2d
 from ditlab.models.interop import save_safetensors, to_diffusers
 
@@ -34,15 +34,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def pipeline_scheduler(objective: dict, sampler: str | None):
     """The diffusers scheduler ``DiTPipeline`` should step with: the run's sampler, fixed variance
     (the pipeline drops a learned-sigma network's variance channels)."""
-    from ditlab.diffusion.sample import GAUSSIAN_SAMPLERS, make_scheduler
-
     if objective["kind"] != "gaussian":
         raise ValueError("a diffusers export (--format diffusers) needs a DDPM-trained (objective.kind gaussian) run: DiTPipeline "
                          "feeds integer DDPM timesteps and has no flow sampler; use --format safetensors")  # fmt: skip
     known = {k: v for k, v in objective.items() if k in ObjectiveConfig.__dataclass_fields__}
-    built = ObjectiveConfig(**known)
-    sampler = sampler if sampler in GAUSSIAN_SAMPLERS else "ddpm"
-    return make_scheduler(built.build(learn_sigma=False), sampler)  # learn_sigma False: DDPM's fixed variance
+    objective = ObjectiveConfig(**known).build(learn_sigma=False)  # learn_sigma False: DDPM's fixed variance
+    return objective.scheduler(sampler if sampler in objective.samplers else "ddpm")
 
 
 def export_diffusers(network, meta: dict, out: Path) -> None:

@@ -18,9 +18,10 @@ import torch
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.cli import close_process_group
 from ditlab.data.digits import DigitsDataModule
+from ditlab.diffusion.config import SamplingConfig
 from ditlab.distributed import FSDP2Strategy
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.config import NetworkConfig, SamplingConfig
+from ditlab.models.config import DiTConfig
 
 
 class RecordingEvaluation(Evaluation):
@@ -34,7 +35,7 @@ class RecordingEvaluation(Evaluation):
 def main(devices: int, out: Path, strategy: str = "ddp") -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
-    network = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+    network = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                             num_classes=10)  # fmt: skip
     module = DiffusionModule(network=network, sampling=SamplingConfig(sampler="ddim", steps=2, batch_size=5), lr=0.0)
     evaluation = RecordingEvaluation(num_samples=21, steps=2, seed=7)  # 21: unequal shares (11 and 10: 3 and 2 sampling batches of 5)

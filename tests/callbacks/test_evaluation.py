@@ -17,12 +17,13 @@ from lightning.pytorch.loggers import CSVLogger
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.callbacks.summary import RunSummary
 from ditlab.data.digits import DigitsDataModule
+from ditlab.diffusion.config import SamplingConfig
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.config import NetworkConfig, SamplingConfig
 from ditlab.metrics.features import digits_classifier
+from ditlab.models.config import DiTConfig
 
 HERE = Path(__file__).resolve().parent
-TINY_NET = NetworkConfig(
+TINY_NET = DiTConfig(
     input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10
 )
 

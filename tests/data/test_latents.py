@@ -26,8 +26,9 @@ from ditlab.data import shards
 from ditlab.data.images import SkippedImageWarning, center_crop_arr, scan_image_folder, to_signed
 from ditlab.data.latents import LatentDataModule
 from ditlab.data.vae import load_vae
+from ditlab.diffusion.config import SamplingConfig
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.config import NetworkConfig, SamplingConfig
+from ditlab.models.config import DiTConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -252,7 +253,7 @@ def test_tiny_dit_trains_on_latents_and_decodes_a_sample_grid(work, tmp_path):
     L.seed_everything(0)
     data = LatentDataModule(str(work["clean"]), vae=work["vae"], latent_size=8, batch_size=4, val_fraction=0.2,
                             num_workers=0)  # fmt: skip
-    network = NetworkConfig(
+    network = DiTConfig(
         input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3
     )
     module = DiffusionModule(network=network, sampling=SamplingConfig(sampler="ddim", steps=2), lr=1e-3,
@@ -282,7 +283,8 @@ def test_imagenet_recipe_names_the_vae_once(monkeypatch, capsys):
     model, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
     assert model["vae"] == data["vae"] == "stabilityai/sd-vae-ft-ema"
     assert model["latent_scale"] == data["latent_scale"] == 0.18215
-    assert model["network"]["input_size"] == data["latent_size"] == 32 and model["network"]["depth"] == 28
+    network = DiTConfig(**model["network"])  # the XL/2 preset fills the sizes the config leaves out
+    assert network.input_size == data["latent_size"] == 32 and network.depth == 28
     assert data["batch_size"] * trainer["devices"] == 256 and trainer["strategy"] == "ddp"
     assert (model["lr"], model["weight_decay"], model["ema_decay"]) == (1e-4, 0.0, 0.9999)
     assert (trainer["max_steps"], trainer["precision"]) == (400000, "bf16-mixed")

@@ -38,7 +38,7 @@ class GaussianVelocity(nn.Module):
     def __init__(self, path: str, mu: float = MU, std: float = STD, t_scale: float = 1.0) -> None:
         super().__init__()
         self.path, self.mu, self.std, self.t_scale = path, mu, std, t_scale
-        self.in_channels, self.input_size, self.num_classes = 4, 32, 1
+        self.shape = (4, 32, 32)  # a plain model function: the sampler is told its shape
         self.anchor = nn.Parameter(torch.zeros(()))  # sample_images reads the device from the parameters
         self.seen_t: list[float] = []
 
@@ -67,7 +67,7 @@ def test_sampler_reaches_gaussian_data_distribution(path, sampler, steps, t_scal
     objective = FlowMatching(path=path, t_scale=t_scale)
     model = GaussianVelocity(path, t_scale=t_scale)
     samples = sample_images(model, objective, torch.zeros(8, dtype=torch.long), seed=0, batch_size=8,
-                            steps=steps, sampler=sampler)  # fmt: skip
+                            steps=steps, sampler=sampler, shape=model.shape)  # fmt: skip
     assert samples.shape == (8, 4, 32, 32)
     mean, std = samples.mean().item(), samples.std().item()
     assert abs(mean - MU) < 0.02 * MU, mean
@@ -89,7 +89,7 @@ def test_sampler_convergence_order(sampler, order):
     errors = []
     for steps in (20, 40, 80):
         samples = sample_images(
-            GaussianVelocity("linear"), FlowMatching(), labels, steps=steps, sampler=sampler
+            GaussianVelocity("linear"), FlowMatching(), labels, steps=steps, sampler=sampler, shape=(4, 32, 32)
         )
         errors.append((samples - exact).abs().max().item())
     for coarse, fine in zip(errors[:-1], errors[1:]):
@@ -103,7 +103,8 @@ def test_wrong_velocity_sign_misses_the_data():
         def forward(self, x, t, y):
             return -super().forward(x, t, y)
 
-    samples = sample_images(Negated("linear"), FlowMatching(), torch.zeros(2, dtype=torch.long), steps=20)
+    samples = sample_images(Negated("linear"), FlowMatching(), torch.zeros(2, dtype=torch.long), steps=20,
+                            shape=(4, 32, 32))
     assert abs(samples.mean().item() - MU) > 0.5
 
 

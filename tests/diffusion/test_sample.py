@@ -162,7 +162,7 @@ class GaussianEpsilon(nn.Module):
     def __init__(self, objective: GaussianDiffusion) -> None:
         super().__init__()
         self.alphas_cumprod = objective.tables["alphas_cumprod"]
-        self.in_channels, self.input_size, self.num_classes = 2, 32, 1
+        self.shape = (2, 32, 32)  # a plain model function: the sampler is told its shape
         self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -177,7 +177,7 @@ class GaussianEpsilon(nn.Module):
 def test_gaussian_samplers_reach_gaussian_data(sampler, steps):
     """Also checks the time convention: the network gets the integer DDPM step, 999 (noise) down to 0."""
     objective = GaussianDiffusion()
-    samples = sample_images(GaussianEpsilon(objective), objective, torch.zeros(8, dtype=torch.long), steps=steps,
+    samples = sample_images(GaussianEpsilon(objective), objective, torch.zeros(8, dtype=torch.long), steps=steps, shape=(2, 32, 32),
                             sampler=sampler)  # fmt: skip
     assert abs(samples.mean().item() - MU) < 0.03 * abs(MU)
     assert abs(samples.std().item() - STD) < 0.03 * STD
@@ -190,13 +190,13 @@ def test_ddpm_uses_the_learned_variance_channels():
     objective = GaussianDiffusion()
     model = GaussianEpsilon(objective)
     labels = torch.zeros(2, dtype=torch.long)
-    small = sample_images(model, objective, labels, steps=20, sampler="ddpm")
+    small = sample_images(model, objective, labels, steps=20, sampler="ddpm", shape=model.shape)
     model.forward = lambda x, t, y: torch.cat([GaussianEpsilon.forward(model, x, t, y)[:, :2],
                                                torch.ones_like(x)], dim=1)  # fmt: skip
-    large = sample_images(model, objective, labels, steps=20, sampler="ddpm")
+    large = sample_images(model, objective, labels, steps=20, sampler="ddpm", shape=model.shape)
     assert large.std() > small.std() * 1.05  # v = +1 samples with beta_t, v = -1 with the posterior variance
-    deterministic = sample_images(model, objective, labels, steps=20, sampler="ddim")
+    deterministic = sample_images(model, objective, labels, steps=20, sampler="ddim", shape=model.shape)
     del model.forward
     torch.testing.assert_close(
-        sample_images(model, objective, labels, steps=20, sampler="ddim"), deterministic
+        sample_images(model, objective, labels, steps=20, sampler="ddim", shape=model.shape), deterministic
     )

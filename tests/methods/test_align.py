@@ -20,6 +20,7 @@ from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
 from ditlab.cli import main
 from ditlab.data.digits import DigitsDataModule, digits_tensors
 from ditlab.diffusion import FlowMatching, Noised
+from ditlab.diffusion.config import ObjectiveConfig
 from ditlab.diffusion.gaussian import mean_flat
 from ditlab.methods.align import (
     AlignModule,
@@ -32,7 +33,7 @@ from ditlab.methods.align import (
 )
 from ditlab.methods.align.losses import attention_loss, guided, negative_cosine, velocity_to_x0
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.config import NetworkConfig, ObjectiveConfig
+from ditlab.models.config import DiTConfig
 from ditlab.models.encoders import DigitsViTRecipe, digits_vit, dinov2, load_encoder
 from ditlab.models.taps import run_blocks
 
@@ -40,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOW = ObjectiveConfig(kind="flow", t_scale=1000.0)
 
 
-def tiny(input_size: int = 16, patch_size: int = 4, num_heads: int = 2, depth: int = 4) -> NetworkConfig:
-    return NetworkConfig(input_size=input_size, patch_size=patch_size, in_channels=1, hidden_size=32, depth=depth,
+def tiny(input_size: int = 16, patch_size: int = 4, num_heads: int = 2, depth: int = 4) -> DiTConfig:
+    return DiTConfig(input_size=input_size, patch_size=patch_size, in_channels=1, hidden_size=32, depth=depth,
                          num_heads=num_heads, num_classes=10, learn_sigma=False)  # fmt: skip
 
 
@@ -147,18 +148,19 @@ def test_bad_layer_and_head_choices_fail_at_construction():
 def test_attention_maps_only_for_aligned_blocks_the_rest_fused(monkeypatch):
     module = haste()  # DiT head width 32 / 4 = 8; the digits ViT's 64 / 4 = 16
     calls: Counter = Counter()
-    fused, explicit = attention_ops.OPERATORS["full"], attention_ops.attention_map
+    operator = attention_ops.FullAttention  # the full-attention operator both networks' Attention modules call
+    fused, explicit = operator.__call__, operator.map
 
-    def counting_fused(q, k, v):
+    def counting_fused(self, q, k, v):
         calls["fused", "dit" if q.shape[-1] == 8 else "encoder"] += 1
-        return fused(q, k, v)
+        return fused(self, q, k, v)
 
-    def counting_map(q, k):
+    def counting_map(self, q, k):
         calls["map", "dit" if q.shape[-1] == 8 else "encoder"] += 1
-        return explicit(q, k)
+        return explicit(self, q, k)
 
-    monkeypatch.setitem(attention_ops.OPERATORS, "full", counting_fused)
-    monkeypatch.setattr(attention_ops, "attention_map", counting_map)
+    monkeypatch.setattr(operator, "__call__", counting_fused)
+    monkeypatch.setattr(operator, "map", counting_map)
     terms = module.training_losses(*digits_batch())
     assert "loss_align_attention" in terms and terms["loss_align_attention"] > 0
     assert calls == {("map", "dit"): 2, ("fused", "dit"): 2, ("map", "encoder"): 2, ("fused", "encoder"): 2}

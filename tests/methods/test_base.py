@@ -13,10 +13,11 @@ import torch
 from ditlab.checkpoint import bundle_from_checkpoint, network_from_checkpoint, read_checkpoint
 from ditlab.cli import main
 from ditlab.data.digits import DigitsDataModule
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
+from ditlab.models.config import DiTConfig
 
-TINY_NET = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+TINY_NET = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> None:

@@ -222,7 +222,7 @@ def test_from_preset_names(name, depth, hidden, heads, patch):
     with torch.device("meta"):
         dit = DiT.from_preset(name)
     assert (dit.depth, dit.patch_size, dit.blocks[0].attn.num_heads) == (depth, patch, heads)
-    assert dit.config["hidden_size"] == hidden and dit.config["depth"] == depth
+    assert dit.config.hidden_size == hidden and dit.config.depth == depth
 
 
 def test_from_preset_overrides():
@@ -234,9 +234,9 @@ def test_from_preset_overrides():
         2,
         10,
     )
-    assert dit.config["hidden_size"] == 384
+    assert dit.config.hidden_size == 384
     assert dit(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 9])).shape == (2, 1, 16, 16)
-    rebuilt = DiT(**dit.config)
+    rebuilt = DiT(dit.config)
     assert rebuilt.config == dit.config
     with pytest.raises(ValueError, match="unknown DiT preset.*choices"):
         DiT.from_preset("M/2")
@@ -284,9 +284,11 @@ def test_block_attention_return_matches_plain_block():
     assert weights.shape == (3, 4, 16, 16)
 
 
-def test_unknown_attention_operator():
-    with pytest.raises(ValueError, match="unknown attention operator 'nope'; choices: \\['full'\\]"):
-        Attention(32, 4, operator="nope")
+def test_unknown_attention_kind():
+    with pytest.raises(ValueError, match="unknown attention kind 'nope'; registered: \\[.*'full'"):
+        tiny_dit(attention="nope")
+    with pytest.raises(ValueError, match="unknown mlp kind 'nope'; registered: \\[.*'dense'"):
+        tiny_dit(mlp="nope")
 
 
 # --- explicit widths (what width pruning leaves) ----------------------------------------------------
@@ -294,7 +296,7 @@ def test_unknown_attention_operator():
 
 def test_default_widths_leave_config_and_parameter_names_unchanged():
     dit = tiny_dit()
-    assert "head_dim" not in dit.config and "mlp_hidden" not in dit.config
+    assert dit.config.head_dim is None and dit.config.mlp_hidden is None
     explicit = tiny_dit(head_dim=8, mlp_hidden=128)  # the defaults for hidden 32, 4 heads, ratio 4
     assert explicit.config == dit.config
     assert {k: v.shape for k, v in explicit.state_dict().items()} == {
@@ -308,8 +310,8 @@ def test_explicit_head_dim_and_mlp_hidden_shape_the_block_and_rebuild_from_confi
     block = dit.blocks[0]
     assert block.attn.qkv.weight.shape == (3 * 2 * 8, 32) and block.attn.proj.weight.shape == (32, 16)
     assert block.mlp.fc1.weight.shape == (40, 32) and block.mlp.fc2.weight.shape == (32, 40)
-    assert dit.config["head_dim"] == 8 and dit.config["mlp_hidden"] == 40
-    rebuilt = DiT(**dit.config)
+    assert dit.config.head_dim == 8 and dit.config.mlp_hidden == 40
+    rebuilt = DiT(dit.config)
     rebuilt.load_state_dict(dit.state_dict())  # strict
     x, t, y = inputs(dit)
     assert torch.equal(rebuilt.eval()(x, t, y), dit(x, t, y))
@@ -323,10 +325,10 @@ def test_explicit_head_dim_and_mlp_hidden_shape_the_block_and_rebuild_from_confi
 
 
 def test_network_config_builds_explicit_widths():
-    from ditlab.methods.config import NetworkConfig
+    from ditlab.models.config import DiTConfig
 
-    config = NetworkConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=3,
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=3,
                            head_dim=8, mlp_hidden=24, num_classes=3)  # fmt: skip
     dit = config.build()
     assert dit.blocks[0].attn.qkv.weight.shape == (72, 32) and dit.blocks[0].mlp.fc1.out_features == 24
-    assert NetworkConfig(**dit.config).build().config == dit.config
+    assert DiTConfig.from_dict(dit.config.to_dict()).build().config == dit.config

@@ -103,7 +103,7 @@ def test_from_diffusers_reproduces_a_native_diffusers_model_exactly():
         for block in model.transformer_blocks[1:]:
             block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
     dit = from_diffusers(model)
-    assert dit.config["freq_shift"] == 1.0 and dit.config["mlp_norm_eps"] == 1e-5
+    assert dit.config.freq_shift == 1.0 and dit.config.mlp_norm_eps == 1e-5
     x, t, y = inputs(dit)
     with torch.no_grad():
         assert (dit(x, t.float(), y) - model(x, t, y).sample).abs().max() <= 1e-5
@@ -142,7 +142,7 @@ def test_public_layout_loads_with_inferred_architecture(tmp_path):
     assert loaded.config == dit.config  # heads 6 from the S preset, everything else from the tensors
     assert all(torch.equal(value, loaded.state_dict()[name]) for name, value in dit.state_dict().items())
     raw = load_dit_checkpoint({f"module.{k}": v for k, v in dit.state_dict().items()})
-    assert raw.config["num_classes"] == 10 and raw.config["class_dropout_prob"] == 0.1
+    assert raw.config.num_classes == 10 and raw.config.class_dropout_prob == 0.1
 
 
 def test_width_pruned_checkpoint_infers_heads_and_mlp_width():
@@ -151,7 +151,7 @@ def test_width_pruned_checkpoint_infers_heads_and_mlp_width():
         input_size=8, patch_size=4, hidden_size=384, depth=2, num_heads=4, head_dim=64, mlp_hidden=1000
     )
     loaded = load_dit_checkpoint(dit.state_dict(), num_classes=10)
-    assert loaded.config == dit.config and loaded.config["num_heads"] == 4
+    assert loaded.config == dit.config and loaded.config.num_heads == 4
     x, t, y = inputs(dit)
     with torch.no_grad():
         assert torch.equal(dit(x, t.float(), y), loaded(x, t.float(), y))
@@ -192,7 +192,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
 def test_safetensors_export_rebuilds_from_its_json(tmp_path):
     dit = tiny_dit(depth=3, learn_sigma=False)
     path = save_safetensors(dit, tmp_path / "dit.safetensors", {"note": "x"})
-    assert json.loads(path.with_suffix(".json").read_text())["dit_config"] == dit.config
+    assert json.loads(path.with_suffix(".json").read_text())["dit_config"] == dit.config.to_dict()
     loaded = load_safetensors(tmp_path)
     assert loaded.config == dit.config
     assert all(torch.equal(value, loaded.state_dict()[name]) for name, value in dit.state_dict().items())

@@ -92,7 +92,7 @@ def test_block_io_lists_every_boundary(dit, batch):
 @pytest.mark.parametrize("skip", [[0], [1, 3], [0, 2, 4], list(range(DEPTH))])
 def test_skip_equals_dit_built_from_kept_blocks(dit, batch, skip):
     keep = [i for i in range(DEPTH) if i not in skip]
-    shallow = DiT(**{**dit.config, "depth": len(keep)})
+    shallow = DiT(dit.config.replace(depth=len(keep)))
     state = {k: v for k, v in dit.state_dict().items() if not k.startswith("blocks.")}
     shallow.load_state_dict(state, strict=False)
     shallow.blocks = kept_blocks(dit, keep)

@@ -2,8 +2,8 @@
 
 - trainable heads (projectors) in ``self.heads``: saved in checkpoints, optimised with the network, never
   in the EMA or in exported networks (``ditlab convert`` / ``sample`` read ``network.``/``ema.`` only);
-- a frozen *target network* (an encoder, or the phase-1 teacher) held in a tuple, so it is never in
-  ``state_dict``, the optimiser or DDP's parameter list; loaded on first use, or at fit start;
+- a frozen *target network* (an encoder, or the phase-1 teacher) in a ``FrozenNetwork`` holder, so it is never
+  in ``state_dict``, the optimiser or DDP's parameter list; loaded on first use, or at fit start;
 - stage-wise termination (HASTE): :meth:`terminate_alignment` switches every alignment term off for
   good, drops the target network and records the step, which checkpoints carry, so a resumed run past
   the step never loads the target again. ``ditlab.callbacks.alignment.AlignmentTermination`` calls it.
@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-import gc
-
 import torch
 from torch import nn
 
 from ditlab.methods.base import DiffusionModule
+from ditlab.methods.frozen import FrozenNetwork
 
 
 class AlignmentBase(DiffusionModule):
@@ -32,10 +31,10 @@ class AlignmentBase(DiffusionModule):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.heads = nn.ModuleDict()
-        self._target: tuple[nn.Module, ...] = ()  # a tuple keeps it out of state_dict, the optimiser and DDP
+        self._target = FrozenNetwork(self.load_target)
         self.terminated_at: int | None = None
-        self.target_loads = 0
-        """How many times the target network was loaded in this process (tests: never after termination)."""
+        """The step alignment stopped at (None while it is on): the one record of termination, checkpointed
+        with the module; ``AlignmentTermination`` only decides when to call :meth:`terminate_alignment`."""
         self.last_terms: dict[str, torch.Tensor] = {}
         """The detached loss terms of the last training step."""
         self.summary["alignment"] = {"method": self.method, "terminated_at": None}
@@ -56,22 +55,19 @@ class AlignmentBase(DiffusionModule):
 
     @property
     def target_loaded(self) -> bool:
-        return bool(self._target)
+        return self._target.loaded
+
+    @property
+    def target_loads(self) -> int:
+        """How many times the target network was loaded in this process (tests: never after termination)."""
+        return self._target.loads
 
     @property
     def target_network(self) -> nn.Module | None:
         """The frozen target on this module's device; None once alignment has terminated (never reloaded)."""
         if not self.alignment_active or not self.uses_target:
             return None
-        if not self._target:
-            target = self.load_target().requires_grad_(False).eval()
-            self.target_loads += 1
-            self._target = (target,)
-        target = self._target[0]
-        parameter = next(target.parameters(), None)
-        if parameter is not None and parameter.device != self.device:
-            target.to(self.device)
-        return target
+        return self._target.get(self.device)
 
     def on_fit_start(self) -> None:
         """Load the target before the first step (errors surface early; step 0's time stays a step's time)."""
@@ -82,15 +78,9 @@ class AlignmentBase(DiffusionModule):
         """Alignment off from ``step`` on: the target network is dropped and collected; returns its bytes."""
         if not self.alignment_active:
             return 0
-        released = sum(
-            t.numel() * t.element_size() for m in self._target for t in [*m.parameters(), *m.buffers()]
-        )
+        released = self._target.release()
         self.terminated_at = int(step)
-        self._target = ()
         self._forget_logged_alignment_terms()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         self.summary["alignment"].update(terminated_at=self.terminated_at, released_bytes=released)
         return released
 
@@ -141,15 +131,7 @@ class AlignmentBase(DiffusionModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The network's and the heads' trainable parameters (the EMA and the target are frozen)."""
-        return [p for p in [*self.network.parameters(), *self.heads.parameters()] if p.requires_grad]
-
-    def configure_optimizers(self):
-        """``DiffusionModule``'s AdamW with linear warm-up, over the network *and* the alignment heads."""
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, betas=self.betas,
-                                      weight_decay=self.weight_decay)  # fmt: skip
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return [*super().trainable_parameters(), *(p for p in self.heads.parameters() if p.requires_grad)]
 
     # ----------------------------------------------------------------------------------- checkpoints
     def alignment_state(self) -> dict:
@@ -171,6 +153,6 @@ class AlignmentBase(DiffusionModule):
                              f"{self.method!r}; resume it with the config that wrote it")  # fmt: skip
         if state.get("terminated_at") is not None:
             self.terminated_at = int(state["terminated_at"])
-            self._target = ()
+            self._target.release()
             self.summary["alignment"].update(terminated_at=self.terminated_at)
         super().on_load_checkpoint(checkpoint)

@@ -19,11 +19,13 @@ only for the aligned blocks (``run_blocks(attention=...)``); every other block u
 from __future__ import annotations
 
 import torch
+from jsonargparse import lazy_instance
 
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.align.base import AlignmentBase
 from ditlab.methods.align.config import AttentionAlignConfig, EncoderConfig, FeatureAlignConfig
 from ditlab.methods.align.losses import attention_loss, mlp, negative_cosine
-from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
+from ditlab.models.config import DiTConfig
 from ditlab.models.encoders import FrozenEncoder, encoder_info, load_encoder
 from ditlab.models.taps import run_blocks
 
@@ -42,7 +44,7 @@ class AlignModule(AlignmentBase):
 
     Args:
         network, objective, sampling: as in ``DiffusionModule`` (REPA and HASTE train SiT:
-            ``objective.kind=flow``; network None is the DiT-XL/2 default).
+            ``objective.kind=flow``; network defaults to DiT-XL/2).
         encoder: the frozen target encoder (kept out of checkpoints; released at termination).
         feature: REPA's projector alignment; None turns it off.
         attention: HASTE's attention-map alignment; None turns it off.
@@ -54,7 +56,7 @@ class AlignModule(AlignmentBase):
 
     def __init__(
         self,
-        network: NetworkConfig | None = None,
+        network: DiTConfig = lazy_instance(DiTConfig),
         objective: ObjectiveConfig = ObjectiveConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         encoder: EncoderConfig = EncoderConfig(),
@@ -66,7 +68,7 @@ class AlignModule(AlignmentBase):
             raise ValueError("model.init_args.feature and model.init_args.attention are both null: nothing to align; "
                              "set one, or train ditlab.methods.base.DiffusionModule")  # fmt: skip
         self.method = "haste" if attention is not None else "repa"
-        network = network if network is not None else NetworkConfig()
+        network = DiTConfig.plain(network)
         super().__init__(network=network, objective=objective, sampling=sampling, **options)
         self.encoder_config, self.feature, self.attention = encoder, feature, attention
         info = encoder_info(encoder.name)

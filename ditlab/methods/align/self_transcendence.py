@@ -18,7 +18,7 @@ code in ``shared/methods/training.md`` section 5:
 - the phase-2 projector is ``Linear(D, hidden) -> SiLU -> Linear(hidden, D_teacher)`` and needs the teacher's
   width to equal the student's (the paper trains the same SiT twice);
 - with no phase-1 checkpoint given, phase 1 is this same config run with ``--model.init_args.phase 1`` for
-  ``teacher.steps`` steps, trained once and cached by a hash of the recipe (``compress/teacher.py``).
+  ``teacher.steps`` steps, trained once and cached by a hash of the recipe (``methods/teacher.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse import lazy_instance
 
 from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.align.base import AlignmentBase
 from ditlab.methods.align.config import CleanAlignConfig, GuidedAlignConfig, PhaseOneTeacherConfig
 from ditlab.methods.align.losses import (
@@ -40,7 +42,8 @@ from ditlab.methods.align.losses import (
     time_mask,
     velocity_to_x0,
 )
-from ditlab.methods.config import NetworkConfig, ObjectiveConfig, SamplingConfig
+from ditlab.methods.teacher import TeacherConfig, build_from_recipe, teacher_path
+from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
 
@@ -51,7 +54,7 @@ class SelfTranscendenceModule(AlignmentBase):
     Args:
         phase: 1 trains the teacher with the shallow clean head; 2 trains a fresh student against it.
         network, objective, sampling: as in ``DiffusionModule``; the objective must be ``flow`` (the method is
-            defined on SiT); network None is the DiT-XL/2 default.
+            defined on SiT); network defaults to DiT-XL/2.
         clean: the phase-1 head and its loss.
         guided: the phase-2 teacher block, student block, feature guidance scale and loss.
         teacher: where the phase-1 network comes from (phase 2).
@@ -66,7 +69,7 @@ class SelfTranscendenceModule(AlignmentBase):
     def __init__(
         self,
         phase: Literal[1, 2] = 2,
-        network: NetworkConfig | None = None,
+        network: DiTConfig = lazy_instance(DiTConfig),
         objective: ObjectiveConfig = ObjectiveConfig(kind="flow"),
         sampling: SamplingConfig = SamplingConfig(),
         clean: CleanAlignConfig = CleanAlignConfig(),
@@ -81,7 +84,7 @@ class SelfTranscendenceModule(AlignmentBase):
         if objective.kind != "flow":
             raise ValueError("Self-Transcendence is defined on SiT's interpolant objective; set "
                              "model.init_args.objective.kind=flow")  # fmt: skip
-        network = network if network is not None else NetworkConfig()
+        network = DiTConfig.plain(network)
         super().__init__(network=network, objective=objective, sampling=sampling, **options)
         self.phase, self.clean, self.guided, self.teacher_config = phase, clean, guided, teacher
         depth, width = self.network.depth, network.hidden_size
@@ -108,8 +111,19 @@ class SelfTranscendenceModule(AlignmentBase):
         return self.phase == 2
 
     # ----------------------------------------------------------------------------------- phase-1 teacher
+    def recipe(self) -> TeacherConfig:
+        """This recipe's phase 1, as the shared teacher builder sees it."""
+        config = self.teacher_config
+        args = ["--model.init_args.phase", "1", "--trainer.max_steps", str(config.steps), *config.recipe_args]
+        return TeacherConfig(recipe=config.recipe, recipe_args=args, cache_dir=config.cache_dir)
+
+    def prepare_data(self) -> None:
+        """Phase 2 without a phase-1 checkpoint: train this recipe's phase 1 once (cached), on one process per node."""
+        if self.uses_target and self.alignment_active and not self.teacher_config.checkpoint:
+            build_from_recipe(self.recipe())
+
     def teacher_path(self) -> Path:
-        """The phase-1 checkpoint: the configured one, or this recipe's phase 1 trained once and cached."""
+        """The phase-1 checkpoint: the configured one, or this recipe's cached phase 1 (built in prepare_data)."""
         config = self.teacher_config
         if config.checkpoint:
             path = Path(config.checkpoint)
@@ -117,12 +131,7 @@ class SelfTranscendenceModule(AlignmentBase):
                 raise FileNotFoundError(f"phase-1 checkpoint {path} does not exist; set model.init_args.teacher."
                                         "checkpoint to a .ckpt written by phase 1, or null to train it once")  # fmt: skip
             return path
-        from ditlab.methods.compress.teacher import TeacherConfig, build_from_recipe
-
-        args = ["--model.init_args.phase", "1", "--trainer.max_steps", str(config.steps), *config.recipe_args]
-        return build_from_recipe(
-            TeacherConfig(recipe=config.recipe, recipe_args=args, cache_dir=config.cache_dir)
-        )
+        return teacher_path(self.recipe())
 
     def load_target(self) -> DiT:
         path = self.teacher_path()

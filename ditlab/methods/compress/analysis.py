@@ -104,18 +104,9 @@ def calibration_set(objective: GaussianDiffusion | FlowMatching, images: torch.T
     bins[torch.randperm(count, generator=generator)] = torch.arange(count) % num_timesteps
     noise = torch.randn(images.shape, generator=generator).to(images)
     centres = (torch.arange(num_timesteps, dtype=torch.float64) + 0.5) / num_timesteps
-    if objective.kind == "gaussian":
-        if num_timesteps > objective.num_timesteps:
-            raise ValueError(
-                f"num_timesteps={num_timesteps} exceeds the objective's {objective.num_timesteps} steps"
-            )
-        times = (centres * objective.num_timesteps).long().clamp(max=objective.num_timesteps - 1)
-        steps = times[bins].to(images.device)
-        x, model_t = objective.add_noise(images, steps, noise), steps.float()
-    else:
-        times = centres.float()
-        t = times[bins].to(images.device)
-        x, model_t = objective.add_noise(images, t, noise), t * getattr(objective, "t_scale", 1.0)
+    times = objective.time_at(centres)
+    t = times[bins].to(images.device)
+    x, model_t = objective.add_noise(images, t, noise), objective.model_time(t)
     return Calibration(x, model_t, labels.to(images.device), bins, times, images.shape[1])
 
 

@@ -19,13 +19,17 @@ from typing import Literal
 
 import torch
 
+from ditlab.checkpoint import run_settings
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.distributed import gathered, is_sharded
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.compress.analysis import select_blocks
 from ditlab.methods.compress.distill import FEATURE_LOSSES, distillation_losses
-from ditlab.methods.compress.prune import flops_per_image, parameter_count, prune_depth, prune_width
-from ditlab.methods.compress.teacher import TeacherConfig, known_fields, load_teacher
-from ditlab.methods.config import ObjectiveConfig, SamplingConfig
+from ditlab.methods.compress.prune import prune_depth, prune_width
+from ditlab.methods.frozen import FrozenNetwork
+from ditlab.methods.teacher import TeacherConfig, build_from_recipe, load_teacher
+from ditlab.models.budget import flops_per_image, parameter_count
+from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 
 
@@ -108,31 +112,33 @@ class DicompModule(DiffusionModule):
             raise ValueError(f"model.distill.feature_loss={distill.feature_loss!r}; choices: {list(FEATURE_LOSSES)}")
         if prune.num_blocks < 1:
             raise ValueError(f"model.prune.num_blocks={prune.num_blocks} must be at least 1")
-        super().__init__(network=None, objective=objective, sampling=sampling or SamplingConfig(), **options)
+        super().__init__(objective=objective, sampling=sampling or SamplingConfig(), **options)
         self.teacher_config, self.prune, self.distill = teacher, prune, distill
         self._sampling_given = sampling is not None
-        self._teacher: tuple[DiT, ...] = ()  # a tuple keeps the frozen teacher out of state_dict and the optimiser
+        self._teacher = FrozenNetwork(self._load_teacher)
         self.keep: list[int] = []
         """Teacher block index behind each student block (the kept block of its segment)."""
         self.calibration: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- building
+    builds_own_network = True
+
+    def prepare_data(self) -> None:
+        """Train the teacher recipe once (cached) when no teacher file is given; runs on one process per node."""
+        if not self.teacher_config.checkpoint:
+            build_from_recipe(self.teacher_config)
+
     @property
     def teacher(self) -> DiT:
-        if not self._teacher:
-            loaded = load_teacher(self.teacher_config, self.objective_config, self.sampling)
-            self.objective_config = loaded.objective
-            if not self._sampling_given:
-                self.sampling = loaded.sampling
-            self._teacher = (loaded.network,)
-        teacher = self._teacher[0]
-        if self._device_of(teacher) != self.device:
-            teacher.to(self.device)
-        return teacher
+        """The frozen teacher on this module's device (read from its file on first use; never trained here)."""
+        return self._teacher.get(self.device)
 
-    @staticmethod
-    def _device_of(network: torch.nn.Module) -> torch.device:
-        return next(network.parameters()).device
+    def _load_teacher(self) -> DiT:
+        loaded = load_teacher(self.teacher_config, self.objective_config, self.sampling)
+        self.objective_config = loaded.objective
+        if not self._sampling_given:
+            self.sampling = loaded.sampling
+        return loaded.network
 
     def configure_model(self) -> None:
         """Build the student once the trainer (and its datamodule, for calibration images) is attached."""
@@ -205,8 +211,7 @@ class DicompModule(DiffusionModule):
         ema = prune_depth(ema, selection.keep, init=init) if ema is not None else None
         self.keep = [self.keep[i] for i in selection.keep]
         self.attach(student, ema)
-        self._scaled_out = False
-        DiffusionModule.configure_model(self)  # checkpointing, compile and sharding for the new blocks
+        self.reconfigure()  # checkpointing, compile and sharding for the new blocks
         return list(selection.keep)
 
     # ----------------------------------------------------------------------------------- training
@@ -239,14 +244,14 @@ class DicompModule(DiffusionModule):
         if "dit_config" not in meta or "dicomp" not in checkpoint:
             raise ValueError("this checkpoint was not written by DicompModule; resume it with the module that wrote it")
         super().on_load_checkpoint(checkpoint)
-        self.objective_config = ObjectiveConfig(**known_fields(ObjectiveConfig, meta["objective"]))
+        self.objective_config = run_settings(meta)[0]
         self.keep = list(checkpoint["dicomp"]["keep"])
-        if self.network is not None and self.network.config == meta["dit_config"]:
+        config = DiTConfig.from_dict(meta["dit_config"])
+        if self.network is not None and self.network.config == config:
             return  # same architecture: the strategy loads the weights into the (possibly sharded) student
         if is_sharded(self):
             raise ValueError("this checkpoint's student has another architecture (a later progressive stage) and "
                              "cannot be loaded into a sharded student; resume it with strategy ddp or on one device")  # fmt: skip
-        student = DiT(**meta["dit_config"]).to(self.device)
+        student = DiT(config).to(self.device)
         self.attach(student, copy.deepcopy(student) if self.ema_decay is not None else None)
-        self._scaled_out = False
-        super().configure_model()
+        self.reconfigure()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT, DiTBlock
 
 DEPTH_INITS = ("copy", "average", "random")
@@ -75,11 +76,11 @@ def segments(depth: int, keep: Sequence[int]) -> list[tuple[int, int]]:
 # --- building a pruned network ----------------------------------------------------------------------
 
 
-def _rebuild(dit: DiT, config: dict, state_dict: Mapping[str, torch.Tensor]) -> DiT:
+def _rebuild(dit: DiT, config: DiTConfig, state_dict: Mapping[str, torch.Tensor]) -> DiT:
     """A fresh DiT from ``config`` holding ``state_dict`` (strict), on ``dit``'s device, dtype and mode."""
     reference = next(dit.parameters())
     with torch.device("meta"):
-        network = DiT(**config)
+        network = DiT(config)
     network = network.to_empty(device=reference.device).to(reference.dtype)
     network.load_state_dict(state_dict)
     return network.train(dit.training)
@@ -119,7 +120,7 @@ def prune_depth(
                   for kept, group in block_groups(dit.depth, keep).items()]  # fmt: skip
     else:
         blocks = [_block_state(dit, index) for index in keep]
-    student = _rebuild(dit, {**dit.config, "depth": len(keep)}, _student_state(dit, blocks))
+    student = _rebuild(dit, dit.config.replace(depth=len(keep)), _student_state(dit, blocks))
     if init == "random":
         reinitialize(student, range(student.depth), generator)
     return student
@@ -159,6 +160,14 @@ def reinitialize(dit: DiT, blocks: Iterable[int], generator: torch.Generator | N
 # --- width --------------------------------------------------------------------------------------------
 
 
+def check_width_prunable(dit: DiT) -> None:
+    """Width pruning slices heads of ``full`` attention and channels of the ``dense`` MLP; refuse other kinds."""
+    config = dit.config
+    if (config.attention, config.mlp) != ("full", "dense"):
+        raise ValueError(f"width pruning handles full attention and the dense MLP; this DiT has {config.attention!r} "
+                         f"attention and a {config.mlp!r} MLP (prune its depth instead)")  # fmt: skip
+
+
 def _unit_sums(block: DiTBlock, elementwise: Callable[[str, torch.Tensor], torch.Tensor]) -> tuple:
     """Sum an elementwise quantity over the parameters owned by each head ``(H,)`` and MLP channel ``(M,)``.
 
@@ -185,6 +194,7 @@ def unit_scores(
     ``"magnitude"``: the L-``norm`` norm of the unit's own weights; ``"taylor"``: ``sum |w * g|`` over them,
     with ``g = grads["blocks.<i>.<param>"]`` (see :func:`taylor_scores`).
     """
+    check_width_prunable(dit)
     if score not in WIDTH_SCORES:
         raise ValueError(f"unknown width score {score!r}; choices: {list(WIDTH_SCORES)}")
     if score == "taylor" and grads is None:
@@ -254,12 +264,9 @@ def prune_width(
     ``None`` keeps all of that kind. Kept units stay in their original order and ``head_dim`` is unchanged
     (the attention scale too), so keeping everything reproduces ``dit`` exactly. Scores: :func:`unit_scores`.
     """
-    first = dit.blocks[0]
-    heads_before, channels_before, head_dim = (
-        first.attn.num_heads,
-        first.mlp.fc1.out_features,
-        first.attn.head_dim,
-    )
+    check_width_prunable(dit)
+    config = dit.config
+    heads_before, channels_before, head_dim = config.num_heads, config.mlp_width, config.attention_head_dim
     num_heads = heads_before if num_heads is None else num_heads
     mlp_hidden = channels_before if mlp_hidden is None else mlp_hidden
     if not 1 <= num_heads <= heads_before:
@@ -272,7 +279,7 @@ def prune_width(
         heads = head_scores[index].topk(num_heads).indices.sort().values
         channels = channel_scores[index].topk(mlp_hidden).indices.sort().values
         blocks.append(_slice_block(block, heads, channels))
-    config = {**dit.config, "num_heads": num_heads, "head_dim": head_dim, "mlp_hidden": mlp_hidden}
+    config = dit.config.replace(num_heads=num_heads, head_dim=head_dim, mlp_hidden=mlp_hidden)
     return _rebuild(dit, config, _student_state(dit, blocks))
 
 
@@ -293,35 +300,3 @@ def _slice_block(block: DiTBlock, heads: torch.Tensor, channels: torch.Tensor) -
     state["mlp.fc1.bias"] = state["mlp.fc1.bias"][channels]
     state["mlp.fc2.weight"] = state["mlp.fc2.weight"][:, channels]
     return state
-
-
-# --- budgets ------------------------------------------------------------------------------------------
-
-
-def parameter_count(dit: nn.Module) -> int:
-    """All parameters, the frozen position embedding included (the count the DiT paper reports)."""
-    return sum(p.numel() for p in dit.parameters())
-
-
-def flops_per_image(dit: DiT) -> int:
-    """Forward FLOPs for one image, ``2 x`` multiply-accumulates of every matrix product.
-
-    Counted: the patch-embedding convolution, the timestep MLP, every block's adaLN linear, qkv, the
-    attention products ``q k^T`` and ``attn v`` (``2 N^2 H Dh`` MACs), proj, fc1 and fc2, and the final
-    layer's adaLN and linear. Not counted (elementwise, ``O(N D)``): biases, LayerNorm, softmax, GELU/SiLU,
-    modulation, residual adds, the position embedding and the label lookup. This is what
-    ``torch.utils.flop_counter.FlopCounterMode`` counts (it misses fused CPU attention kernels).
-    """
-    tokens = dit.x_embedder.num_patches
-    conv = dit.x_embedder.proj
-    macs = tokens * conv.weight.numel()  # (D, C, p, p) per token
-    macs += sum(m.weight.numel() for m in dit.t_embedder.mlp if isinstance(m, nn.Linear))
-    for block in dit.blocks:
-        attn = block.attn
-        macs += block.adaLN_modulation[-1].weight.numel()
-        macs += tokens * (attn.qkv.weight.numel() + attn.proj.weight.numel())
-        macs += 2 * tokens * tokens * attn.num_heads * attn.head_dim
-        macs += tokens * (block.mlp.fc1.weight.numel() + block.mlp.fc2.weight.numel())
-    final = dit.final_layer
-    macs += final.adaLN_modulation[-1].weight.numel() + tokens * final.linear.weight.numel()
-    return 2 * macs

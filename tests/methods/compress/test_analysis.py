@@ -12,6 +12,7 @@ import torch
 from ditlab.cli import main as cli_main
 from ditlab.data.digits import digits_tensors
 from ditlab.diffusion import FlowMatching, GaussianDiffusion
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.compress.analysis import (
     CRITERIA,
     Selection,
@@ -25,7 +26,6 @@ from ditlab.methods.compress.analysis import (
     rank_keep,
     select_blocks,
 )
-from ditlab.methods.config import ObjectiveConfig, SamplingConfig
 from ditlab.models.dit import DiT
 from ditlab.tools.analyze import main as analyze_main
 
@@ -241,7 +241,7 @@ def write_checkpoint(path: Path, network: DiT, kind: str = "flow") -> Path:
     state_dict = {f"ema.{k}": v for k, v in weights.items()} | {
         f"network.{k}": torch.zeros_like(v) for k, v in weights.items()
     }
-    meta = {"dit_config": network.config, "objective": asdict(ObjectiveConfig(kind=kind)),
+    meta = {"dit_config": network.config.to_dict(), "objective": asdict(ObjectiveConfig(kind=kind)),
             "sampling": asdict(SamplingConfig()), "vae": None, "latent_scale": 0.18215}  # fmt: skip
     torch.save({"state_dict": state_dict, "ditlab": meta}, path)
     return path

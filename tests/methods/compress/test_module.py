@@ -12,7 +12,7 @@ import yaml
 
 from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
 from ditlab.cli import main
-from ditlab.methods.compress.teacher import TeacherConfig, build_from_recipe
+from ditlab.methods.teacher import TeacherConfig, build_from_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_TEACHER = [

@@ -9,8 +9,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditlab.checkpoint import network_from_checkpoint
 from ditlab.methods.compress.prune import (
     block_groups,
-    flops_per_image,
-    parameter_count,
     prune_depth,
     prune_width,
     reinitialize,
@@ -18,6 +16,7 @@ from ditlab.methods.compress.prune import (
     taylor_scores,
     unit_scores,
 )
+from ditlab.models.budget import flops_per_image, parameter_count
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
 
@@ -102,7 +101,7 @@ def test_copy_all_blocks_reproduces_teacher_and_leaves_it_untouched():
 def test_copy_subset_equals_teacher_with_the_other_blocks_skipped():
     teacher = teacher_dit()
     student = prune_depth(teacher, [0, 2, 5])
-    assert student.depth == 3 and student.config["depth"] == 3
+    assert student.depth == 3 and student.config.depth == 3
     x, t, y = batch(teacher)
     expected = run_blocks(teacher, x, t, y, skip=[1, 3, 4]).output
     assert torch.equal(student(x, t, y), expected)
@@ -111,7 +110,7 @@ def test_copy_subset_equals_teacher_with_the_other_blocks_skipped():
 
 def reload_through_checkpoint(network: DiT) -> DiT:
     checkpoint = {"state_dict": {f"ema.{k}": v for k, v in network.state_dict().items()},
-                  "ditlab": {"dit_config": network.config}}  # fmt: skip
+                  "ditlab": {"dit_config": network.config.to_dict()}}  # fmt: skip
     return network_from_checkpoint(checkpoint)
 
 
@@ -124,7 +123,7 @@ def test_pruned_network_config_rebuilds_it_and_checkpoint_reload_works(edit):
     if edit in ("width", "both"):
         pruned = prune_width(pruned, num_heads=3, mlp_hidden=70)
     pruned.eval()
-    rebuilt = DiT(**pruned.config)
+    rebuilt = DiT(pruned.config)
     rebuilt.load_state_dict(pruned.state_dict(), strict=True)
     reloaded = reload_through_checkpoint(pruned)
     x, t, y = batch(teacher)
@@ -175,7 +174,7 @@ def test_width_pruning_that_keeps_everything_reproduces_teacher():
     student = prune_width(teacher, num_heads=4, mlp_hidden=128)
     x, t, y = batch(teacher)
     assert torch.equal(student(x, t, y), teacher(x, t, y))
-    assert "head_dim" not in student.config and "mlp_hidden" not in student.config
+    assert student.config.head_dim is None and student.config.mlp_hidden is None
     with pytest.raises(ValueError, match="num_heads=5 must be in 1..4"):
         prune_width(teacher, num_heads=5)
 

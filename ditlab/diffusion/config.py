@@ -1,4 +1,4 @@
-"""Typed configuration blocks shared by every method module.
+"""The objective and sampling settings every method module shares (the network's is ``DiTConfig``).
 
 They are dataclasses so that LightningCLI validates every key (a misspelt key is refused by name) and
 ``ditlab fit --help`` lists each option with its default.
@@ -6,37 +6,11 @@ They are dataclasses so that LightningCLI validates every key (a misspelt key is
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
-from ditlab.diffusion import FlowMatching, GaussianDiffusion
-from ditlab.models.dit import DiT
-
-
-@dataclass
-class NetworkConfig:
-    """The DiT backbone (see ``ditlab.models.dit.DiT``); defaults are DiT-XL/2 on 32x32x4 latents."""
-
-    input_size: int = 32
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    freq_shift: float = 0.0
-    mlp_norm_eps: float = 1e-6
-    attention: str = "full"
-    head_dim: int | None = None
-    """Per-head width; None means hidden_size // num_heads (set by width pruning)."""
-    mlp_hidden: int | None = None
-    """MLP inner width; None means int(hidden_size * mlp_ratio) (set by width pruning)."""
-
-    def build(self) -> DiT:
-        return DiT(**asdict(self))
+from ditlab.diffusion.flow import FlowMatching
+from ditlab.diffusion.gaussian import GaussianDiffusion
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The teacher a compression run starts from: a file if there is one, else a recipe trained once and cached.
+"""The frozen teacher a method starts from (dicomp's student, Self-Transcendence's phase 2): a file if there is
+one, else a recipe trained once and cached.
 
 A teacher is given as a ditlab Lightning checkpoint (``.ckpt``), a public facebookresearch/DiT checkpoint
 (``.pt``), a ``ditlab convert`` safetensors export, or a diffusers model folder. With none of those, the
@@ -16,17 +17,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
-from ditlab.methods.config import ObjectiveConfig, SamplingConfig
+from ditlab.checkpoint import read_checkpoint, run_settings
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+from ditlab.metrics.features import cache_root
 from ditlab.models.dit import DiT
-
-
-def cache_root() -> Path:
-    """``$DITLAB_CACHE`` or ``~/.cache/ditlab``: where built teachers and metric networks live."""
-    return Path(os.environ.get("DITLAB_CACHE", Path.home() / ".cache" / "ditlab")).expanduser()
+from ditlab.models.loading import load_network
 
 
 @dataclass
@@ -54,8 +52,8 @@ def recipe_key(recipe: Path, args: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_from_recipe(config: TeacherConfig) -> Path:
-    """Path of the cached teacher checkpoint for ``config.recipe``, training it first if it is not cached."""
+def recipe_target(config: TeacherConfig) -> Path:
+    """Where the recipe's teacher is cached: ``<cache>/teachers/<recipe>-<hash>/teacher.ckpt``."""
     recipe = Path(config.recipe)
     if not recipe.is_file():
         raise FileNotFoundError(
@@ -63,7 +61,13 @@ def build_from_recipe(config: TeacherConfig) -> Path:
             "configs/dit.yaml, or model.teacher.checkpoint to a trained teacher"
         )
     folder = Path(config.cache_dir or cache_root() / "teachers") / f"{recipe.stem}-{recipe_key(recipe, config.recipe_args)}"
-    target = folder / "teacher.ckpt"
+    return folder / "teacher.ckpt"
+
+
+def build_from_recipe(config: TeacherConfig) -> Path:
+    """Path of the cached teacher checkpoint for ``config.recipe``, training it first if it is not cached."""
+    recipe, target = Path(config.recipe), recipe_target(config)
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be training it: wait, then reuse
@@ -103,35 +107,30 @@ class Teacher:
     source: str
 
 
+def teacher_path(config: TeacherConfig) -> Path:
+    """The teacher file: ``config.checkpoint``, or the recipe's cached build. Never trains: a recipe that is not
+    built yet is an error (``build_from_recipe``, which modules call from ``prepare_data``, builds it)."""
+    if config.checkpoint:
+        path = Path(config.checkpoint).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"teacher {path} does not exist; pass a ditlab .ckpt, a public DiT .pt, a .safetensors export or a "
+                "diffusers folder as model.teacher.checkpoint, or leave it null to train configs/dit.yaml once"
+            )
+        return path
+    path = recipe_target(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"the teacher recipe {config.recipe} is not built yet ({path}); `ditlab fit` builds it "
+                                "before training (prepare_data), or call build_from_recipe(config) first")  # fmt: skip
+    return path
+
+
 def load_teacher(config: TeacherConfig, objective: ObjectiveConfig, sampling: SamplingConfig) -> Teacher:
     """The frozen teacher; ``objective``/``sampling`` fill in for files that do not record them."""
-    path = Path(config.checkpoint) if config.checkpoint else build_from_recipe(config)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"teacher {path} does not exist; pass a ditlab .ckpt, a public DiT .pt, a .safetensors export or a "
-            "diffusers folder as model.teacher.checkpoint, or leave it null to train configs/dit.yaml once"
-        )
-    if path.suffix == ".ckpt":
-        checkpoint = read_checkpoint(path)
-        network = network_from_checkpoint(checkpoint)
-        meta = checkpoint["ditlab"]
-        objective = ObjectiveConfig(**known_fields(ObjectiveConfig, meta["objective"]))
-        sampling = SamplingConfig(**known_fields(SamplingConfig, meta["sampling"]))
-    else:
-        from ditlab.models import interop
-
-        if path.is_dir():
-            from diffusers import DiTTransformer2DModel
-
-            network = interop.from_diffusers(DiTTransformer2DModel.from_pretrained(path, local_files_only=True))
-        elif path.suffix == ".safetensors":
-            network = interop.load_safetensors(path)
-        else:
-            network = interop.load_dit_checkpoint(path)
+    path = teacher_path(config)
+    source: str | Path | dict = path
+    if path.suffix == ".ckpt" or (path / ".metadata").is_file():
+        source = read_checkpoint(path)
+        objective, sampling = run_settings(source["ditlab"])
+    network = load_network(source)
     return Teacher(network.requires_grad_(False).eval(), objective, sampling, str(path))
-
-
-def known_fields(cls, values: dict) -> dict:
-    """The entries of ``values`` that are fields of dataclass ``cls`` (older checkpoints may carry others)."""
-    names = {f.name for f in fields(cls)}
-    return {key: value for key, value in values.items() if key in names}

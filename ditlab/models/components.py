@@ -1,0 +1,93 @@
+"""Component slots of a DiT block: registries of attention and feed-forward (MLP) components.
+
+A :class:`~ditlab.models.config.DiTConfig` names its components (``attention="full"``, ``mlp="dense"``);
+a block asks the registry to build them from the config. A method adds a kind by registering a builder
+``(config: DiTConfig) -> nn.Module`` from its own module, never by editing the core:
+
+    @register_mlp("toy")
+    def toy_mlp(config):
+        return ToyMLP(config.hidden_size, **config.mlp_options)
+
+What a component must do (the rest of ditlab asks it, rather than reaching into its weights):
+
+- attention: ``forward(tokens (B, N, D), return_map=False) -> (out (B, N, D), map (B, H, N, N) or None)``;
+  a component that cannot give maps raises ``ValueError`` (one line) when one is asked for;
+- MLP: ``forward(tokens (B, N, D)) -> (B, N, D)``;
+- both: ``macs(num_tokens) -> int``, multiply-accumulates per image (FLOP counting refuses a component
+  without it, by name);
+- optionally ``aux_losses``: a dict of loss terms (``loss_balance``, ...) that a training forward leaves on the
+  component; :func:`pop_aux_losses` collects them and the training module adds and logs them;
+- optionally ``activated_parameters() -> int``: the parameters one token uses (sparse experts); default all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ditlab.models.config import DiTConfig
+
+Builder = Callable[["DiTConfig"], nn.Module]
+ATTENTION: dict[str, Builder] = {}
+MLP: dict[str, Builder] = {}
+_SLOTS = {"attention": ATTENTION, "mlp": MLP}
+
+
+def _register(slot: str, name: str) -> Callable[[Builder], Builder]:
+    registry = _SLOTS[slot]
+
+    def add(builder: Builder) -> Builder:
+        known = registry.get(name)
+        if known is not None and getattr(known, "__qualname__", None) != getattr(builder, "__qualname__", None):
+            raise ValueError(f"{slot} kind {name!r} is already registered (by {known.__module__}); pick another name")
+        registry[name] = builder
+        return builder
+
+    return add
+
+
+def register_attention(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(config) -> module`` becomes the attention kind ``name``."""
+    return _register("attention", name)
+
+
+def register_mlp(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(config) -> module`` becomes the feed-forward kind ``name``."""
+    return _register("mlp", name)
+
+
+def build_component(slot: str, config: DiTConfig) -> nn.Module:
+    """The ``slot`` (``attention`` or ``mlp``) component that ``config`` names."""
+    name = getattr(config, slot)
+    registry = _SLOTS[slot]
+    if name not in registry:
+        raise ValueError(f"unknown {slot} kind {name!r}; registered: {sorted(registry)} (import the module that "
+                         f"registers {name!r} before building or loading this network)")  # fmt: skip
+    return registry[name](config)
+
+
+def component_macs(component: nn.Module, kind: str, num_tokens: int) -> int:
+    """Multiply-accumulates per image of a block component; refuses a component that cannot count them."""
+    macs = getattr(component, "macs", None)
+    if macs is None:
+        raise ValueError(f"the {kind!r} component ({type(component).__name__}) does not count its FLOPs; "
+                         "give it a macs(num_tokens) method")  # fmt: skip
+    return int(macs(num_tokens))
+
+
+def pop_aux_losses(network: nn.Module) -> dict[str, torch.Tensor]:
+    """Auxiliary loss terms the components of ``network`` left in their last forward, summed by name and
+    cleared (so a term is added once per training step)."""
+    totals: dict[str, torch.Tensor] = {}
+    for module in network.modules():
+        terms = getattr(module, "aux_losses", None)
+        if not terms:
+            continue
+        for name, value in terms.items():
+            totals[name] = totals[name] + value if name in totals else value
+        module.aux_losses = {}
+    return totals
