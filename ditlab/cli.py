@@ -2,7 +2,10 @@
 
 ``ditlab fit --config configs/dit.yaml [--trainer.max_steps 100 ...]`` trains; ``ditlab sample``,
 ``ditlab convert`` work from a checkpoint. Bad input ends in one line that names the key or file and
-the fix, with exit code 2 (set ``DITLAB_DEBUG=1`` for the full traceback).
+the fix, with exit code 2 (set ``DITLAB_DEBUG=1`` for the full traceback). Ctrl-C (SIGINT) or SIGTERM stop a
+run after saving ``interrupted.ckpt``, with the shell's exit codes 130 / 143; a child run ditlab starts (the teacher
+build) is stopped with it. Checkpoints are read as plain data only; ``DITLAB_TRUST_CHECKPOINTS=1`` reads a file
+you trust fully (``ditlab.models.loading``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import sys
 import warnings
 
 import lightning as L
-from jsonargparse import set_parsing_settings
+from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -25,6 +29,7 @@ from ditlab.callbacks.reliability import NaNGuard, ResumeState
 from ditlab.callbacks.summary import RunSummary
 from ditlab.checkpoint_io import AtomicCheckpointIO
 from ditlab.methods.base import DiffusionModule
+from ditlab.models.loading import check_checkpoint
 
 TOOLS = {
     "sample": "ditlab.tools.sample",
@@ -103,16 +108,21 @@ class DitlabCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``--ckpt_path``'s hyperparameters first; an unreadable file is one line, not a traceback."""
+        """Lightning reads ``--ckpt_path``'s hyperparameters first. The file (or sharded folder, which Lightning's FSDP
+        resume reads unchecked) is checked as plain data before anything reads it: ditlab's configs pass, anything
+        else is refused in one line. An unreadable file is one line too, not a traceback."""
         import pickle
         import zipfile
 
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path:
+            check_checkpoint(path)
         try:
             super()._parse_ckpt_path()
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            if "Weights only load failed" in str(error):  # not plain data: the full load reports it, if it must
+            if "Weights only load failed" in str(error):  # trusted (DITLAB_TRUST_CHECKPOINTS): the full load reads it
                 return
-            path = self.config[self.config.subcommand].get("ckpt_path")
             raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
                              "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
 
@@ -134,7 +144,12 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DitlabCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={
+        trainer_defaults={  # what every shipped config shares; a config names only what its experiment sets
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 10,
+            "enable_model_summary": False,
+            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="ditlab", default_hp_metric=False),
             "callbacks": [
                 ModelCheckpoint(save_last=True, every_n_train_steps=500, save_top_k=1),
                 SaveOnInterrupt(),
@@ -198,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except SIGTERMException as stop:  # preempted: interrupted.ckpt is saved (SaveOnInterrupt)
         return stop.code if isinstance(stop.code, int) else 143
+    except SystemExit as stop:  # Lightning ends a Ctrl-C'd run with exit(1) once interrupted.ckpt is saved
+        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+            return 130
+        raise
+    except KeyboardInterrupt:  # Ctrl-C outside a Lightning run (start-up, a tool): the shell's code, no traceback
+        print("ditlab: interrupted", file=sys.stderr)
+        return 130
     except (UsageError, ValueError, FileNotFoundError, IndexError, KeyError, RuntimeError) as error:
         message = str(error.args[0]) if error.args else type(error).__name__
         mismatch = state_dict_mismatch(message)

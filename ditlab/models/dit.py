@@ -77,7 +77,9 @@ class LabelEmbedder(nn.Module):
         """Replace labels by the null class: where ``force_drop_ids == 1`` if given, else each with probability
         ``dropout_prob`` (the public DiT's ``token_drop``)."""
         if force_drop_ids is None:
-            dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < self.dropout_prob
+            draws = (torch.rand_like(labels, dtype=torch.float32) if generator is None  # traceable by torch.compile
+                     else torch.rand(labels.shape, device=labels.device, generator=generator))  # fmt: skip
+            dropped = draws < self.dropout_prob
         else:
             dropped = force_drop_ids == 1
         return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
@@ -96,13 +98,13 @@ class DiTBlock(nn.Module):
     (:mod:`ditlab.models.components`); the norms and the modulation are DiT's.
     """
 
-    def __init__(self, config: DiTConfig) -> None:
+    def __init__(self, config: DiTConfig, block: int | None = None) -> None:
         super().__init__()
         hidden_size = config.hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = build_component("attention", config)
+        self.attn = build_component("attention", config, block)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=config.mlp_norm_eps)
-        self.mlp = build_component("mlp", config)
+        self.mlp = build_component("mlp", config, block)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
@@ -182,7 +184,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(config, index) for index in range(config.depth))
         self.final_layer = FinalLayer(hidden_size, config.patch_size, config.out_channels)
         self.initialize_weights()
 
