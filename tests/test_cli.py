@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,22 +75,11 @@ def test_tiny_fit_writes_summary_events_grid_and_checkpoint(tiny_args, tmp_path,
     assert Path(summary["last_sample_grid"]).is_file()
 
 
-class Interrupt(L.Callback):
-    """Simulates Ctrl-C after ``at`` optimiser steps."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
-def test_ctrl_c_leaves_a_checkpoint_that_resumes(tiny_args, tmp_path):
+def test_ctrl_c_leaves_a_checkpoint_that_resumes(tiny_args, tmp_path, interrupt_at):
     args = [*tiny_args, "--trainer.max_steps", "8"]
     cli = build_cli(args, run=False)
-    cli.trainer.callbacks.append(Interrupt(at=3))
+    cli.trainer.callbacks.append(interrupt_at(3))
     try:
         cli.trainer.fit(cli.model, cli.datamodule)
     except SystemExit:

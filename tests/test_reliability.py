@@ -38,17 +38,6 @@ class Recorder(L.Callback):
         self.labels[trainer.global_step - 1] = int(batch[1][:8].sum())
 
 
-class StopAt(L.Callback):
-    """Simulates Ctrl-C after ``at`` optimiser steps (before the periodic checkpoint of that step)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.at:
-            raise KeyboardInterrupt
-
-
 def fit(args: list[str], callbacks: list[L.Callback], ckpt_path: str | None = None) -> L.Trainer:
     cli = build_cli(args, run=False)
     cli.trainer.callbacks[:0] = callbacks  # before ModelCheckpoint, as user callbacks are
@@ -78,32 +67,33 @@ def assert_same_state(first: dict, second: dict) -> None:
 
 
 def interrupted_and_resumed(
-    args: list[str], stop: int, total: int, extra=()
+    args: list[str], interrupt: L.Callback, total: int, extra=()
 ) -> tuple[Recorder, Recorder, Path]:
-    """Stop at ``stop`` (Ctrl-C), resume to ``total``; returns both recorders and the resumed final.ckpt."""
+    """Stop where ``interrupt`` (an ``interrupt_at(step)``) presses Ctrl-C, which is before the periodic
+    checkpoint of that step, then resume to ``total``; returns both recorders and the resumed final.ckpt."""
     first = Recorder()
-    trainer = fit([*args, "--trainer.max_steps", str(total)], [first, StopAt(stop), *[e() for e in extra]])
+    trainer = fit([*args, "--trainer.max_steps", str(total)], [first, interrupt, *[e() for e in extra]])
     saved = Path(trainer.log_dir) / "checkpoints" / "interrupted.ckpt"
-    assert read_checkpoint(saved)["global_step"] == stop
+    assert read_checkpoint(saved)["global_step"] == interrupt.at
     second = Recorder()
     trainer = fit([*args, "--trainer.max_steps", str(total)], [second, *[e() for e in extra]], str(saved))
     return first, second, Path(trainer.log_dir) / "checkpoints" / "final.ckpt"
 
 
 @pytest.mark.parametrize("stop", [2, 3, 5])  # mid-epoch, at an epoch boundary, after a validation step
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_args, stop):
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_args, stop, interrupt_at):
     args = [*tiny_args, *FAST]
     straight = Recorder()
     trainer = fit([*args, "--trainer.max_steps", "8"], [straight])
     reference = read_checkpoint(Path(trainer.log_dir) / "checkpoints" / "final.ckpt")
-    first, second, resumed = interrupted_and_resumed(args, stop, 8)
+    first, second, resumed = interrupted_and_resumed(args, interrupt_at(stop), 8)
     assert sorted(second.losses) == list(range(stop, 8))
     assert {**first.losses, **second.losses} == straight.losses  # exact float equality, step by step
     assert {**first.labels, **second.labels} == straight.labels  # same batches, in the same order
     assert_same_state(reference, read_checkpoint(resumed))
 
 
-def test_resume_across_an_evaluation_step(tiny_args, tmp_path):
+def test_resume_across_an_evaluation_step(tiny_args, tmp_path, interrupt_at):
     class TinyEvaluation(Evaluation):
         def __init__(self) -> None:
             super().__init__(every_n_steps=3, num_samples=8, steps=2, cache_dir=str(tmp_path / "cache"))
@@ -113,7 +103,7 @@ def test_resume_across_an_evaluation_step(tiny_args, tmp_path):
     evaluation = TinyEvaluation()
     trainer = fit([*args, "--trainer.max_steps", "6"], [straight, evaluation])
     reference = read_checkpoint(Path(trainer.log_dir) / "checkpoints" / "final.ckpt")
-    first, second, resumed = interrupted_and_resumed(args, 4, 6, extra=[TinyEvaluation])
+    first, second, resumed = interrupted_and_resumed(args, interrupt_at(4), 6, extra=[TinyEvaluation])
     assert {**first.losses, **second.losses} == straight.losses
     final = read_checkpoint(resumed)
     assert_same_state(reference, final)
@@ -343,7 +333,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("stop", [2, 4])  # before and after the stage change at step 3
-def test_resume_across_a_progressive_stage_is_bitwise(tmp_path, teacher_ckpt, stop):
+def test_resume_across_a_progressive_stage_is_bitwise(tmp_path, teacher_ckpt, stop, interrupt_at):
     config = compress_tests().dicomp_config(tmp_path, teacher_ckpt, [3], [2])
     args = [
         "--config",
@@ -356,7 +346,7 @@ def test_resume_across_a_progressive_stage_is_bitwise(tmp_path, teacher_ckpt, st
     straight = Recorder()
     trainer = fit([*args, "--trainer.max_steps", "6"], [straight])
     reference = read_checkpoint(Path(trainer.log_dir) / "checkpoints" / "final.ckpt")
-    first, second, resumed = interrupted_and_resumed(args, stop, 6)
+    first, second, resumed = interrupted_and_resumed(args, interrupt_at(stop), 6)
     assert {**first.losses, **second.losses} == straight.losses
     final = read_checkpoint(resumed)
     assert_same_state(reference, final)
@@ -390,12 +380,12 @@ def haste_config(tmp_path: Path, stop: int) -> Path:
     not (ROOT / "ditlab" / "callbacks" / "alignment.py").is_file(), reason="no alignment callback"
 )
 @pytest.mark.parametrize("stop", [2, 4])  # before and after alignment terminates at step 3
-def test_resume_across_the_alignment_termination_is_bitwise(tmp_path, stop):
+def test_resume_across_the_alignment_termination_is_bitwise(tmp_path, stop, interrupt_at):
     args = ["--config", str(haste_config(tmp_path, stop=3))]
     straight = Recorder()
     trainer = fit([*args, "--trainer.max_steps", "6"], [straight])
     reference = read_checkpoint(Path(trainer.log_dir) / "checkpoints" / "final.ckpt")
-    first, second, resumed = interrupted_and_resumed(args, stop, 6)
+    first, second, resumed = interrupted_and_resumed(args, interrupt_at(stop), 6)
     assert {**first.losses, **second.losses} == straight.losses
     final = read_checkpoint(resumed)
     assert_same_state(reference, final)

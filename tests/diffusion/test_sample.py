@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import (
@@ -20,22 +22,14 @@ from ditlab.models.dit import DiT
 MU, STD = -0.5, 0.6
 
 
-def perturbed_dit(learn_sigma: bool = True) -> DiT:
-    torch.manual_seed(0)
-    dit = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=4,
-              learn_sigma=learn_sigma)  # fmt: skip
-    generator = torch.Generator().manual_seed(1)
-    layers = [block.adaLN_modulation[-1] for block in dit.blocks]
-    layers += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.05)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.05)
-    return dit.eval()
+@pytest.fixture(scope="module")
+def perturbed_dit(tiny_dit):
+    """This file's DiT: 3 channels, 2 blocks of 4 heads, 4 classes, adaLN randomised with std 0.05."""
+    return partial(tiny_dit, in_channels=3, depth=2, num_heads=4, num_classes=4, std=0.05)
 
 
 @pytest.fixture(scope="module")
-def dit() -> DiT:
+def dit(perturbed_dit) -> DiT:
     return perturbed_dit()
 
 
@@ -95,8 +89,8 @@ def test_ddpm_does_not_depend_on_batch_size(dit):
     ],
 )
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
-def test_every_sampler_runs(objective, sampler, learn_sigma, cfg_scale):
-    dit = perturbed_dit(learn_sigma)
+def test_every_sampler_runs(objective, sampler, learn_sigma, cfg_scale, perturbed_dit):
+    dit = perturbed_dit(learn_sigma=learn_sigma)
     samples = sample_images(dit, objective, torch.tensor([0, 3, 1]), batch_size=2, steps=3, sampler=sampler,
                             cfg_scale=cfg_scale)  # fmt: skip
     assert samples.shape == (3, 3, 8, 8)

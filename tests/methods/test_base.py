@@ -20,23 +20,16 @@ from ditlab.models.config import DiTConfig
 TINY_NET = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
-def perturb(module: torch.nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-
-
-def test_ema_update_follows_the_formula_and_decay_zero_copies():
+def test_ema_update_follows_the_formula_and_decay_zero_copies(perturb):
     module = DiffusionModule(network=TINY_NET, ema_decay=0.9)
     before = copy.deepcopy(module.ema.state_dict())
-    perturb(module.network)
+    perturb(module.network, frozen_too=True)
     module.update_ema()
     for name, value in module.ema.state_dict().items():
         expected = 0.9 * before[name] + 0.1 * module.network.state_dict()[name]
         torch.testing.assert_close(value, expected)
     copier = DiffusionModule(network=TINY_NET, ema_decay=0.0)
-    perturb(copier.network)
+    perturb(copier.network, frozen_too=True)
     copier.update_ema()
     for name, value in copier.ema.state_dict().items():
         assert torch.equal(value, copier.network.state_dict()[name])
@@ -94,9 +87,9 @@ def test_checkpoint_rebuilds_the_ema_network_and_samples(tiny_args, tmp_path, ca
     assert len(list(out.glob("*.png"))) == 12
 
 
-def test_sampling_is_seeded_per_image():
+def test_sampling_is_seeded_per_image(perturb):
     module = DiffusionModule(network=TINY_NET, sampling=SamplingConfig(sampler="ddim", steps=4), ema_decay=None)
-    perturb(module.network)
+    perturb(module.network, frozen_too=True)
     labels = torch.tensor([1, 2, 3, 4])
     full = module.sample(labels, seed=5)
     tail = module.sample(labels[2:], seed=5, start=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,40 +12,19 @@ from ditlab.models.attention import Attention, attention_map
 from ditlab.models.dit import DiT, modulate
 
 
-def tiny_dit(**overrides) -> DiT:
-    config = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 3,
-              "num_heads": 4, "num_classes": 5}  # fmt: skip
-    config.update(overrides)
-    torch.manual_seed(0)
-    return DiT(**config)
-
-
-def perturb_zero_layers(dit: DiT, std: float = 0.1, seed: int = 1) -> DiT:
-    """Give the zero-initialised adaLN and output layers random values so that nothing is trivially 0."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = [block.adaLN_modulation[-1] for block in dit.blocks]
-    layers += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * std)
-    return dit
-
-
-def inputs(dit: DiT, batch: int = 3, seed: int = 2):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, dit.in_channels, dit.input_size, dit.input_size, generator=generator)
-    t = torch.randint(0, 1000, (batch,), generator=generator).float()
-    y = torch.randint(0, dit.num_classes, (batch,), generator=generator)
-    return x, t, y
+@pytest.fixture(scope="module")
+def make_dit(tiny_dit):
+    """This file's DiT (4 channels, 3 blocks of 4 heads, 5 classes) as adaLN-Zero leaves it; ``std=0.1``
+    randomises the zero-initialised layers."""
+    return partial(tiny_dit, in_channels=4, depth=3, num_heads=4, num_classes=5, std=0.0)
 
 
 # --- initialisation -------------------------------------------------------------------------------
 
 
-def test_init_output_is_exactly_zero_and_blocks_are_identity():
-    dit = tiny_dit().eval()
-    x, t, y = inputs(dit)
+def test_init_output_is_exactly_zero_and_blocks_are_identity(make_dit, dit_inputs, randomize_zero_init):
+    dit = make_dit()
+    x, t, y = dit_inputs(dit)
     out = dit(x, t, y)
     assert out.shape == (3, 8, 8, 8)  # learn_sigma doubles the channels
     assert torch.count_nonzero(out) == 0
@@ -53,14 +33,14 @@ def test_init_output_is_exactly_zero_and_blocks_are_identity():
     for block in dit.blocks:
         assert torch.equal(block(tokens, cond), tokens)
     # sanity: the same blocks stop being the identity once their gates are non-zero
-    perturb_zero_layers(dit)
+    randomize_zero_init(dit)
     assert not torch.allclose(dit.blocks[0](tokens, cond), tokens)
     assert torch.count_nonzero(dit(x, t, y)) > 0
 
 
-def test_one_backward_at_init_only_reaches_final_linear():
-    dit = tiny_dit().train()
-    x, t, y = inputs(dit)
+def test_one_backward_at_init_only_reaches_final_linear(make_dit, dit_inputs):
+    dit = make_dit().train()
+    x, t, y = dit_inputs(dit)
     dit(x, t, y).pow(2).add(dit(x, t, y)).sum().backward()
     nonzero = {
         name for name, p in dit.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad) > 0
@@ -91,8 +71,8 @@ def analytic_param_count(depth: int, hidden: int, patch: int, channels: int = 4,
             + 2 * d * d + 2 * d + d * out + out)  # fmt: skip
 
 
-def test_parameter_count_formula_agrees_with_module():
-    dit = tiny_dit(depth=2, hidden_size=48, num_heads=3, patch_size=4, input_size=16)
+def test_parameter_count_formula_agrees_with_module(make_dit):
+    dit = make_dit(depth=2, hidden_size=48, num_heads=3, patch_size=4, input_size=16)
     expected = analytic_param_count(2, 48, 4, classes=5, grid=4)
     assert sum(p.numel() for p in dit.parameters()) == expected
     assert analytic_param_count(28, 1152, 2) == 675_129_632
@@ -103,8 +83,8 @@ def test_parameter_count_formula_agrees_with_module():
 
 
 @pytest.mark.parametrize(("patch", "channels"), [(1, 3), (2, 4), (4, 8)])
-def test_patchify_unpatchify_roundtrip(patch, channels):
-    dit = tiny_dit(patch_size=patch, in_channels=channels, input_size=8)
+def test_patchify_unpatchify_roundtrip(patch, channels, make_dit):
+    dit = make_dit(patch_size=patch, in_channels=channels, input_size=8)
     images = torch.randn(2, channels, 8, 8)
     patches = dit.patchify(images)
     assert patches.shape == (2, (8 // patch) ** 2, patch * patch * channels)
@@ -133,8 +113,8 @@ def closed_form_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("hidden", "input_size", "patch"), [(32, 8, 2), (384, 32, 2), (64, 16, 4)])
-def test_pos_embed_matches_closed_form(hidden, input_size, patch):
-    dit = tiny_dit(hidden_size=hidden, input_size=input_size, patch_size=patch, depth=1)
+def test_pos_embed_matches_closed_form(hidden, input_size, patch, make_dit):
+    dit = make_dit(hidden_size=hidden, input_size=input_size, patch_size=patch, depth=1)
     grid = input_size // patch
     assert dit.pos_embed.shape == (1, grid * grid, hidden)
     expected = closed_form_pos_embed(hidden, grid).float()
@@ -148,9 +128,9 @@ def test_pos_embed_matches_closed_form(hidden, input_size, patch):
 # --- conditioning and guidance --------------------------------------------------------------------
 
 
-def test_cfg_with_scale_one_equals_conditional_output():
-    dit = perturb_zero_layers(tiny_dit()).eval()
-    x, t, y = inputs(dit)
+def test_cfg_with_scale_one_equals_conditional_output(make_dit, dit_inputs):
+    dit = make_dit(std=0.1)
+    x, t, y = dit_inputs(dit)
     conditional = dit(x, t, y)
     unconditional = dit(x, t, torch.full_like(y, dit.num_classes))
     assert not torch.allclose(conditional, unconditional)  # the label matters
@@ -167,11 +147,11 @@ def test_cfg_with_scale_one_equals_conditional_output():
                                dit.forward_with_cfg(x, t[0].expand(3), y, 2.0), atol=1e-6, rtol=0)  # fmt: skip
 
 
-def test_class_dropout_one_gives_null_labels():
-    dit = perturb_zero_layers(tiny_dit(class_dropout_prob=1.0))
+def test_class_dropout_one_gives_null_labels(make_dit, dit_inputs):
+    dit = make_dit(class_dropout_prob=1.0, std=0.1)
     labels = torch.arange(5).repeat(20)
     assert torch.equal(dit.y_embedder.drop(labels), torch.full_like(labels, 5))
-    x, t, _ = inputs(dit, batch=4)
+    x, t, _ = dit_inputs(dit, 4)
     y = torch.tensor([0, 1, 2, 3])
     dit.train()
     dropped = dit(x, t, y)
@@ -180,20 +160,20 @@ def test_class_dropout_one_gives_null_labels():
     assert not torch.allclose(dit(x, t, y), dropped)
 
 
-def test_class_dropout_rate_and_eval_mode():
-    dit = tiny_dit(class_dropout_prob=0.25)
+def test_class_dropout_rate_and_eval_mode(make_dit):
+    dit = make_dit(class_dropout_prob=0.25)
     labels = torch.zeros(20000, dtype=torch.long)
     dropped = dit.y_embedder.drop(labels, generator=torch.Generator().manual_seed(0))
     assert abs((dropped == 5).float().mean().item() - 0.25) < 0.02
     dit.eval()
     table = dit.y_embedder.embedding_table.weight
     torch.testing.assert_close(dit.y_embedder(torch.tensor([1, 2])), table[[1, 2]], atol=0, rtol=0)
-    assert tiny_dit(class_dropout_prob=0.0).y_embedder.embedding_table.num_embeddings == 5
+    assert make_dit(class_dropout_prob=0.0).y_embedder.embedding_table.num_embeddings == 5
 
 
-def test_timestep_embedding_depends_on_t():
-    dit = perturb_zero_layers(tiny_dit()).eval()
-    x, _, y = inputs(dit)
+def test_timestep_embedding_depends_on_t(make_dit, dit_inputs):
+    dit = make_dit(std=0.1)
+    x, _, y = dit_inputs(dit)
     assert not torch.allclose(dit(x, torch.full((3,), 10.0), y), dit(x, torch.full((3,), 900.0), y))
     torch.testing.assert_close(
         dit(x, torch.tensor(10.0), y), dit(x, torch.full((3,), 10.0), y), atol=0, rtol=0
@@ -242,14 +222,14 @@ def test_from_preset_overrides():
         DiT.from_preset("M/2")
 
 
-def test_clear_errors_for_bad_shapes():
+def test_clear_errors_for_bad_shapes(make_dit):
     with pytest.raises(ValueError, match="input_size=10 is not divisible by patch_size=4"):
         DiT(input_size=10, patch_size=4, hidden_size=32, depth=1, num_heads=4)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=5)
     with pytest.raises(ValueError, match="divisible by 4"):
         DiT(input_size=8, patch_size=2, hidden_size=30, depth=1, num_heads=3)
-    dit = tiny_dit()
+    dit = make_dit()
     with pytest.raises(ValueError, match="8x8 inputs got"):
         dit(torch.randn(1, 4, 10, 10), torch.zeros(1), torch.zeros(1, dtype=torch.long))
 
@@ -275,45 +255,45 @@ def test_explicit_attention_map_equals_fused_path(dim, heads, length):
     torch.testing.assert_close(attention_map(q, k), logits.exp() / logits.exp().sum(-1, keepdim=True))
 
 
-def test_block_attention_return_matches_plain_block():
-    dit = perturb_zero_layers(tiny_dit()).eval()
-    tokens, cond = dit.embed(*inputs(dit))
+def test_block_attention_return_matches_plain_block(make_dit, dit_inputs):
+    dit = make_dit(std=0.1)
+    tokens, cond = dit.embed(*dit_inputs(dit))
     plain = dit.blocks[1](tokens, cond)
     with_map, weights = dit.blocks[1](tokens, cond, return_attention=True)
     torch.testing.assert_close(with_map, plain, atol=1e-6, rtol=0)
     assert weights.shape == (3, 4, 16, 16)
 
 
-def test_unknown_attention_kind():
+def test_unknown_attention_kind(make_dit):
     with pytest.raises(ValueError, match="unknown attention kind 'nope'; registered: \\[.*'full'"):
-        tiny_dit(attention="nope")
+        make_dit(attention="nope")
     with pytest.raises(ValueError, match="unknown mlp kind 'nope'; registered: \\[.*'dense'"):
-        tiny_dit(mlp="nope")
+        make_dit(mlp="nope")
 
 
 # --- explicit widths (what width pruning leaves) ----------------------------------------------------
 
 
-def test_default_widths_leave_config_and_parameter_names_unchanged():
-    dit = tiny_dit()
+def test_default_widths_leave_config_and_parameter_names_unchanged(make_dit, dit_inputs):
+    dit = make_dit()
     assert dit.config.head_dim is None and dit.config.mlp_hidden is None
-    explicit = tiny_dit(head_dim=8, mlp_hidden=128)  # the defaults for hidden 32, 4 heads, ratio 4
+    explicit = make_dit(head_dim=8, mlp_hidden=128)  # the defaults for hidden 32, 4 heads, ratio 4
     assert explicit.config == dit.config
     assert {k: v.shape for k, v in explicit.state_dict().items()} == {
         k: v.shape for k, v in dit.state_dict().items()
     }
-    torch.testing.assert_close(explicit(*inputs(explicit)), dit(*inputs(dit)), atol=0, rtol=0)
+    torch.testing.assert_close(explicit(*dit_inputs(explicit)), dit(*dit_inputs(dit)), atol=0, rtol=0)
 
 
-def test_explicit_head_dim_and_mlp_hidden_shape_the_block_and_rebuild_from_config():
-    dit = perturb_zero_layers(tiny_dit(num_heads=2, head_dim=8, mlp_hidden=40)).eval()
+def test_explicit_head_dim_and_mlp_hidden_shape_the_block_and_rebuild_from_config(make_dit, dit_inputs):
+    dit = make_dit(num_heads=2, head_dim=8, mlp_hidden=40, std=0.1)
     block = dit.blocks[0]
     assert block.attn.qkv.weight.shape == (3 * 2 * 8, 32) and block.attn.proj.weight.shape == (32, 16)
     assert block.mlp.fc1.weight.shape == (40, 32) and block.mlp.fc2.weight.shape == (32, 40)
     assert dit.config.head_dim == 8 and dit.config.mlp_hidden == 40
     rebuilt = DiT(dit.config)
     rebuilt.load_state_dict(dit.state_dict())  # strict
-    x, t, y = inputs(dit)
+    x, t, y = dit_inputs(dit)
     assert torch.equal(rebuilt.eval()(x, t, y), dit(x, t, y))
     tokens, cond = dit.embed(x, t, y)
     fused = block(tokens, cond)
@@ -321,7 +301,7 @@ def test_explicit_head_dim_and_mlp_hidden_shape_the_block_and_rebuild_from_confi
     assert weights.shape == (3, 2, 16, 16)
     torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="head_dim=0 must be a positive integer"):
-        tiny_dit(head_dim=0)
+        make_dit(head_dim=0)
 
 
 def test_network_config_builds_explicit_widths():

@@ -26,25 +26,20 @@ from ditlab.models.interop import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
-    """Random weights everywhere trainable: DiT's init zeroes adaLN and the output layer."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            if parameter.requires_grad:
-                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+@pytest.fixture(scope="module")
+def noisy_dit(tiny_dit, perturb):
+    """``noisy_dit(seed=0, **fields)``: a 4-channel DiT (width 64, 2 blocks of 4 heads, 10 classes) with noise
+    on every trainable weight, so each converted tensor is checked by the outputs."""
 
+    def build(seed: int = 0, **fields) -> DiT:
+        fields = {"in_channels": 4, "hidden_size": 64, "depth": 2, "num_heads": 4, **fields}
+        return perturb(tiny_dit(std=0.0, seed=seed, **fields), seed)
 
-def tiny_dit(seed: int = 0, **overrides) -> DiT:
-    config = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2,
-              "num_heads": 4, "num_classes": 10, **overrides}  # fmt: skip
-    torch.manual_seed(seed)
-    dit = DiT(**config)
-    perturb(dit, seed)
-    return dit.eval()
+    return build
 
 
 def inputs(dit: DiT, batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer timesteps including both ends (diffusers' convention) and, in large batches, the null class."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dit.in_channels, dit.input_size, dit.input_size, generator=generator)
     t = torch.tensor([1, 437, 999][:batch] + [500] * max(0, batch - 3))
@@ -60,8 +55,8 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["p2-sigma-depth3", "p4-nosigma", "p2-nodropout-depth1"])
-def test_diffusers_port_matches_our_dit(config):
-    dit = tiny_dit(**config)
+def test_diffusers_port_matches_our_dit(config, noisy_dit):
+    dit = noisy_dit(**config)
     model = to_diffusers(dit)
     assert isinstance(model, DiTTransformer2DModel)
     assert model.config.num_layers == config["depth"] and model.out_channels == dit.out_channels
@@ -72,8 +67,8 @@ def test_diffusers_port_matches_our_dit(config):
     assert (ours - theirs).abs().max() <= 1e-5
 
 
-def test_default_diffusers_timesteps_differ_so_the_shift_matters():
-    dit = tiny_dit()
+def test_default_diffusers_timesteps_differ_so_the_shift_matters(noisy_dit):
+    dit = noisy_dit()
     model = to_diffusers(dit)
     for block in model.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 1  # what diffusers hard-codes
@@ -83,8 +78,8 @@ def test_default_diffusers_timesteps_differ_so_the_shift_matters():
 
 
 @pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[2:], ids=["default", "nodropout"])
-def test_round_trip_ours_diffusers_ours_is_exact(config):
-    dit = tiny_dit(**config)
+def test_round_trip_ours_diffusers_ours_is_exact(config, noisy_dit):
+    dit = noisy_dit(**config)
     back = from_diffusers(to_diffusers(dit))
     assert back.config == dit.config
     assert dit.state_dict().keys() == back.state_dict().keys()
@@ -94,7 +89,7 @@ def test_round_trip_ours_diffusers_ours_is_exact(config):
         assert torch.equal(dit(x, t.float(), y), back(x, t.float(), y))
 
 
-def test_from_diffusers_reproduces_a_native_diffusers_model_exactly():
+def test_from_diffusers_reproduces_a_native_diffusers_model_exactly(perturb):
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
                                   num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()  # fmt: skip
@@ -113,8 +108,8 @@ def test_from_diffusers_reproduces_a_native_diffusers_model_exactly():
         assert (again(x, t, y).sample - model(x, t, y).sample).abs().max() <= 1e-5
 
 
-def test_from_diffusers_refuses_untied_embedder_copies():
-    model = to_diffusers(tiny_dit())
+def test_from_diffusers_refuses_untied_embedder_copies(noisy_dit):
+    model = to_diffusers(noisy_dit())
     with torch.no_grad():
         model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(1e-3)
     with pytest.raises(ValueError, match=r"transformer_blocks\.1\.norm1\.emb.*block 0") as error:
@@ -123,17 +118,17 @@ def test_from_diffusers_refuses_untied_embedder_copies():
 
 
 @pytest.mark.parametrize("width", [{"head_dim": 8}, {"mlp_hidden": 128}], ids=["attention", "mlp"])
-def test_to_diffusers_refuses_width_pruned_networks(width):
-    dit = tiny_dit(**width)  # attention 4 x 8 = 32 wide, or an MLP 128 wide, in a 64-wide DiT
+def test_to_diffusers_refuses_width_pruned_networks(width, noisy_dit):
+    dit = noisy_dit(**width)  # attention 4 x 8 = 32 wide, or an MLP 128 wide, in a 64-wide DiT
     with pytest.raises(ValueError, match="block 0 .*width.*safetensors") as error:
         to_diffusers(dit)
     assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------------- public checkpoints
-def test_public_layout_loads_with_inferred_architecture(tmp_path):
-    dit = tiny_dit(input_size=16, patch_size=4, hidden_size=384, depth=1, num_heads=6, in_channels=4)
-    other = tiny_dit(
+def test_public_layout_loads_with_inferred_architecture(tmp_path, noisy_dit):
+    dit = noisy_dit(input_size=16, patch_size=4, hidden_size=384, depth=1, num_heads=6, in_channels=4)
+    other = noisy_dit(
         seed=7, input_size=16, patch_size=4, hidden_size=384, depth=1, num_heads=6, in_channels=4
     )
     path = tmp_path / "DiT-S-4.pt"
@@ -145,9 +140,9 @@ def test_public_layout_loads_with_inferred_architecture(tmp_path):
     assert raw.config.num_classes == 10 and raw.config.class_dropout_prob == 0.1
 
 
-def test_width_pruned_checkpoint_infers_heads_and_mlp_width():
+def test_width_pruned_checkpoint_infers_heads_and_mlp_width(noisy_dit):
     # pruning keeps the head size: DiT-S's 6 heads of 64 cut to 4, the MLP cut from 1536 to 1000
-    dit = tiny_dit(
+    dit = noisy_dit(
         input_size=8, patch_size=4, hidden_size=384, depth=2, num_heads=4, head_dim=64, mlp_hidden=1000
     )
     loaded = load_dit_checkpoint(dit.state_dict(), num_classes=10)
@@ -158,8 +153,8 @@ def test_width_pruned_checkpoint_infers_heads_and_mlp_width():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["p2-sigma-depth3", "p4-nosigma", "p2-nodropout-depth1"])
-def test_inferred_architecture_for_small_widths(config):
-    dit = tiny_dit(**config)
+def test_inferred_architecture_for_small_widths(config, noisy_dit):
+    dit = noisy_dit(**config)
     overrides = {"num_heads": 4, **({"class_dropout_prob": 0.0} if "class_dropout_prob" in config else {})}
     loaded = load_dit_checkpoint(dit.state_dict(), **overrides)
     assert loaded.config == dit.config
@@ -170,27 +165,27 @@ def test_inferred_architecture_for_small_widths(config):
         load_dit_checkpoint(dit.state_dict())
 
 
-def test_checkpoint_errors_are_one_line(tmp_path):
+def test_checkpoint_errors_are_one_line(tmp_path, noisy_dit):
     missing = tmp_path / "DiT-XL-2-256x256.pt"
     with pytest.raises(FileNotFoundError, match="dl.fbaipublicfiles.com/DiT/models") as error:
         load_dit_checkpoint(missing)
     assert str(missing) in str(error.value) and "\n" not in str(error.value)
-    torch.save(tiny_dit().state_dict(), missing)
+    torch.save(noisy_dit().state_dict(), missing)
     missing.write_bytes(missing.read_bytes()[: missing.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt") as error:
         load_dit_checkpoint(missing)
     assert "\n" not in str(error.value)
-    weights = tiny_dit().state_dict()
+    weights = noisy_dit().state_dict()
     weights["blocks.1.attn.proj.weight"] = weights["blocks.1.attn.proj.weight"][:, :32]
     with pytest.raises(ValueError, match=r"shape mismatches.*blocks\.1\.attn\.proj\.weight: \(64, 32\)"):
         load_dit_checkpoint(weights, num_heads=4)
-    weights = {**tiny_dit().state_dict(), "extra.weight": torch.zeros(1)}
+    weights = {**noisy_dit().state_dict(), "extra.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="unexpected.*extra.weight"):
         load_dit_checkpoint(weights, num_heads=4)
 
 
-def test_safetensors_export_rebuilds_from_its_json(tmp_path):
-    dit = tiny_dit(depth=3, learn_sigma=False)
+def test_safetensors_export_rebuilds_from_its_json(tmp_path, noisy_dit):
+    dit = noisy_dit(depth=3, learn_sigma=False)
     path = save_safetensors(dit, tmp_path / "dit.safetensors", {"note": "x"})
     assert json.loads(path.with_suffix(".json").read_text())["dit_config"] == dit.config.to_dict()
     loaded = load_safetensors(tmp_path)
@@ -209,9 +204,9 @@ def tiny_vae() -> AutoencoderKL:
 
 
 @pytest.mark.parametrize("sampler, cfg_scale, learn_sigma", [("ddim", 3.0, True), ("ddpm", 1.0, False)])
-def test_dit_pipeline_samples_what_our_sampler_samples(sampler, cfg_scale, learn_sigma):
+def test_dit_pipeline_samples_what_our_sampler_samples(sampler, cfg_scale, learn_sigma, noisy_dit):
     # DiTPipeline's null class is hard-coded to 1000, so the model has 1000 classes
-    dit = tiny_dit(num_classes=1000, learn_sigma=learn_sigma)
+    dit = noisy_dit(num_classes=1000, learn_sigma=learn_sigma)
     objective = GaussianDiffusion(learn_sigma=learn_sigma)
     vae = tiny_vae()
     pipe = DiTPipeline(transformer=to_diffusers(dit), vae=vae, scheduler=make_scheduler(objective, sampler))

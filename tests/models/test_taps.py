@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -11,23 +13,14 @@ from ditlab.models.taps import Tapped, block_io, kept_blocks, run_blocks
 DEPTH, HEADS, HIDDEN, TOKENS = 5, 4, 32, 16
 
 
-def perturbed_dit(depth: int = DEPTH, seed: int = 0) -> DiT:
-    """A tiny DiT whose zero-initialised layers hold random values, so no block is the identity."""
-    torch.manual_seed(seed)
-    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=HIDDEN, depth=depth, num_heads=HEADS,
-              num_classes=3)  # fmt: skip
-    generator = torch.Generator().manual_seed(seed + 1)
-    layers = [block.adaLN_modulation[-1] for block in dit.blocks]
-    layers += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.1)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
-    return dit.eval()
+@pytest.fixture(scope="module")
+def perturbed_dit(tiny_dit):
+    """This file's DiT: 4 channels, 5 blocks of 4 heads, 3 classes, random adaLN (no block is the identity)."""
+    return partial(tiny_dit, in_channels=4, hidden_size=HIDDEN, depth=DEPTH, num_heads=HEADS, num_classes=3)
 
 
 @pytest.fixture(scope="module")
-def dit() -> DiT:
+def dit(perturbed_dit) -> DiT:
     return perturbed_dit()
 
 
@@ -139,7 +132,7 @@ def test_stop_after_returns_tokens(dit, batch, stop):
     assert early.attention == {}  # blocks after stop_after never ran
 
 
-def test_stop_after_saves_the_later_blocks():
+def test_stop_after_saves_the_later_blocks(perturbed_dit):
     dit = perturbed_dit()
     calls = []
     handles = [
@@ -165,7 +158,7 @@ def test_out_of_range_index_raises(dit, batch, kwargs):
         run_blocks(dit, *batch, **kwargs)
 
 
-def test_gradients_flow_through_captures():
+def test_gradients_flow_through_captures(perturbed_dit):
     dit = perturbed_dit(depth=2).train()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([0, 1])
     tapped = run_blocks(dit, x, t, y, hidden=[0])

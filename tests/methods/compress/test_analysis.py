@@ -32,25 +32,20 @@ from ditlab.tools.analyze import main as analyze_main
 DEPTH, IDENTITY = 6, (2, 3)
 
 
-def toy_dit(
-    depth: int = DEPTH, identity: tuple[int, ...] = IDENTITY, scale: float = 0.1, seed: int = 0
-) -> DiT:
-    """A tiny digits DiT with random adaLN/output layers; ``identity`` blocks have zero gates (exact skip)."""
-    torch.manual_seed(seed)
-    dit = DiT(
-        input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10
-    )
-    generator = torch.Generator().manual_seed(seed + 1)
-    layers = [block.adaLN_modulation[-1] for block in dit.blocks]
-    layers += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * scale)
-        for index in identity:
-            dit.blocks[index].adaLN_modulation[-1].weight.zero_()
-            dit.blocks[index].adaLN_modulation[-1].bias.zero_()
-    return dit.eval()
+@pytest.fixture(scope="module")
+def toy_dit(tiny_dit):
+    """``toy_dit(depth=6, identity=(2, 3), scale=0.1)``: the tiny digits DiT with random adaLN/output layers;
+    ``identity`` blocks have zero gates (exact skip)."""
+
+    def build(depth: int = DEPTH, identity: tuple[int, ...] = IDENTITY, scale: float = 0.1) -> DiT:
+        dit = tiny_dit(depth=depth, std=scale)
+        with torch.no_grad():
+            for index in identity:
+                dit.blocks[index].adaLN_modulation[-1].weight.zero_()
+                dit.blocks[index].adaLN_modulation[-1].bias.zero_()
+        return dit
+
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def dit() -> DiT:
+def dit(toy_dit) -> DiT:
     return toy_dit()
 
 
@@ -99,7 +94,7 @@ def test_baselines_and_determinism(dit, digits):
     assert torch.equal(run("amber", seed=3).scores, run("amber", seed=3).scores)
 
 
-def test_mode_is_restored_and_no_gradients_flow(digits):
+def test_mode_is_restored_and_no_gradients_flow(digits, toy_dit):
     network = toy_dit()
     network.train()
     select_blocks(network, GaussianDiffusion(), *digits, "laptop", 3)
@@ -215,7 +210,7 @@ def test_additivity_diagnostic_separates_additive_from_interacting_blocks(digits
     assert interacting["pearson"] < 0.5
 
 
-def test_additivity_is_high_on_near_identity_dit_blocks(digits):
+def test_additivity_is_high_on_near_identity_dit_blocks(digits, toy_dit):
     report = additivity_diagnostic(
         toy_dit(depth=8, identity=(), scale=0.02), FlowMatching(), *digits, num_sets=50
     )
@@ -247,7 +242,7 @@ def write_checkpoint(path: Path, network: DiT, kind: str = "flow") -> Path:
     return path
 
 
-def test_analyze_tool_writes_json_table_and_plot(tmp_path, capsys):
+def test_analyze_tool_writes_json_table_and_plot(tmp_path, capsys, toy_dit):
     ckpt = write_checkpoint(tmp_path / "toy.ckpt", toy_dit(identity=(1,)))
     out = tmp_path / "analysis"
     argv = ["--ckpt", str(ckpt), "--criteria", "laptop,amber,ppcl,first", "--keep", "5", "--num-images", "48",
@@ -267,7 +262,7 @@ def test_analyze_tool_writes_json_table_and_plot(tmp_path, capsys):
     assert "| kept |" in capsys.readouterr().out
 
 
-def test_analyze_errors_are_one_line(tmp_path, capsys):
+def test_analyze_errors_are_one_line(tmp_path, capsys, toy_dit):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         analyze_main(["--ckpt", str(tmp_path / "missing.ckpt")])
     ckpt = write_checkpoint(tmp_path / "toy.ckpt", toy_dit())

@@ -17,35 +17,10 @@ from ditlab.methods.compress.prune import prune_depth
 from ditlab.models.dit import DiT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread (and far faster than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def teacher_dit(seed: int = 0, std: float = 0.2) -> DiT:
+@pytest.fixture
+def teacher(tiny_dit) -> DiT:
     """The brief's tiny DiT (8x8x1, patch 2, width 32, depth 6, 2 heads) with random adaLN and output layers."""
-    torch.manual_seed(seed)
-    dit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=6, num_heads=2, num_classes=10)
-    generator = torch.Generator().manual_seed(seed + 1)
-    layers = [block.adaLN_modulation[-1] for block in dit.blocks]
-    layers += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * std)
-    return dit.eval().requires_grad_(False)
-
-
-def batch(size: int = 4, seed: int = 2):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(size, 1, 8, 8, generator=generator)
-    t = torch.randint(0, 1000, (size,), generator=generator).float()
-    y = torch.randint(0, 10, (size,), generator=generator)
-    return x, t, y
+    return tiny_dit(std=0.2).requires_grad_(False)
 
 
 # --- the feature-loss menu ------------------------------------------------------------------------------
@@ -110,12 +85,11 @@ def test_matched_layers_are_segment_ends():
 
 
 @pytest.mark.parametrize("teacher_forced", [False, True])
-def test_unpruned_copy_has_zero_losses_even_with_label_dropout(teacher_forced):
-    teacher = teacher_dit()
+def test_unpruned_copy_has_zero_losses_even_with_label_dropout(teacher_forced, teacher, dit_inputs):
     student = prune_depth(teacher, range(6)).train()
     # every label dropped: the eval-mode teacher must see the null class too
     student.y_embedder.dropout_prob = 1.0
-    x, t, y = batch()
+    x, t, y = dit_inputs(teacher, 4)
     for kind in FEATURE_LOSSES:
         losses = distillation_losses(student, teacher, x, t, y, range(6), feature_kind=kind,
                                      teacher_forced=teacher_forced)  # fmt: skip
@@ -127,24 +101,22 @@ def test_unpruned_copy_has_zero_losses_even_with_label_dropout(teacher_forced):
     assert not torch.allclose(teacher(x, t, y), teacher(x, t, null))
 
 
-def test_one_block_segments_have_exactly_zero_teacher_forced_loss():
-    teacher = teacher_dit()
+def test_one_block_segments_have_exactly_zero_teacher_forced_loss(teacher, dit_inputs):
     keep = [0, 2, 3, 5]  # segments [0, 1], [2], [3, 4], [5]
     student = prune_depth(teacher, keep)
-    losses, output = layer_losses(student, teacher, *batch(), keep, teacher_forced=True)
+    losses, output = layer_losses(student, teacher, *dit_inputs(teacher, 4), keep, teacher_forced=True)
     assert output is None
     assert losses[1] == 0 and losses[3] == 0
     assert losses[0] > 1e-3 and losses[2] > 1e-3
     # without teacher forcing the error of segment 0 carries into block 1
-    chained, _ = layer_losses(student, teacher, *batch(), keep)
+    chained, _ = layer_losses(student, teacher, *dit_inputs(teacher, 4), keep)
     assert chained[1] > 1e-3
 
 
-def test_teacher_forced_losses_are_independent_across_student_blocks():
-    teacher = teacher_dit()
+def test_teacher_forced_losses_are_independent_across_student_blocks(teacher, dit_inputs):
     keep = [0, 2, 4]
     student = prune_depth(teacher, keep)
-    inputs = batch()
+    inputs = dit_inputs(teacher, 4)
     before, _ = layer_losses(student, teacher, *inputs, keep, teacher_forced=True)
     with torch.no_grad():
         student.blocks[1].mlp.fc1.weight.add_(torch.randn_like(student.blocks[1].mlp.fc1.weight))
@@ -159,11 +131,10 @@ def test_teacher_forced_losses_are_independent_across_student_blocks():
     assert not torch.allclose(chained[2], before[2])
 
 
-def test_weights_layers_and_skipped_terms():
-    teacher = teacher_dit()
+def test_weights_layers_and_skipped_terms(teacher, dit_inputs):
     keep = [0, 3]
     student = prune_depth(teacher, keep)
-    inputs = batch()
+    inputs = dit_inputs(teacher, 4)
     base = distillation_losses(student, teacher, *inputs, keep)
     doubled = distillation_losses(student, teacher, *inputs, keep, output_weight=2.0, feature_weight=3.0)
     torch.testing.assert_close(doubled["loss_kd_output"], 2 * base["loss_kd_output"])
@@ -181,13 +152,12 @@ def test_weights_layers_and_skipped_terms():
 
 
 @pytest.mark.parametrize("teacher_forced", [False, True])
-def test_a_few_adamw_steps_on_a_depth_halved_student_reduce_the_losses(teacher_forced):
-    teacher = teacher_dit()
+def test_a_few_adamw_steps_on_a_depth_halved_student_reduce_the_losses(teacher_forced, teacher, dit_inputs):
     keep = [0, 2, 4]
     student = prune_depth(teacher, keep).train()
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
-    inputs = batch(size=16, seed=7)
+    inputs = dit_inputs(teacher, 16, seed=7)
     history = []
     for _ in range(30):
         losses = distillation_losses(student, teacher, *inputs, keep, teacher_forced=teacher_forced)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,37 +23,10 @@ from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread (and far faster than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def teacher_dit(depth: int = 6, num_heads: int = 2, seed: int = 0, **overrides) -> DiT:
-    """A tiny DiT whose zero-initialised layers (adaLN, output) are random, so no block is the identity."""
-    torch.manual_seed(seed)
-    config = {"input_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 32, "depth": depth,
-              "num_heads": num_heads, "num_classes": 10, **overrides}  # fmt: skip
-    dit = DiT(**config)
-    generator = torch.Generator().manual_seed(seed + 1)
-    layers = [block.adaLN_modulation[-1] for block in dit.blocks]
-    layers += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.2)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.2)
-    return dit.eval()
-
-
-def batch(dit: DiT, size: int = 3, seed: int = 2):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(size, dit.in_channels, dit.input_size, dit.input_size, generator=generator)
-    t = torch.randint(0, 1000, (size,), generator=generator).float()
-    y = torch.randint(0, dit.num_classes, (size,), generator=generator)
-    return x, t, y
+@pytest.fixture(scope="module")
+def teacher_dit(tiny_dit):
+    """The tiny digits DiT (6 blocks, 2 heads) with its adaLN and output layers randomised at std 0.2."""
+    return partial(tiny_dit, std=0.2)
 
 
 # --- segments -----------------------------------------------------------------------------------------
@@ -73,7 +48,7 @@ def test_block_groups_and_segments():
     [([0, 2, 2], r"blocks \[2\] more than once"), ([0, 6], r"indices \[6\] outside 0..5"),
      ([-1, 3], r"indices \[-1\] outside"), ([], "keep is empty")],
 )  # fmt: skip
-def test_prune_depth_rejects_bad_keep(keep, message):
+def test_prune_depth_rejects_bad_keep(keep, message, teacher_dit):
     with pytest.raises(ValueError, match=message) as error:
         prune_depth(teacher_dit(), keep)
     assert "\n" not in str(error.value)
@@ -84,11 +59,11 @@ def test_prune_depth_rejects_bad_keep(keep, message):
 # --- depth ----------------------------------------------------------------------------------------------
 
 
-def test_copy_all_blocks_reproduces_teacher_and_leaves_it_untouched():
+def test_copy_all_blocks_reproduces_teacher_and_leaves_it_untouched(teacher_dit, dit_inputs):
     teacher = teacher_dit()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = prune_depth(teacher, range(6))
-    x, t, y = batch(teacher)
+    x, t, y = dit_inputs(teacher)
     assert torch.equal(student.eval()(x, t, y), teacher(x, t, y))
     assert not student.training or teacher.training
     with torch.no_grad():
@@ -98,11 +73,11 @@ def test_copy_all_blocks_reproduces_teacher_and_leaves_it_untouched():
     assert all(p.requires_grad for n, p in student.named_parameters() if n != "pos_embed")
 
 
-def test_copy_subset_equals_teacher_with_the_other_blocks_skipped():
+def test_copy_subset_equals_teacher_with_the_other_blocks_skipped(teacher_dit, dit_inputs):
     teacher = teacher_dit()
     student = prune_depth(teacher, [0, 2, 5])
     assert student.depth == 3 and student.config.depth == 3
-    x, t, y = batch(teacher)
+    x, t, y = dit_inputs(teacher)
     expected = run_blocks(teacher, x, t, y, skip=[1, 3, 4]).output
     assert torch.equal(student(x, t, y), expected)
     assert torch.equal(student.blocks[1].attn.qkv.weight, teacher.blocks[2].attn.qkv.weight)
@@ -115,7 +90,7 @@ def reload_through_checkpoint(network: DiT) -> DiT:
 
 
 @pytest.mark.parametrize("edit", ["depth", "width", "both"])
-def test_pruned_network_config_rebuilds_it_and_checkpoint_reload_works(edit):
+def test_pruned_network_config_rebuilds_it_and_checkpoint_reload_works(edit, teacher_dit, dit_inputs):
     teacher = teacher_dit(num_heads=4)
     pruned = teacher
     if edit in ("depth", "both"):
@@ -126,12 +101,12 @@ def test_pruned_network_config_rebuilds_it_and_checkpoint_reload_works(edit):
     rebuilt = DiT(pruned.config)
     rebuilt.load_state_dict(pruned.state_dict(), strict=True)
     reloaded = reload_through_checkpoint(pruned)
-    x, t, y = batch(teacher)
+    x, t, y = dit_inputs(teacher)
     assert torch.equal(reloaded(x, t, y), pruned(x, t, y))
     assert parameter_count(reloaded) == parameter_count(pruned) < parameter_count(teacher)
 
 
-def test_average_of_identical_blocks_reproduces_that_block():
+def test_average_of_identical_blocks_reproduces_that_block(teacher_dit):
     teacher = teacher_dit()
     for j in (2, 3):
         teacher.blocks[j].load_state_dict(teacher.blocks[1].state_dict())
@@ -149,10 +124,10 @@ def test_average_of_identical_blocks_reproduces_that_block():
         prune_depth(fresh, [1, 4], init="average", weights={1: [1, 1]})
 
 
-def test_random_init_and_reinitialize_reset_blocks_to_identity():
+def test_random_init_and_reinitialize_reset_blocks_to_identity(teacher_dit, dit_inputs):
     teacher = teacher_dit()
     student = prune_depth(teacher, [0, 3], init="random")
-    x, t, y = batch(teacher)
+    x, t, y = dit_inputs(teacher)
     tokens, cond = student.embed(x, t, y)
     assert all(torch.equal(block(tokens, cond), tokens) for block in student.blocks)
     assert torch.equal(student.final_layer.linear.weight, teacher.final_layer.linear.weight)
@@ -169,17 +144,17 @@ def test_random_init_and_reinitialize_reset_blocks_to_identity():
 # --- width ----------------------------------------------------------------------------------------------
 
 
-def test_width_pruning_that_keeps_everything_reproduces_teacher():
+def test_width_pruning_that_keeps_everything_reproduces_teacher(teacher_dit, dit_inputs):
     teacher = teacher_dit(num_heads=4)
     student = prune_width(teacher, num_heads=4, mlp_hidden=128)
-    x, t, y = batch(teacher)
+    x, t, y = dit_inputs(teacher)
     assert torch.equal(student(x, t, y), teacher(x, t, y))
     assert student.config.head_dim is None and student.config.mlp_hidden is None
     with pytest.raises(ValueError, match="num_heads=5 must be in 1..4"):
         prune_width(teacher, num_heads=5)
 
 
-def test_pruning_a_near_zero_head_and_channel_barely_changes_the_output():
+def test_pruning_a_near_zero_head_and_channel_barely_changes_the_output(teacher_dit, dit_inputs):
     teacher = teacher_dit(num_heads=4)
     with torch.no_grad():
         for block in teacher.blocks:  # head 1 and MLP channel 7 are (almost) dead in every block
@@ -191,7 +166,7 @@ def test_pruning_a_near_zero_head_and_channel_barely_changes_the_output():
     assert student.blocks[0].attn.num_heads == 3 and student.blocks[0].attn.head_dim == 8
     kept_rows = teacher.blocks[0].attn.qkv.weight.view(3, 4, 8, 32)[:, [0, 2, 3]].reshape(72, 32)
     assert torch.equal(student.blocks[0].attn.qkv.weight, kept_rows)
-    x, t, y = batch(teacher)
+    x, t, y = dit_inputs(teacher)
     reference = teacher(x, t, y)
     change = (student(x, t, y) - reference).abs().max()
     assert change < 1e-4 * reference.abs().max()
@@ -200,7 +175,7 @@ def test_pruning_a_near_zero_head_and_channel_barely_changes_the_output():
     assert (prune_width(lively, num_heads=3)(x, t, y) - lively(x, t, y)).abs().max() > 1e-2
 
 
-def test_magnitude_keeps_the_larger_units():
+def test_magnitude_keeps_the_larger_units(teacher_dit):
     teacher = teacher_dit(num_heads=4)
     with torch.no_grad():
         teacher.blocks[0].attn.proj.weight.view(32, 4, 8)[:, 2] *= 10
@@ -225,7 +200,7 @@ def test_magnitude_keeps_the_larger_units():
     assert torch.equal(student.blocks[0].mlp.fc1.weight, block.mlp.fc1.weight[5:6])
 
 
-def test_taylor_scores_are_abs_weight_times_grad_summed_per_unit():
+def test_taylor_scores_are_abs_weight_times_grad_summed_per_unit(teacher_dit):
     teacher = teacher_dit(num_heads=4, depth=2)
     generator = torch.Generator().manual_seed(3)
     grads = {n: torch.randn(p.shape, generator=generator) for n, p in teacher.named_parameters()}
@@ -246,10 +221,10 @@ def test_taylor_scores_are_abs_weight_times_grad_summed_per_unit():
         unit_scores(teacher, "taylor")
 
 
-def test_taylor_scores_accumulate_gradients_and_restore_flags():
+def test_taylor_scores_accumulate_gradients_and_restore_flags(teacher_dit, dit_inputs):
     teacher = teacher_dit(depth=2)
     teacher.requires_grad_(False)  # a frozen teacher still gets scored
-    batches = [batch(teacher, seed=s) for s in (4, 5)]
+    batches = [dit_inputs(teacher, seed=s) for s in (4, 5)]
 
     def loss_fn(dit: DiT, inputs) -> torch.Tensor:
         return dit(*inputs).square().mean()
@@ -275,11 +250,11 @@ def test_taylor_scores_accumulate_gradients_and_restore_flags():
 
 
 @pytest.mark.parametrize("width", [False, True])
-def test_flops_match_flop_counter(width):
+def test_flops_match_flop_counter(width, teacher_dit, dit_inputs):
     dit = teacher_dit(num_heads=4, depth=3)
     if width:
         dit = prune_width(dit, num_heads=3, mlp_hidden=50)
-    x, t, y = batch(dit, size=2)
+    x, t, y = dit_inputs(dit, 2)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         # explicit attention maps, so the q k^T and attn v products are plain matmuls the counter sees
         run_blocks(dit, x, t, y, attention=range(dit.depth))
