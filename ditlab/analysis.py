@@ -66,10 +66,14 @@ def sample_run(run: Run, labels: torch.Tensor, seed: int = 0, **overrides) -> to
 
     ``overrides`` replace the checkpoint's sampling settings (``steps``, ``sampler``, ``cfg_scale``, ...).
     """
+    from ditlab.methods.accel import cached_model
+
     bundle = run.bundle
-    options = {key: value for key, value in vars(bundle.sampling).items()}
-    options.update(overrides)
-    latents = sample_images(bundle.network, bundle.objective, labels, seed=seed, **options)
+    options = {**vars(bundle.sampling), **overrides}
+    cache = options.pop("cache", None)  # a feature-cache policy wraps the network (none: the network itself)
+    model = cached_model(bundle.network, cache, bundle.objective, options.get("sampler"), options["steps"],
+                         options["cfg_scale"], options.get("cfg_channels"))  # fmt: skip
+    latents = sample_images(model, bundle.objective, labels, seed=seed, **options)
     if bundle.vae is not None:
         from ditlab.data.vae import load_vae
 

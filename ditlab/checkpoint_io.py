@@ -4,7 +4,9 @@ Lightning's ``TorchCheckpointIO`` serialises to memory and then writes straight 
 SIGKILL or a full disk during that write leaves a truncated ``last.ckpt`` that no resume can read. Here the
 bytes go to a temporary file in the same folder (same filesystem, so the rename is atomic), are fsynced,
 and only then ``os.replace`` the final path; the folder is fsynced too so the rename survives a crash.
-Loading turns an unreadable file into one line (``ValueError``) instead of a zip-reader traceback.
+Loading is plain data only (``ditlab.models.loading.read_checkpoint``: ``weights_only`` plus ditlab's config
+classes), so ``fit --ckpt_path`` never runs code from a checkpoint someone shared, and an unreadable or refused
+file is one line (``ValueError``) instead of a zip-reader traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ditlab.checkpoint import read_checkpoint
+from ditlab.models.loading import read_checkpoint, trusts_checkpoints
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -45,7 +47,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` with atomic local writes and one-line errors for unreadable checkpoints."""
+    """``TorchCheckpointIO`` with atomic local writes, plain-data reads and one-line errors for unreadable checkpoints."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
@@ -62,6 +64,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict:
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if "://" in str(path):  # remote: Lightning's reader, plain data unless the user trusts checkpoints
+            return super().load_checkpoint(path, map_location=map_location, weights_only=not trusts_checkpoints())
         return read_checkpoint(path)

@@ -1,8 +1,13 @@
 """The ``ditlab`` command: LightningCLI (OmegaConf mode) for fit/validate/test/predict, plus tools.
 
 ``ditlab fit --config configs/dit.yaml [--trainer.max_steps 100 ...]`` trains; ``ditlab sample``,
-``ditlab convert`` work from a checkpoint. Bad input ends in one line that names the key or file and
-the fix, with exit code 2 (set ``DITLAB_DEBUG=1`` for the full traceback). Ctrl-C (SIGINT) or SIGTERM stop a
+``ditlab convert`` work from a checkpoint; ``ditlab --help`` lists every command. Progress is a step bar in a
+terminal and a plain line every few steps otherwise (a batch log). ``--trainer.default_root_dir DIR`` puts the
+run's logs, checkpoints and summary.json under DIR. Config fragments (``configs/data/*.yaml``,
+``configs/trainer/*.yaml``) are accepted by ``--config FILE`` and by ``--data FILE`` / ``--trainer FILE``.
+Lightning's advertisement and known-harmless notices are filtered (``--verbose`` or ``DITLAB_DEBUG=1`` shows them).
+Bad input (a config, a file, missing weights) ends in one line that names the key or file and the fix, with
+exit code 2 (``DITLAB_DEBUG=1`` for the full traceback); anything else is a bug and keeps its traceback. Ctrl-C (SIGINT) or SIGTERM stop a
 run after saving ``interrupted.ckpt``, with the shell's exit codes 130 / 143; a child run ditlab starts (the teacher
 build) is stopped with it. Checkpoints are read as plain data only; ``DITLAB_TRUST_CHECKPOINTS=1`` reads a file
 you trust fully (``ditlab.models.loading``).
@@ -10,10 +15,13 @@ you trust fully (``ditlab.models.loading``).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 from jsonargparse import lazy_instance, set_parsing_settings
@@ -24,12 +32,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ditlab.callbacks.interrupt import SaveOnInterrupt
-from ditlab.callbacks.monitor import StepProgressBar, TrainingMonitor
+from ditlab.callbacks.monitor import LineProgress, StepProgressBar, TrainingMonitor
 from ditlab.callbacks.reliability import NaNGuard, ResumeState
 from ditlab.callbacks.summary import RunSummary
 from ditlab.checkpoint_io import AtomicCheckpointIO
+from ditlab.child_process import RECEIVED, noting_sigint
 from ditlab.methods.base import DiffusionModule
-from ditlab.models.loading import check_checkpoint
+from ditlab.models.loading import check_checkpoint, read_checkpoint
 
 TOOLS = {
     "sample": "ditlab.tools.sample",
@@ -38,6 +47,19 @@ TOOLS = {
     "analyze": "ditlab.tools.analyze",
     "encode": "ditlab.tools.encode",
 }
+COMMANDS = {  # what `ditlab --help` lists, one line each
+    "fit": "train a config (configs/*.yaml): DiT/SiT, dicomp, REPA, HASTE, ...",
+    "validate": "run the validation loop of a config on a checkpoint (--ckpt_path)",
+    "test": "run the test loop of a config on a checkpoint (--ckpt_path)",
+    "predict": "run the predict loop of a config on a checkpoint (--ckpt_path)",
+    "sample": "draw images (PNG grid + .npz) from a checkpoint or exported network",
+    "eval": "FID / IS / precision / recall of a checkpoint against reference statistics",
+    "analyze": "per-block importance of a trained network and the blocks to keep when pruning",
+    "convert": "export a run's network as safetensors or a diffusers folder",
+    "encode": "pre-extract VAE latents of an image folder into shards for latent training",
+}
+DEFAULT_SAVE_DIR = "runs"  # the default logger's save_dir; it follows --trainer.default_root_dir
+CONFIG_KEYS = ("trainer", "model", "data", "seed_everything", "optimizer", "lr_scheduler", "ckpt_path", "nan_guard")
 
 
 class UsageError(Exception):
@@ -104,27 +126,42 @@ class DitlabCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for index, callback in enumerate(trainer.callbacks):
             if type(callback) is RichProgressBar:  # Lightning's default; a config may name its own bar
-                trainer.callbacks[index] = StepProgressBar()
+                trainer.callbacks[index] = StepProgressBar() if sys.stdout.isatty() else LineProgress()
         return trainer
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``--ckpt_path``'s hyperparameters first. The file (or sharded folder, which Lightning's FSDP
-        resume reads unchecked) is checked as plain data before anything reads it: ditlab's configs pass, anything
-        else is refused in one line. An unreadable file is one line too, not a traceback."""
-        import pickle
-        import zipfile
+    def before_instantiate_classes(self) -> None:
+        """``--trainer.default_root_dir DIR`` moves the whole run: a logger left at the default ``save_dir``
+        (``runs``) logs under DIR instead, and checkpoints and summary.json follow the logger. A ``save_dir``
+        the user set to anything else is kept."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        root = trainer.get("default_root_dir") if trainer is not None else None
+        if not root:
+            return
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and str(getattr(init_args, "save_dir", "")) == DEFAULT_SAVE_DIR:
+                init_args.save_dir = str(root)
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``'s hyperparameters update the config, as in Lightning, but the file is read as plain data
+        (ditlab's configs pass, anything else is refused in one line; a sharded folder, which Lightning's FSDP resume
+        reads unchecked, is checked too), an unreadable file is one line, and a checkpoint saved outside the CLI
+        (no ``_class_path``) leaves the config as given."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path:
-            check_checkpoint(path)
-        try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            if "Weights only load failed" in str(error):  # trusted (DITLAB_TRUST_CHECKPOINTS): the full load reads it
-                return
-            raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
-                             "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
+        if not path:
+            return
+        check_checkpoint(path)
+        if not Path(path).is_file():  # a sharded folder, "last", or a missing file that the resume reports
+            return
+        hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" not in hparams:
+            return
+        model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def before_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -149,7 +186,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DitlabCLI:
             "devices": 1,
             "log_every_n_steps": 10,
             "enable_model_summary": False,
-            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="ditlab", default_hp_metric=False),
+            "logger": lazy_instance(TensorBoardLogger, save_dir=DEFAULT_SAVE_DIR, name="ditlab",
+                                    default_hp_metric=False),
             "callbacks": [
                 ModelCheckpoint(save_last=True, every_n_train_steps=500, save_top_k=1),
                 SaveOnInterrupt(),
@@ -185,6 +223,83 @@ QUIET = (r".*litlogger.*", r".*module\(s\) in eval mode.*", r".*`weights_only` w
          r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*")  # fmt: skip
 
 
+class QuietFilter(logging.Filter):
+    """Drops Lightning's log records that match :data:`QUIET` (its litlogger tip, the ``weights_only`` notice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(re.match(pattern, message, re.DOTALL) for pattern in QUIET)
+
+
+def quiet_lightning() -> None:
+    """Filter the known-harmless warnings and Lightning notices for this process (and the ``ditlab fit`` children
+    it starts, which run this too); ``--verbose`` / ``DITLAB_DEBUG=1`` skip it."""
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+        target = logging.getLogger(name)
+        if not any(isinstance(existing, QuietFilter) for existing in target.filters):
+            target.addFilter(QuietFilter())
+
+
+def top_help() -> str:
+    """``ditlab --help``: every command with one line."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: ditlab COMMAND [options]   (ditlab COMMAND --help lists a command's options)", "",
+             "commands:", *(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()), "",
+             "global options:", "  --verbose    show every Lightning notice and warning (also DITLAB_DEBUG=1)"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def fragment_keys(path: str) -> list[str] | None:
+    """The top-level keys of a YAML config file, or None when ``path`` is not a readable YAML mapping."""
+    import yaml
+
+    if not path.endswith((".yaml", ".yml")) or not Path(path).is_file():
+        return None
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return None  # the parser reports the syntax error with its position
+    return list(loaded) if isinstance(loaded, dict) else None
+
+
+def place_fragments(argv: list[str]) -> list[str]:
+    """Config fragments work both ways. ``--data FILE`` (or ``--trainer``/``--model``) whose FILE wraps its options
+    in a top-level ``data:`` key becomes ``--config FILE`` at the same place; a bare fragment (``class_path:`` at
+    the top) is left to the group option. A file given where it does not fit is one line naming the fix."""
+    placed, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        flag, _, value = arg.partition("=")
+        group = flag[2:] if flag in ("--data", "--trainer", "--model", "--config") else None
+        if group and not value and index + 1 < len(argv):
+            value, index = argv[index + 1], index + 1
+        keys = fragment_keys(value) if group else None
+        if keys is None:
+            placed.extend([flag, value] if group and "=" not in arg else [arg])
+        elif group == "config":
+            if not set(keys) & set(CONFIG_KEYS) and keys:
+                kind = "a trainer" if set(keys) & {"accelerator", "devices", "max_steps", "strategy", "precision"} \
+                    else "a bare class" if "class_path" in keys else "an unknown"  # fmt: skip
+                raise UsageError(f"{value} is {kind} fragment with top-level keys {keys[:4]}, not a config (whose "
+                                 f"top-level keys are {', '.join(CONFIG_KEYS[:3])}); nest it under the key it belongs "
+                                 "to, or give it as --data FILE / --trainer FILE / --model FILE")  # fmt: skip
+            placed.extend(["--config", value])
+        elif keys == [group]:
+            placed.extend(["--config", value])
+        elif len(keys) == 1 and keys[0] in CONFIG_KEYS:
+            raise UsageError(f"{value} holds {keys[0]} options (top-level key {keys[0]}:), not {group} options; give it "
+                             f"as --{keys[0]} {value} or --config {value}")  # fmt: skip
+        elif set(keys) & set(CONFIG_KEYS):
+            raise UsageError(f"{value} is a whole config (top-level keys {keys}); give it as --config {value}")
+        else:
+            placed.extend([f"--{group}", value])
+        index += 1
+    return placed
+
+
 def close_process_group() -> None:
     """Destroy the DDP/FSDP process group before the interpreter exits; left to exit-time destructors, gloo's
     threads can abort the process (``terminate called without an active exception``) after a finished run."""
@@ -196,34 +311,63 @@ def close_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
+    """``ditlab ARGS``; returns the exit code. A user's Ctrl-C (a real SIGINT, noted) ends in one line and 130, a
+    SIGTERM in 143, both after ``interrupted.ckpt`` is saved; a ``KeyboardInterrupt`` raised by code keeps its
+    traceback."""
+    with noting_sigint():
+        return run_command(argv)
+
+
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError)
+REPORT = ("ditlab: this is not a known user error and may be a bug in ditlab; please report it with the command "
+          "and the traceback above")  # fmt: skip
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or bool(os.environ.get("DITLAB_DEBUG"))
+    argv = [arg for arg in argv if arg != "--verbose"]
+    if not verbose:
+        quiet_lightning()
     try:
-        if argv and argv[0] in TOOLS:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(top_help())
+            return 0 if argv else 2
+        if argv[0] in TOOLS:
             import importlib
 
             return importlib.import_module(TOOLS[argv[0]]).main(argv[1:]) or 0
-        if argv and argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv):
+        argv = place_fragments(argv)
+        if argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv):
             return full_help(argv)
+        if from_command_line:  # LightningCLI warns when given args while sys.argv has some too
+            sys.argv[1:] = argv
         try:
-            build_cli(None if argv == sys.argv[1:] else argv)
+            build_cli(None if from_command_line else argv)
         finally:
             close_process_group()
         return 0
     except SIGTERMException as stop:  # preempted: interrupted.ckpt is saved (SaveOnInterrupt)
         return stop.code if isinstance(stop.code, int) else 143
     except SystemExit as stop:  # Lightning ends a Ctrl-C'd run with exit(1) once interrupted.ckpt is saved
-        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt) and signal.SIGINT in RECEIVED:
             return 130
         raise
     except KeyboardInterrupt:  # Ctrl-C outside a Lightning run (start-up, a tool): the shell's code, no traceback
-        print("ditlab: interrupted", file=sys.stderr)
+        if signal.SIGINT not in RECEIVED:
+            raise
+        print("ditlab: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, IndexError, KeyError, RuntimeError) as error:
+    except Exception as error:
         message = str(error.args[0]) if error.args else type(error).__name__
-        mismatch = state_dict_mismatch(message)
-        if os.environ.get("DITLAB_DEBUG") or (isinstance(error, RuntimeError) and mismatch is None):
+        mismatch = state_dict_mismatch(message) if isinstance(error, RuntimeError) else None
+        if os.environ.get("DITLAB_DEBUG") or not (isinstance(error, USER_ERRORS) or mismatch):
+            if not isinstance(error, USER_ERRORS):
+                if hasattr(error, "add_note"):
+                    error.add_note(REPORT)  # printed under the traceback (Python >= 3.11)
+                else:
+                    print(REPORT.replace("above", "below"), file=sys.stderr)
             raise
         if "Problems parsing config" in message and "--config" in argv:  # name the file YAML could not read
             configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]

@@ -1,6 +1,7 @@
 """Teacher and student side by side at the end of a compression run, in ``summary.json``.
 
-For both networks, with the same sampler, seeds and class labels: blocks, parameters, forward FLOPs per
+For both networks, with the same sampler, seeds and class labels: blocks, parameters (total and activated per
+image, and the FFN's for experts), forward FLOPs per
 image, sampling images/s on this machine, and FID against the reference set with the features it used
 (``fid_features``), so a reader sees in one place what the compression cost and what it bought.
 """
@@ -63,7 +64,8 @@ class CompressionReport(L.Callback):
         teacher = self.measure(pl_module, pl_module.teacher)
         student = self.measure(pl_module, student_network)
         ratios = {f"{key}_ratio": student[key] / teacher[key]
-                  for key in ("parameters", "flops_per_image", "sampling_images_per_s", "fid")
+                  for key in ("parameters", "activated_parameters", "ffn_activated_parameters", "flops_per_image",
+                              "sampling_images_per_s", "fid")
                   if key in student and teacher.get(key)}  # fmt: skip
         protocol = {"num_samples": self.num_samples, "seed": self.seed, **asdict(pl_module.sampling), **self.overrides}
         pl_module.summary.update({"teacher": teacher, "student": student, "student_vs_teacher": ratios,

@@ -3,7 +3,8 @@
 
 Lightning 2.6 only notes a SIGTERM (cluster preemption) on one device and acts on it at the *end of the
 epoch*, which a scheduler's grace period may not reach; this callback stops after the current step
-(``SIGTERMException``, exit code 143 from ``ditlab``) and saves ``interrupted.ckpt`` on the way out.
+(``SIGTERMException``, exit code 143 from ``ditlab``) and saves ``interrupted.ckpt`` on the way out; Ctrl-C
+stops at once, saves the same way, and ``ditlab`` exits 130.
 
 Lightning's ``OnExceptionCheckpoint`` also turns every later ``fit()`` into a resume from "last"; this
 callback only saves, so resuming stays an explicit ``--ckpt_path``. ``final.ckpt`` exists whatever the
@@ -41,7 +42,7 @@ class SaveOnInterrupt(L.Callback):
         if trainer.global_step == 0 or not trainer.log_dir:  # log_dir is a collective: every process calls it
             return
         self.path = Path(trainer.log_dir) / "checkpoints" / self.final
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
         self._saved_step = trainer.global_step
         if hasattr(pl_module, "summary"):
             pl_module.summary["checkpoint"] = str(self.path)
@@ -50,7 +51,7 @@ class SaveOnInterrupt(L.Callback):
         if trainer.state.fn != "fit" or trainer.global_step == 0 or not trainer.log_dir:
             return
         self.path = Path(trainer.log_dir) / "checkpoints" / self.filename
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
         if trainer.is_global_zero and isinstance(exception, SIGTERMException):
             print(f"received SIGTERM; stopped after step {trainer.global_step}", flush=True)
         if trainer.is_global_zero:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 from ditlab.distributed import is_sharded, local
 
@@ -127,21 +127,144 @@ class TrainingMonitor(L.Callback):
             )
 
 
+def run_state(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """What a method is doing now, for the progress line: the progressive stage and student depth (dicomp,
+    Dense2MoE), whether representation alignment is on (REPA, HASTE, Self-Transcendence); "" otherwise."""
+    parts = []
+    stages = next((callback for callback in trainer.callbacks if hasattr(callback, "schedule")
+                   and hasattr(callback, "applied")), None)  # fmt: skip
+    network = getattr(pl_module, "network", None)
+    if stages is not None:
+        parts.append(f"stage {len(stages.applied) + 1}/{len(stages.schedule) + 1}")
+    if stages is not None or hasattr(pl_module, "shrink"):
+        depth = getattr(network, "depth", None)
+        if depth is not None:
+            parts.append(f"{depth} blocks")
+    active = getattr(pl_module, "alignment_active", None)
+    if active is not None:
+        stopped = getattr(pl_module, "terminated_at", None)
+        parts.append("alignment on" if active else
+                     f"alignment off{f' since step {stopped}' if stopped is not None else ''}")  # fmt: skip
+    return ", ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m"``, ``185`` -> ``"3m05s"``, ``42`` -> ``"42s"``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, counting optimiser steps against ``max_steps``.
 
     ditlab runs are budgeted in steps (``max_epochs`` is -1), where Lightning's own description reads
-    "Epoch 0/-2" and restarts every epoch; this one reads "step 120/2000 (epoch 4)".
+    "Epoch 0/-2" and restarts every epoch; this one reads "step 120/2000 (epoch 4)", followed by the method's
+    state (:func:`run_state`: the dicomp stage, whether alignment is on).
     """
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps < 0:
             return super()._get_train_description(current_epoch)
-        return f"step {self.trainer.global_step}/{max_steps} (epoch {current_epoch})"
+        state = run_state(self.trainer, self.trainer.lightning_module)
+        return f"step {self.trainer.global_step}/{max_steps} (epoch {current_epoch}){f' {state}' if state else ''}"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.progress is not None and self.train_progress_bar_id is not None:
             description = self._get_train_description(trainer.current_epoch)
             self.progress.update(self.train_progress_bar_id, description=description)
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines, for output that is not a terminal (a batch log, ``nohup``, CI, the teacher build
+    a parent ``ditlab fit`` runs): a live bar there is either silent or a wall of carriage returns.
+
+    Every ``every_n_steps`` optimiser steps or ``every_n_seconds`` seconds, whichever comes first, rank 0 prints
+    ``<run> step 120/2000 (6%) loss 0.0412 | 512 images/s | ETA 3m05s | stage 2/2, 6 blocks``, and one line when
+    validation starts and ends. ``every_n_steps`` None means about 20 lines a run (never more often than
+    ``log_every_n_steps``). Images/s is measured over the training steps since the previous line (validation
+    excluded); the ETA from the mean step time since training started (validation and sample grids included).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_seconds: float = 60.0) -> None:
+        super().__init__()
+        self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
+        self._enabled = True
+        self._start: tuple[float, int] = (0.0, 0)
+        self._last: tuple[float, int] = (0.0, 0)
+        self._images = 0
+        self._validation_start = 0.0
+        self._paused = 0.0  # seconds of validation since the previous line
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
+
+    def interval(self, trainer: L.Trainer) -> int:
+        if self.every_n_steps:
+            return self.every_n_steps
+        return max(1, trainer.log_every_n_steps, trainer.max_steps // 20 if trainer.max_steps > 0 else 0)
+
+    def say(self, text: str) -> None:
+        if self.is_enabled:
+            logger = self.trainer.logger
+            name = getattr(logger, "name", None) if logger is not None else None
+            print(f"[{name}] {text}" if name else text, flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        now = time.perf_counter()
+        self._start = self._last = (now, trainer.global_step)
+        self._images = 0
+        target = f"{trainer.max_steps} steps" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
+        self.say(f"training from step {trainer.global_step} to {target}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        self._images += len(images) * trainer.world_size
+        now, step = time.perf_counter(), trainer.global_step
+        last_time, last_step = self._last
+        if step == last_step or (step % self.interval(trainer) and now - last_time < self.every_n_seconds):
+            return
+        self.say(self.line(trainer, pl_module, now))
+        self._last, self._images, self._paused = (now, step), 0, 0.0
+
+    def line(self, trainer: L.Trainer, pl_module, now: float) -> str:
+        step, max_steps = trainer.global_step, trainer.max_steps
+        text = f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)" if max_steps > 0 else f"step {step}"
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            text += f" loss {float(loss):.4g}"
+        elapsed = now - self._last[0] - self._paused
+        if elapsed > 0:
+            text += f" | {self._images / elapsed:.0f} images/s"
+        start_time, start_step = self._start
+        if max_steps > 0 and step > start_step:
+            text += f" | ETA {duration((now - start_time) / (step - start_step) * (max_steps - step))}"
+        state = run_state(trainer, pl_module)
+        return f"{text} | {state}" if state else text
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validation_start = time.perf_counter()
+            self.say(f"validation at step {trainer.global_step}")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        result = f"val/loss {float(loss):.4g}, " if loss is not None else ""
+        seconds = time.perf_counter() - self._validation_start
+        self._paused += seconds
+        self.say(f"validation done ({result}{seconds:.1f} s)")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.say(f"training done: step {trainer.global_step} in {duration(time.perf_counter() - self._start[0])}")

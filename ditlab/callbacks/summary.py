@@ -1,6 +1,7 @@
 """``summary.json``: one file per run that says what was run and what came out.
 
-Written at the end of fit in the log directory (final metrics, parameter count, training images/s,
+Written at the end of fit in the log directory (final metrics, parameters total and activated, FLOPs per image,
+training images/s,
 steps, wall time, peak memory per process, the resolved config, and whatever callbacks put in ``pl_module.summary``); its path
 is printed so scripts and notebooks can find it.
 """
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 
 from ditlab.callbacks.run_dir import run_dir
+from ditlab.models import budget
 
 
 def _plain(value):
@@ -63,6 +65,17 @@ def peak_memory_mb(trainer: L.Trainer, device: torch.device, at_start: float) ->
             "training_memory_rise_mb": [round(row[1], 1) for row in values]}  # fmt: skip
 
 
+def network_costs(pl_module) -> dict:
+    """Activated parameters (what one image uses: sparse experts, a block mixture) and forward FLOPs per image of
+    the sampled network, beside its total ``parameters``; empty for a module without a DiT."""
+    network = getattr(pl_module, "sampling_network", None)
+    if not hasattr(network, "blocks"):
+        return {}
+    own = getattr(network, "flops_per_image", None)  # a network that skips work per image counts its own
+    return {"activated_parameters": budget.activated_parameter_count(network),
+            "flops_per_image": own() if callable(own) else budget.flops_per_image(network)}  # fmt: skip
+
+
 class RunSummary(L.Callback):
     """Measures throughput and wall time, then writes ``summary.json``; ``config`` is set by the CLI."""
 
@@ -99,6 +112,7 @@ class RunSummary(L.Callback):
         summary = {
             "metrics": metrics,
             "parameters": pl_module.num_parameters() if hasattr(pl_module, "num_parameters") else None,
+            **network_costs(pl_module),
             "train_images_per_s": self._images / self._train_time if self._train_time else None,
             "steps": trainer.global_step,
             "skipped_images": getattr(trainer.datamodule, "skipped", None),  # unreadable files (image folders)
@@ -111,4 +125,4 @@ class RunSummary(L.Callback):
         self.path = run_dir(trainer) / self.filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=2, default=str))
-        print(f"summary: {self.path}")
+        print(f"summary: {self.path} (logs, checkpoints and samples of this run: {self.path.parent})", flush=True)

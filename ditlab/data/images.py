@@ -5,6 +5,11 @@ Image folders follow the recipe DiT (Peebles & Xie 2023) took from ADM (Dhariwal
 side is at least twice the target, resize with BICUBIC so the short side equals the target, then crop the
 centre; a random horizontal flip is the only augmentation. Classes are the sorted sub-folder names.
 
+Flips are drawn like the training order (``ditlab.data.sampling``), not in the loader workers: one coin per image
+and epoch from a stream seeded by the run's seed and the epoch, handed to the dataset with the index
+(:class:`FlipSampler`). A run therefore sees the same flips on any number of processes and workers, and a resumed
+run the flips the uninterrupted one saw.
+
 A file that cannot be decoded never stops an epoch: it is reported once with a warning naming it, the
 next readable image takes its place, and it is counted in :attr:`ImageFolderDataModule.skipped` (the
 count lives in shared memory, so it includes what DataLoader workers found).
@@ -24,7 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ditlab.data.sampling import training_loader
+from ditlab.child_process import exit_with_parent
+from ditlab.data.sampling import ResumableDataLoader, SeededSampler, training_loader
+from ditlab.distributed import data_parallel_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -77,11 +84,46 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     return classes, samples
 
 
+FLIP_STREAM = 0x666C6970  # keeps the flip coins' stream apart from the order's (both seeded by seed and epoch)
+
+
+def epoch_flips(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """One fair coin per item for ``epoch`` of a run seeded ``seed`` (True: mirror it)."""
+    return np.random.default_rng([seed, epoch, FLIP_STREAM]).random(num_items) < 0.5
+
+
+class FlipSampler(SeededSampler):
+    """:class:`~ditlab.data.sampling.SeededSampler`'s order (dealt across processes, resumable) with each index
+    paired with its epoch's coin, ``(index, flip)``, for a dataset that takes such keys."""
+
+    def __iter__(self):
+        flips = epoch_flips(self.num_items, self.seed, self.epoch)
+        for index in super().__iter__():
+            yield index, bool(flips[index])
+
+
+class KeyedFlips(Dataset):
+    """``dataset[(index, flip)]``: ``dataset[index]``'s ``(image, label)``, mirrored when ``flip``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        index, flip = key
+        image, label = self.dataset[index]
+        return (image.flip(-1) if flip else image), label
+
+
 class ImageFolderDataset(Dataset):
     """``(image: (3, S, S) in [-1, 1], label)`` per file, ADM centre crop, optional random flip.
 
-    :meth:`load` returns None for an unreadable file (the encoder uses it to leave the file out);
-    ``dataset[i]`` moves on to the next readable file instead, so a training epoch never stops.
+    ``dataset[(i, flip)]`` (what the training loader's :class:`FlipSampler` asks for) mirrors as ``flip`` says;
+    ``dataset[i]`` alone flips with the global RNG when ``flip`` is set. :meth:`load` returns None for an
+    unreadable file (the encoder uses it to leave the file out); indexing moves on to the next readable file
+    instead, so a training epoch never stops.
     """
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, flip: bool = False) -> None:
@@ -111,14 +153,13 @@ class ImageFolderDataset(Dataset):
             return None
         return to_signed(array)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        index, flip = key if isinstance(key, tuple) else (key, self.flip and bool(torch.rand(()) < 0.5))
         for offset in range(len(self)):
             current = (index + offset) % len(self)
             image = self.load(current)
             if image is not None:
-                if self.flip and torch.rand(()) < 0.5:
-                    image = image.flip(-1)
-                return image, self.samples[current][1]
+                return (image.flip(-1) if flip else image), self.samples[current][1]
         raise FileNotFoundError(
             f"none of the {len(self)} images (e.g. {self.samples[0][0]}) could be decoded"
         )
@@ -128,12 +169,23 @@ class ImageFolderDataset(Dataset):
         return [self.samples[i][0] for i in self.bad.nonzero().flatten().tolist()]
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, trainer=None) -> DataLoader:
-    if train:  # seeded by the run's seed, dealt across processes, resumable mid-epoch
-        return training_loader(dataset, batch_size, torch.initial_seed() % 2**62, trainer, num_workers,
-                               pin_memory=torch.cuda.is_available())  # fmt: skip
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, trainer=None,
+            flip: bool = False) -> DataLoader:  # fmt: skip
+    """Training: seeded by the run's seed, dealt across processes, resumable mid-epoch, and with ``flip`` each
+    index paired with its coin (``dataset`` takes ``(index, flip)`` keys); otherwise in file order. Workers
+    never outlive this process (``exit_with_parent``)."""
+    seed = torch.initial_seed() % 2**62
+    options = {"pin_memory": torch.cuda.is_available(), "worker_init_fn": exit_with_parent}
+    if train and flip:
+        rank, world_size = data_parallel_split(trainer)
+        return ResumableDataLoader(dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers,
+                                   sampler=FlipSampler(len(dataset), seed=seed, rank=rank, world_size=world_size),
+                                   persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                                   **options)  # fmt: skip
+    if train:
+        return training_loader(dataset, batch_size, seed, trainer, num_workers, **options)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=torch.cuda.is_available())  # fmt: skip
+                      **options)  # fmt: skip
 
 
 def _check_batch(batch_size: int, available: int, what: str) -> None:
@@ -220,7 +272,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         return len(self.skipped_files)
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, train=True, trainer=self.trainer)
+        return _loader(self.train_set, self.batch_size, self.num_workers, train=True, trainer=self.trainer,
+                       flip=self.flip)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader | list:
         if not len(self.val_set):
@@ -229,23 +282,23 @@ class ImageFolderDataModule(L.LightningDataModule):
 
 
 class _SignedTransform:
-    """PIL image -> ``(3, S, S)`` in [-1, 1], bicubic resize when ``S`` is not the native size, optional flip."""
+    """PIL image -> ``(3, S, S)`` in [-1, 1], bicubic resize when ``S`` is not the native size."""
 
-    def __init__(self, image_size: int, flip: bool) -> None:
-        self.image_size, self.flip = image_size, flip
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), resample=Image.BICUBIC)
-        tensor = to_signed(np.asarray(image.convert("RGB")))
-        return tensor.flip(-1) if self.flip and torch.rand(()) < 0.5 else tensor
+        return to_signed(np.asarray(image.convert("RGB")))
 
 
 class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10 (Krizhevsky 2009) through torchvision: 50K train, the 10K test split for validation.
 
     Batches are ``(images: (B, 3, S, S) in [-1, 1], labels: (B,))``; ``S`` is 32 unless resized.
-    Files are looked for in ``root/cifar-10-batches-py``; ``download: true`` fetches them there.
+    Files are looked for in ``root/cifar-10-batches-py``; ``download: true`` fetches them there. ``train_set``
+    items are unflipped: the training loader mirrors them (``flip``) by :class:`FlipSampler`'s coins.
     """
 
     num_classes = 10
@@ -269,7 +322,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         from torchvision.datasets import CIFAR10
 
         root = Path(self.root).expanduser()
-        transform = _SignedTransform(self.image_size, flip=self.flip and train)
+        transform = _SignedTransform(self.image_size)
         try:
             return CIFAR10(str(root), train=train, transform=transform, download=self.download)
         except (RuntimeError, OSError) as error:
@@ -287,7 +340,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         _check_batch(self.batch_size, len(self.train_set), "CIFAR-10 training split")
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, train=True, trainer=self.trainer)
+        train_set = KeyedFlips(self.train_set) if self.flip else self.train_set
+        return _loader(train_set, self.batch_size, self.num_workers, train=True, trainer=self.trainer, flip=self.flip)
 
     def val_dataloader(self) -> DataLoader:
         return _loader(self.val_set, self.batch_size, self.num_workers, train=False)

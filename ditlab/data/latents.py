@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
+from ditlab.child_process import exit_with_parent
 from ditlab.data import shards
 from ditlab.data.images import ImageFolderDataset, scan_image_folder
 from ditlab.data.sampling import training_loader
@@ -163,7 +164,7 @@ def encode_to_shards(source, out: str | Path, vae: str, image_size: int, *, shar
     if batches:
         model = load_vae(vae).to(device)
         loader = DataLoader(_Indexed(source), batch_sampler=[chunk for _, chunk in batches], collate_fn=_collate,
-                            num_workers=num_workers)  # fmt: skip
+                            num_workers=num_workers, worker_init_fn=exit_with_parent)  # fmt: skip
         columns = (TextColumn(f"encode rank {rank}/{world_size}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("images"), TimeRemainingColumn())  # fmt: skip
         total = sum(len(chunk) for _, chunk in batches)

@@ -15,6 +15,10 @@ import torch
 
 from ditlab.diffusion.gaussian import Noised, mean_flat
 from ditlab.diffusion.global_batch import draw_rows
+from ditlab.diffusion.grids import TimeGrid, flow_grid
+from ditlab.diffusion.ode import ADAPTIVE_SOLVERS, HeunGrid
+from ditlab.diffusion.sde import EulerMaruyama, SDEConfig
+from ditlab.diffusion.steppers import DiffusersStepper, Stepper
 
 PATHS = ("linear", "gvp")
 TIME_SAMPLING = ("uniform", "logit_normal")
@@ -70,12 +74,16 @@ class FlowMatching:
         return Noised(xt=self.add_noise(x0, t, noise), t=t, model_t=self.model_time(t), noise=noise)
 
     # ----------------------------------------------------------------------------------- time convention
-    samplers = ("euler", "heun")
+    samplers = ("euler", "heun", "sde", *ADAPTIVE_SOLVERS)
     default_sampler = "euler"
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the network is given for time ``t`` in [0, 1]: ``t * t_scale`` (REPA/SiT-style 1000 or 1)."""
         return t * self.t_scale
+
+    def noise_level(self, t: torch.Tensor | float) -> float:
+        """Where ``t`` lies between data (0) and noise (1): ``t`` itself (guidance intervals use it)."""
+        return float(t)
 
     def time_at(self, fractions: torch.Tensor) -> torch.Tensor:
         """Objective times at ``fractions`` in (0, 1) of the noise range: the fractions themselves."""
@@ -85,14 +93,49 @@ class FlowMatching:
         """The diffusers flow-matching scheduler for ``sampler``; it steps in ``t`` generically (any path)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-        if sampler not in self.samplers:
-            raise ValueError(f"sampler {sampler!r} does not apply to the flow objective; choices: {list(self.samplers)}")
+        if sampler in self.samplers[2:]:
+            raise ValueError(f"sampler {sampler!r} is ditlab's own and has no diffusers scheduler; use stepper()")
+        if sampler not in ("euler", "heun"):
+            raise ValueError(f"sampler {sampler!r} does not apply to the flow objective; choices: ['euler', 'heun'] "
+                             f"with diffusers schedulers, {list(self.samplers[2:])} without")  # fmt: skip
         scheduler = FlowMatchEulerDiscreteScheduler if sampler == "euler" else FlowMatchHeunDiscreteScheduler
         return scheduler(num_train_timesteps=1000, shift=1.0)
 
     def scheduler_time(self, timestep: torch.Tensor, scheduler) -> torch.Tensor:
         """The objective time of a diffusers flow timestep (``sigma * num_train_timesteps``, sigma = t here)."""
         return timestep.float() / scheduler.config.num_train_timesteps
+
+    def stepper(self, sampler: str, steps: int | None, time_grid: TimeGrid = None, sde: SDEConfig | dict | None = None,
+                **_) -> Stepper:  # fmt: skip
+        """``sampler`` on ``time_grid`` (``ditlab.diffusion.grids``). Euler: diffusers' scheduler (``sigmas=`` for
+        a grid); Heun: diffusers' on its own grid, SiT's (:class:`~ditlab.diffusion.ode.HeunGrid`) on a ditlab grid;
+        ``sde``: SiT's Euler-Maruyama (:mod:`ditlab.diffusion.sde`), on the ``sit`` grid unless a list is given.
+        Adaptive solvers have no fixed steps (``ditlab.diffusion.ode.integrate_adaptive``)."""
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} does not apply to the flow objective; choices: {list(self.samplers)}")
+        if sampler in ADAPTIVE_SOLVERS:
+            raise ValueError(f"sampler {sampler!r} is adaptive: it has no fixed steps")
+        if sampler == "sde":
+            config = SDEConfig(**sde) if isinstance(sde, dict) else sde or SDEConfig()
+            return EulerMaruyama(self, flow_grid(time_grid or "sit", steps, end=config.stop), config)
+        if time_grid is not None:
+            grid = flow_grid(time_grid, steps)
+            if sampler == "heun":
+                return HeunGrid(grid)
+            scheduler = self.scheduler("euler")
+            scheduler.set_timesteps(sigmas=grid[:-1].tolist())
+            return DiffusersStepper(scheduler, self)
+        scheduler = self.scheduler(sampler)
+        scheduler.set_timesteps(steps)
+        return DiffusersStepper(scheduler, self)
+
+    def score_from_velocity(self, velocity: torch.Tensor, xt: torch.Tensor, t: float) -> torch.Tensor:
+        """The score ``grad log p_t(x_t)`` implied by the velocity ``u = a' x0 + s' eps`` at time ``t`` (a float):
+        solving ``x_t = a x0 + s eps`` and ``u`` for ``eps`` gives ``eps = (a u - a' x_t) / (a s' - a' s)``, and the
+        score is ``-eps / s`` (SiT's ``get_score_from_velocity``, in ditlab's time)."""
+        a, s, da, ds = (c.item() for c in self.coefficients(torch.tensor(t, dtype=torch.float64)))
+        eps = (a * velocity - da * xt) / (a * ds - da * s)
+        return -eps / s
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a, s, _, _ = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in self.coefficients(t))

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ditlab.diffusion.ddim import GridDDIM
 from ditlab.diffusion.global_batch import draw_rows
+from ditlab.diffusion.grids import TimeGrid, gaussian_grid
+from ditlab.diffusion.steppers import DiffusersStepper, Stepper
 
 
 @dataclass
@@ -115,14 +118,19 @@ class GaussianDiffusion:
         """What the network is given for time ``t``: the DDPM step itself, as a float (DiT's convention)."""
         return t.float()
 
+    def noise_level(self, t: torch.Tensor | float) -> float:
+        """Where step ``t`` lies between data (0) and noise (1): ``t / T`` (guidance intervals use it)."""
+        return float(t) / self.num_timesteps
+
     def time_at(self, fractions: torch.Tensor) -> torch.Tensor:
         """Objective times at ``fractions`` in (0, 1) of the noise range (0 data, 1 noise): integer steps."""
         if len(fractions) > self.num_timesteps:
             raise ValueError(f"num_timesteps={len(fractions)} exceeds the objective's {self.num_timesteps} steps")
         return (fractions * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
 
-    def scheduler(self, sampler: str):
-        """The diffusers scheduler that integrates this objective with ``sampler``."""
+    def scheduler(self, sampler: str, spacing: str | None = None, alpha_to_one: bool = False):
+        """The diffusers scheduler that integrates this objective with ``sampler``; ``spacing`` is diffusers'
+        ``timestep_spacing`` (None: the scheduler's default), ``alpha_to_one`` DDIM's ``set_alpha_to_one``."""
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
         if sampler not in self.samplers:
@@ -130,17 +138,39 @@ class GaussianDiffusion:
         common = {
             "num_train_timesteps": self.num_timesteps, "beta_start": self.beta_start,
             "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": self.prediction,
+            **({"timestep_spacing": spacing} if spacing is not None else {}),
         }  # fmt: skip
         if sampler == "ddpm":
             variance = "learned_range" if self.learn_sigma else "fixed_small"
             return DDPMScheduler(**common, variance_type=variance, clip_sample=False)
         if sampler == "ddim":
-            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=alpha_to_one)
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++")
 
     def scheduler_time(self, timestep: torch.Tensor, scheduler) -> torch.Tensor:
         """The objective time of a scheduler timestep (the same integer step here)."""
         return timestep
+
+    def stepper(self, sampler: str, steps: int | None, time_grid: TimeGrid = None,
+                ddim_alpha_to_one: bool | None = None, **_) -> Stepper:  # fmt: skip
+        """``sampler`` on ``time_grid`` (``ditlab.diffusion.grids``): diffusers' DDPM and DPM-Solver++ on any grid
+        (``set_timesteps(timesteps=...)``) and DDIM on its own spacings; ditlab's DDIM on the other grids.
+        DDIM lands on the predicted data after its last step unless ``ddim_alpha_to_one`` is False; None means
+        the public DiT's x0 on ditlab's grids (``dit``, ``dit-ddim``, lists), diffusers' default on its spacings."""
+        timesteps = gaussian_grid(time_grid, steps, self.num_timesteps)
+        alpha_to_one = ddim_alpha_to_one if ddim_alpha_to_one is not None else timesteps is not None
+        if sampler == "ddim" and timesteps is not None:
+            return GridDDIM(self, timesteps, alpha_to_one)
+        scheduler = self.scheduler(sampler, spacing=time_grid if timesteps is None else None, alpha_to_one=alpha_to_one)
+        if timesteps is None:
+            scheduler.set_timesteps(steps)
+        else:
+            scheduler.set_timesteps(timesteps=timesteps)
+            if sampler == "ddpm":  # float64 tables, as the public DiT keeps them: x0 = (x - sqrt(1-abar) eps) /
+                # sqrt(abar) cancels near t = T, and diffusers' float32 tables put 1e-4 into few-step samples
+                scheduler.alphas_cumprod = self.tables["alphas_cumprod"].clone()
+                scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+        return DiffusersStepper(scheduler, self)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
@@ -172,6 +202,11 @@ class GaussianDiffusion:
         if self.prediction == "epsilon":
             return self._at("sqrt_recip_alphas_cumprod", t, xt) * xt - self._at("sqrt_recipm1_alphas_cumprod", t, xt) * prediction
         return self._at("sqrt_alphas_cumprod", t, xt) * xt - self._at("sqrt_one_minus_alphas_cumprod", t, xt) * prediction
+
+    def predict_eps(self, prediction: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return prediction
+        return self._at("sqrt_alphas_cumprod", t, xt) * prediction + self._at("sqrt_one_minus_alphas_cumprod", t, xt) * xt
 
     def vb_terms(self, output: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
         """Per-sample variational bound in bits/dim: KL for t>0, decoder NLL at t=0. ``(B,)``."""

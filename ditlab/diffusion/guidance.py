@@ -6,7 +6,8 @@ stateful model function (a feature cache) sees each CFG branch in its own rows a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,3 +24,48 @@ def guided_output(model: ModelFunction, x: torch.Tensor, t: torch.Tensor, y: tor
     guided, rest = both[:, :channels], both[:, channels:]
     cond, uncond = guided.chunk(2)
     return torch.cat([uncond + cfg_scale * (cond - uncond), rest.chunk(2)[0]], dim=1)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance settings, applied only for noise levels inside ``interval`` when one is given.
+
+    ``interval`` ``(low, high)`` is in the objective's noise level (0 data, 1 noise; the flow time ``t`` itself,
+    the DDPM step over ``T``), closed at both ends: REPA's ``guidance_high=0.7`` is ``(0.0, 0.7)`` (Kynkaanniemi
+    et al., "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality", 2024). Outside it
+    the model function is called once on the conditional rows only (``B`` rows instead of ``[cond; uncond]``), as
+    REPA does, so a stateful model function must accept both batch layouts within one trajectory.
+    """
+
+    scale: float = 1.0
+    channels: int | None = None
+    null_label: int | None = None
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_guidance_interval(self.interval)
+        if self.scale != 1.0 and self.null_label is None:
+            raise ValueError("guidance (cfg_scale != 1) needs the null class: pass null_label= for this model function")
+
+    def applies(self, level: float) -> bool:
+        """Whether a model call at noise level ``level`` is guided."""
+        if self.scale == 1.0:
+            return False
+        return self.interval is None or self.interval[0] <= level <= self.interval[1]
+
+    def __call__(self, model: ModelFunction, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 level: float) -> torch.Tensor:  # fmt: skip
+        """The (guided, when it ``applies`` at ``level``) output of ``model`` at network time ``t``."""
+        if not self.applies(level):
+            return model(x, t, y)
+        return guided_output(model, x, t, y, self.null_label, self.scale, self.channels)
+
+
+def check_guidance_interval(interval: Sequence[float] | None) -> None:
+    """One-line error unless ``interval`` is None or ``(low, high)`` with ``0 <= low <= high <= 1``."""
+    if interval is None:
+        return
+    values = list(interval)
+    if len(values) != 2 or not 0 <= values[0] <= values[1] <= 1:
+        raise ValueError(f"guidance_interval {values} must be [low, high] with 0 <= low <= high <= 1 "
+                         "(noise levels: 0 data, 1 noise)")  # fmt: skip

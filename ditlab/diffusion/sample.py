@@ -1,27 +1,39 @@
-"""Sampling loops on diffusers schedulers, with classifier-free guidance, seeded and batched.
+"""Sampling loops with classifier-free guidance, seeded and batched, on the time grids and solvers of the papers.
 
 The loop calls a *model function* ``model(x, t, y) -> output`` (a DiT is one; so is a feature cache or a
 learned router wrapped around one): it applies guidance itself (``ditlab.diffusion.guidance``), asks the
-objective for the network's time (``objective.model_time``) and its schedulers, and calls
-``model.reset()``, when the model function has one, at the start of every trajectory, so a stateful
-sampler-time method starts each batch of samples from an empty state.
+objective for the network's time (``objective.model_time``) and for a stepper (``objective.stepper``), and
+calls ``model.reset()``, when the model function has one, at the start of every trajectory, so a stateful
+sampler-time method starts each batch of samples from an empty state. With guidance both CFG branches ride in
+one call as ``[cond; uncond]``; outside a ``guidance_interval`` the call has the conditional rows only.
+
+Model calls per trajectory: one per step for DDPM, DDIM, DPM-Solver++, Euler and the SDE; two per step for
+Heun (diffusers' Heun makes one on its last step); as many as the error control needs for the adaptive
+solvers (``dopri5``, ...), so :func:`model_call_times` can list the calls of every sampler but those.
 
 Gaussian objective: DDPM (ancestral, with the learned variance when the network has it), DDIM and
-DPM-Solver++. Flow objective: Euler and Heun flow-matching schedulers, which integrate ``dx/dt`` from
-t=1 (noise) to t=0 (data) in ditlab's convention; they step in ``t`` generically, so they also sample the
-GVP path. Every sample's noise comes from ``seed + index`` so results do not depend on batch size or on
-how many processes share the work.
+DPM-Solver++, on diffusers' spacings or the public DiT's respacing (``time_grid: dit``). Flow objective:
+Euler and Heun, SiT's SDE, and torchdiffeq's adaptive solvers, integrating from t=1 (noise) to t=0 (data) in
+ditlab's convention; they step in ``t`` generically, so they also sample the GVP path. Time grids:
+``ditlab.diffusion.grids``. Every sample's noise comes from ``seed + index`` so results do not depend on batch
+size or on how many processes share the work.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from rich.progress import Progress
 
-from ditlab.diffusion.guidance import ModelFunction, guided_output
+from ditlab.diffusion.grids import TimeGrid, check_time_grid, is_named
+from ditlab.diffusion.guidance import Guidance, ModelFunction, check_guidance_interval
+from ditlab.diffusion.ode import ADAPTIVE_SOLVERS, integrate_adaptive
+from ditlab.diffusion.sde import SDEConfig
+from ditlab.diffusion.steppers import Stepper
 
-ANCESTRAL_SEED = 1 << 32  # DDPM's per-sample noise stream for sample i is seeded ANCESTRAL_SEED + seed + i
+ANCESTRAL_SEED = 1 << 32  # per-step noise (DDPM, SDE) of sample i is seeded ANCESTRAL_SEED + seed + i
+DEFAULT_STEPS = 50  # fixed-step samplers on a named grid when steps is None
 
 
 def default_sampler(objective) -> str:
@@ -46,54 +58,120 @@ def null_label_of(model: ModelFunction) -> int | None:
     return getattr(config, "num_classes", None)
 
 
+def is_adaptive(sampler: str | None) -> bool:
+    return sampler in ADAPTIVE_SOLVERS
+
+
+def check_sampler(objective, sampler: str) -> None:
+    if sampler not in objective.samplers:
+        name = "Gaussian" if objective.kind == "gaussian" else objective.kind
+        raise ValueError(f"sampler {sampler!r} does not apply to the {name} objective; choices: {list(objective.samplers)}")
+
+
+def check_sampling_options(sampler: str | None, steps: int | None, time_grid: TimeGrid,
+                           guidance_interval: Sequence[float] | None = None) -> None:  # fmt: skip
+    """One-line errors for settings no objective accepts, checked as soon as a config is made."""
+    check_time_grid(time_grid)
+    check_guidance_interval(guidance_interval)
+    if is_adaptive(sampler) and (steps is not None or time_grid not in (None, "sit")):
+        raise ValueError(f"sampler {sampler!r} is adaptive: atol/rtol set its steps, so it takes steps: null and no "
+                         f"time grid (got steps={steps}, time_grid={time_grid!r})")  # fmt: skip
+
+
+def make_stepper(objective, sampler: str | None = None, steps: int | None = None, time_grid: TimeGrid = None,
+                 ddim_alpha_to_one: bool | None = None, sde: SDEConfig | dict | None = None) -> Stepper:  # fmt: skip
+    """The fixed-step stepper of ``sampler`` (default: the objective's) on ``time_grid`` for one trajectory."""
+    sampler = sampler or objective.default_sampler
+    check_sampler(objective, sampler)
+    check_time_grid(time_grid)
+    if is_adaptive(sampler):
+        raise ValueError(f"sampler {sampler!r} is adaptive (atol/rtol decide its steps), so it has no fixed schedule")
+    if steps is None and is_named(time_grid):
+        steps = DEFAULT_STEPS
+    return objective.stepper(sampler, steps, time_grid=time_grid, ddim_alpha_to_one=ddim_alpha_to_one, sde=sde)
+
+
+def model_call_times(objective, sampler: str | None = None, steps: int | None = None, time_grid: TimeGrid = None,
+                     **options) -> torch.Tensor | None:  # fmt: skip
+    """The network time of every model call one trajectory makes, in order (a two-stage solver lists both of its
+    calls), built as :func:`denoise` builds its loop; None for an adaptive solver, whose calls are not known ahead."""
+    if is_adaptive(sampler):
+        return None
+    known = {k: v for k, v in options.items() if k in ("ddim_alpha_to_one", "sde")}
+    return objective.model_time(make_stepper(objective, sampler, steps, time_grid, **known).times)
+
+
 @torch.no_grad()
 def denoise(
     model: ModelFunction,
     objective,
     noise: torch.Tensor,
     labels: torch.Tensor,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str | None = None,
     cfg_scale: float = 1.0,
     cfg_channels: int | None = None,
     null_label: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: Progress | None = None,
+    time_grid: TimeGrid = None,
+    guidance_interval: Sequence[float] | None = None,
+    ddim_alpha_to_one: bool | None = None,
+    sde: SDEConfig | dict | None = None,
+    atol: float = 1e-6,
+    rtol: float = 1e-3,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Integrate one trajectory from ``noise: (B, C, H, W)`` to data for class ``labels: (B,)``.
 
-    ``null_label`` (the unconditional class for guidance) defaults to ``model.config.num_classes``.
-    ``generator`` drives the ancestral noise of DDPM (other samplers are deterministic); a list gives
-    one generator per sample.
+    ``steps`` (default 50 on a named grid) and ``time_grid`` (``ditlab.diffusion.grids``; None: the
+    scheduler's own) fix the schedule of a fixed-step sampler; an adaptive one (``dopri5``, ...) takes ``atol`` and
+    ``rtol`` instead and refuses a step count. ``null_label`` (the unconditional class for guidance) defaults to
+    ``model.config.num_classes``; ``guidance_interval`` limits guidance to noise levels ``[low, high]``.
+    ``generator`` drives the per-step noise of DDPM and the SDE (the others are deterministic); a list gives
+    one generator per sample. ``stats``, when given, gets the number of model calls appended to ``stats["nfe"]``.
     """
-    scheduler = objective.scheduler(sampler or objective.default_sampler)
-    scheduler.set_timesteps(steps, device=noise.device)
-    if cfg_scale != 1.0:
-        null_label = null_label if null_label is not None else null_label_of(model)
-        if null_label is None:
-            raise ValueError("guidance (cfg_scale != 1) needs the null class: pass null_label= for this model function")
+    sampler = sampler or objective.default_sampler
+    if cfg_scale != 1.0 and null_label is None:
+        null_label = null_label_of(model)
+    interval = tuple(guidance_interval) if guidance_interval is not None else None
+    guidance = Guidance(cfg_scale, cfg_channels, null_label, interval)
+    channels, batch = noise.shape[1], noise.shape[0]
+    calls = 0
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return guidance(model, x, objective.model_time(t).to(x.device).expand(batch), labels, objective.noise_level(t))
+
+    check_sampler(objective, sampler)
+    check_sampling_options(sampler, steps, time_grid, guidance_interval)
+    if is_adaptive(sampler):
+        reset_model(model)
+        sample = integrate_adaptive(lambda x, t: predict(x, t)[:, :channels], noise, sampler, atol, rtol)
+    else:
+        stepper = make_stepper(objective, sampler, steps, time_grid, ddim_alpha_to_one, sde)
+        reset_model(model)
+        sample = stepper.initial(noise)
+        task = progress.add_task("denoising", total=len(stepper.times)) if progress else None
+        for index, time in enumerate(stepper.times):
+            output = predict(stepper.model_input(sample, index), time)
+            output = output if stepper.uses_variance else output[:, :channels]
+            sample = stepper.step(output, index, sample, generator)
+            if progress:
+                progress.advance(task)
+        if progress:
+            progress.remove_task(task)
+    if stats is not None:
+        stats.setdefault("nfe", []).append(calls)
+    return sample
+
+
+def reset_model(model: ModelFunction) -> None:
+    """Start a trajectory: ``model.reset()`` when the model function keeps state."""
     reset = getattr(model, "reset", None)
     if callable(reset):
         reset()
-    channels = noise.shape[1]
-    sample = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    learned_variance = getattr(scheduler.config, "variance_type", None) == "learned_range"
-    step_kwargs = {"generator": generator} if isinstance(scheduler, DDPMScheduler | DDIMScheduler) else {}
-    task = progress.add_task("denoising", total=len(scheduler.timesteps)) if progress else None
-    for timestep in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(sample, timestep) if hasattr(scheduler, "scale_model_input") else sample
-        model_t = objective.model_time(objective.scheduler_time(timestep, scheduler)).expand(sample.shape[0])
-        if cfg_scale == 1.0:
-            output = model(model_input, model_t, labels)
-        else:
-            output = guided_output(model, model_input, model_t, labels, null_label, cfg_scale, cfg_channels)
-        output = output if learned_variance else output[:, :channels]
-        sample = scheduler.step(output, timestep, sample, **step_kwargs).prev_sample
-        if progress:
-            progress.advance(task)
-    if progress:
-        progress.remove_task(task)
-    return sample
 
 
 def sample_shape(model: ModelFunction) -> tuple[int, int, int]:
@@ -132,7 +210,7 @@ def sample_images(
         for offset in range(0, len(labels), batch_size):
             chunk = labels[offset : offset + batch_size].to(device)
             noise = seeded_noise((len(chunk), *shape), seed, start + offset).to(device)
-            # one ancestral-noise stream per sample (seeds far from the initial-noise seeds), so DDPM is
+            # one per-step noise stream per sample (seeds far from the initial-noise seeds), so DDPM and the SDE are
             # batch-size independent too; diffusers' schedulers accept a list of generators, one per row
             generators = [torch.Generator(device=device).manual_seed(ANCESTRAL_SEED + seed + start + offset + i)
                           for i in range(len(chunk))]  # fmt: skip

@@ -231,13 +231,18 @@ class DiffusionModule(L.LightningModule):
         """Images in [-1, 1], ``(N, C, H, W)``, for ``labels: (N,)``; sample ``i`` uses seed ``seed + start + i``.
 
         ``network`` defaults to the EMA network (a teacher can be sampled the same way); ``overrides``
-        replace fields of ``self.sampling`` (sampler, steps, cfg_scale, ...).
+        replace fields of ``self.sampling`` (sampler, steps, cfg_scale, cache, ...). A ``cache`` other than
+        ``none`` samples through that feature-caching policy (``ditlab.methods.accel``).
         """
+        from ditlab.methods.accel import cached_model
+
         options = {**asdict(self.sampling), **overrides}
+        cache = options.pop("cache", None)
         network = network if network is not None else self.sampling_network
         was_training = network.training
         network.eval()
-        latents = sample_images(network, self.objective, labels, seed=seed, start=start,
+        model = cached_model(network, cache, self.objective, **options)
+        latents = sample_images(model, self.objective, labels, seed=seed, start=start,
                                 show_progress=show_progress, **options)  # fmt: skip
         network.train(was_training)
         return self.decode(latents.to(self.device)).clamp(-1, 1).cpu()

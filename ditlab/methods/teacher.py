@@ -4,9 +4,18 @@ one, else a recipe trained once and cached.
 A teacher is given as a ditlab Lightning checkpoint (``.ckpt``), a public facebookresearch/DiT checkpoint
 (``.pt``), a ``ditlab convert`` safetensors export, or a diffusers model folder. With none of those, the
 recipe config (``configs/dit.yaml`` by default) is trained once in a child ``ditlab fit`` and its final
-checkpoint cached under ``$DITLAB_CACHE/teachers/<hash>/teacher.ckpt``, keyed by a hash of the recipe's
+checkpoint cached under ``$DITLAB_CACHE/teachers/<recipe>-<hash>/teacher.ckpt``, keyed by a hash of the recipe's
 text and overrides, so the main job runs on a fresh clone with no network and the second run reuses it.
-Concurrent processes (DDP ranks) serialise on a file lock: one trains, the others wait and reuse.
+
+The build is safe to stop at any moment:
+
+- the child never outlives the main job (``ditlab.child_process``): Ctrl-C or SIGTERM to the main job is
+  forwarded to it, it saves ``interrupted.ckpt`` and exits, then the main job exits 130 / 143; if the main job
+  is killed outright, the kernel sends the child SIGTERM (Linux);
+- the partial run stays in ``<cache entry>/run`` until the teacher is complete, and the next build resumes
+  from its newest checkpoint instead of step 0;
+- ``<cache entry>/.lock`` is held for the whole build, by the main job and by its child (so a child still saving
+  after its parent died keeps others out): a second process (another job, another DDP node) waits, then reuses.
 """
 
 from __future__ import annotations
@@ -15,12 +24,14 @@ import fcntl
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from ditlab.checkpoint import read_checkpoint, run_settings
+from ditlab.child_process import run_child
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.metrics.features import cache_root
 from ditlab.models.dit import DiT
@@ -65,36 +76,67 @@ def recipe_target(config: TeacherConfig) -> Path:
 
 
 def build_from_recipe(config: TeacherConfig) -> Path:
-    """Path of the cached teacher checkpoint for ``config.recipe``, training it first if it is not cached."""
-    recipe, target = Path(config.recipe), recipe_target(config)
+    """Path of the cached teacher checkpoint for ``config.recipe``, training it first (or resuming its interrupted
+    build) if it is not cached; waits for another process already building it."""
+    target = recipe_target(config)
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be training it: wait, then reuse
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process (or the child of one that was killed) is training it
+            print(f"teacher: another process is building {target}; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_file():
             print(f"teacher: reusing {target}", flush=True)
             return target
         work = folder / "run"
-        shutil.rmtree(work, ignore_errors=True)
-        command = [sys.executable, "-m", "ditlab", "fit", "--config", str(recipe),
-                   "--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", "teacher",
-                   *config.recipe_args]  # fmt: skip
-        print(f"teacher: no cached teacher for {recipe}; training it once (cached as {target})", flush=True)
-        result = subprocess.run(command, check=False)
-        finals = sorted(work.glob("teacher/version_*/checkpoints/final.ckpt"))
-        if result.returncode != 0 or not finals:
-            raise RuntimeError(
-                f"training the teacher recipe {recipe} failed (exit code {result.returncode}); run "
-                f"`ditlab fit --config {recipe}` to see why, or set model.teacher.checkpoint"
-            )
+        final = newest_checkpoint(work, "final.ckpt")  # trained, but not cached yet when its build was stopped
+        if final is None:
+            final = train_recipe(config, work, target, lock.fileno())
         partial = target.with_suffix(".partial")
-        shutil.copyfile(finals[-1], partial)
-        summary = finals[-1].parents[1] / "summary.json"
+        shutil.copyfile(final, partial)
+        summary = final.parents[1] / "summary.json"
         if summary.is_file():
             shutil.copyfile(summary, folder / "summary.json")
         os.replace(partial, target)  # atomic: a half-copied teacher is never found at the final path
         print(f"teacher: cached {target} (its run, with TensorBoard logs and sample grids: {work})", flush=True)
         return target
+
+
+def newest_checkpoint(work: Path, name: str = "*.ckpt") -> Path | None:
+    """The most recently written checkpoint ``name`` of the recipe's runs in ``work`` (a resumed build adds a
+    version), or None. Checkpoints are written atomically, so whatever is found is complete."""
+    found = list(work.glob(f"teacher/version_*/checkpoints/{name}"))
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def train_recipe(config: TeacherConfig, work: Path, target: Path, lock: int) -> Path:
+    """Train ``config.recipe`` in a child ``ditlab fit`` logging to ``work`` (resuming its newest checkpoint there)
+    and return its ``final.ckpt``. The child holds the ``lock`` descriptor too."""
+    recipe, resume = Path(config.recipe), newest_checkpoint(work)
+    command = [sys.executable, "-m", "ditlab", "fit", "--config", str(recipe),
+               "--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", "teacher",
+               *config.recipe_args, *(["--ckpt_path", str(resume)] if resume else [])]  # fmt: skip
+    if resume:
+        print(f"teacher: resuming the interrupted build of {recipe} from {resume} (cached as {target})", flush=True)
+    else:
+        print(f"teacher: no cached teacher for {recipe}; training it once (cached as {target})", flush=True)
+    try:
+        code = run_child(command, pass_fds=(lock,))
+    except (KeyboardInterrupt, SIGTERMException) as stop:
+        saved = newest_checkpoint(work)
+        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        after = f"saved {saved}; the next run resumes from it" if saved else "nothing saved yet; the next run starts over"
+        print(f"teacher: the build of {recipe} was stopped ({how}); {after}", flush=True)
+        raise
+    final = newest_checkpoint(work, "final.ckpt")
+    if code != 0 or final is None:
+        raise RuntimeError(
+            f"training the teacher recipe {recipe} failed (exit code {code}); run `ditlab fit --config {recipe}` to "
+            f"see why, or set model.teacher.checkpoint (its partial run is kept in {work}; delete it to start over)"
+        )
+    return final
 
 
 @dataclass

@@ -18,10 +18,14 @@ What a component must do (the rest of ditlab asks it, rather than reaching into 
 - optionally ``aux_losses``: a dict of loss terms (``loss_balance``, ...) that a training forward leaves on the
   component; :func:`pop_aux_losses` collects them and the training module adds and logs them;
 - optionally ``activated_parameters() -> int``: the parameters one token uses (sparse experts); default all.
+
+A builder that also takes a ``block`` keyword is given the index of the block it builds for, so a kind can
+differ by block (sparse experts in chosen blocks only, dense elsewhere).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -60,14 +64,17 @@ def register_mlp(name: str) -> Callable[[Builder], Builder]:
     return _register("mlp", name)
 
 
-def build_component(slot: str, config: DiTConfig) -> nn.Module:
-    """The ``slot`` (``attention`` or ``mlp``) component that ``config`` names."""
+def build_component(slot: str, config: DiTConfig, block: int | None = None) -> nn.Module:
+    """The ``slot`` (``attention`` or ``mlp``) component that ``config`` names, for block index ``block``."""
     name = getattr(config, slot)
     registry = _SLOTS[slot]
     if name not in registry:
         raise ValueError(f"unknown {slot} kind {name!r}; registered: {sorted(registry)} (import the module that "
                          f"registers {name!r} before building or loading this network)")  # fmt: skip
-    return registry[name](config)
+    builder = registry[name]
+    if block is not None and "block" in inspect.signature(builder).parameters:
+        return builder(config, block=block)
+    return builder(config)
 
 
 def component_macs(component: nn.Module, kind: str, num_tokens: int) -> int:

@@ -22,9 +22,11 @@ after ``from_pretrained``. Without it a freq_shift=0 DiT loaded by plain diffuse
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -111,6 +113,12 @@ def infer_config(weights: dict[str, torch.Tensor], **overrides) -> dict:
 def infer_widths(weights: dict[str, torch.Tensor], hidden: int, depth: int, overrides: dict) -> dict:
     """``num_heads``, ``head_dim`` and ``mlp_hidden`` from the block tensors, for full and width-pruned
     DiTs (pruning drops whole heads, so an unknown head count comes from the preset's head size)."""
+    other = sorted({k.split(".mlp.")[1] for k in weights if k.startswith("blocks.") and ".mlp." in k} - {
+        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})  # fmt: skip
+    if other:  # e.g. a mixture of experts: its options are in the config a bare state dict does not carry
+        raise ValueError(f"these weights hold another MLP kind than DiT's dense one (mlp.{other[0]}, ...); a bare "
+                         "state dict cannot say how to build it: load the ditlab .ckpt, or a `ditlab convert` "
+                         "export with its .json")  # fmt: skip
     widths = {(weights[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3, weights[f"blocks.{i}.mlp.fc1.weight"].shape[0])
               for i in range(depth)}  # fmt: skip
     if len(widths) > 1:
@@ -133,24 +141,112 @@ def infer_widths(weights: dict[str, torch.Tensor], hidden: int, depth: int, over
     return {"num_heads": heads, "head_dim": head_dim, "mlp_ratio": 4.0, "mlp_hidden": mlp_hidden}
 
 
-def load_dit_checkpoint(path_or_state_dict: str | Path | dict, **overrides) -> DiT:
+def load_dit_checkpoint(path_or_state_dict: str | Path | dict, convention: str | None = None, **overrides) -> DiT:
     """A DiT for a facebookresearch/DiT checkpoint (DiT-XL-2-256x256.pt, a training ``{"ema", "model"}``
     file, or a state dict), its architecture inferred from the tensors; strict: every key must fit.
 
-    ``overrides`` set what the tensors cannot tell (``num_heads`` off-preset, ``freq_shift``, ...).
-    A ditlab Lightning checkpoint is accepted too (its EMA network).
+    ``convention`` is the file's time convention: ``"ditlab"`` (DiT's DDPM steps, or flow time with t = 1 noise as
+    REPA and ditlab) or ``"sit"`` (willisma/SiT: t = 0 noise, velocity = data - noise), which is converted on
+    loading (:func:`load_sit_checkpoint`). None reads it off a SiT training file's ``args``; a bare state dict
+    whose file name says SiT must name it. ``overrides`` set what the tensors cannot tell (``num_heads``
+    off-preset, ``freq_shift``, ...). A ditlab Lightning checkpoint is accepted too (its EMA network).
     """
     checkpoint = path_or_state_dict
     if not isinstance(checkpoint, dict):
         checkpoint = read_state_dict(checkpoint)
     if "ditlab" in checkpoint and "state_dict" in checkpoint:
         return network_from_checkpoint(checkpoint)
+    name = Path(path_or_state_dict).name if not isinstance(path_or_state_dict, dict) else None
+    convention = file_convention(checkpoint, name, convention)
     weights = unwrap_state_dict(checkpoint)
     dit = DiT(DiTConfig(**infer_config(weights, **overrides)))
     if "pos_embed" not in weights:  # a fixed function of the grid: take the freshly built one
         weights = {**weights, "pos_embed": dit.pos_embed.detach().clone()}
-    load_matching(dit, weights, "DiT checkpoint")
+    load_matching(dit, weights, "SiT checkpoint" if convention == "sit" else "DiT checkpoint")
+    if convention == "sit":
+        flip_time_convention(dit)
     return dit.eval()
+
+
+# ----------------------------------------------------------------------------------- public SiT checkpoints
+CONVENTIONS = ("ditlab", "sit")
+SIT_PATHS = ("Linear", "GVP", "VP")  # willisma/SiT's --path-type choices (REPA writes lowercase names)
+
+
+def file_convention(checkpoint: dict, name: str | None, convention: str | None) -> str:
+    """The time convention of a public file: ``convention`` if given (checked against what the file says), else
+    from a SiT training file's ``args``; a bare state dict is DiT's unless its file name says SiT (then: ask)."""
+    if convention is not None and convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; choices: {list(CONVENTIONS)} (sit: willisma/SiT files)")
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    declared = "sit" if args.get("path_type") in SIT_PATHS else "ditlab" if args else None
+    if declared == "sit":
+        if args["path_type"] == "VP" or args.get("prediction", "velocity") != "velocity":
+            raise ValueError(f"this SiT checkpoint has path {args['path_type']!r} and prediction "
+                             f"{args.get('prediction')!r}; ditlab samples linear or GVP velocity models only")  # fmt: skip
+        if convention == "ditlab":
+            raise ValueError(f"this file is a willisma/SiT checkpoint (args.path_type={args['path_type']!r}), whose time "
+                             "runs the other way; load it with convention='sit' (converted) or without a convention")  # fmt: skip
+    if convention is not None:
+        return convention
+    if declared is None and name is not None and re.search(r"(^|[^a-z])sit([^a-z]|$)", name.lower()):
+        raise ValueError(f"{name} looks like a SiT file, but a bare state dict does not say its time convention: pass "
+                         "convention='sit' (willisma/SiT: t = 0 noise, converted) or convention='ditlab' "
+                         "(t = 1 noise: REPA, ditlab)")  # fmt: skip
+    return declared or "ditlab"
+
+
+def flip_time_convention(dit: DiT) -> DiT:
+    """Convert ``dit`` in place between SiT's convention (t = 0 noise, velocity = data - noise) and ditlab's
+    (t = 1 noise, velocity = noise - data): the converted network given ``t`` computes what the original computes
+    at ``1 - t``, with its velocity channels negated. The map is its own inverse, so it also writes SiT files.
+
+    Both changes are exact rewrites of weights. Velocity: the rows of the output projection that unpatchify to the
+    first ``in_channels`` channels change sign (a learned-sigma half, unused by SiT, is left alone). Time: the
+    sinusoidal features satisfy ``cos((1 - t) f) = cos f cos(t f) + sin f sin(t f)`` and
+    ``sin((1 - t) f) = sin f cos(t f) - cos f sin(t f)``, a fixed linear map of the features at ``t``, folded into
+    the first layer of the timestep MLP. The network must be fed ``t`` in [0, 1] as SiT feeds it (``t_scale: 1``).
+    """
+    embedder = dit.t_embedder
+    half = embedder.frequency_size // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32)  # the embedder's own frequencies
+    freqs = torch.exp(exponent / (half - embedder.freq_shift)).double()
+    cos, sin = torch.cos(freqs), torch.sin(freqs)
+    with torch.no_grad():
+        first = embedder.mlp[0].weight
+        weight = first.double()
+        on_cos, on_sin = weight[:, :half].clone(), weight[:, half : 2 * half].clone()
+        weight[:, :half] = on_cos * cos + on_sin * sin
+        weight[:, half : 2 * half] = on_cos * sin - on_sin * cos
+        first.copy_(weight.to(first.dtype))
+        head = dit.final_layer.linear
+        rows = torch.arange(head.out_features) % dit.out_channels < dit.in_channels  # (p, q, channel) order
+        head.weight[rows] *= -1
+        head.bias[rows] *= -1
+    return dit
+
+
+def load_sit_checkpoint(path_or_state_dict: str | Path | dict, **overrides) -> DiT:
+    """A willisma/SiT checkpoint (``SiT-XL-2-256x256.pt``, a training file, or a state dict; Ma et al., "SiT:
+    Exploring Flow and Diffusion-based Generative Models with Scalable Interpolant Transformers", 2024) as a
+    ditlab network: :func:`flip_time_convention` turns SiT's t = 0 noise and data - noise velocity into ditlab's
+    t = 1 noise, so it samples with ``FlowMatching(path=..., t_scale=1.0)`` like any ditlab flow network."""
+    return load_dit_checkpoint(path_or_state_dict, convention="sit", **overrides)
+
+
+def to_sit_state_dict(dit: DiT) -> dict[str, torch.Tensor]:
+    """``dit``'s weights in SiT's time convention (a copy), loadable by willisma/SiT's ``models.py``."""
+    converted = flip_time_convention(copy.deepcopy(dit))
+    return {k: v.detach().cpu() for k, v in converted.state_dict().items()}
+
+
+def save_sit_checkpoint(dit: DiT, path: str | Path) -> Path:
+    """Write ``dit`` as a public SiT file (a bare state dict in SiT's convention, like ``SiT-XL-2-256x256.pt``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(to_sit_state_dict(dit), path)
+    return path
 
 
 # ----------------------------------------------------------------------------------- safetensors exports

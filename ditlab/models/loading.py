@@ -6,51 +6,175 @@ safetensors export (``.safetensors`` + ``.json``, or its folder), a public faceb
 diffusers ``DiTTransformer2DModel`` (or pipeline) folder. ditlab checkpoints and exports carry their
 :class:`~ditlab.models.config.DiTConfig`, so any architecture the config describes (pruned widths, other
 attention or MLP components) rebuilds; the component kinds they name must be registered (imported) first.
+
+Checkpoints are files people pass around, and unpickling one runs whatever callables its pickle names. So
+every read here is plain-data only: ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+containers) plus ditlab's own config dataclasses (``DiTConfig``, ``ObjectiveConfig``, the method configs,
+...; allowlisted with ``torch.serialization.add_safe_globals`` as a file names them), and a sharded folder's
+DCP metadata is read by an unpickler that builds only DCP's own metadata records. A file holding anything
+else is refused in one line (:class:`UntrustedCheckpointError`) naming what it holds. For a file you trust,
+``DITLAB_TRUST_CHECKPOINTS=1`` loads it fully (``weights_only=False``), as ditlab did before.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
 import pickle
+import re
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 
+TRUST_VARIABLE = "DITLAB_TRUST_CHECKPOINTS"
+"""Set to 1 to load checkpoints fully (their pickles may run code): only for files you trust."""
+
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint names something other than plain data or ditlab configs; loading it could run code."""
+
+
+def trusts_checkpoints() -> bool:
+    """True when the user opted in (``DITLAB_TRUST_CHECKPOINTS=1``) to loading checkpoints fully."""
+    return os.environ.get(TRUST_VARIABLE, "").strip().lower() in ("1", "true", "yes")
+
+
+def refusal(what: str, names: Iterable[str]) -> UntrustedCheckpointError:
+    """The one-line error for ``what`` (e.g. ``checkpoint <path>``) naming the globals it holds."""
+    listed = ", ".join(sorted(set(names))[:3])
+    return UntrustedCheckpointError(
+        f"{what} holds {listed}, which is not plain data (tensors, numbers, strings, containers, ditlab configs) "
+        f"and could run code when loaded, so it was not loaded; if you trust this file, set {TRUST_VARIABLE}=1"
+    )
+
+
+def config_class(name: str) -> type | None:
+    """The ditlab config dataclass a pickle names as ``module.Class``, else None (it stays refused).
+
+    Only ditlab's own modules are imported to resolve a name (never a ``__main__``), and only a dataclass
+    defined in ditlab is accepted: unpickling one sets its fields, which hold plain data themselves.
+    """
+    module_name, _, qualname = name.rpartition(".")
+    parts = module_name.split(".")
+    if parts[0] != "ditlab" or "__main__" in parts:
+        return None
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    for attribute in qualname.split("."):
+        found = getattr(found, attribute, None)
+    if isinstance(found, type) and dataclasses.is_dataclass(found) and found.__module__.split(".")[0] == "ditlab":
+        return found
+    return None
+
+
+def allow_config_classes(names: Iterable[str]) -> list[str]:
+    """Allowlist, for ``weights_only`` loads in this process, the ditlab config classes among the pickle global
+    ``names``; returns the names that stay refused. A class re-exported or moved is registered under the name the
+    file uses."""
+    refused = []
+    for name in names:
+        cls = config_class(name)
+        if cls is None:
+            refused.append(name)
+        elif f"{cls.__module__}.{cls.__qualname__}" == name:
+            torch.serialization.add_safe_globals([cls])
+        else:
+            torch.serialization.add_safe_globals([(cls, name)])
+    return refused
+
+
+def _named_globals(source: str | Path | IO[bytes]) -> list[str]:
+    """The globals a ``torch.save`` file names beyond the allowlist; [] when it cannot be scanned (a legacy or
+    corrupt file: the load that follows reports it)."""
+    start = source.tell() if hasattr(source, "tell") else None
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(source)
+    except Exception:  # any reader error: the real load gives the message
+        return []
+    finally:
+        if start is not None:
+            source.seek(start)
+
+
+def load_plain(source: str | Path | IO[bytes], what: str, **options) -> Any:
+    """``torch.load`` of plain data and ditlab configs only (``weights_only=True``); refuses anything else in one
+    line naming it. ``DITLAB_TRUST_CHECKPOINTS=1`` loads fully instead. ``options`` go to ``torch.load``."""
+    if trusts_checkpoints():
+        return torch.load(source, weights_only=False, **options)
+    refused = allow_config_classes(_named_globals(source))
+    if refused:
+        raise refusal(what, refused)
+    try:
+        return torch.load(source, weights_only=True, **options)
+    except pickle.UnpicklingError as error:  # a legacy (non-zip) file is only checked while it loads
+        named = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if named is None:
+            raise
+        raise refusal(what, [named.group(1)]) from None
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse, in one line, a checkpoint file or sharded folder that holds anything but plain data, before a reader
+    that does not check opens it (Lightning's FSDP resume); allowlists the ditlab config classes it names."""
+    path = Path(path)
+    if trusts_checkpoints():
+        return
+    if path.is_dir() and (path / ".metadata").is_file():
+        read_sharded_checkpoint(path, tensors=False)
+    elif path.is_file():
+        refused = allow_config_classes(_named_globals(path))
+        if refused:
+            raise refusal(f"checkpoint {path}", refused)
+
 
 def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` with one-line errors for a missing, truncated or corrupt file; a sharded (FSDP)
-    checkpoint folder is gathered into the same single dictionary."""
+    """A ditlab checkpoint (plain data only, see the module notes) with one-line errors for a missing, truncated or
+    corrupt file; a sharded (FSDP) checkpoint folder is gathered into the same single dictionary."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():
         return read_sharded_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (runs/<name>/version_N/checkpoints/)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        return load_plain(path, f"checkpoint {path}", map_location="cpu")
+    except UntrustedCheckpointError:
+        raise
+    except UNREADABLE as error:
         raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
                          "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
 
 
-def read_sharded_checkpoint(path: Path) -> dict:
-    """A ``FSDP2Strategy`` checkpoint folder (one shard file per process plus ``meta.pt``) as one full dictionary."""
-    import tempfile
-
+def read_sharded_checkpoint(path: Path, tensors: bool = True) -> dict:
+    """A ``FSDP2Strategy`` checkpoint folder (DCP shards, one file per process, plus ``meta.pt``) as one full
+    dictionary, read as plain data; ``tensors=False`` reads (and so checks) everything but the tensors."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            dcp_to_torch_save(path, Path(scratch) / "full.pt")
-            tensors = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=False)
-            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-        except (Exception, CheckpointException) as error:  # any reader error means the same thing to the user
-            raise ValueError(f"sharded checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:120]}); use an earlier checkpoint") from None  # fmt: skip
-    return {**meta, **tensors}
+    from ditlab.models.sharded import PlainDataPlanner, read_dcp
+
+    path = Path(path)
+    planner = PlainDataPlanner(f"sharded checkpoint {path}")
+    try:
+        state = read_dcp(path, planner, tensors=tensors)
+        meta = load_plain(path / "meta.pt", planner.what, map_location="cpu")
+    except UntrustedCheckpointError:
+        raise
+    except (Exception, CheckpointException) as error:  # any reader error means the same thing to the user
+        if planner.refused is not None:  # raised inside DCP's reader, which wraps it
+            raise planner.refused from None
+        raise ValueError(f"sharded checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:120]}); use an earlier checkpoint") from None  # fmt: skip
+    return {**meta, **state}
 
 
 def _prefixed(state_dict: dict, prefix: str) -> dict:

@@ -3,6 +3,10 @@
 Calibration images are the embedded digits (a 1-channel network; any size, resized), noised at
 ``--num-timesteps`` levels. Writes ``analysis.json`` (per criterion: keep list, scores and details),
 ``importance.md`` and ``importance.png`` to ``--out`` (default: ``analysis/`` in the run folder).
+
+``--redundancy`` instead samples ``--num-images`` images (default 8) uncached with the run's sampling settings
+(or ``--sampler``/``--steps``/``--cfg-scale``) and writes the step-to-step change of every block's cacheable
+units, ``redundancy.json`` and the heatmap ``redundancy.png`` (``ditlab.methods.accel.redundancy``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--criteria", default="laptop,amber,ppcl", help=f"comma-separated, from {','.join(CRITERIA)}"
     )
     parser.add_argument("--keep", type=int, default=None, help="blocks to keep (default: half the depth)")
-    parser.add_argument("--num-images", type=int, default=256, help="calibration images from the digits")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="calibration images from the digits (default 256); with --redundancy, samples (default 8)")  # fmt: skip
     parser.add_argument("--num-timesteps", type=int, default=8, help="timestep bins of the calibration set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -35,6 +40,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=None, help="output folder")
     parser.add_argument("--no-ema", action="store_true", help="analyse the raw network instead of its EMA")
+    parser.add_argument("--redundancy", action="store_true",
+                        help="measure step-to-step feature change per block (which units a cache can reuse when)")  # fmt: skip
+    parser.add_argument("--sampler", default=None, help="--redundancy: sampler (default: the run's)")
+    parser.add_argument("--steps", type=int, default=None, help="--redundancy: sampling steps (default: the run's)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="--redundancy: guidance (default: the run's)")
     return parser.parse_args(argv)
 
 
@@ -72,8 +82,41 @@ def calibration_images(network, num_images: int, seed: int) -> tuple[torch.Tenso
     return images[order], labels[order]
 
 
+def output_folder(args: argparse.Namespace) -> Path:
+    ckpt = Path(args.ckpt)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Path(args.out) if args.out else run_dir / "analysis"
+
+
+def redundancy(args: argparse.Namespace) -> int:
+    """``--redundancy``: the DiTCacheAnalysis-style profile, as JSON and a heatmap."""
+    from ditlab.methods.accel.redundancy import plot_redundancy, redundancy_profile
+
+    bundle = bundle_from_checkpoint(args.ckpt, use_ema=not args.no_ema)
+    steps = args.steps or bundle.sampling.steps
+    if steps < 2:
+        raise ValueError(f"--steps {steps}: the redundancy probe compares consecutive steps; use 2 or more")
+    cfg_scale = bundle.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    profile = redundancy_profile(bundle.network, bundle.objective, args.sampler or bundle.sampling.sampler, steps,
+                                 cfg_scale, args.num_images or 8, args.seed)  # fmt: skip
+    out = output_folder(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "redundancy.json").write_text(json.dumps(json_safe({"checkpoint": str(args.ckpt), **profile}), indent=1))
+    plot_redundancy(profile, out / "redundancy.png")
+    for unit, branches in profile["units"].items():
+        relative = branches[profile["branches"][0]]["relative"]
+        table = np.asarray(relative["mean"])
+        print(f"{unit:<10} relative change {profile['branches'][0]}: median {np.median(table):.3f}, "
+              f"CoV across samples {relative['cov']:.3f}")  # fmt: skip
+    print(f"wrote {out / 'redundancy.json'} and redundancy.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.redundancy:
+        return redundancy(args)
+    args.num_images = 256 if args.num_images is None else args.num_images
     criteria = list(dict.fromkeys(name.strip() for name in args.criteria.split(",") if name.strip()))
     unknown = [name for name in criteria if name not in CRITERIA]
     if unknown or not criteria:
@@ -89,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     images, labels = calibration_images(network, args.num_images, args.seed)
     ckpt = Path(args.ckpt)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(args.out) if args.out else run_dir / "analysis"
+    out = output_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     selections = []
     with Progress(transient=True) as progress:

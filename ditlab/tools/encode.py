@@ -6,15 +6,25 @@ pre-extraction, made resumable and multi-process). Rerunning the same command re
 are kept, a shard cut off mid-write is redone. Several processes split the shards by rank:
 
     torchrun --nproc_per_node 8 -m ditlab encode /data/imagenet/train --out /data/in256-latents --flip
+
+Ctrl-C or SIGTERM stop it cleanly (exit code 130 / 143, one line): the shards finished so far are kept, the
+DataLoader workers are shut down, and rerunning the command finishes the rest. Killed outright, it takes its
+workers with it (``ditlab.child_process.exit_with_parent``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from ditlab.child_process import RECEIVED
 from ditlab.data.latents import DTYPES, MODES, digits_source, encode_to_shards, folder_source
 
 
@@ -47,6 +57,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: raised where the program is, as Ctrl-C raises ``KeyboardInterrupt``."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` (main thread only), so the encode loop unwinds: its workers are shut
+    down and nothing half-done is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
@@ -58,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         source = digits_source(args.image_size)
     else:
         source = folder_source(args.source, args.image_size)
-    report = encode_to_shards(
-        source, args.out, args.vae, args.image_size, shard_size=args.shard_size, batch_size=args.batch_size,
-        mode=args.mode, flip=args.flip, dtype=args.dtype, seed=args.seed, rank=rank, world_size=world_size,
-        device=device, num_workers=args.num_workers, progress=not args.no_progress,
-    )  # fmt: skip
+    try:
+        with sigterm_raises():
+            report = encode_to_shards(
+                source, args.out, args.vae, args.image_size, shard_size=args.shard_size, batch_size=args.batch_size,
+                mode=args.mode, flip=args.flip, dtype=args.dtype, seed=args.seed, rank=rank, world_size=world_size,
+                device=device, num_workers=args.num_workers, progress=not args.no_progress,
+            )  # fmt: skip
+    except (KeyboardInterrupt, Terminated) as stop:
+        if isinstance(stop, KeyboardInterrupt) and signal.SIGINT not in RECEIVED:  # raised by code, not a user
+            raise
+        how, code = ("Ctrl-C", 130) if isinstance(stop, KeyboardInterrupt) else ("SIGTERM", 143)
+        print(f"ditlab encode: rank {rank}/{world_size} stopped ({how}); the finished shards in {args.out} are kept, "
+              "rerun the same command to encode the rest", file=sys.stderr)  # fmt: skip
+        return code
     print(f"rank {rank}/{world_size}: wrote {len(report.written)} shards, {len(report.already_done)} were already "
           f"done; {len(report.skipped_files)} unreadable images skipped"
           + (f" ({', '.join(report.skipped_files[:5])}{' ...' if len(report.skipped_files) > 5 else ''})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import torch
 
 from ditlab.checkpoint import bundle_from_checkpoint
 from ditlab.diffusion.sample import sample_images
+from ditlab.methods.accel import cached_model
+from ditlab.methods.accel.options import add_cache_arguments, cache_from_args
 from ditlab.metrics.features import feature_extractor
 from ditlab.metrics.fid import evaluate_images
 from ditlab.metrics.reference import images_from_uint8
@@ -45,6 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-ema", action="store_true", help="sample the raw network instead of its EMA")
+    add_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -56,9 +60,10 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray,
                "cfg_scale": bundle.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                "cfg_channels": bundle.sampling.cfg_channels,
                "batch_size": args.batch_size or bundle.sampling.batch_size}  # fmt: skip
-    images = sample_images(
-        bundle.network, bundle.objective, labels, seed=args.seed, show_progress=True, **options
-    )
+    cache = cache_from_args(args, bundle.sampling.cache)
+    model = cached_model(bundle.network, cache, bundle.objective, options["sampler"], options["steps"],
+                         options["cfg_scale"], options["cfg_channels"])  # fmt: skip
+    images = sample_images(model, bundle.objective, labels, seed=args.seed, show_progress=True, **options)
     if bundle.vae:
         from ditlab.data.vae import load_vae
 
@@ -66,7 +71,8 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray,
         with torch.no_grad():
             images = torch.cat([vae.decode(chunk / bundle.latent_scale).sample for chunk in images.split(16)])
     protocol = {"checkpoint": str(args.ckpt), "ema": not args.no_ema, "seed": args.seed,
-                "labels": "arange(num) % num_classes", **{k: v for k, v in options.items() if k != "batch_size"}}  # fmt: skip
+                "labels": "arange(num) % num_classes", **{k: v for k, v in options.items() if k != "batch_size"},
+                "cache": {k: v for k, v in asdict(cache).items() if v is not None}}  # fmt: skip
     return to_uint8(images), labels.numpy(), protocol
 
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 from ditlab.checkpoint import bundle_from_checkpoint
 from ditlab.diffusion.sample import sample_images
+from ditlab.methods.accel import cached_model
+from ditlab.methods.accel.options import add_cache_arguments, cache_from_args
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -34,6 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-ema", action="store_true", help="sample the raw network instead of its EMA")
+    add_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -50,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                "cfg_scale": bundle.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                "cfg_channels": bundle.sampling.cfg_channels,
                "batch_size": args.batch_size or bundle.sampling.batch_size}  # fmt: skip
-    latents = sample_images(bundle.network, bundle.objective, labels, seed=args.seed, show_progress=True, **options)
+    model = cached_model(bundle.network, cache_from_args(args, bundle.sampling.cache), bundle.objective,
+                         options["sampler"], options["steps"], options["cfg_scale"], options["cfg_channels"])  # fmt: skip
+    latents = sample_images(model, bundle.objective, labels, seed=args.seed, show_progress=True, **options)
+    if model is not bundle.network:
+        print(f"cache {model.name}: the last batch computed {model.computed_share:.0%} of the network's block work")
     if bundle.vae:
         from ditlab.data.vae import load_vae
 

@@ -28,7 +28,7 @@ from ditlab.methods.compress.distill import FEATURE_LOSSES, distillation_losses
 from ditlab.methods.compress.prune import prune_depth, prune_width
 from ditlab.methods.frozen import FrozenNetwork
 from ditlab.methods.teacher import TeacherConfig, build_from_recipe, load_teacher
-from ditlab.models.budget import flops_per_image, parameter_count
+from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 
@@ -230,13 +230,18 @@ class DicompModule(DiffusionModule):
 
     # ----------------------------------------------------------------------------------- reports
     def describe(self, network: DiT) -> dict:
-        """Size of a network: blocks, parameters and forward FLOPs per image."""
-        return {"blocks": network.depth, "parameters": parameter_count(network), "flops_per_image": flops_per_image(network)}
+        """Size of a network: blocks, parameters (total and activated per image) and forward FLOPs per image."""
+        return {"blocks": network.depth, "parameters": parameter_count(network),
+                "activated_parameters": activated_parameter_count(network), "flops_per_image": flops_per_image(network)}
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dicomp"] = {"keep": self.keep, "teacher": asdict(self.teacher_config)}
+
+    def recorded_student(self, checkpoint: dict) -> DiTConfig:
+        """The student architecture a checkpoint records (a subclass may record more than the DiT config)."""
+        return DiTConfig.from_dict(checkpoint["ditlab"]["dit_config"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Rebuild the student at the checkpoint's architecture (a later progressive stage may be shallower)."""
@@ -246,12 +251,12 @@ class DicompModule(DiffusionModule):
         super().on_load_checkpoint(checkpoint)
         self.objective_config = run_settings(meta)[0]
         self.keep = list(checkpoint["dicomp"]["keep"])
-        config = DiTConfig.from_dict(meta["dit_config"])
+        config = self.recorded_student(checkpoint)
         if self.network is not None and self.network.config == config:
             return  # same architecture: the strategy loads the weights into the (possibly sharded) student
         if is_sharded(self):
             raise ValueError("this checkpoint's student has another architecture (a later progressive stage) and "
                              "cannot be loaded into a sharded student; resume it with strategy ddp or on one device")  # fmt: skip
-        student = DiT(config).to(self.device)
+        student = config.build().to(self.device)
         self.attach(student, copy.deepcopy(student) if self.ema_decay is not None else None)
         self.reconfigure()
