@@ -13,11 +13,13 @@ model, the row says why). Per row:
 - speed-up in FLOPs, counted with ``torch.utils.flop_counter`` (``ditlab.methods.accel.work``) on the first
   ``--flop-samples`` samples, policy overhead included; full-equivalent NFE = steps / FLOPs speed-up;
 - FID (digits-classifier features, against all digits) of the ``--num`` samples and its change against the
-  uncached FID, and the paired PSNR of each sample against its uncached twin (images in [0, 1]).
+  uncached FID, and the paired PSNR of each sample against its uncached twin (images in [0, 1]);
+- then a wall-clock check that survives a shared machine's changing load: the fastest rows within 5% FID and
+  ditlab's most faithful row at the target speed-up, each timed in adjacent (uncached, cached) pairs.
 
 Writes ``bench/results/caching.{json,md,png}`` (the plot: the speed-quality Pareto fronts).
 
-    python bench/caching.py [--num 500] [--steps 50 20] [--teacher PATH] [--quick]
+    python bench/caching.py [--num 500] [--steps 50 20] [--teacher PATH] [--quick] [--wallclock-only]
 """
 
 from __future__ import annotations
@@ -318,7 +320,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"The uncached run timed again at the end of this block: CPU time per sample "
                   f"{first['cpu_s_drift']:+.1%}, wall time {first['wall_s_drift']:+.1%} against its first timing.", ""]  # fmt: skip
     if report.get("interleaved"):
-        lines += ["## Wall clock, interleaved", "", "Per step count: the fastest row within 5% of the uncached FID "
+        loads = f"load average {report.get('interleaved_load_start')} at start, {report.get('interleaved_load_end')} at end"
+        lines += ["## Wall clock, interleaved", "", f"{loads}. Per step count: the fastest row within 5% of the uncached FID "
                   "(ditlab and diffusers), and ditlab's highest-PSNR row at the target speed-up in FLOPs (2.5x at 50 "
                   "steps, 1.6x at 20), each timed in adjacent (uncached, cached) pairs on the same samples, order "
                   "alternating; median of the ratios.", "", "| steps | pick | source | policy | knobs | FID change | "
@@ -376,8 +379,8 @@ def main() -> None:
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 samples, 10 steps, one knob value")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--timing-samples", type=int, default=50, help="samples per interleaved wall-clock run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved (uncached, cached) pairs per check")
+    parser.add_argument("--timing-samples", type=int, default=250, help="samples per interleaved wall-clock run")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved (uncached, cached) pairs per check")
     parser.add_argument("--wallclock-only", action="store_true",
                         help="only the interleaved wall-clock check, on the rows of an existing caching.json")  # fmt: skip
     args = parser.parse_args()
