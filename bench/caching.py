@@ -1,7 +1,8 @@
 """Feature caching on the digits teacher: speed-up (wall clock, CPU time, counted FLOPs) against sample quality.
 
-The teacher is the cached ``configs/dit.yaml`` recipe (the one ``configs/dicomp.yaml`` builds). For 50 and 20
-DDIM steps with the teacher's guidance, every ditlab policy (``ditlab.methods.accel``) samples the same
+The teacher is the cached ``configs/dit.yaml`` recipe (the one ``configs/dicomp.yaml`` builds), or any ditlab
+checkpoint given with ``--teacher`` (a SiT checkpoint runs its own fixed-step flow sampler, e.g. Euler). For 50
+and 20 sampler steps (DDIM for a diffusion teacher) with the teacher's guidance, every ditlab policy (``ditlab.methods.accel``) samples the same
 class-balanced labels from the same seeds as the uncached network, at each value of its knob sweep; so do
 diffusers' own cache hooks on the same weights exported to ``DiTTransformer2DModel`` (where a hook refuses the
 model, the row says why). Per row:
@@ -19,7 +20,8 @@ model, the row says why). Per row:
 
 Writes ``bench/results/caching.{json,md,png}`` (the plot: the speed-quality Pareto fronts).
 
-    python bench/caching.py [--num 500] [--steps 50 20] [--teacher PATH] [--quick] [--wallclock-only]
+    python bench/caching.py [--num 500] [--steps 50 20] [--teacher PATH] [--sampler NAME] [--name caching]
+                            [--quick] [--wallclock-only]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ditlab.checkpoint import bundle_from_checkpoint
+from ditlab.diffusion.ode import ADAPTIVE_SOLVERS
 from ditlab.diffusion.sample import sample_images
 from ditlab.methods.accel import build_policy
 from ditlab.methods.accel.work import Counted
@@ -81,14 +84,15 @@ class Run:
     """Samples the benchmark's labels with one model function, timing it and counting its FLOPs."""
 
     def __init__(self, network, objective, labels: torch.Tensor, steps: int, cfg_scale: float, batch: int,
-                 flop_samples: int, extractor) -> None:  # fmt: skip
+                 flop_samples: int, extractor, sampler: str = "ddim") -> None:  # fmt: skip
         self.objective, self.labels, self.steps, self.cfg_scale = objective, labels, steps, cfg_scale
+        self.sampler = sampler
         self.network = network
         self.shape, self.null_label = (network.in_channels, network.input_size, network.input_size), network.num_classes
         self.batch, self.flop_samples, self.extractor = batch, flop_samples, extractor
 
     def sample(self, model, labels: torch.Tensor) -> torch.Tensor:
-        return sample_images(model, self.objective, labels, seed=0, sampler="ddim", steps=self.steps,
+        return sample_images(model, self.objective, labels, seed=0, sampler=self.sampler, steps=self.steps,
                              cfg_scale=self.cfg_scale, batch_size=self.batch, shape=self.shape,
                              null_label=self.null_label)  # fmt: skip
 
@@ -108,7 +112,7 @@ class Run:
     def subset(self, count: int) -> Run:
         """The same run on the first ``count`` labels only (timing a reference that needs no FID)."""
         return Run(self.network, self.objective, self.labels[:count], self.steps, self.cfg_scale, self.batch,
-                   self.flop_samples, self.extractor)  # fmt: skip
+                   self.flop_samples, self.extractor, self.sampler)  # fmt: skip
 
 
 class DiffusersModel:
@@ -180,7 +184,7 @@ def row_of(name: str, knobs: dict, result: dict, reference: dict, source: str, e
 
 def bench_steps(network, objective, cfg_scale: float, steps: int, args, extractor) -> list[dict]:
     labels = torch.arange(args.num) % network.num_classes
-    run = Run(network, objective, labels, steps, cfg_scale, args.batch, args.flop_samples, extractor)
+    run = Run(network, objective, labels, steps, cfg_scale, args.batch, args.flop_samples, extractor, args.sampler)
     rows, started = [], time.perf_counter()
     with torch.no_grad():  # warm-up: the first sampling in a process pays one-off costs
         run.sample(network, labels[:10])
@@ -192,7 +196,8 @@ def bench_steps(network, objective, cfg_scale: float, steps: int, args, extracto
     for name, sweep in SWEEPS[steps].items():
         for knobs in sweep[: args.knobs]:
             began = time.process_time()
-            policy = build_policy(network, {"policy": name, **knobs}, objective, "ddim", steps, cfg_scale)
+            policy = build_policy(network, {"policy": name, **knobs}, objective, args.sampler, steps,
+                                  cfg_scale)  # fmt: skip
             calibration_s = time.process_time() - began
             if name == "magcache":
                 magnitudes = policy.magnitudes
@@ -257,7 +262,7 @@ def interleaved_wallclock(report: dict, network, objective, cfg_scale: float, ar
     checks = []
     for steps in report["steps"]:
         run = Run(network, objective, torch.arange(args.timing_samples) % network.num_classes, steps, cfg_scale,
-                  args.timing_samples, 0, None)  # fmt: skip
+                  args.timing_samples, 0, None, args.sampler)  # fmt: skip
         eligible = [r for r in report["rows"] if r["steps"] == steps and "refused" not in r
                     and r["policy"] not in ("none", "diffusers (no hook)") and r["fid_change"] <= 0.05]  # fmt: skip
         target = TARGETS.get(steps, 1.0)
@@ -272,10 +277,11 @@ def interleaved_wallclock(report: dict, network, objective, cfg_scale: float, ar
             source = best["source"]
             if source == "ditlab":
                 reference = network
-                model = build_policy(network, {"policy": best["policy"], **best["knobs"]}, objective, "ddim", steps,
+                model = build_policy(network, {"policy": best["policy"], **best["knobs"]}, objective, args.sampler, steps,
                                      cfg_scale)  # fmt: skip
             else:
-                magnitudes = build_policy(network, {"policy": "magcache"}, objective, "ddim", steps, cfg_scale).magnitudes
+                magnitudes = build_policy(network, {"policy": "magcache"}, objective, args.sampler, steps,
+                                          cfg_scale).magnitudes  # fmt: skip
                 reference = diffusers_model(network, None, steps, magnitudes)
                 model = diffusers_model(network, best["policy"], steps, magnitudes)
             timed(run, model)  # warm-up
@@ -301,7 +307,9 @@ def knob_text(row: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Feature caching on the digits teacher ({report['num']} samples, DDIM, cfg {report['cfg_scale']})", "",
+    sampler = report.get("sampler", "ddim")
+    lines = [f"# Feature caching on the digits teacher ({report['num']} samples, {report.get('objective', 'gaussian')} "
+             f"objective, sampler {sampler}, cfg {report['cfg_scale']})", "",
              f"Load average at start {report['load_start']}, at end {report['load_end']}; torch threads "
              f"{report['threads']}. Speed-ups are ratios to the uncached run of the same model in the same process.", ""]  # fmt: skip
     for steps in report["steps"]:
@@ -356,7 +364,7 @@ def plot(report: dict, path: Path) -> None:
         top, bottom = axes[0][column], axes[1][column]
         top.axhline(5, color="grey", lw=0.8, ls=":")
         top.axvline(TARGETS.get(steps, 1), color="grey", lw=0.8, ls=":")
-        top.set(title=f"{steps} DDIM steps: FID change vs speed-up (target: right of and below the dotted lines)",
+        top.set(title=f"{steps} {report.get('sampler', 'ddim')} steps: FID change vs speed-up (target: right of and below the dotted lines)",
                 xlabel="CPU-time speed-up vs uncached", ylabel="FID change vs uncached (%)")  # fmt: skip
         bottom.set(title=f"{steps} steps: paired PSNR vs counted-FLOPs speed-up", xlabel="FLOPs speed-up",
                    ylabel="PSNR vs uncached samples (dB)")  # fmt: skip
@@ -378,6 +386,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 samples, 10 steps, one knob value")
+    parser.add_argument("--sampler", default=None,
+                        help="a fixed-step sampler of the teacher's objective (default: ddim for a diffusion teacher, "
+                             "the teacher's configured sampler for a flow one)")  # fmt: skip
+    parser.add_argument("--name", default="caching", help="results file stem under --out")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--timing-samples", type=int, default=250, help="samples per interleaved wall-clock run")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved (uncached, cached) pairs per check")
@@ -395,15 +407,21 @@ def main() -> None:
         args.teacher = str(build_from_recipe(TeacherConfig()))
     bundle = bundle_from_checkpoint(args.teacher)
     network, objective, cfg_scale = bundle.network.eval(), bundle.objective, bundle.sampling.cfg_scale
+    if args.sampler is None:
+        args.sampler = "ddim" if objective.kind == "gaussian" else bundle.sampling.sampler
+    if args.sampler not in objective.samplers or args.sampler in ADAPTIVE_SOLVERS:
+        fixed = [name for name in objective.samplers if name not in ADAPTIVE_SOLVERS]
+        raise SystemExit(f"caching.py: error: --sampler {args.sampler!r} cannot be cached for this {objective.kind} "
+                         f"teacher; fixed-step choices: {fixed}")  # fmt: skip
     out = Path(args.out)
-    name = "caching_quick" if args.quick else "caching"
+    name = f"{args.name}_quick" if args.quick else args.name
     if args.wallclock_only:
         report = json.loads((out / f"{name}.json").read_text())
         report["interleaved_load_start"] = load_average()
     else:
         extractor = feature_extractor("digits-classifier")
         report = {"teacher": args.teacher, "num": args.num, "batch": args.batch, "cfg_scale": cfg_scale,
-                  "sampler": "ddim", "steps": args.steps, "threads": args.threads, "flop_samples": args.flop_samples,
+                  "objective": objective.kind, "sampler": args.sampler, "steps": args.steps, "threads": args.threads, "flop_samples": args.flop_samples,
                   "load_start": load_average(), "torch": torch.__version__, "rows": []}  # fmt: skip
         print(f"load average {report['load_start']}", flush=True)
         for steps in args.steps:
@@ -411,6 +429,7 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))  # keep what is done
         report["load_end"] = load_average()
+    report.setdefault("interleaved_load_start", load_average())
     report["interleaved"] = interleaved_wallclock(report, network, objective, cfg_scale, args)
     report["interleaved_load_end"] = load_average()
     out.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ditlab.checkpoint import Bundle, bundle_from_checkpoint
+from ditlab.diffusion.config import SamplingConfig
 from ditlab.diffusion.sample import sample_images
+from ditlab.progress import TaskProgress
 
 
 @dataclass
@@ -61,25 +63,51 @@ def load_run(path: str | Path) -> Run:
 
 
 # ----------------------------------------------------------------------------------- sampling
-def sample_run(run: Run, labels: torch.Tensor, seed: int = 0, **overrides) -> torch.Tensor:
-    """Images in [-1, 1], ``(N, C, H, W)``, from the run's EMA network; sample ``i`` uses noise seed ``seed + i``.
-
-    ``overrides`` replace the checkpoint's sampling settings (``steps``, ``sampler``, ``cfg_scale``, ...).
-    """
+def sampling_model(bundle: Bundle, sampling: SamplingConfig):
+    """What ``sampling`` samples: the network, or the cache policy wrapping it (``ditlab.methods.accel``)."""
     from ditlab.methods.accel import cached_model
 
-    bundle = run.bundle
-    options = {**vars(bundle.sampling), **overrides}
-    cache = options.pop("cache", None)  # a feature-cache policy wraps the network (none: the network itself)
-    model = cached_model(bundle.network, cache, bundle.objective, options.get("sampler"), options["steps"],
-                         options["cfg_scale"], options.get("cfg_channels"))  # fmt: skip
-    latents = sample_images(model, bundle.objective, labels, seed=seed, **options)
-    if bundle.vae is not None:
-        from ditlab.data.vae import load_vae
+    options = {item.name: getattr(sampling, item.name) for item in fields(sampling)}
+    for name in ("cache", "batch_size"):
+        options.pop(name)
+    return cached_model(bundle.network, sampling.cache, bundle.objective, **options)
 
-        with torch.no_grad():
-            latents = load_vae(bundle.vae).decode(latents / bundle.latent_scale).sample
-    return latents.clamp(-1, 1)
+
+def sample_bundle(bundle: Bundle, labels: torch.Tensor, sampling: SamplingConfig | None = None, seed: int = 0,
+                  progress: str | None = None, model=None) -> torch.Tensor:  # fmt: skip
+    """Images in [-1, 1], ``(N, C, H, W)``, of a checkpoint's network for ``labels: (N,)``; sample ``i`` uses noise
+    seed ``seed + i`` whatever the batch size. ``sampling`` (default: the run's own settings) picks the sampler,
+    steps, guidance, time grid, SDE, tolerances and feature cache; latents are decoded by the run's VAE.
+
+    Batches of ``sampling.batch_size`` are sampled and decoded one at a time, so ``progress`` (a description;
+    None for silence) counts images as a bar in a terminal or a line every tenth in a log (``ditlab.progress``).
+    ``model`` is :func:`sampling_model`'s result when the caller wants to read the cache policy afterwards.
+    """
+    from ditlab.data.vae import decode_latents, load_vae
+
+    sampling = sampling if sampling is not None else bundle.sampling
+    options = {item.name: getattr(sampling, item.name) for item in fields(sampling) if item.name != "cache"}
+    batch_size = options.pop("batch_size")
+    model = model if model is not None else sampling_model(bundle, sampling)
+    vae = load_vae(bundle.vae) if bundle.vae is not None else None
+    chunks = []
+    with TaskProgress(progress or "sampling", len(labels), enabled=progress is not None) as bar:
+        for start in range(0, len(labels), batch_size):
+            chunk = sample_images(model, bundle.objective, labels[start : start + batch_size], seed=seed,
+                                  start=start, batch_size=batch_size, **options)  # fmt: skip
+            chunks.append(decode_latents(vae, chunk, bundle.latent_scale) if vae is not None else chunk)
+            bar.advance(len(chunk))
+    return torch.cat(chunks).clamp(-1, 1) if chunks else torch.empty(0)
+
+
+def sample_run(run: Run, labels: torch.Tensor, seed: int = 0, progress: str | None = None,
+               **overrides) -> torch.Tensor:  # fmt: skip
+    """Images in [-1, 1], ``(N, C, H, W)``, from the run's EMA network; sample ``i`` uses noise seed ``seed + i``.
+
+    ``overrides`` replace the checkpoint's sampling settings (``steps``, ``sampler``, ``cfg_scale``, ``cache``,
+    ``time_grid``, ...); ``progress`` names a progress bar (None: silent).
+    """
+    return sample_bundle(run.bundle, labels, replace(run.bundle.sampling, **overrides), seed, progress)
 
 
 def class_labels(num_classes: int, per_class: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The ``ditlab`` command: LightningCLI (OmegaConf mode) for fit/validate/test/predict, plus tools.
 
-``ditlab fit --config configs/dit.yaml [--trainer.max_steps 100 ...]`` trains; ``ditlab sample``,
-``ditlab convert`` work from a checkpoint; ``ditlab --help`` lists every command. Progress is a step bar in a
+``ditlab fit --config configs/dit.yaml [--trainer.max_steps 100 ...]`` trains; the tools (``ditlab sample``,
+``eval``, ``analyze``, ``convert``, ``encode``) are typed functions under the same jsonargparse machinery
+(``ditlab.tools.command``); ``ditlab --help`` lists every command. Progress is a step bar in a
 terminal and a plain line every few steps otherwise (a batch log). ``--trainer.default_root_dir DIR`` puts the
 run's logs, checkpoints and summary.json under DIR. Config fragments (``configs/data/*.yaml``,
 ``configs/trainer/*.yaml``) are accepted by ``--config FILE`` and by ``--data FILE`` / ``--trainer FILE``.
@@ -39,39 +40,39 @@ from ditlab.checkpoint_io import AtomicCheckpointIO
 from ditlab.child_process import RECEIVED, noting_sigint
 from ditlab.methods.base import DiffusionModule
 from ditlab.models.loading import check_checkpoint, read_checkpoint
+from ditlab.tools.command import TOOLS, run_tool
 
-TOOLS = {
-    "sample": "ditlab.tools.sample",
-    "convert": "ditlab.tools.convert",
-    "eval": "ditlab.tools.eval",
-    "analyze": "ditlab.tools.analyze",
-    "encode": "ditlab.tools.encode",
-}
-COMMANDS = {  # what `ditlab --help` lists, one line each
+LIGHTNING_COMMANDS = {  # what `ditlab --help` lists, one line each; the tools' lines are their own summaries
     "fit": "train a config (configs/*.yaml): DiT/SiT, dicomp, REPA, HASTE, ...",
     "validate": "run the validation loop of a config on a checkpoint (--ckpt_path)",
     "test": "run the test loop of a config on a checkpoint (--ckpt_path)",
     "predict": "run the predict loop of a config on a checkpoint (--ckpt_path)",
-    "sample": "draw images (PNG grid + .npz) from a checkpoint or exported network",
-    "eval": "FID / IS / precision / recall of a checkpoint against reference statistics",
-    "analyze": "per-block importance of a trained network and the blocks to keep when pruning",
-    "convert": "export a run's network as safetensors or a diffusers folder",
-    "encode": "pre-extract VAE latents of an image folder into shards for latent training",
 }
+COMMANDS = {**LIGHTNING_COMMANDS, **{name: tool.summary for name, tool in TOOLS.items()}}
 DEFAULT_SAVE_DIR = "runs"  # the default logger's save_dir; it follows --trainer.default_root_dir
 CONFIG_KEYS = ("trainer", "model", "data", "seed_everything", "optimizer", "lr_scheduler", "ckpt_path", "nan_guard")
 
 
 class UsageError(Exception):
-    """Bad input from the command line or a config file; reported in one line."""
+    """Bad input from the command line or a config file; reported in one line, with ``command`` named for its
+    ``--help``."""
+
+    def __init__(self, message: str, command: str = "ditlab fit") -> None:
+        super().__init__(message)
+        self.command = command
 
 
-def condense(message: str) -> str:
+def condense(message: str, command: str = "ditlab fit") -> str:
     """jsonargparse's nested, multi-line validation messages -> the one line a user needs."""
     text = str(message)
+    listing = f"; run `{command} --help` to list the valid keys"
     unknown = re.search(r"unrecognized arguments: (\S+)", text, re.IGNORECASE)
     if unknown:
-        return f"unknown option {unknown.group(1)}; run `ditlab fit --help` to list the valid keys"
+        return f"unknown option {unknown.group(1)}{listing}"
+    required = re.search(r"the following arguments are required: (.+)", text)
+    if required:
+        names = ", ".join(f"--{name.strip().lstrip('-')}" for name in required.group(1).split(","))
+        return f"missing {names}; run `{command} --help` for what each option means"
     keys = re.findall(r'Parser key "([^"]+)"', text)
     noise = ("Does not validate", "Subtypes", "Errors:", "Given value", "Expected a <class 'NoneType'>")
     details = []
@@ -80,8 +81,11 @@ def condense(message: str) -> str:
         if piece and not piece.startswith(noise):
             details.append(re.sub(r"<class '([\w.]+)'>", r"\1", piece))
     detail = details[0] if details else text.splitlines()[0]
+    given = re.search(r"Given value: (.+)", text)
+    if given and detail.startswith("Expected a"):  # "Expected a int" -> "expected int, got 'many'"
+        detail = f"expected {detail[len('Expected a '):].strip()}, got {given.group(1).strip()!r}"
     where = ".".join(key for key in keys if key != "config")
-    hint = "; run `ditlab fit --help` to list the valid keys" if "not accepted" in detail else ""
+    hint = listing if "not accepted" in detail else ""
     detail = detail.split("; run `ditlab")[0]
     return f"{where}: {detail}{hint}" if where else f"{detail}{hint}"
 
@@ -248,7 +252,8 @@ def top_help() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: ditlab COMMAND [options]   (ditlab COMMAND --help lists a command's options)", "",
              "commands:", *(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()), "",
-             "global options:", "  --verbose    show every Lightning notice and warning (also DITLAB_DEBUG=1)"]  # fmt: skip
+             "global options:", "  --verbose    show every Lightning notice and warning (also DITLAB_DEBUG=1)",
+             "  --print_completion bash|zsh|tcsh   a shell completion script (needs shtab; see ditlab.tools.completion)"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -335,9 +340,13 @@ def run_command(argv: list[str] | None = None) -> int:
             print(top_help())
             return 0 if argv else 2
         if argv[0] in TOOLS:
-            import importlib
+            return run_tool(argv[0], argv[1:])
+        if argv[0].partition("=")[0] == "--print_completion":
+            from ditlab.tools.completion import completion_script
 
-            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:]) or 0
+            shell = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "bash")
+            print(completion_script(shell))
+            return 0
         argv = place_fragments(argv)
         if argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv):
             return full_help(argv)
@@ -372,7 +381,7 @@ def run_command(argv: list[str] | None = None) -> int:
         if "Problems parsing config" in message and "--config" in argv:  # name the file YAML could not read
             configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
             message = f"{message.splitlines()[0]} (in {', '.join(configs)}); check its YAML syntax"
-        print(f"ditlab: error: {mismatch or condense(message)}", file=sys.stderr)
+        print(f"ditlab: error: {mismatch or condense(message, getattr(error, 'command', 'ditlab fit'))}", file=sys.stderr)
         return 2
 
 

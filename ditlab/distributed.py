@@ -64,6 +64,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path, *args, **kwargs) -> dict:
+        """Let the module rebuild its network at the checkpoint's architecture first (``prepare_checkpoint_load``:
+        a compression student resumed past a progressive stage is shallower than the one it starts as), so the
+        shards and optimiser state load into matching tensors; then load as usual."""
+        prepare = getattr(self.lightning_module, "prepare_checkpoint_load", None)
+        if prepare is not None:
+            prepare(self.broadcast(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+
     def mixed_precision(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny digits config that trains in seconds, tiny DiTs whose blocks matter, their inputs,
-parameter noise and a simulated Ctrl-C."""
+parameter noise, a tiny teacher checkpoint and a simulated Ctrl-C."""
 
 from __future__ import annotations
 
@@ -121,6 +121,25 @@ def perturb() -> Callable[..., torch.nn.Module]:
 
 
 # --- training runs ----------------------------------------------------------------------------------------
+
+
+def save_teacher(dit: DiT, path: Path) -> Path:
+    """``dit`` as a ditlab checkpoint (what ``load_teacher`` reads): config, weights, objective, sampling (DDIM,
+    4 steps, cfg 2)."""
+    from dataclasses import asdict
+
+    from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+
+    torch.save({"state_dict": {f"network.{key}": value for key, value in dit.state_dict().items()},
+                "ditlab": {"dit_config": dit.config.to_dict(), "objective": asdict(ObjectiveConfig()),
+                           "sampling": asdict(SamplingConfig(sampler="ddim", steps=4, cfg_scale=2.0))}}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory, tiny_dit) -> Path:
+    """A 4-block 8x8 DiT (learned sigma, random adaLN so every branch matters) saved as a teacher checkpoint."""
+    return save_teacher(tiny_dit(depth=4, learn_sigma=True), tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
 
 
 @pytest.fixture(scope="session")

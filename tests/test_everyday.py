@@ -93,7 +93,10 @@ def test_a_fragment_in_the_wrong_place_is_one_line_naming_the_fix(tmp_path, caps
     assert err.count("\n") == 1 and "bare class fragment" in err and "--data FILE" in err
 
 
-def test_lightning_advertisement_and_weights_only_notice_are_filtered(caplog):
+def test_lightning_advertisement_and_weights_only_notice_are_filtered(caplog, monkeypatch):
+    # Lightning stops propagating to the root logger (where caplog listens) when it is first imported before the
+    # root has a handler, which depends on which conftest files pytest loads first
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     quiet_lightning()
     try:

@@ -41,9 +41,8 @@ class AlignmentTermination(L.Callback):
                              "SelfTranscendenceModule)")  # fmt: skip
         self.enabled = pl_module.terminable
         if not self.enabled and trainer.is_global_zero:
-            print(
-                "alignment: this stage has no termination step (Self-Transcendence phase 1); the callback is idle"
-            )
+            print(f"alignment: {type(pl_module).__name__} has no termination step here (REG, Self-Transcendence phase "
+                  "1); the callback is idle")  # fmt: skip
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         """Runs before the module's own ``on_fit_start``, so a run resumed past the step never loads the target."""

@@ -11,14 +11,17 @@ the LightningModule, so checkpoints stay lean; only the evaluation schedule is c
 from __future__ import annotations
 
 import math
+import sys
 
 import lightning as L
 import torch
 
+from ditlab.callbacks.monitor import live_bar
 from ditlab.distributed import is_sharded
 from ditlab.metrics.features import FeatureExtractor, feature_extractor
 from ditlab.metrics.fid import compute_metrics
 from ditlab.metrics.reference import ReferenceStats, reference_stats
+from ditlab.progress import TaskProgress, hosted_by
 
 
 class Evaluation(L.Callback):
@@ -80,10 +83,9 @@ class Evaluation(L.Callback):
                 trainer.strategy.barrier("ditlab-evaluation-features")
         return self._extractor
 
-    def reference_stats(self, image_size: int) -> ReferenceStats:
-        return reference_stats(
-            self.reference, self._extractor, image_size=image_size, cache_dir=self.cache_dir
-        )
+    def reference_stats(self, image_size: int, progress: bool = False) -> ReferenceStats:
+        return reference_stats(self.reference, self._extractor, image_size=image_size, cache_dir=self.cache_dir,
+                               progress=progress)  # fmt: skip
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if stage == "fit":
@@ -97,7 +99,36 @@ class Evaluation(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict:
-        """Sample this rank's share, gather features from all ranks, and compute the metrics everywhere."""
+        """Sample this rank's share, gather features from all ranks, and compute the metrics everywhere; rank 0
+        reports progress (in the fit's step bar in a terminal, as lines in a log)."""
+        with hosted_by(live_bar(trainer)):
+            return self._evaluate(trainer, pl_module)
+
+    def describe(self, trainer: L.Trainer, what: str) -> str | None:
+        """``[run] what`` for rank 0's progress lines (None on the other ranks: silent)."""
+        if not trainer.is_global_zero:
+            return None
+        name = getattr(trainer.logger, "name", None) if trainer.logger is not None else None
+        return f"[{name}] {what}" if name and not sys.stdout.isatty() else what
+
+    def sample_share(self, trainer: L.Trainer, pl_module, labels: torch.Tensor, start: int) -> torch.Tensor:
+        """``pl_module.sample`` of ``labels`` (global indices from ``start``) batch by batch, with progress; sample
+        ``i`` still uses seed ``seed + start + i``. A feature cache is planned (and maybe calibrated) per call,
+        so with one the share is sampled in a single call."""
+        sampling = getattr(pl_module, "sampling", None)
+        cached = getattr(getattr(sampling, "cache", None), "policy", "none") != "none"
+        batch_size = getattr(sampling, "batch_size", None) or len(labels)
+        batch_size = len(labels) if cached else batch_size
+        description = self.describe(trainer, f"evaluation sampling at step {trainer.global_step}")
+        chunks = []
+        with TaskProgress(description or "", len(labels), enabled=description is not None) as bar:
+            for offset in range(0, len(labels), batch_size):
+                part = labels[offset : offset + batch_size]
+                chunks.append(pl_module.sample(part, seed=self.seed, start=start + offset, **self.overrides))
+                bar.advance(len(part))
+        return torch.cat(chunks)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module) -> dict:
         extractor = self.extractor(trainer).to(pl_module.device)
         num_classes = pl_module.sampling_network.num_classes
         labels = torch.arange(self.num_samples) % num_classes
@@ -107,7 +138,7 @@ class Evaluation(L.Callback):
         count = per_rank if is_sharded(pl_module) else stop - start
         if count > 0:
             indices = torch.arange(start, start + count) % self.num_samples
-            images = pl_module.sample(labels[indices], seed=self.seed, start=start, **self.overrides)[: stop - start]
+            images = self.sample_share(trainer, pl_module, labels[indices], start)[: stop - start]
         if stop > start:
             features, logits = extractor.features_and_logits(images.to(pl_module.device))
         else:  # more ranks than samples: this one contributes padding only
@@ -117,9 +148,8 @@ class Evaluation(L.Callback):
         image_size = torch.tensor(images.shape[-1] if images is not None else 0, device=pl_module.device)
         features, logits = self._gather(trainer, features, logits, per_rank)
         image_size = int(self._max(trainer, image_size))
-        metrics = compute_metrics(
-            features.cpu(), logits.cpu(), self.reference_stats(image_size), extractor.name
-        )
+        reference = self.reference_stats(image_size, progress=trainer.is_global_zero)
+        metrics = compute_metrics(features.cpu(), logits.cpu(), reference, extractor.name)
         self.last_step, self.last_metrics = trainer.global_step, metrics
         return metrics
 

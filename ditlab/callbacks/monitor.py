@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 from ditlab.distributed import is_sharded, local
+from ditlab.progress import duration
 
 HPARAM_METRICS = ("val/loss", "eval/fid", "train/loss", "train/images_per_s")
 
@@ -148,12 +149,11 @@ def run_state(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     return ", ".join(parts)
 
 
-def duration(seconds: float) -> str:
-    """``3725`` -> ``"1h02m"``, ``185`` -> ``"3m05s"``, ``42`` -> ``"42s"``."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def live_bar(trainer: L.Trainer | None):
+    """The rich ``Progress`` of the trainer's live step bar (None when there is none, e.g. in a log), for tasks
+    such as in-loop evaluation to join (``ditlab.progress.hosted_by``)."""
+    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
+    return getattr(bar, "progress", None) if isinstance(bar, RichProgressBar) else None
 
 
 class StepProgressBar(RichProgressBar):

@@ -80,7 +80,8 @@ class ProgressiveDistillation(L.Callback):
         trainer.strategy.setup_optimizers(trainer)  # new parameters: a fresh optimiser and warm-up
         self.applied.append(step)
         after = pl_module.describe(pl_module.network)
-        self.stages.append({"step": step, "kept_student_blocks": kept, "teacher_blocks": list(pl_module.keep), **after})
+        self.stages.append({"step": step, "kept_student_blocks": kept, "teacher_blocks": list(pl_module.keep),
+                            "segments": [list(s) for s in getattr(pl_module, "segments", [])], **after})  # fmt: skip
         pl_module.summary["stages"] = self.stages
         for logger in trainer.loggers:
             logger.log_metrics({"dicomp/blocks": after["blocks"], "dicomp/parameters": after["parameters"]}, step=step)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,6 +30,7 @@ from ditlab.data import shards
 from ditlab.data.images import ImageFolderDataset, scan_image_folder
 from ditlab.data.sampling import training_loader
 from ditlab.data.vae import load_vae, vae_config, vae_identity, vae_latent_shape
+from ditlab.progress import TaskProgress
 
 MODES = ("moments", "sample")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -165,14 +165,11 @@ def encode_to_shards(source, out: str | Path, vae: str, image_size: int, *, shar
         model = load_vae(vae).to(device)
         loader = DataLoader(_Indexed(source), batch_sampler=[chunk for _, chunk in batches], collate_fn=_collate,
                             num_workers=num_workers, worker_init_fn=exit_with_parent)  # fmt: skip
-        columns = (TextColumn(f"encode rank {rank}/{world_size}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("images"), TimeRemainingColumn())  # fmt: skip
         total = sum(len(chunk) for _, chunk in batches)
         parts: dict[str, list[torch.Tensor]] = {}
         kept: list[int] = []
         skipped: list[int] = []
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task("encode", total=total)
+        with TaskProgress(f"encode rank {rank}/{world_size}", total, enabled=progress) as bar:
             for position, (indices, images, unreadable) in enumerate(loader):
                 index = batches[position][0]
                 if images is not None:
@@ -181,7 +178,7 @@ def encode_to_shards(source, out: str | Path, vae: str, image_size: int, *, shar
                         parts.setdefault(name, []).append(value)
                 kept += indices
                 skipped += unreadable
-                bar.advance(task, len(indices) + len(unreadable))
+                bar.advance(len(indices) + len(unreadable))
                 if position + 1 < len(batches) and batches[position + 1][0] == index:
                     continue
                 _write(out, index, parts, kept, skipped, source, meta)
@@ -213,13 +210,18 @@ class LatentDataset(Dataset):
 
     With moments, ``sample_posterior`` draws ``mean + std * noise`` on every read (else the mean);
     ``flip`` reads the flipped image's latents with probability 1/2. Latents are multiplied by ``scale``.
+    With ``pixels`` (a source with ``load(i)``, and ``indices``: each row's index in it) an item is
+    ``(latents, label, image (C, S, S) in [-1, 1])``: the clean image the latents were encoded from, flipped
+    with them, for an alignment encoder (REPA and its family feed the encoder pixels, never latents).
     """
 
     def __init__(self, paths: list[Path], counts: list[int], labels: torch.Tensor, rows: torch.Tensor, mode: str,
-                 scale: float, sample_posterior: bool, flip: bool) -> None:  # fmt: skip
+                 scale: float, sample_posterior: bool, flip: bool, pixels=None,
+                 indices: torch.Tensor | None = None) -> None:  # fmt: skip
         self.paths, self.labels, self.rows, self.mode = paths, labels, rows, mode
         self.starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
         self.scale, self.sample_posterior, self.flip = scale, sample_posterior, flip
+        self.pixels, self.indices = pixels, indices
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
 
@@ -236,7 +238,7 @@ class LatentDataset(Dataset):
             self._handles[shard] = safe_open(str(self.paths[shard]), "pt")
         return self._handles[shard]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         row = int(self.rows[index])
         shard = bisect.bisect_right(self.starts, row) - 1
         local, handle = row - self.starts[shard], self._handle(shard)
@@ -248,7 +250,13 @@ class LatentDataset(Dataset):
             latents = mean + std * torch.randn_like(mean)
         else:
             latents = handle.get_slice(prefix + "mean")[local].float()
-        return latents * self.scale, int(self.labels[row])
+        if self.pixels is None:
+            return latents * self.scale, int(self.labels[row])
+        image = self.pixels.load(int(self.indices[row]))
+        if image is None:
+            raise FileNotFoundError(f"{self.pixels.name(int(self.indices[row]))}: the image of latent row {row} no "
+                                    "longer reads; re-encode the folder or set data.pixels_root to its images")  # fmt: skip
+        return latents * self.scale, int(self.labels[row]), image.flip(-1) if prefix else image
 
 
 @dataclass
@@ -259,6 +267,8 @@ class _Folder:
     paths: list[Path]
     counts: list[int]
     labels: torch.Tensor
+    indices: torch.Tensor
+    """Each row's index in the encoded source (its image, for ``pixels``)."""
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -272,12 +282,17 @@ class LatentDataModule(L.LightningDataModule):
         sample_posterior: draw ``mean + std * noise`` on every read (moments shards), else use the mean.
         flip: use the flipped image's latents half of the time (shards encoded with ``--flip``).
         val_root: a second shard folder for validation; else ``val_fraction`` of ``root``'s rows (0: none).
+        pixels: batches are ``(latents, labels, images)``: each latent's clean image re-read from the source the
+            shards were encoded from (``meta.json``'s ``source``, centre-cropped to its ``image_size``), for an
+            alignment encoder (REPA, HASTE, REG).
+        pixels_root: where that source's images are now, when they moved since encoding.
     """
 
     def __init__(self, root: str, vae: str | None = None, latent_size: int | None = None,
                  latent_scale: float | None = None, sample_posterior: bool = True, flip: bool = True,
                  batch_size: int = 256, val_root: str | None = None, val_fraction: float = 0.0,
-                 split_seed: int = 0, num_workers: int = 4) -> None:  # fmt: skip
+                 split_seed: int = 0, num_workers: int = 4, pixels: bool = False,
+                 pixels_root: str | None = None) -> None:  # fmt: skip
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} is out of range; choose a value in [0, 1)")
@@ -288,6 +303,7 @@ class LatentDataModule(L.LightningDataModule):
         self.sample_posterior, self.flip, self.batch_size = sample_posterior, flip, batch_size
         self.val_root, self.val_fraction = val_root, val_fraction
         self.split_seed, self.num_workers = split_seed, num_workers
+        self.pixels, self.pixels_root = pixels, pixels_root
         self._meta: dict | None = None
         self.train_set: LatentDataset | None = None
         self.val_set: LatentDataset | None = None
@@ -351,16 +367,34 @@ class LatentDataModule(L.LightningDataModule):
         meta, paths, headers = shards.open_folder(folder)
         self._check(meta, folder)
         self.skipped_files += [name for header in headers for name in header["skipped_files"]]
-        labels = []
+        labels, indices = [], []
         for path in paths:
             with safe_open(str(path), "pt") as handle:
                 labels.append(handle.get_tensor("labels"))
-        return _Folder(meta, paths, [header["rows"] for header in headers], torch.cat(labels))
+                indices.append(handle.get_tensor("indices"))
+        return _Folder(meta, paths, [header["rows"] for header in headers], torch.cat(labels), torch.cat(indices))
+
+    def pixel_source(self, meta: dict, folder: str):
+        """The images ``folder``'s latents were encoded from, in the encoder's order (``pixels``)."""
+        if meta["source"] == "digits":
+            source = digits_source(meta["image_size"])
+        else:
+            root = Path(self.pixels_root or meta["source"]).expanduser()
+            if not root.is_dir():
+                raise FileNotFoundError(f"data.pixels: the images of {folder} were encoded from {meta['source']}, which "
+                                        "does not exist here; set data.pixels_root to their folder")  # fmt: skip
+            source = folder_source(str(root), meta["image_size"])
+        if len(source) != meta["num_images"]:
+            raise ValueError(f"data.pixels: {folder} was encoded from {meta['num_images']} images but "
+                             f"{source.source_name} now holds {len(source)}; point data.pixels_root at the encoded "
+                             "images or re-encode")  # fmt: skip
+        return source
 
     def _dataset(self, folder: _Folder, rows: torch.Tensor, train: bool) -> LatentDataset:
         """Training reads resample and flip; validation reads the unflipped mean (a deterministic loss)."""
+        pixels = self.pixel_source(folder.meta, str(folder.paths[0].parent)) if self.pixels else None
         return LatentDataset(folder.paths, folder.counts, folder.labels, rows, folder.meta["mode"], self.scale,
-                             self.sample_posterior and train, self.flip and train)  # fmt: skip
+                             self.sample_posterior and train, self.flip and train, pixels, folder.indices)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

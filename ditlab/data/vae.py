@@ -13,6 +13,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from torch import nn
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -74,3 +75,16 @@ def vae_latent_shape(path: str, image_size: int) -> tuple[int, int, int]:
         raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor} "
                          f"({path}); use a multiple of {factor}, e.g. {factor * max(1, image_size // factor)}")  # fmt: skip
     return config.get("latent_channels", 4), image_size // factor, image_size // factor
+
+
+def decode_latents(vae: nn.Module, latents: torch.Tensor, latent_scale: float,
+                   batch_size: int = 16) -> torch.Tensor:  # fmt: skip
+    """Pixels (about [-1, 1]; not clamped) of ``latents`` that a latent-space network sampled: undo the
+    training-time scaling (the DiT saw ``latents * latent_scale``) and decode in chunks of ``batch_size`` on the
+    VAE's device, so a large batch never holds every decoder activation at once. The one latents -> pixels path
+    of ditlab (the sampling tools, in-loop sample grids and metrics, the notebooks)."""
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        chunks = [vae.decode(chunk.to(device) / latent_scale).sample.to(latents.device)
+                  for chunk in latents.split(batch_size)]  # fmt: skip
+    return torch.cat(chunks) if chunks else latents

@@ -46,7 +46,7 @@ class CacheConfig:
     identity settings (``interval: 1``, ``threshold: 0``, ``blocks: 0``) sample exactly what no cache samples.
 
     Args:
-        policy: none | fora | delta-dit | teacache | taylorseer | magcache | toca.
+        policy: none | fora | delta-dit | teacache | taylorseer | magcache | toca | plan.
         interval: fora, delta-dit, taylorseer, toca: compute everything every this many model calls.
         threshold: teacache: accumulated rescaled input change that triggers a computed call;
             magcache: accumulated magnitude-ratio error allowed before computing.
@@ -58,6 +58,7 @@ class CacheConfig:
         ratio: toca: share of tokens whose MLP is recomputed on a cached call.
         coefficients: teacache: rescaling polynomial (highest power first); None fits it on this model.
         magnitudes: magcache: residual magnitude ratio of every call; None calibrates it on one sample.
+        path: plan: the static plan file (JSON) a learned router was exported to (``ditlab.methods.cache_router``).
     """
 
     policy: str = "none"
@@ -71,6 +72,7 @@ class CacheConfig:
     ratio: float | None = None
     coefficients: list[float] | None = None
     magnitudes: list[float] | None = None
+    path: str | None = None
 
     def __post_init__(self) -> None:
         check = CACHE_CHECKS.get(self.policy)
@@ -95,11 +97,17 @@ class SamplingConfig:
     time_grid: dit, cfg_channels: 3``; SiT's SDE is ``sampler: sde, steps: 250``; REPA adds
     ``guidance_interval: [0, 0.7]``; SiT's ODE is ``sampler: dopri5, steps: null``.
 
-    Args (sampling protocol; ``ditlab.diffusion.sample.denoise``):
+    The fields are the sampling protocol of ``ditlab.diffusion.sample.denoise``.
+
+    Args:
         sampler: gaussian: ddpm | ddim | dpm++; flow: euler | heun | sde | dopri5 (or another torchdiffeq adaptive
             method: dopri8, bosh3, adaptive_heun, fehlberg2).
         steps: model steps on a named grid (``sit``: grid points, as SiT counts them); null for adaptive solvers
             and explicit grids. Default 50.
+        cfg_scale: classifier-free guidance scale (1: no guidance).
+        cfg_channels: guide only the first this many channels (the public DiT guides 3 of 4); null: all.
+        batch_size: images per sampling batch (a memory knob: the samples do not depend on it).
+        cache: the feature-caching policy and its knobs (``CacheConfig``; default none).
         time_grid: null (default: each diffusers scheduler's own grid, as before), ``dit`` (the public DiT's
             respacing), ``dit-ddim``, ``leading`` | ``linspace`` | ``trailing`` (diffusers), ``sit``
             (``linspace(0, 1, N)``; the SDE's default), or a list of times from noise to data.
@@ -108,7 +116,8 @@ class SamplingConfig:
         guidance_interval: [low, high] noise levels (0 data, 1 noise; DDPM: step / T) where guidance applies;
             null (default): everywhere.
         sde: the SDE sampler's diffusion coefficient and last step (``SDEConfig``; default SiT's: sigma, mean, 0.04).
-        atol, rtol: adaptive solvers' tolerances (default SiT's 1e-6, 1e-3).
+        atol: adaptive solvers' absolute tolerance (default SiT's 1e-6).
+        rtol: adaptive solvers' relative tolerance (default SiT's 1e-3).
     """
 
     sampler: str | None = None

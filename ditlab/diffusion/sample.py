@@ -36,15 +36,6 @@ ANCESTRAL_SEED = 1 << 32  # per-step noise (DDPM, SDE) of sample i is seeded ANC
 DEFAULT_STEPS = 50  # fixed-step samplers on a named grid when steps is None
 
 
-def default_sampler(objective) -> str:
-    return objective.default_sampler
-
-
-def make_scheduler(objective, sampler: str):
-    """The diffusers scheduler that integrates ``objective`` with ``sampler``."""
-    return objective.scheduler(sampler)
-
-
 def seeded_noise(shape: tuple[int, ...], seed: int, start: int = 0) -> torch.Tensor:
     """Noise for samples ``start .. start+shape[0]-1``, each from its own seed ``seed + index``."""
     return torch.stack(

@@ -102,6 +102,10 @@ class DiffusionModule(L.LightningModule):
     builds_own_network = False
     """True where a subclass builds the network itself (dicomp cuts it from a teacher)."""
 
+    network_samples_alone = True
+    """False where sampling needs more than the network (REG's class-token path): the checkpoint then records
+    the module, and the tools that read a network alone (sample, eval, convert, analyze) refuse it in one line."""
+
     def attach(self, network: DiT, ema: DiT | None = None) -> None:
         """Train ``network``: builds the objective that fits it and its EMA copy (``ema`` or a fresh copy)."""
         self.network = network
@@ -263,7 +267,9 @@ class DiffusionModule(L.LightningModule):
         """Network space -> images in [-1, 1]; identity in pixel space."""
         if self.vae is None:
             return latents
-        return self.vae.decode(latents / self.latent_scale).sample
+        from ditlab.data.vae import decode_latents
+
+        return decode_latents(self.vae, latents, self.latent_scale)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -275,6 +281,8 @@ class DiffusionModule(L.LightningModule):
             "vae": self.vae_path,
             "latent_scale": self.latent_scale,
         }
+        if not self.network_samples_alone:
+            checkpoint["ditlab"]["sampled_by"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self._draws is not None:
             checkpoint["ditlab"]["training_draws"] = self._draws.get_state()
 

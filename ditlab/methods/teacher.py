@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ditlab.checkpoint import read_checkpoint, run_settings
 from ditlab.child_process import run_child
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+from ditlab.methods.frozen import FrozenNetwork
 from ditlab.metrics.features import cache_root
 from ditlab.models.dit import DiT
 from ditlab.models.loading import load_network
@@ -176,3 +177,42 @@ def load_teacher(config: TeacherConfig, objective: ObjectiveConfig, sampling: Sa
         objective, sampling = run_settings(source["ditlab"])
     network = load_network(source)
     return Teacher(network.requires_grad_(False).eval(), objective, sampling, str(path))
+
+
+class FromTeacher:
+    """Mixin for a method module that starts from a frozen teacher (dicomp, grafting, learned caching, feedback,
+    dynamic compute): the recipe is built in ``prepare_data`` (once per node, cached), the teacher is read lazily
+    on first use and held out of the state dict, optimiser and DDP (``FrozenNetwork``), and the run adopts the
+    teacher's objective and, unless the config gives its own, its sampling settings.
+
+    The module sets ``self.teacher_config`` and calls :meth:`hold_teacher` in its ``__init__``; it may override
+    :meth:`check_teacher` to refuse a teacher it cannot start from.
+    """
+
+    teacher_config: TeacherConfig
+
+    def hold_teacher(self, sampling_given: bool) -> None:
+
+        self._sampling_given = sampling_given
+        self._teacher = FrozenNetwork(self._load_teacher)
+
+    def prepare_data(self) -> None:
+        """Train the teacher recipe once (cached) when no teacher file is given; runs on one process per node."""
+        if not self.teacher_config.checkpoint:
+            build_from_recipe(self.teacher_config)
+
+    @property
+    def teacher(self) -> DiT:
+        """The frozen teacher on this module's device (read from its file on first use; never trained here)."""
+        return self._teacher.get(self.device)
+
+    def check_teacher(self, loaded: Teacher) -> None:
+        """Refuse a teacher this method cannot start from (one-line ``ValueError``); any teacher by default."""
+
+    def _load_teacher(self) -> DiT:
+        loaded = load_teacher(self.teacher_config, self.objective_config, self.sampling)
+        self.check_teacher(loaded)
+        self.objective_config = loaded.objective
+        if not self._sampling_given:
+            self.sampling = loaded.sampling
+        return loaded.network

@@ -123,17 +123,23 @@ class FeatureExtractor(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``features: (N, F)`` and ``logits: (N, classes)``, float32 on the input's device, in batches."""
+    def features_and_logits(self, images: torch.Tensor,
+                            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``features: (N, F)`` and ``logits: (N, classes)``, float32 on the input's device, in batches;
+        ``progress`` names a progress bar (or log lines, ``ditlab.progress``) over the images."""
+        from ditlab.progress import TaskProgress
+
         if images.dim() != 4:
             raise ValueError(
                 f"{self.name} expects images (N, C, H, W) in [-1, 1]; got shape {tuple(images.shape)}"
             )
         features, logits = [], []
-        for chunk in images.split(self.batch_size):
-            chunk_features, chunk_logits = self._batch(chunk.to(self.device, torch.float32))
-            features.append(chunk_features.float().to(images.device))
-            logits.append(chunk_logits.float().to(images.device))
+        with TaskProgress(progress or "features", len(images), enabled=progress is not None) as bar:
+            for chunk in images.split(self.batch_size):
+                chunk_features, chunk_logits = self._batch(chunk.to(self.device, torch.float32))
+                features.append(chunk_features.float().to(images.device))
+                logits.append(chunk_logits.float().to(images.device))
+                bar.advance(len(chunk))
         if not features:
             return images.new_zeros(0, self.num_features), images.new_zeros(0, 0)
         return torch.cat(features), torch.cat(logits)
@@ -281,6 +287,7 @@ def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe()) -> tu
     calling this in the middle of a training run changes nothing there.
     """
     from ditlab.data.digits import digits_tensors
+    from ditlab.progress import TaskProgress
 
     images, labels = digits_tensors(recipe.image_size)
     with reproducible_training(recipe.seed, len(labels), recipe.holdout_fraction) as (generator, train, holdout):
@@ -288,16 +295,18 @@ def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe()) -> tu
         steps = recipe.epochs * (len(train) // recipe.batch_size)
         optimizer, schedule = one_cycle_adamw(network, recipe.lr, recipe.weight_decay, steps)
         network.train()
-        for _ in range(recipe.epochs):
-            permutation = train[torch.randperm(len(train), generator=generator)]
-            for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
-                index = permutation[start : start + recipe.batch_size]
-                batch = _shift(images[index], recipe.max_shift, generator)
-                loss = F.cross_entropy(network(batch)[1], labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+        with TaskProgress("digits classifier (first use; cached after)", recipe.epochs, unit="epochs") as bar:
+            for _ in range(recipe.epochs):
+                permutation = train[torch.randperm(len(train), generator=generator)]
+                for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
+                    index = permutation[start : start + recipe.batch_size]
+                    batch = _shift(images[index], recipe.max_shift, generator)
+                    loss = F.cross_entropy(network(batch)[1], labels[index])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                bar.advance()
         network.eval()
         with torch.no_grad():
             accuracy = (network(images[holdout])[1].argmax(1) == labels[holdout]).float().mean().item()

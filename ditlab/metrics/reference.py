@@ -48,7 +48,8 @@ def _from_features(name: str, features: torch.Tensor) -> ReferenceStats:
     return ReferenceStats(name, mu, sigma, len(features), features.double())
 
 
-def _digits(extractor: FeatureExtractor, image_size: int, cache_dir: str | Path | None) -> ReferenceStats:
+def _digits(extractor: FeatureExtractor, image_size: int, cache_dir: str | Path | None,
+            progress: bool) -> ReferenceStats:  # fmt: skip
     from ditlab.data.digits import digits_tensors
 
     path = cache_root(cache_dir) / f"reference-digits-{image_size}-{extractor.fingerprint}.pt"
@@ -59,12 +60,13 @@ def _digits(extractor: FeatureExtractor, image_size: int, cache_dir: str | Path 
         except Exception:  # rebuilt below
             pass
     images, _ = digits_tensors(image_size)
-    stats = _from_features("digits", extractor(images).cpu())
+    described = f"reference statistics (digits at {image_size}px, first time; cached after)" if progress else None
+    stats = _from_features("digits", extractor.features_and_logits(images, progress=described)[0].cpu())
     atomic_save(vars(stats), path)
     return stats
 
 
-def _from_npz(path: Path, extractor: FeatureExtractor) -> ReferenceStats:
+def _from_npz(path: Path, extractor: FeatureExtractor, progress: bool) -> ReferenceStats:
     with np.load(path) as batch:
         keys = set(batch.files)
         if {"mu", "sigma"} <= keys and np.asarray(batch["mu"]).shape == (extractor.num_features,):
@@ -76,7 +78,8 @@ def _from_npz(path: Path, extractor: FeatureExtractor) -> ReferenceStats:
             raise ValueError(f"reference {path} has no arr_0 images and its mu (shape {size}) does not fit "
                              f"{extractor.name} features ({extractor.num_features}); use the features it was made with")  # fmt: skip
         images = images_from_uint8(batch["arr_0"])
-    return _from_features(str(path), extractor(images).cpu())
+    described = f"reference statistics ({path.name})" if progress else None
+    return _from_features(str(path), extractor.features_and_logits(images, progress=described)[0].cpu())
 
 
 def _cleanfid(name: str, extractor: FeatureExtractor) -> ReferenceStats:
@@ -102,13 +105,14 @@ _MEMORY: dict[tuple, ReferenceStats] = {}
 
 
 def reference_stats(reference: str, extractor: FeatureExtractor, image_size: int = 16,
-                    cache_dir: str | Path | None = None) -> ReferenceStats:  # fmt: skip
-    """Statistics of ``reference`` in ``extractor``'s feature space (kept in memory per process)."""
+                    cache_dir: str | Path | None = None, progress: bool = False) -> ReferenceStats:  # fmt: skip
+    """Statistics of ``reference`` in ``extractor``'s feature space (kept in memory per process); ``progress``
+    reports the feature pass when the statistics are computed rather than read from the cache."""
     key = (reference, extractor.fingerprint, image_size, str(cache_dir))
     if key in _MEMORY:
         return _MEMORY[key]
     if reference == "digits":
-        stats = _digits(extractor, image_size, cache_dir)
+        stats = _digits(extractor, image_size, cache_dir, progress)
     elif reference.startswith("cleanfid:"):
         stats = _cleanfid(reference.split(":", 1)[1], extractor)
     elif reference.endswith(".npz"):
@@ -116,7 +120,7 @@ def reference_stats(reference: str, extractor: FeatureExtractor, image_size: int
         if not path.is_file():
             raise FileNotFoundError(f"reference batch {path} does not exist; pass an ADM-style .npz "
                                     "(mu/sigma or arr_0 images) or 'digits'")  # fmt: skip
-        stats = _from_npz(path, extractor)
+        stats = _from_npz(path, extractor, progress)
     else:
         raise ValueError(
             f"unknown reference {reference!r}; use 'digits', a PATH.npz reference batch, or cleanfid:NAME"

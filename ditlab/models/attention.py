@@ -57,10 +57,12 @@ class Attention(nn.Module):
 
     The inner width is ``num_heads * head_dim`` (``qkv: (3 H Dh, D)``, ``proj: (D, H Dh)``); ``head_dim``
     defaults to ``dim // num_heads``. A different inner width is what width pruning (dropping heads) leaves.
+    ``qk_norm`` puts a LayerNorm over each head's queries and keys (as timm's attention, which SiT/REPA use);
+    off, there are no norm parameters at all, so state dicts stay those of DiT.
     """
 
     def __init__(self, dim: int, num_heads: int, operator: AttentionOperator = full_attention,
-                 head_dim: int | None = None) -> None:  # fmt: skip
+                 head_dim: int | None = None, qk_norm: bool = False) -> None:  # fmt: skip
         super().__init__()
         if head_dim is None and dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
@@ -72,10 +74,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner)
         self.proj = nn.Linear(inner, dim)
         self.operator = operator
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     @classmethod
     def from_config(cls, config: DiTConfig, operator: AttentionOperator = full_attention) -> Attention:
-        return cls(config.hidden_size, config.num_heads, operator, config.head_dim)
+        return cls(config.hidden_size, config.num_heads, operator, config.head_dim, config.qk_norm)
 
     @property
     def operator_name(self) -> str:
@@ -88,6 +92,7 @@ class Attention(nn.Module):
         batch, length, _ = tokens.shape
         qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         if return_map:
             if not hasattr(self.operator, "map"):
                 raise ValueError(f"the {self.operator_name!r} attention operator gives no attention maps; align maps "

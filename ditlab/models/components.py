@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 Builder = Callable[["DiTConfig"], nn.Module]
 ATTENTION: dict[str, Builder] = {}
 MLP: dict[str, Builder] = {}
-_SLOTS = {"attention": ATTENTION, "mlp": MLP}
+BLOCK: dict[str, Builder] = {}
+TRUNK: dict[str, Builder] = {}
+_SLOTS = {"attention": ATTENTION, "mlp": MLP, "block": BLOCK, "trunk": TRUNK}
 
 
 def _register(slot: str, name: str) -> Callable[[Builder], Builder]:
@@ -64,8 +66,23 @@ def register_mlp(name: str) -> Callable[[Builder], Builder]:
     return _register("mlp", name)
 
 
+def register_block(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(config, block=index) -> module`` becomes the block kind ``name`` (``dit`` is DiT's
+    block). A block kind is called ``block(tokens, cond) -> tokens`` and counts ``macs(num_tokens, config)``."""
+    return _register("block", name)
+
+
+def register_trunk(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(config) -> module`` becomes the trunk kind ``name``: what runs the blocks between
+    ``embed`` and ``head`` when a network routes compute dynamically (``blocks``, the default, runs every block on
+    every token and needs no module). A trunk is called ``trunk(dit, tokens, cond, t) -> tokens`` (``t: (B,)``, the
+    network's time input, for routers that see the timestep alone) and counts its own overhead
+    ``macs(num_tokens)``; like a component it may leave ``aux_losses``."""
+    return _register("trunk", name)
+
+
 def build_component(slot: str, config: DiTConfig, block: int | None = None) -> nn.Module:
-    """The ``slot`` (``attention`` or ``mlp``) component that ``config`` names, for block index ``block``."""
+    """The ``slot`` (``attention``, ``mlp`` or ``block``) component that ``config`` names, for block index ``block``."""
     name = getattr(config, slot)
     registry = _SLOTS[slot]
     if name not in registry:

@@ -61,12 +61,19 @@ class DiTConfig:
         learn_sigma: output the variance too (2 x in_channels outputs).
         freq_shift: timestep frequency shift (1 reproduces diffusers' port of DiT).
         mlp_norm_eps: eps of the LayerNorm before the MLP (1e-5 reproduces diffusers' port).
+        qk_norm: LayerNorm over each head's queries and keys before attention (SiT/REPA option, on in
+            Self-Transcendence); off reproduces DiT and every public checkpoint exactly.
         attention: the attention component, by registry name (``full``: softmax attention over all tokens).
         attention_options: keyword options of the attention component.
         mlp: the feed-forward component, by registry name (``dense``: DiT's GELU MLP).
         mlp_options: keyword options of the feed-forward component.
+        block: the block kind, by registry name (``dit``: attention then MLP, each behind adaLN-Zero).
+        block_options: keyword options of the block kind.
         head_dim: per-head width; None means hidden_size // num_heads (set by width pruning).
         mlp_hidden: MLP inner width; None means int(hidden_size * mlp_ratio) (set by width pruning).
+        trunk: how the blocks run between ``embed`` and ``head``, by registry name (``blocks``: every block on
+            every token; a dynamic-compute kind routes tokens, samples or widths around them).
+        trunk_options: keyword options of the trunk.
     """
 
     preset: str | None = field(default=None, compare=False)
@@ -82,12 +89,17 @@ class DiTConfig:
     learn_sigma: bool = True
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
+    qk_norm: bool = False
     attention: str = "full"
     attention_options: dict[str, Any] = field(default_factory=dict)
     mlp: str = "dense"
     mlp_options: dict[str, Any] = field(default_factory=dict)
+    block: str = "dit"
+    block_options: dict[str, Any] = field(default_factory=dict)
     head_dim: int | None = None
     mlp_hidden: int | None = None
+    trunk: str = "blocks"
+    trunk_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sized = {**DEFAULTS, **(preset_values(self.preset) if self.preset else {})}
@@ -111,6 +123,8 @@ class DiTConfig:
         if self.mlp_hidden == int(self.hidden_size * self.mlp_ratio):
             self.mlp_hidden = None
         self.attention_options, self.mlp_options = dict(self.attention_options), dict(self.mlp_options)
+        self.trunk_options = dict(self.trunk_options)
+        self.block_options = dict(self.block_options)
 
     # ----------------------------------------------------------------------------------- derived sizes
     @property

@@ -26,7 +26,8 @@ from torch import nn
 import ditlab.models.attention  # noqa: F401 - registers the "full" attention kind
 import ditlab.models.mlp  # noqa: F401 - registers the "dense" MLP kind
 from ditlab.diffusion.guidance import guided_output
-from ditlab.models.components import build_component, component_macs
+from ditlab.models.branch import Branch, BranchHook, compute_branch
+from ditlab.models.components import build_component, component_macs, register_block
 from ditlab.models.config import DiTConfig
 
 
@@ -108,21 +109,45 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
-        self, tokens: torch.Tensor, cond: torch.Tensor, return_attention: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``tokens: (B, N, D)``, ``cond: (B, D)``; with ``return_attention`` also the ``(B, H, N, N)`` map."""
+        self,
+        tokens: torch.Tensor,
+        cond: torch.Tensor,
+        return_attention: bool = False,
+        branches: BranchHook = compute_branch,
+        index: int = -1,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``tokens: (B, N, D)``, ``cond: (B, D)``; with ``return_attention`` also the ``(B, H, N, N)`` map.
+
+        ``branches`` decides each branch's pre-gate output (:mod:`ditlab.models.branch`: a feature cache may
+        reuse it) and ``index`` names this block to it; the gates always come from ``cond``. The map is None
+        when the hook does not compute the attention branch.
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(
             6, dim=1
         )
-        mixed, weights = self.attn(modulate(self.norm1(tokens), shift_msa, scale_msa), return_attention)
+        weights = None
+
+        def attend(inputs: torch.Tensor) -> torch.Tensor:
+            nonlocal weights
+            mixed, weights = self.attn(inputs, return_attention)
+            return mixed
+
+        attention_in = tokens
+        mixed = branches(Branch(index, "attention", lambda: modulate(self.norm1(attention_in), shift_msa, scale_msa),
+                                attend))  # fmt: skip
         tokens = tokens + gate_msa.unsqueeze(1) * mixed
-        tokens = tokens + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(tokens), shift_mlp, scale_mlp))
+        mlp_in = tokens
+        fed = branches(Branch(index, "mlp", lambda: modulate(self.norm2(mlp_in), shift_mlp, scale_mlp), self.mlp))
+        tokens = tokens + gate_mlp.unsqueeze(1) * fed
         return (tokens, weights) if return_attention else tokens
 
     def macs(self, num_tokens: int, config: DiTConfig) -> int:
         """Multiply-accumulates per image: the adaLN linear and the two components."""
         return (self.adaLN_modulation[-1].weight.numel() + component_macs(self.attn, config.attention, num_tokens)
                 + component_macs(self.mlp, config.mlp, num_tokens))  # fmt: skip
+
+
+register_block("dit")(DiTBlock)
 
 
 class FinalLayer(nn.Module):
@@ -184,9 +209,12 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(config, index) for index in range(config.depth))
+        self.blocks = nn.ModuleList(build_component("block", config, index) for index in range(config.depth))
         self.final_layer = FinalLayer(hidden_size, config.patch_size, config.out_channels)
         self.initialize_weights()
+        # a dynamic-compute trunk (token routing, per-sample block skips, ...) built after the DiT initialisation,
+        # so its own initialisation stands; the default "blocks" trunk is the plain loop in run_trunk
+        self.trunk = None if config.trunk == "blocks" else build_component("trunk", config)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DiT:
@@ -225,7 +253,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1],
+        blocks = [module for module in self.blocks.modules() if isinstance(module, DiTBlock)]  # also inside block kinds
+        for layer in [*(block.adaLN_modulation[-1] for block in blocks), self.final_layer.adaLN_modulation[-1],
                       self.final_layer.linear]:  # fmt: skip
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -233,6 +262,13 @@ class DiT(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    def reset(self) -> None:
+        """Start a sampling trajectory (the sampler calls this): components that keep state from call to call
+        (block-sparse attention's searched patterns) forget it, so the same seed samples the same images."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset", None)):
+                module.reset()
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
               force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -255,9 +291,15 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         tokens, cond = self.embed(x, t, y, force_drop_ids)
+        return self.head(self.run_trunk(tokens, cond, t.expand(x.shape[0]) if t.ndim == 0 else t), cond)
+
+    def run_trunk(self, tokens: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, D)`` through the blocks: every block on every token, or the config's trunk kind."""
+        if self.trunk is not None:
+            return self.trunk(self, tokens, cond, t)
         for block in self.blocks:
             tokens = block(tokens, cond)
-        return self.head(tokens, cond)
+        return tokens
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          cfg_channels: int | None = None) -> torch.Tensor:  # fmt: skip

@@ -303,6 +303,12 @@ def check_exportable(dit: DiT) -> None:
         raise ValueError(f"this DiT has {config.attention!r} attention and a {config.mlp!r} MLP; diffusers' "
                          "DiTTransformer2DModel has full attention and a dense MLP only, so export it with "
                          "`ditlab convert --format safetensors`")  # fmt: skip
+    if config.block != "dit":
+        raise ValueError(f"this DiT has {config.block!r} blocks; diffusers' DiTTransformer2DModel has sequential DiT "
+                         "blocks only, so export it with `ditlab convert --format safetensors`")  # fmt: skip
+    if config.qk_norm:
+        raise ValueError("this DiT normalises queries and keys (qk_norm), which diffusers' DiTTransformer2DModel "
+                         "does not, so export it with `ditlab convert --format safetensors`")  # fmt: skip
     if not dit.depth:
         raise ValueError("a DiT with no blocks cannot go to diffusers, whose head reads block 0's embedder")
     for index, block in enumerate(dit.blocks):

@@ -188,6 +188,11 @@ def network_from_checkpoint(checkpoint: dict | str | Path, use_ema: bool = True)
     if "ditlab" not in checkpoint:
         raise ValueError("this is not a ditlab checkpoint (no 'ditlab' entry); public DiT checkpoints load "
                          "with ditlab.models.interop.load_dit_checkpoint")  # fmt: skip
+    module = checkpoint["ditlab"].get("sampled_by")
+    if module:
+        raise ValueError(f"this checkpoint's samples need its training module {module} (more than the DiT, e.g. REG's "
+                         f"class-token path); load it with {module.rsplit('.', 1)[-1]}.load_from_checkpoint(path) "
+                         "and call .sample(labels)")  # fmt: skip
     network = DiT(DiTConfig.from_dict(checkpoint["ditlab"]["dit_config"]))
     state_dict = checkpoint["state_dict"]
     weights = _prefixed(state_dict, "ema.") if use_ema else {}
@@ -201,6 +206,9 @@ def load_matching(network: torch.nn.Module, weights: dict, source: str) -> None:
     own = network.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
+    if any(key.startswith("trunk.") for key in unexpected) and not any(key.startswith("trunk.") for key in own):
+        raise ValueError(f"{source} holds the weights of a dynamic-compute network (trunk.* routers), not a plain "
+                         "DiT; load it with load_network, which builds it from the checkpoint's config")  # fmt: skip
     shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in weights and weights[k].shape != own[k].shape]  # fmt: skip
     if missing or unexpected or shapes:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ditlab.models.dit import DiT, DiTBlock, modulate
+from ditlab.models.branch import Branch, BranchHook  # noqa: F401 - re-exported: hooks are written against taps
+from ditlab.models.dit import DiT
 
 BlockFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,6 +31,15 @@ class Tapped:
     """Block index -> tokens ``(B, N, D)`` after that block (index -1: the embedded input)."""
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     """Block index -> attention map ``(B, H, N, N)``."""
+
+
+def check_block_loop(dit: DiT) -> None:
+    """Refuse a network whose forward is not the block loop (a dynamic-compute trunk routes tokens, skips blocks
+    or narrows them per sample), since running its blocks one by one here would silently compute another network."""
+    if dit.trunk is not None:
+        raise ValueError(f"this DiT runs its blocks through the {dit.config.trunk!r} trunk (dynamic compute), which "
+                         "block-level tools (feature caches, block taps, pruning analysis, alignment) cannot follow; "
+                         "sample it with its own forward (no --cache)")  # fmt: skip
 
 
 def run_blocks(
@@ -50,6 +60,7 @@ def run_blocks(
     ``stop_after`` ends the pass after that block and returns its tokens as ``output`` (no head),
     which saves compute when only early features are needed. ``force_drop_ids`` as in :meth:`DiT.embed`.
     """
+    check_block_loop(dit)
     hidden, attention, skip = set(hidden), set(attention), set(skip)
     replace = replace or {}
     bad = {i for i in hidden | attention | skip | set(replace) if not -1 <= i < dit.depth}
@@ -88,55 +99,17 @@ def kept_blocks(dit: DiT, keep: Iterable[int]) -> nn.ModuleList:
     return nn.ModuleList(dit.blocks[i] for i in sorted(set(keep)))
 
 
-@dataclass(frozen=True)
-class Branch:
-    """One attention or MLP branch of a block, before its gate: what a branch hook decides to compute or reuse.
-
-    ``inputs()`` is the branch's modulated input ``(B, N, D)`` (computed on demand, so a hook that reuses a
-    cached output pays nothing for it) and ``fn`` the branch itself, so ``branch.compute()`` is
-    ``fn(inputs())``. A hook may also apply ``fn`` to a subset of tokens of ``inputs()`` (the MLP is per token).
-    """
-
-    block: int
-    kind: str
-    """``"attention"`` or ``"mlp"``."""
-    inputs: Callable[[], torch.Tensor]
-    fn: Callable[[torch.Tensor], torch.Tensor]
-
-    def compute(self) -> torch.Tensor:
-        return self.fn(self.inputs())
-
-
-BranchHook = Callable[[Branch], torch.Tensor]
-"""``hook(branch) -> (B, N, D)``: the branch's pre-gate output, computed (``branch.compute()``) or not."""
-
-
-def run_block_branches(block: DiTBlock, index: int, tokens: torch.Tensor, cond: torch.Tensor,
-                       hook: BranchHook) -> torch.Tensor:  # fmt: skip
-    """One block with its attention and MLP outputs decided by ``hook``; the gates always come from ``cond``.
-
-    With a hook that always computes, this is exactly ``block(tokens, cond)`` (the same operations in the same
-    order, checked bitwise in the tests), so a cache that computes everything samples what the network samples.
-    """
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(cond).chunk(6, dim=1)
-    attention_in = tokens
-    mixed = hook(Branch(index, "attention", lambda: modulate(block.norm1(attention_in), shift_msa, scale_msa),
-                        lambda inputs: block.attn(inputs, False)[0]))  # fmt: skip
-    tokens = tokens + gate_msa.unsqueeze(1) * mixed
-    mlp_in = tokens
-    fed = hook(Branch(index, "mlp", lambda: modulate(block.norm2(mlp_in), shift_mlp, scale_mlp), block.mlp))
-    return tokens + gate_mlp.unsqueeze(1) * fed
-
-
 def run_block_range(dit: DiT, tokens: torch.Tensor, cond: torch.Tensor, blocks: Iterable[int] | None = None,
                     branches: BranchHook | None = None) -> torch.Tensor:  # fmt: skip
     """Tokens ``(B, N, D)`` through ``blocks`` (indices in order; default all) of ``dit``, from any starting tokens.
 
     With ``embed`` and ``head`` around it this is the network's forward, so a sampling-time method can run a
     block range on some rows only, add a cached increment in place of a range, or (``branches``) decide each
-    block's attention / MLP output itself (:func:`run_block_branches`).
+    block's attention / MLP output itself (:class:`~ditlab.models.branch.Branch`; the gates always come from
+    ``cond``).
     """
+    check_block_loop(dit)
     for index in range(dit.depth) if blocks is None else blocks:
         block = dit.blocks[index]
-        tokens = block(tokens, cond) if branches is None else run_block_branches(block, index, tokens, cond, branches)
+        tokens = block(tokens, cond) if branches is None else block(tokens, cond, branches=branches, index=index)
     return tokens

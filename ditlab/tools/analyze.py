@@ -5,47 +5,23 @@ Calibration images are the embedded digits (a 1-channel network; any size, resiz
 ``importance.md`` and ``importance.png`` to ``--out`` (default: ``analysis/`` in the run folder).
 
 ``--redundancy`` instead samples ``--num-images`` images (default 8) uncached with the run's sampling settings
-(or ``--sampler``/``--steps``/``--cfg-scale``) and writes the step-to-step change of every block's cacheable
+(or ``--sampler``/``--steps``/``--cfg_scale``) and writes the step-to-step change of every block's cacheable
 units, ``redundancy.json`` and the heatmap ``redundancy.png`` (``ditlab.methods.accel.redundancy``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from ditlab.checkpoint import bundle_from_checkpoint
+from ditlab.diffusion.config import SamplingConfig
 from ditlab.methods.compress.analysis import CRITERIA, importance_table, plot_importance, select_blocks
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ditlab analyze", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="a ditlab Lightning checkpoint (.ckpt)")
-    parser.add_argument(
-        "--criteria", default="laptop,amber,ppcl", help=f"comma-separated, from {','.join(CRITERIA)}"
-    )
-    parser.add_argument("--keep", type=int, default=None, help="blocks to keep (default: half the depth)")
-    parser.add_argument("--num-images", type=int, default=None,
-                        help="calibration images from the digits (default 256); with --redundancy, samples (default 8)")  # fmt: skip
-    parser.add_argument("--num-timesteps", type=int, default=8, help="timestep bins of the calibration set")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--additivity", type=int, default=0, help="LAPTOP additivity check over N random sets"
-    )
-    parser.add_argument("--out", default=None, help="output folder")
-    parser.add_argument("--no-ema", action="store_true", help="analyse the raw network instead of its EMA")
-    parser.add_argument("--redundancy", action="store_true",
-                        help="measure step-to-step feature change per block (which units a cache can reuse when)")  # fmt: skip
-    parser.add_argument("--sampler", default=None, help="--redundancy: sampler (default: the run's)")
-    parser.add_argument("--steps", type=int, default=None, help="--redundancy: sampling steps (default: the run's)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="--redundancy: guidance (default: the run's)")
-    return parser.parse_args(argv)
+from ditlab.progress import TaskProgress
 
 
 def json_safe(value):
@@ -82,79 +58,97 @@ def calibration_images(network, num_images: int, seed: int) -> tuple[torch.Tenso
     return images[order], labels[order]
 
 
-def output_folder(args: argparse.Namespace) -> Path:
-    ckpt = Path(args.ckpt)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return Path(args.out) if args.out else run_dir / "analysis"
+def output_folder(ckpt: str, out: str | None) -> Path:
+    path = Path(ckpt)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return Path(out) if out else run_dir / "analysis"
 
 
-def redundancy(args: argparse.Namespace) -> int:
+def redundancy_report(ckpt: str, num_images: int, seed: int, ema: bool, out: str | None,
+               sampling: SamplingConfig | None) -> int:  # fmt: skip
     """``--redundancy``: the DiTCacheAnalysis-style profile, as JSON and a heatmap."""
     from ditlab.methods.accel.redundancy import plot_redundancy, redundancy_profile
 
-    bundle = bundle_from_checkpoint(args.ckpt, use_ema=not args.no_ema)
-    steps = args.steps or bundle.sampling.steps
-    if steps < 2:
+    bundle = bundle_from_checkpoint(ckpt, use_ema=ema)
+    sampling = sampling if sampling is not None else bundle.sampling
+    steps = sampling.steps
+    if steps is None or steps < 2:
         raise ValueError(f"--steps {steps}: the redundancy probe compares consecutive steps; use 2 or more")
-    cfg_scale = bundle.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    profile = redundancy_profile(bundle.network, bundle.objective, args.sampler or bundle.sampling.sampler, steps,
-                                 cfg_scale, args.num_images or 8, args.seed)  # fmt: skip
-    out = output_folder(args)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "redundancy.json").write_text(json.dumps(json_safe({"checkpoint": str(args.ckpt), **profile}), indent=1))
-    plot_redundancy(profile, out / "redundancy.png")
+    profile = redundancy_profile(bundle.network, bundle.objective, sampling.sampler, steps, sampling.cfg_scale,
+                                 num_images, seed)  # fmt: skip
+    folder = output_folder(ckpt, out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "redundancy.json").write_text(json.dumps(json_safe({"checkpoint": str(ckpt), **profile}), indent=1))
+    plot_redundancy(profile, folder / "redundancy.png")
     for unit, branches in profile["units"].items():
         relative = branches[profile["branches"][0]]["relative"]
         table = np.asarray(relative["mean"])
         print(f"{unit:<10} relative change {profile['branches'][0]}: median {np.median(table):.3f}, "
               f"CoV across samples {relative['cov']:.3f}")  # fmt: skip
-    print(f"wrote {out / 'redundancy.json'} and redundancy.png")
+    print(f"wrote {folder / 'redundancy.json'} and redundancy.png")
+    return 0
+
+
+def analyze(ckpt: str, criteria: str = "laptop,amber,ppcl", keep: int | None = None, num_images: int | None = None,
+            num_timesteps: int = 8, seed: int = 0, additivity: int = 0, out: str | None = None, ema: bool = True,
+            redundancy: bool = False, sampling: SamplingConfig | None = None) -> int:  # fmt: skip
+    """Rank a trained network's blocks by importance (which to keep when pruning), or profile feature redundancy.
+
+    Calibration images are the embedded digits (a 1-channel network; any size, resized), noised at
+    ``num_timesteps`` levels. Writes ``analysis.json``, ``importance.md`` and ``importance.png``; with
+    ``--redundancy``, samples uncached and writes ``redundancy.json`` and ``redundancy.png`` instead.
+
+    Args:
+        ckpt: a ditlab checkpoint (a .ckpt file or a sharded checkpoint folder).
+        criteria: comma-separated, from random, first, last, ppcl, laptop, amber, tinyfusion.
+        keep: blocks to keep (default: half the depth).
+        num_images: calibration images from the digits (default 256); with ``--redundancy``, samples (default 8).
+        num_timesteps: timestep bins of the calibration set.
+        seed: seed of the calibration subset and noise.
+        additivity: LAPTOP additivity check over this many random block sets (0: none).
+        out: output folder (default: ``analysis/`` in the run folder).
+        ema: analyse the EMA network; ``--no-ema`` analyses the raw network.
+        redundancy: measure each block's step-to-step feature change (which units a cache can reuse, when).
+        sampling: ``--redundancy`` only: the sampler, steps and guidance to sample with (default: the run's).
+    """
+    if redundancy:
+        return redundancy_report(ckpt, 8 if num_images is None else num_images, seed, ema, out, sampling)
+    num_images = 256 if num_images is None else num_images
+    names = list(dict.fromkeys(name.strip() for name in criteria.split(",") if name.strip()))
+    unknown = [name for name in names if name not in CRITERIA]
+    if unknown or not names:
+        raise ValueError(f"unknown criteria {unknown} in --criteria {criteria!r}; choices: {list(CRITERIA)}")
+    bundle = bundle_from_checkpoint(ckpt, use_ema=ema)
+    network, depth = bundle.network, bundle.network.depth
+    num_keep = depth // 2 if keep is None else keep
+    if not 1 <= num_keep <= depth:
+        raise ValueError(f"cannot keep {num_keep} blocks of a network of depth {depth} (--keep); choose 1..{depth}")
+    images, labels = calibration_images(network, num_images, seed)
+    folder = output_folder(ckpt, out)
+    folder.mkdir(parents=True, exist_ok=True)
+    selections = []
+    with TaskProgress("block importance", len(names), unit="criteria") as bar:
+        for name in names:
+            options = {"additivity_sets": additivity} if name == "laptop" and additivity else {}
+            options.update(seed=seed, num_timesteps=num_timesteps)
+            selections.append(select_blocks(network, bundle.objective, images, labels, name, num_keep, **options))
+            bar.advance()
+    report = {"checkpoint": str(ckpt), "depth": depth, "num_keep": num_keep, "num_images": len(labels),
+              "num_timesteps": num_timesteps, "seed": seed, "objective": bundle.objective.kind,
+              "criteria": {s.criterion: {"keep": s.keep, "scores": s.scores, "table": s.table}
+                           for s in selections}}  # fmt: skip
+    (folder / "analysis.json").write_text(json.dumps(json_safe(report), indent=1))
+    table = importance_table(selections)
+    title = f"# Block importance: {Path(ckpt).name}, keep {num_keep} of {depth}"
+    (folder / "importance.md").write_text(f"{title}\n\n{table}")
+    plot_importance(selections, folder / "importance.png")
+    print(table, end="")
+    print(f"wrote {folder / 'analysis.json'}, importance.md and importance.png")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.redundancy:
-        return redundancy(args)
-    args.num_images = 256 if args.num_images is None else args.num_images
-    criteria = list(dict.fromkeys(name.strip() for name in args.criteria.split(",") if name.strip()))
-    unknown = [name for name in criteria if name not in CRITERIA]
-    if unknown or not criteria:
-        raise ValueError(
-            f"unknown criteria {unknown} in --criteria {args.criteria!r}; choices: {list(CRITERIA)}"
-        )
-    bundle = bundle_from_checkpoint(args.ckpt, use_ema=not args.no_ema)
-    network, depth = bundle.network, bundle.network.depth
-    num_keep = depth // 2 if args.keep is None else args.keep
-    if not 1 <= num_keep <= depth:
-        raise ValueError(
-            f"cannot keep {num_keep} blocks of a network of depth {depth} (--keep); choose 1..{depth}"
-        )
-    images, labels = calibration_images(network, args.num_images, args.seed)
-    ckpt = Path(args.ckpt)
-    out = output_folder(args)
-    out.mkdir(parents=True, exist_ok=True)
-    selections = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("block importance", total=len(criteria))
-        for name in criteria:
-            progress.update(task, description=f"block importance: {name}")
-            options = {"additivity_sets": args.additivity} if name == "laptop" and args.additivity else {}
-            options.update(seed=args.seed, num_timesteps=args.num_timesteps)
-            selections.append(
-                select_blocks(network, bundle.objective, images, labels, name, num_keep, **options)
-            )
-            progress.advance(task)
-    report = {"checkpoint": str(ckpt), "depth": depth, "num_keep": num_keep, "num_images": len(labels),
-              "num_timesteps": args.num_timesteps, "seed": args.seed, "objective": bundle.objective.kind,
-              "criteria": {s.criterion: {"keep": s.keep, "scores": s.scores, "table": s.table}
-                           for s in selections}}  # fmt: skip
-    (out / "analysis.json").write_text(json.dumps(json_safe(report), indent=1))
-    table = importance_table(selections)
-    (out / "importance.md").write_text(
-        f"# Block importance: {ckpt.name}, keep {num_keep} of {depth}\n\n{table}"
-    )
-    plot_importance(selections, out / "importance.png")
-    print(table, end="")
-    print(f"wrote {out / 'analysis.json'}, importance.md and importance.png")
-    return 0
+    """``ditlab analyze ARGS`` (what ``ditlab.cli`` runs)."""
+    from ditlab.tools.command import run_tool
+
+    return run_tool("analyze", list(argv or []))

@@ -8,7 +8,6 @@ sampler, and the run's VAE when it trained on latents) for the diffusers port of
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,15 +19,6 @@ from ditlab.models.dit import sincos_2d
 from ditlab.models.interop import save_safetensors, to_diffusers
 
 FORMATS = ("safetensors", "diffusers")
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ditlab convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="a ditlab Lightning checkpoint (.ckpt)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--format", default="safetensors", help="safetensors (default) | diffusers")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw network instead of its EMA")
-    return parser.parse_args(argv)
 
 
 def pipeline_scheduler(objective: dict, sampler: str | None):
@@ -61,31 +51,49 @@ def export_diffusers(network, meta: dict, out: Path) -> None:
     DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.format not in FORMATS:
-        raise ValueError(f"unknown export format {args.format!r} (--format); choices: {list(FORMATS)}")
-    checkpoint = read_checkpoint(args.ckpt)
-    network = network_from_checkpoint(checkpoint, use_ema=not args.no_ema)
+def convert(ckpt: str, out: str, format: str = "safetensors", ema: bool = True) -> int:
+    """Export a run's network without Lightning: safetensors + JSON, or a diffusers DiTPipeline folder.
+
+    ``safetensors`` writes ``OUT/dit.safetensors`` and ``OUT/dit.json`` (config, objective, sampling settings;
+    ``ditlab.models.interop.load_safetensors`` rebuilds it); ``diffusers`` writes a ``DiTPipeline`` folder
+    (transformer, a scheduler matching the run's sampler, and the run's VAE when it trained on latents).
+
+    Args:
+        ckpt: a ditlab checkpoint (a .ckpt file or a sharded checkpoint folder).
+        out: output folder.
+        format: safetensors | diffusers.
+        ema: export the EMA network; ``--no-ema`` exports the raw network.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r} (--format); choices: {list(FORMATS)}")
+    checkpoint = read_checkpoint(ckpt)
+    network = network_from_checkpoint(checkpoint, use_ema=ema)
     meta = checkpoint["ditlab"]
-    if args.format == "diffusers":  # refuse a flow run before writing anything
+    if format == "diffusers":  # refuse a flow run before writing anything
         pipeline_scheduler(meta["objective"], meta["sampling"].get("sampler"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
     has_ema = any(key.startswith("ema.") for key in checkpoint["state_dict"])
-    weights = "ema" if has_ema and not args.no_ema else "network"
-    if args.format == "safetensors":
+    weights = "ema" if has_ema and ema else "network"
+    if format == "safetensors":
         extra = {key: meta.get(key) for key in ("objective", "sampling", "vae", "latent_scale")}
-        path = save_safetensors(network, out / "dit.safetensors", {**extra, "weights": weights,
-                                                                    "source": str(args.ckpt)})  # fmt: skip
+        extra.update(weights=weights, source=str(ckpt))
+        path = save_safetensors(network, folder / "dit.safetensors", extra)
         print(f"wrote {path} and {path.with_suffix('.json').name} ({weights} weights, "
               f"{sum(p.numel() for p in network.parameters()):,} parameters)")  # fmt: skip
         return 0
-    export_diffusers(network, meta, out)
-    (out / "ditlab.json").write_text(json.dumps({"weights": weights, "source": str(args.ckpt)}, indent=2))
+    export_diffusers(network, meta, folder)
+    (folder / "ditlab.json").write_text(json.dumps({"weights": weights, "source": str(ckpt)}, indent=2))
     if network.num_classes != 1000:
         print(f"note: DiTPipeline hard-codes the null class to 1000; with this {network.num_classes}-class model "
               "call it with guidance_scale=1")  # fmt: skip
-    print(f"wrote a DiTPipeline folder {out} ({weights} weights{'' if meta.get('vae') else ', no VAE: pixel-space run'}); "
+    print(f"wrote a DiTPipeline folder {folder} ({weights} weights{'' if meta.get('vae') else ', no VAE: pixel-space run'}); "
           "load it with ditlab.models.interop.load_diffusers for bit-exact timesteps")  # fmt: skip
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ditlab convert ARGS`` (what ``ditlab.cli`` runs)."""
+    from ditlab.tools.command import run_tool
+
+    return run_tool("convert", list(argv or []))

@@ -16,7 +16,7 @@ from torch import nn
 
 from ditlab.diffusion.flow import FlowMatching
 from ditlab.diffusion.gaussian import GaussianDiffusion
-from ditlab.diffusion.sample import default_sampler, denoise, make_scheduler, sample_images, seeded_noise
+from ditlab.diffusion.sample import denoise, sample_images, seeded_noise
 from ditlab.models.dit import DiT
 
 MU, STD = -0.5, 0.6
@@ -98,11 +98,11 @@ def test_every_sampler_runs(objective, sampler, learn_sigma, cfg_scale, perturbe
 
 
 def test_default_sampler_and_scheduler_config():
-    assert default_sampler(GaussianDiffusion()) == "ddpm" and default_sampler(FlowMatching()) == "euler"
+    assert GaussianDiffusion().default_sampler == "ddpm" and FlowMatching().default_sampler == "euler"
     objective = GaussianDiffusion(
         num_timesteps=500, beta_start=2e-4, beta_end=0.03, prediction="v_prediction"
     )
-    scheduler = make_scheduler(objective, "ddpm")
+    scheduler = objective.scheduler("ddpm")
     assert isinstance(scheduler, DDPMScheduler)
     config = scheduler.config
     assert (config.num_train_timesteps, config.beta_start, config.beta_end) == (500, 2e-4, 0.03)
@@ -110,10 +110,10 @@ def test_default_sampler_and_scheduler_config():
     torch.testing.assert_close(
         scheduler.alphas_cumprod.double(), objective.tables["alphas_cumprod"], atol=1e-6, rtol=1e-5
     )
-    assert make_scheduler(GaussianDiffusion(learn_sigma=False), "ddpm").config.variance_type == "fixed_small"
-    assert isinstance(make_scheduler(objective, "ddim"), DDIMScheduler)
-    assert isinstance(make_scheduler(objective, "dpm++"), DPMSolverMultistepScheduler)
-    assert isinstance(make_scheduler(FlowMatching(), "euler"), FlowMatchEulerDiscreteScheduler)
+    assert GaussianDiffusion(learn_sigma=False).scheduler("ddpm").config.variance_type == "fixed_small"
+    assert isinstance(objective.scheduler("ddim"), DDIMScheduler)
+    assert isinstance(objective.scheduler("dpm++"), DPMSolverMultistepScheduler)
+    assert isinstance(FlowMatching().scheduler("euler"), FlowMatchEulerDiscreteScheduler)
 
 
 def test_wrong_sampler_name_names_the_choices(dit):
@@ -121,11 +121,11 @@ def test_wrong_sampler_name_names_the_choices(dit):
         ValueError,
         match=r"'euler' does not apply to the Gaussian objective; choices: \['ddpm', 'ddim', 'dpm\+\+'\]",
     ):
-        make_scheduler(GaussianDiffusion(), "euler")
+        GaussianDiffusion().scheduler("euler")
     with pytest.raises(
         ValueError, match=r"'ddim' does not apply to the flow objective; choices: \['euler', 'heun'\]"
     ):
-        make_scheduler(FlowMatching(), "ddim")
+        FlowMatching().scheduler("ddim")
     with pytest.raises(ValueError, match="choices"):
         sample_images(dit, FlowMatching(), LABELS, sampler="ddpm", steps=2)
     with pytest.raises(ValueError, match="choices"):

@@ -17,6 +17,7 @@ EVALUATION = ["--trainer.callbacks+=ditlab.callbacks.evaluation.Evaluation",
 @pytest.mark.slow
 def test_fit_with_evaluation_then_ditlab_eval(tiny_args, tmp_path, capsys, digits_features):
     assert main(["fit", *tiny_args, "--trainer.max_steps", "2", *EVALUATION]) == 0
+    assert "evaluation sampling at step 2: done, 20 images in" in capsys.readouterr().out
     summary = json.loads(next(Path(tmp_path / "runs").rglob("summary.json")).read_text())
     assert summary["metrics"]["eval/fid_features"] == "digits-classifier"
     assert summary["metrics"]["eval/num_samples"] == 20 and summary["metrics"]["eval/fid"] > 0
@@ -28,6 +29,8 @@ def test_fit_with_evaluation_then_ditlab_eval(tiny_args, tmp_path, capsys, digit
     assert main(["eval", "--ckpt", str(ckpt), "--num", "20", "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fid_features       digits-classifier" in printed and "metrics.json" in printed
+    assert "sampling: done, 20 images in" in printed  # progress, as lines when stdout is not a terminal
+    assert "digits-classifier features: done, 20 images in" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fid_features"] == "digits-classifier" and metrics["num_samples"] == 20
     assert {"fid", "is", "precision", "recall"} <= set(metrics)

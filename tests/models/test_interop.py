@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, 
 from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
 from ditlab.cli import main
 from ditlab.diffusion.gaussian import GaussianDiffusion
-from ditlab.diffusion.sample import denoise, make_scheduler
+from ditlab.diffusion.sample import denoise
 from ditlab.models.dit import DiT
 from ditlab.models.interop import (
     from_diffusers,
@@ -125,6 +125,12 @@ def test_to_diffusers_refuses_width_pruned_networks(width, noisy_dit):
     assert "\n" not in str(error.value)
 
 
+def test_to_diffusers_refuses_query_key_norms(noisy_dit):
+    with pytest.raises(ValueError, match="qk_norm.*safetensors") as error:
+        to_diffusers(noisy_dit(qk_norm=True))
+    assert "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------------- public checkpoints
 def test_public_layout_loads_with_inferred_architecture(tmp_path, noisy_dit):
     dit = noisy_dit(input_size=16, patch_size=4, hidden_size=384, depth=1, num_heads=6, in_channels=4)
@@ -209,7 +215,7 @@ def test_dit_pipeline_samples_what_our_sampler_samples(sampler, cfg_scale, learn
     dit = noisy_dit(num_classes=1000, learn_sigma=learn_sigma)
     objective = GaussianDiffusion(learn_sigma=learn_sigma)
     vae = tiny_vae()
-    pipe = DiTPipeline(transformer=to_diffusers(dit), vae=vae, scheduler=make_scheduler(objective, sampler))
+    pipe = DiTPipeline(transformer=to_diffusers(dit), vae=vae, scheduler=objective.scheduler(sampler))
     pipe.set_progress_bar_config(disable=True)
     decoded: list[torch.Tensor] = []  # the latents DiTPipeline hands to the VAE, captured at its first layer
     vae.post_quant_conv.register_forward_pre_hook(lambda module, args: decoded.append(args[0].clone()))

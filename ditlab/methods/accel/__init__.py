@@ -6,7 +6,7 @@ Select a policy with ``sampling.cache`` (``CacheConfig``) in a config, ``--cache
 """
 
 from ditlab.diffusion.sample import model_call_times
-from ditlab.methods.accel import delta_dit, fora, magcache, none, taylorseer, teacache, toca  # noqa: F401 - register
+from ditlab.methods.accel import delta_dit, fora, magcache, none, plan, taylorseer, teacache, toca  # noqa: F401 - register
 from ditlab.methods.accel.build import as_cache_config, build_policy, cached_model
 from ditlab.methods.accel.policy import (
     POLICIES,

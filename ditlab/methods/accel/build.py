@@ -45,6 +45,8 @@ def build_policy(dit: DiT, cache: Any, objective, sampler: str | None = None, st
         raise ValueError(f"the {cache.policy} cache plans every model call ahead, but {sampler} is an adaptive solver "
                          "whose calls depend on its error control; use a fixed-step sampler (euler, heun, sde)")  # fmt: skip
     policy = policy_class(cache.policy)(dit, schedule, **policy_settings(cache))
+    if hasattr(policy, "check_sampling"):  # a plan learned for one sampler refuses another on the same call times
+        policy.check_sampling(sampler, steps)
     if getattr(policy, "needs_calibration", False):
         policy.calibrate(calibrate(dit, objective, schedule, policy.calibration_samples, sampler=sampler, steps=steps,
                                    cfg_scale=cfg_scale, cfg_channels=cfg_channels, **sampling))  # fmt: skip

@@ -30,7 +30,7 @@ import torch
 
 from ditlab.diffusion.config import CACHE_CHECKS
 from ditlab.models.dit import DiT
-from ditlab.models.taps import Branch, run_block_range
+from ditlab.models.taps import Branch, check_block_loop, run_block_range
 
 KNOB_RANGES: dict[str, tuple[type, float, float | None]] = {
     "interval": (int, 1, None),
@@ -107,6 +107,7 @@ class CachePolicy:
     """False where the policy cannot serve a sampler that calls the network twice at one time (Heun)."""
 
     def __init__(self, dit: DiT, schedule: torch.Tensor, **settings: Any) -> None:
+        check_block_loop(dit)
         self.dit = dit
         self.config = dit.config  # what the sampler asks (sample shape, guidance null class)
         self.schedule = torch.as_tensor(schedule, dtype=torch.float64).flatten().cpu()
@@ -153,6 +154,7 @@ class CachePolicy:
         """Forget everything cached: called by the sampler at the start of every trajectory."""
         self.call, self.rows = 0, None
         self.work = {"computed": 0.0, "full": 0.0}
+        self.dit.reset()
         self.start()
 
     def start(self) -> None:

@@ -4,6 +4,9 @@
   in the EMA or in exported networks (``ditlab convert`` / ``sample`` read ``network.``/``ema.`` only);
 - a frozen *target network* (an encoder, or the phase-1 teacher) in a ``FrozenNetwork`` holder, so it is never
   in ``state_dict``, the optimiser or DDP's parameter list; loaded on first use, or at fit start;
+- the encoder's input: in pixel space the training batch itself; on VAE latents the clean images that
+  ``LatentDataModule(pixels=True)`` returns as a third batch element (:meth:`encoder_pixels`), as the papers
+  feed DINOv2 the image whose latents are denoised;
 - stage-wise termination (HASTE): :meth:`terminate_alignment` switches every alignment term off for
   good, drops the target network and records the step, which checkpoints carry, so a resumed run past
   the step never loads the target again. ``ditlab.callbacks.alignment.AlignmentTermination`` calls it.
@@ -37,6 +40,7 @@ class AlignmentBase(DiffusionModule):
         with the module; ``AlignmentTermination`` only decides when to call :meth:`terminate_alignment`."""
         self.last_terms: dict[str, torch.Tensor] = {}
         """The detached loss terms of the last training step."""
+        self._pixels: torch.Tensor | None = None  # this step's clean images when training on latents
         self.summary["alignment"] = {"method": self.method, "terminated_at": None}
 
     # ----------------------------------------------------------------------------------- target network
@@ -118,8 +122,25 @@ class AlignmentBase(DiffusionModule):
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return terms
 
+    def encoder_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """What the encoder sees for this batch: the clean images that came with latents, else the batch itself.
+
+        A latent-space run (``model.init_args.vae`` set) without pixels in its batches is refused in one line.
+        """
+        if self._pixels is not None:
+            return self._pixels
+        if self.vae_path is not None:
+            raise ValueError("this run trains on VAE latents but its batches carry no clean images for the encoder; "
+                             "set data.init_args.pixels: true (LatentDataModule)")  # fmt: skip
+        return images
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
+        images, labels, *extra = batch
+        self._pixels = extra[0] if extra else None
+        try:
+            loss = super().training_step((images, labels), batch_idx)
+        finally:
+            self._pixels = None
         self.log(
             "align/active",
             float(self.alignment_active),
@@ -128,6 +149,9 @@ class AlignmentBase(DiffusionModule):
             batch_size=len(batch[0]),
         )
         return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        super().validation_step(tuple(batch[:2]), batch_idx)  # latents and labels; clean images are not needed
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The network's and the heads' trainable parameters (the EMA and the target are frozen)."""

@@ -35,14 +35,20 @@ class FeatureAlignConfig:
     Args:
         blocks: DiT blocks aligned (1-indexed; REPA: 8 for L/XL, 4 for B); one projector each, losses averaged.
         weight: lambda of ``L = L_diffusion + lambda * L_proj`` (REPA: 0.5).
+        projector: ``mlp`` (REPA: a per-token MLP) or ``conv`` (iREPA: one 3x3 convolution over the token grid,
+            which keeps neighbouring tokens' structure in the projection).
         projector_hidden: hidden width of the projector MLP (REPA: 2048).
-        projector_layers: linear layers in the projector, SiLU between them (REPA: 3).
+        projector_layers: linear layers in the projector MLP, SiLU between them (REPA: 3).
+        spatial_norm: iREPA's spatial normalisation of the encoder targets, ``z - gamma * mean_tokens(z)`` divided
+            by the per-channel std over tokens, with this ``gamma``; None leaves the targets as they are (REPA).
     """
 
     blocks: list[int] = field(default_factory=lambda: [8])
     weight: float = 0.5
+    projector: Literal["mlp", "conv"] = "mlp"
     projector_hidden: int = 2048
     projector_layers: int = 3
+    spatial_norm: float | None = None
 
 
 @dataclass
@@ -76,6 +82,7 @@ class CleanAlignConfig:
             into ``x0_hat`` through the interpolant, so the two differ by a ``1/t^2``-like weight).
         weight: weight of the head loss (0.5).
         hidden: hidden width of the head's MLP (2048).
+        layers: linear layers of the head's MLP before its LayerNorm and output map (the code: 3, REPA's MLP).
         t_range: the loss counts only samples with ``t`` in this closed range (t=0 data); the others still
             count in the batch mean, as in the code ([0.4, 0.7]).
     """
@@ -84,6 +91,7 @@ class CleanAlignConfig:
     target: Literal["velocity", "x0"] = "velocity"
     weight: float = 0.5
     hidden: int = 2048
+    layers: int = 3
     t_range: tuple[float, float] = (0.4, 0.7)
 
 
@@ -98,6 +106,7 @@ class GuidedAlignConfig:
         weight: lambda of the alignment term (0.5).
         loss: ``mse`` (the code) or ``cosine`` (REPA's negative cosine).
         hidden: hidden width of the projector MLP (2048).
+        layers: linear layers of the projector MLP (the code: 3, REPA's MLP).
         t_range: as in phase 1 ([0.4, 0.7]).
     """
 
@@ -107,6 +116,7 @@ class GuidedAlignConfig:
     weight: float = 0.5
     loss: Literal["mse", "cosine"] = "mse"
     hidden: int = 2048
+    layers: int = 3
     t_range: tuple[float, float] = (0.4, 0.7)
 
 
@@ -130,3 +140,17 @@ class PhaseOneTeacherConfig:
     recipe_args: list[str] = field(default_factory=list)
     weights: Literal["raw", "ema"] = "raw"
     cache_dir: str | None = None
+
+
+@dataclass
+class ClassTokenConfig:
+    """REG: the encoder's class token, noised like the latents, enters the DiT as one extra token and is denoised.
+
+    Args:
+        weight: weight of the class token's flow-matching loss (REG: 0.03).
+        align: also align the projected class-token position to the encoder's class token (REG's projection
+            loss covers the class token and the patches).
+    """
+
+    weight: float = 0.03
+    align: bool = True

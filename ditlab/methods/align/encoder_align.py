@@ -14,6 +14,10 @@ The token grids must match: DINOv2's input is resized to ``14 * grid`` (REPA's r
 is the DiT's; ditlab's ``digits-vit`` has a fixed 4x4 grid whose features and maps are resampled
 bilinearly to the DiT's grid when they differ (``ditlab.models.encoders``). Attention maps are computed
 only for the aligned blocks (``run_blocks(attention=...)``); every other block uses the fused kernel.
+
+iREPA (Singh et al., "What matters for Representation Alignment: Global Information or Spatial Structure?",
+arXiv 2512.10794, End2End-Diffusion/iREPA) is two options of ``feature``: a 3x3 convolution over the token grid
+as the projector (``projector: conv``) and spatial normalisation of the targets (``spatial_norm: gamma``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from jsonargparse import lazy_instance
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.align.base import AlignmentBase
 from ditlab.methods.align.config import AttentionAlignConfig, EncoderConfig, FeatureAlignConfig
-from ditlab.methods.align.losses import attention_loss, mlp, negative_cosine
+from ditlab.methods.align.losses import attention_loss, negative_cosine, projector, spatial_normalize
 from ditlab.models.config import DiTConfig
-from ditlab.models.encoders import FrozenEncoder, encoder_info, load_encoder
+from ditlab.models.encoders import EncoderOutput, FrozenEncoder, encoder_info, load_encoder
 from ditlab.models.taps import run_blocks
 
 
@@ -76,8 +80,8 @@ class AlignModule(AlignmentBase):
         if feature is not None:
             _check_blocks("model.init_args.feature.blocks", feature.blocks, depth, "the DiT")
             for block in sorted(set(feature.blocks)):
-                self.heads[f"block{block}"] = mlp(width, feature.projector_hidden, info.feature_dim,
-                                                  feature.projector_layers)  # fmt: skip
+                self.heads[f"block{block}"] = projector(feature.projector, width, feature.projector_hidden,
+                                                        info.feature_dim, feature.projector_layers)  # fmt: skip
         if attention is not None:
             _check_blocks("model.init_args.attention.blocks", attention.blocks, depth, "the DiT")
             _check_blocks("model.init_args.attention.encoder_blocks", attention.encoder_blocks, info.depth,
@@ -118,11 +122,11 @@ class AlignModule(AlignmentBase):
             attention=[b - 1 for b in attention.blocks] if attention else (), force_drop_ids=drop,
         )  # fmt: skip
         terms = self.objective.losses(tapped.output, images, noised)
-        target = self.encoder(images, self.network.x_embedder.grid_size,
-                              attention=[b - 1 for b in attention.encoder_blocks] if attention else ())  # fmt: skip
+        target = self.encode(images, attention=[b - 1 for b in attention.encoder_blocks] if attention else ())
         align = terms["loss"].new_zeros(())
         if feature is not None:
-            per_block = [negative_cosine(self.heads[f"block{b}"](tapped.hidden[b - 1]), target.features)
+            features = self.feature_targets(target.features)
+            per_block = [negative_cosine(self.heads[f"block{b}"](tapped.hidden[b - 1]), features)
                          for b in feature.blocks]  # fmt: skip
             terms["loss_align_feature"] = torch.stack(per_block).mean()
             align = align + feature.weight * terms["loss_align_feature"]
@@ -134,6 +138,15 @@ class AlignModule(AlignmentBase):
         terms["loss_align"] = align
         terms["loss"] = terms["loss"] + align
         return terms
+
+    def encode(self, images: torch.Tensor, attention: list[int] | tuple = ()) -> EncoderOutput:
+        """The encoder's output for this batch's clean pixels, on the DiT token grid."""
+        return self.encoder(self.encoder_pixels(images), self.network.x_embedder.grid_size, attention=attention)
+
+    def feature_targets(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch features ``(B, N, F)`` as aligned: iREPA's spatial normalisation when configured."""
+        gamma = self.feature.spatial_norm
+        return features if gamma is None else spatial_normalize(features, gamma)
 
     def alignment_state(self) -> dict:
         return {**super().alignment_state(), "encoder": self.encoder_config.name}

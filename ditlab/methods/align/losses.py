@@ -6,6 +6,8 @@ sum to 1, times ``t: (B,)`` in ditlab's convention (0 = data, 1 = noise).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,43 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> nn.Sequentia
         nn.init.zeros_(linear.bias)
         modules.append(linear)
     return nn.Sequential(*modules)
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one 3x3 convolution over the square token grid, ``(B, N, D) -> (B, N, F)``.
+
+    Unlike the per-token MLP it mixes each token with its neighbours, so the projection keeps spatial structure.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, count, dim = tokens.shape
+        grid = math.isqrt(count)
+        if grid * grid != count:
+            raise ValueError(f"the conv projector needs a square token grid, got {count} tokens")
+        planes = tokens.transpose(1, 2).reshape(batch, dim, grid, grid)
+        return self.conv(planes).flatten(2).transpose(1, 2)
+
+
+def projector(kind: str, in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> nn.Module:
+    """REPA's MLP (``mlp``) or iREPA's convolution (``conv``) from DiT tokens to encoder features."""
+    if kind == "mlp":
+        return mlp(in_dim, hidden, out_dim, layers)
+    if kind == "conv":
+        return ConvProjector(in_dim, out_dim)
+    raise ValueError(f"unknown projector {kind!r}; choices: ['mlp', 'conv']")
+
+
+def spatial_normalize(features: torch.Tensor, gamma: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's target normalisation over the token axis of ``(B, N, F)``: ``(z - gamma mean_N z) / std_N z``.
+
+    Removing the (shared) global component leaves the contrast between patches, the spatial structure.
+    """
+    centred = features.float() - gamma * features.float().mean(dim=1, keepdim=True)
+    return centred / (features.float().std(dim=1, keepdim=True) + eps)
 
 
 def negative_cosine(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -104,14 +143,14 @@ def velocity_to_x0(objective, xt: torch.Tensor, velocity: torch.Tensor, t: torch
 
 
 class CleanHead(nn.Module):
-    """Self-Transcendence phase 1: tokens ``(B, N, D)`` -> MLP(D, hidden, D) -> LayerNorm -> patches -> image.
+    """Self-Transcendence phase 1: tokens ``(B, N, D)`` -> MLP(D, hidden, ..., D) -> LayerNorm -> patches.
 
-    Returns ``(B, C, H, W)`` through the DiT's own ``unpatchify``.
+    The MLP has ``layers`` linear maps (the released code uses REPA's three-layer MLP); the caller unpatchifies.
     """
 
-    def __init__(self, hidden_size: int, hidden: int, patch_size: int, channels: int) -> None:
+    def __init__(self, hidden_size: int, hidden: int, patch_size: int, channels: int, layers: int = 3) -> None:
         super().__init__()
-        self.mlp = mlp(hidden_size, hidden, hidden_size, layers=2)
+        self.mlp = mlp(hidden_size, hidden, hidden_size, layers=layers)
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * channels)
         nn.init.xavier_uniform_(self.linear.weight)

@@ -15,8 +15,8 @@ code in ``shared/methods/training.md`` section 5:
 - the teacher receives the true labels (the student's own are dropped for CFG inside its embedder);
 - ``target=x0`` converts the head's velocity to ``x0_hat`` through the interpolant instead of a separate
   x0 head, so both targets share one head and differ only by the ``t``-weight (linear path: ``t^2``);
-- the phase-2 projector is ``Linear(D, hidden) -> SiLU -> Linear(hidden, D_teacher)`` and needs the teacher's
-  width to equal the student's (the paper trains the same SiT twice);
+- the phase-1 head's MLP and the phase-2 projector are REPA's three-layer SiLU MLP (as the released code builds
+  them); the projector needs the teacher's width to equal the student's (the paper trains the same SiT twice);
 - with no phase-1 checkpoint given, phase 1 is this same config run with ``--model.init_args.phase 1`` for
   ``teacher.steps`` steps, trained once and cached by a hash of the recipe (``methods/teacher.py``).
 """
@@ -91,14 +91,15 @@ class SelfTranscendenceModule(AlignmentBase):
         if phase == 1:
             if not 1 <= clean.block <= depth:
                 raise ValueError(f"model.init_args.clean.block={clean.block} is out of range 1..{depth}")
-            self.heads["clean"] = CleanHead(width, clean.hidden, network.patch_size, network.in_channels)
+            self.heads["clean"] = CleanHead(width, clean.hidden, network.patch_size, network.in_channels,
+                                            clean.layers)  # fmt: skip
         else:
             if not 1 <= guided.block <= depth:
                 raise ValueError(f"model.init_args.guided.block={guided.block} is out of range 1..{depth}")
             if network.class_dropout_prob <= 0:
                 raise ValueError("phase 2 guides features with the null label; the teacher (and this network) need "
                                  "model.init_args.network.class_dropout_prob > 0")  # fmt: skip
-            self.heads["guided"] = mlp(width, guided.hidden, width, layers=2)
+            self.heads["guided"] = mlp(width, guided.hidden, width, layers=guided.layers)
         self.summary["alignment"].update(phase=phase)
 
     @property
@@ -136,6 +137,12 @@ class SelfTranscendenceModule(AlignmentBase):
     def load_target(self) -> DiT:
         path = self.teacher_path()
         checkpoint = read_checkpoint(path)
+        align = checkpoint.get("align") or {}
+        if align.get("method") != self.method or align.get("phase") != 1:
+            written = (f"Self-Transcendence phase {align.get('phase')}" if align.get("method") == self.method
+                       else f"{align['method']!r} alignment" if align.get("method") else "a plain diffusion run")
+            raise ValueError(f"phase-2 teacher {path} was written by {written}, not Self-Transcendence phase 1; set "
+                             "model.init_args.teacher.checkpoint to a phase-1 .ckpt, or null to train phase 1 once")  # fmt: skip
         teacher = network_from_checkpoint(checkpoint, use_ema=self.teacher_config.weights == "ema")
         student, block = self.network, self.guided.teacher_block
         if (teacher.input_size, teacher.patch_size, teacher.in_channels) != (
@@ -152,7 +159,7 @@ class SelfTranscendenceModule(AlignmentBase):
         if teacher.y_embedder.embedding_table.num_embeddings <= teacher.num_classes:
             raise ValueError(f"phase-1 teacher {path} has no null class (trained with class_dropout_prob=0)")
         self.summary["alignment"].update(teacher=str(path), teacher_weights=self.teacher_config.weights,
-                                         teacher_phase=checkpoint.get("align", {}).get("phase"))  # fmt: skip
+                                         teacher_phase=1)  # fmt: skip
         return teacher
 
     @property

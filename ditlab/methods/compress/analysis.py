@@ -7,12 +7,18 @@ One call, :func:`select_blocks`, several criteria (higher score = more important
   Diffusion Models", arXiv 2404.11098). One-shot output loss ``C_i = E||out^(-i) - out||^2`` with block
   i skipped; the loss of a set is close to the sum, so a 0/1 knapsack picks the cheapest blocks to drop.
   :func:`additivity_diagnostic` checks that assumption on the network at hand.
+  When the check is asked for (``additivity_sets``) and its Spearman correlation falls below
+  ``min_spearman``, the choice falls back to iterative removal (drop the block whose removal, given those
+  already removed, costs least; the spec's pitfall), and ``solver="iterative"`` asks for it directly.
 - ``amber``: Amber-Image (arXiv 2602.17047) timestep-sensitive importance
   ``I_{l,b} = E||v - v^(-l)||^2 / E||v||^2`` per timestep bin, aggregated by max (a block that matters at
   a few noise levels survives), mean or a quantile; the top ``num_keep`` are kept.
 - ``ppcl``: PPCL ("Pluggable Pruning with Contiguous Layer Distillation", arXiv 2511.16156) interval
   discovery ([interp] in the spec): ridge probes between block-boundary states, linear CKA, a knee in
-  the first difference, greedy non-overlapping intervals (see :func:`choose_intervals`).
+  the first difference, greedy non-overlapping intervals (see :func:`choose_intervals`). Its
+  :attr:`Selection.segments` are the plan's intervals, so training distils exactly what the plan says.
+- ``tinyfusion``: TinyFusion (arXiv 2412.01199): a learned N:M layer mask trained jointly with a short
+  weight update (:mod:`ditlab.methods.compress.tinyfusion`); the weight update is discarded afterwards.
 
 Calibration ([interp]): each image is noised once, at one of ``num_timesteps`` bin centres (integer DDPM
 steps across ``0..T-1`` or flow times in (0, 1), ditlab's convention: larger t is noise), bins assigned
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ditlab.diffusion import FlowMatching, GaussianDiffusion
+from ditlab.methods.compress.ppcl import plan_segments
 from ditlab.methods.compress.probes import (
     ORDERS,
     REPRESENTATIVES,
@@ -40,22 +47,25 @@ from ditlab.methods.compress.probes import (
     interval_scores,
     knapsack,
 )
+from ditlab.methods.compress.prune import segments as keep_segments
 from ditlab.models.dit import DiT
 from ditlab.models.taps import block_io, run_blocks
 
-CRITERIA = ("random", "first", "last", "ppcl", "laptop", "amber")
+CRITERIA = ("random", "first", "last", "ppcl", "laptop", "amber", "tinyfusion")
 OPTIONS: dict[str, dict[str, object]] = {
     "random": {},
     "first": {},
     "last": {},
-    "laptop": {"batch_size": 256, "solver": "dp", "additivity_sets": 0},
+    "laptop": {"batch_size": 256, "solver": "dp", "additivity_sets": 0, "min_spearman": 0.8},
     "amber": {"batch_size": 256, "aggregate": "max", "quantile": 0.9, "protect": 0},
     "ppcl": {"batch_size": 256, "max_span": 8, "tau": 2.0, "tau_unit": "block", "ridge": 1e-3,
-             "max_tokens": 4096, "holdout": 0.25, "representative": "middle", "order": "score"},
+             "max_tokens": 4096, "holdout": 0.25, "representative": "middle", "order": "cost", "absorb": True},
+    "tinyfusion": {"group_size": 2, "steps": 100, "batch_size": 32, "lr": 1e-4, "gate_lr_factor": 10.0,
+                   "tau": (4.0, 0.1), "scaling": 100.0, "update_weights": True},
 }  # fmt: skip
 AGGREGATES = ("max", "mean", "quantile")
 CHOICES = {
-    "solver": ("dp", "greedy"),
+    "solver": ("dp", "greedy", "iterative"),
     "aggregate": AGGREGATES,
     "representative": REPRESENTATIVES,
     "order": ORDERS,
@@ -77,6 +87,13 @@ class Selection:
     """``(depth,)`` importance per block, higher = more important (baselines: 1 kept, 0 dropped)."""
     table: dict = field(default_factory=dict)
     """Criterion-specific details (cost vector, per-bin matrix, CKA matrix and intervals, ...)."""
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    """``(first, last)`` teacher blocks each kept block stands for (what its features are distilled to);
+    PPCL: the plan's intervals, elsewhere :func:`ditlab.methods.compress.prune.segments` of ``keep``."""
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            self.segments = keep_segments(len(self.scores), self.keep)
 
 
 @dataclass
@@ -218,39 +235,58 @@ def collect_states(dit: DiT, calibration: Calibration, max_tokens: int = 4096, s
 
 def _ppcl(dit: DiT, calibration: Calibration, num_keep: int, seed: int, batch_size: int, max_span: int,
           tau: float, tau_unit: str, ridge: float, max_tokens: int, holdout: float, representative: str,
-          order: str) -> Selection:  # fmt: skip
+          order: str, absorb: bool) -> Selection:  # fmt: skip
     states, samples = collect_states(dit, calibration, max_tokens, seed, batch_size)
     scores_matrix, identity = interval_scores(states, samples, max_span, ridge, holdout, seed)
     importance = (1.0 - identity).clamp_min(0.0).float()
     plan = choose_intervals(
-        scores_matrix, dit.depth - num_keep, importance, tau, tau_unit, representative, order
+        scores_matrix, dit.depth - num_keep, importance, tau, tau_unit, representative, order, absorb
     )
-    removed = set(plan.singles)
-    removed |= {b for i in plan.intervals for b in range(i["start"], i["end"] + 1) if b != i["keep"]}
+    segments, keep = plan_segments(plan, dit.depth)
     table = {"S": scores_matrix, "delta": scores_matrix[:, :-1] - scores_matrix[:, 1:],
              "intervals": plan.intervals, "dropped_singles": plan.singles, "knees": plan.knees,
              "threshold": plan.threshold,
              "identity_cka": identity, "tau": tau, "tau_unit": tau_unit, "max_span": max_span,
-             "representative": representative, "order": order}  # fmt: skip
-    return Selection("ppcl", [b for b in range(dit.depth) if b not in removed], importance, table)
+             "representative": representative, "order": order, "absorb": absorb}  # fmt: skip
+    return Selection("ppcl", keep, importance, table, segments)
+
+
+def iterative_removal(forward: Forward, calibration: Calibration, depth: int, num_remove: int,
+                      batch_size: int = 256) -> tuple[list[int], list[float]]:  # fmt: skip
+    """Greedy removal that needs no additivity: ``num_remove`` times, drop the block whose removal *together
+    with those already dropped* changes the output least. Returns the dropped blocks in order and the
+    measured ``C(R)`` after each drop (``depth * num_remove`` ablations)."""
+    dropped: list[int] = []
+    costs: list[float] = []
+    for _ in range(num_remove):
+        candidates = [b for b in range(depth) if b not in dropped]
+        errors, _ = ablation_errors(forward, calibration, [(*dropped, b) for b in candidates], batch_size)
+        best = int(errors.mean(1).argmin())
+        dropped.append(candidates[best])
+        costs.append(float(errors.mean(1)[best]))
+    return dropped, costs
 
 
 def _laptop(dit: DiT, calibration: Calibration, num_keep: int, seed: int, batch_size: int, solver: str,
-            additivity_sets: int) -> Selection:  # fmt: skip
+            additivity_sets: int, min_spearman: float) -> Selection:  # fmt: skip
     forward = network_forward(dit)
     costs = laptop_costs(forward, calibration, dit.depth, batch_size)
-    # Dropping the cheapest set under the budget == keeping the most costly set within num_keep equal blocks.
-    keep = knapsack(costs.tolist(), [1] * dit.depth, num_keep, method=solver)
-    dropped = [b for b in range(dit.depth) if b not in keep]
-    table = {
-        "costs": costs,
-        "solver": solver,
-        "dropped": dropped,
-        "dropped_cost": float(costs[dropped].sum()),
-    }
+    table: dict = {"costs": costs, "solver": solver}
     if additivity_sets:
         table["additivity"] = additivity(forward, calibration, dit.depth, costs, additivity_sets, seed=seed,
                                          batch_size=batch_size)  # fmt: skip
+        spearman = table["additivity"]["spearman"]
+        if solver != "iterative" and not spearman >= min_spearman:  # NaN (constant costs) also falls back
+            table["fallback"] = f"additivity spearman {spearman:.3g} < min_spearman {min_spearman}: iterative removal"
+            solver = "iterative"
+    if solver == "iterative":
+        dropped, path = iterative_removal(forward, calibration, dit.depth, dit.depth - num_keep, batch_size)
+        table["removal_path"] = path
+        keep = [b for b in range(dit.depth) if b not in dropped]
+    else:  # dropping the cheapest set under the budget == keeping the costliest num_keep equal blocks
+        keep = knapsack(costs.tolist(), [1] * dit.depth, num_keep, method=solver)
+    dropped = [b for b in range(dit.depth) if b not in keep]
+    table.update(dropped=dropped, dropped_cost=float(costs[dropped].sum()), used_solver=solver)
     return Selection("laptop", keep, costs, table)
 
 
@@ -317,6 +353,10 @@ def select_blocks(dit: DiT, objective: GaussianDiffusion | FlowMatching, images:
     options = check_request(criterion, num_keep, dit.depth, options)
     if criterion in ("random", "first", "last"):
         return _baseline(criterion, dit.depth, num_keep, seed)
+    if criterion == "tinyfusion":
+        from ditlab.methods.compress.tinyfusion import learn_layer_mask
+
+        return learn_layer_mask(dit, objective, images, labels, num_keep, seed=seed, **options)
     with _calibrated(dit, objective, images, labels, num_timesteps, seed) as calibration:
         run = {"ppcl": _ppcl, "laptop": _laptop, "amber": _amber}[criterion]
         return run(dit, calibration, num_keep, seed, **options)

@@ -102,16 +102,21 @@ def layer_losses(
     teacher_forced: bool = False,
     with_output: bool = False,
     force_drop_ids: torch.Tensor | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
+    output_channels: int | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Per student block feature loss against its matched teacher output, and the output KD term.
 
     ``xt: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)``. Returns ``({student block: scalar}, output loss or None)``;
-    the output loss (``with_output``) is the mean of ``(out_S - out_T)^2`` over all output channels and always
-    comes from the ordinary (not teacher-forced) student pass.
+    the output loss (``with_output``) is the mean of ``(out_S - out_T)^2`` over the first ``output_channels``
+    output channels (None: all; LAPTOP-Diff distils the prediction, not a learned variance) and always comes
+    from the ordinary (not teacher-forced) student pass. ``spans``: the ``(first, last)`` teacher blocks each
+    student block stands for (PPCL's intervals); default :func:`segments` of ``keep``.
     """
     losses, output_loss, _ = _layer_losses(student, teacher, xt, t, y, keep, feature_kind=feature_kind, layers=layers,
                                            teacher_forced=teacher_forced, with_output=with_output,
-                                           force_drop_ids=force_drop_ids)  # fmt: skip
+                                           force_drop_ids=force_drop_ids, spans=spans,
+                                           output_channels=output_channels)  # fmt: skip
     return losses, output_loss
 
 
@@ -128,6 +133,8 @@ def _layer_losses(
     teacher_forced: bool = False,
     with_output: bool = False,
     force_drop_ids: torch.Tensor | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
+    output_channels: int | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """:func:`layer_losses` plus the student's output ``(B, C_out, H, W)`` when it was computed."""
     if feature_kind not in FEATURE_LOSSES:
@@ -135,7 +142,9 @@ def _layer_losses(
     if student.depth != len(keep):
         raise ValueError(f"student has depth {student.depth} but keep lists {len(keep)} blocks; "
                          "pass the keep list the student was pruned with")  # fmt: skip
-    bounds = segments(teacher.depth, keep)
+    bounds = segments(teacher.depth, keep) if spans is None else [tuple(span) for span in spans]
+    if len(bounds) != student.depth:
+        raise ValueError(f"student has depth {student.depth} but spans lists {len(bounds)} segments")
     layers = list(range(student.depth)) if layers is None else sorted(set(layers))
     outside = [index for index in layers if not 0 <= index < student.depth]
     if outside:
@@ -162,7 +171,8 @@ def _layer_losses(
         features = student_tapped.hidden
         student_output = student_tapped.output if with_output else None
     if student_output is not None:
-        output = (student_output - tapped.output).square().mean()
+        channels = slice(None, output_channels)
+        output = (student_output[:, channels] - tapped.output[:, channels]).square().mean()
     losses = {i: feature_loss(features[i], tapped.hidden[bounds[i][1]], feature_kind) for i in layers}
     return losses, output, student_output
 
@@ -182,6 +192,8 @@ def distillation_losses(
     teacher_forced: bool = False,
     return_student_output: bool = False,
     force_drop_ids: torch.Tensor | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
+    output_channels: int | None = None,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Weighted KD terms, ready to sum and log: ``loss_kd_output`` and ``loss_kd_feature`` (scalars).
 
@@ -190,11 +202,12 @@ def distillation_losses(
     whose weight is 0 is not computed (a zero tensor), so the PPCL local phase
     (``teacher_forced=True, output_weight=0``) runs each student block once and no student head.
     ``return_student_output`` also returns the student's output, so a task loss needs no second pass.
+    ``spans`` and ``output_channels`` as in :func:`layer_losses`.
     """
     losses, output, student_output = _layer_losses(
         student, teacher, xt, t, y, keep, feature_kind=feature_kind, layers=layers if feature_weight else [],
         teacher_forced=teacher_forced, with_output=bool(output_weight) or return_student_output,
-        force_drop_ids=force_drop_ids,
+        force_drop_ids=force_drop_ids, spans=spans, output_channels=output_channels,
     )  # fmt: skip
     zero = xt.new_zeros(())
     feature = torch.stack(list(losses.values())).mean() if losses else zero

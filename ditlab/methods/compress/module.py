@@ -1,11 +1,15 @@
 """``DicompModule``: compress a trained DiT into a shallower (and optionally narrower) student, then distil.
 
-The recipe follows the compression papers in ``shared/methods/compression.md``: choose the blocks to keep
-with an importance criterion (PPCL's contiguous-interval probes, LAPTOP-Diff's one-shot output loss,
-Amber-Image's timestep sensitivity, or a baseline), build the student from the teacher's weights (copy,
-Amber-style local averaging, or re-initialisation; optional width pruning), and train it with the
-diffusion loss on data plus output and block-feature distillation from the frozen teacher (PPCL /
-LAPTOP-Diff losses, teacher-forced or not). ``ProgressiveDistillation`` shrinks it further in stages.
+The recipe follows the depth-pruning papers: choose the blocks to keep with an importance criterion
+(PPCL's contiguous-interval probes, arXiv 2511.16156; LAPTOP-Diff's one-shot output loss, arXiv 2404.11098;
+Amber-Image's timestep sensitivity, arXiv 2602.17047; TinyFusion's learned layer mask, arXiv 2412.01199; or a
+baseline), build the student from the teacher's weights (copy, Amber-style local averaging over the segment a
+block stands for, or re-initialisation; optional width pruning of heads and MLP channels), and train it in
+phases: each phase sets the loss weights (diffusion loss on data, output KD on the prediction channels,
+block-feature KD against the end of each student block's segment), teacher forcing and what is trainable.
+PPCL's recipe is a local phase (teacher-forced direction loss on the replacement blocks, the rest frozen)
+then a global one; its replacements are plugs (:meth:`DicompModule.plugged`). ``ProgressiveDistillation``
+shrinks the student further in stages.
 
 The teacher is never saved in checkpoints; a checkpoint records the student's architecture and which
 teacher blocks it stands for, so a resumed run (even past a progressive stage) rebuilds the same student.
@@ -14,23 +18,26 @@ teacher blocks it stands for, so a resumed run (even past a progressive stage) r
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ditlab.checkpoint import run_settings
+from ditlab.checkpoint import read_checkpoint, run_settings
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.distributed import gathered, is_sharded
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.compress.analysis import select_blocks
+from ditlab.methods.compress.analysis import Selection, select_blocks
 from ditlab.methods.compress.distill import FEATURE_LOSSES, distillation_losses
-from ditlab.methods.compress.prune import prune_depth, prune_width
-from ditlab.methods.frozen import FrozenNetwork
-from ditlab.methods.teacher import TeacherConfig, build_from_recipe, load_teacher
+from ditlab.methods.compress.ppcl import plugged, replaced_blocks
+from ditlab.methods.compress.prune import prune_depth, prune_width, taylor_scores
+from ditlab.methods.compress.prune import segments as keep_segments
+from ditlab.methods.teacher import FromTeacher, TeacherConfig
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
+from ditlab.models.loading import read_sharded_checkpoint
 
 
 @dataclass
@@ -38,24 +45,28 @@ class PruneConfig:
     """How the student is cut from the teacher.
 
     Args:
-        criterion: block importance: laptop | amber | ppcl | random | first | last.
-        num_blocks: student depth after the initial cut (progressive stages may cut further).
-        init: kept-block weights: copy (the kept block), average (Amber local averaging with the blocks it
-            replaces) or random (re-initialised, an ablation).
-        calibration_images: training images used to score blocks.
+        criterion: block importance: laptop | amber | ppcl | tinyfusion | random | first | last.
+        num_blocks: student depth after the initial cut (progressive stages may cut further). Width-only
+            pruning keeps the teacher's depth.
+        init: kept-block weights: copy (the kept block; PPCL's middle block of its interval), average (Amber
+            local averaging over the segment it stands for) or random (re-initialised, an ablation).
+        calibration_images: training images used to score blocks (and heads / channels).
         num_timesteps: noise levels the criteria average (or, for amber, bin) over.
         seed: calibration noise and the random baseline.
+        options: the criterion's own options (``ditlab.methods.compress.analysis.OPTIONS``), e.g. PPCL's
+            ``order`` / ``max_span``, LAPTOP's ``additivity_sets``, TinyFusion's ``group_size`` / ``steps``.
         num_heads: attention heads kept per block (width pruning); None keeps all.
         mlp_hidden: MLP channels kept per block; None keeps all.
-        width_score: magnitude or taylor scores for width pruning.
+        width_score: magnitude or taylor (``|w * dL/dw|`` summed per head / channel, on the calibration images).
     """
 
-    criterion: Literal["laptop", "amber", "ppcl", "random", "first", "last"] = "laptop"
+    criterion: Literal["laptop", "amber", "ppcl", "tinyfusion", "random", "first", "last"] = "laptop"
     num_blocks: int = 6
     init: Literal["copy", "average", "random"] = "copy"
     calibration_images: int = 256
     num_timesteps: int = 8
     seed: int = 0
+    options: dict = field(default_factory=dict)
     num_heads: int | None = None
     mlp_hidden: int | None = None
     width_score: Literal["magnitude", "taylor"] = "magnitude"
@@ -67,33 +78,44 @@ class DistillConfig:
 
     Args:
         task_weight: the ordinary diffusion loss on data (0 for pure distillation).
-        output_weight: output distillation (all output channels).
+        output_weight: output distillation.
+        output_channels: prediction (LAPTOP-Diff: the noise / velocity channels, not a learned variance) or all.
         feature_weight: block-feature distillation between each student block and the teacher block ending
             its segment.
         feature_loss: mse | normalized_mse (LAPTOP-Diff) | direction (PPCL) | cosine | normalized_l1.
         teacher_forced: feed each student block the teacher's input to its segment (PPCL's local phase).
+        trainable: all (the whole student), blocks (its blocks; Amber's layer-wise stage) or replaced (only
+            blocks standing for more than one teacher block: PPCL's replacements, the rest frozen).
+        layers: all student blocks get a feature term, or only the replaced ones.
     """
 
     task_weight: float = 1.0
     output_weight: float = 1.0
+    output_channels: Literal["prediction", "all"] = "prediction"
     feature_weight: float = 1.0
     feature_loss: str = "normalized_mse"
     teacher_forced: bool = False
+    trainable: Literal["all", "blocks", "replaced"] = "all"
+    layers: Literal["all", "replaced"] = "all"
 
 
-def criterion_options(criterion: str) -> dict:
-    """PPCL keeps each redundant interval's *first* block, so the student block's segment (the blocks it stands
-    for, ``prune.segments``) is exactly PPCL's interval and feature distillation matches ``h_s -> h_{e+1}``."""
-    return {"representative": "start"} if criterion == "ppcl" else {}
+@dataclass
+class PhaseConfig(DistillConfig):
+    """A training phase that runs ``steps`` optimiser steps with its own losses and trainable set (then the
+    next phase, and after the last listed phase ``model.distill`` for the rest of the run)."""
+
+    steps: int = 0
 
 
-class DicompModule(DiffusionModule):
+class DicompModule(FromTeacher, DiffusionModule):
     """Prunes a teacher DiT into a student and distils it; see the config dataclasses for every option.
 
     Args:
         teacher: where the teacher comes from (a checkpoint, or a recipe trained once and cached).
         prune: block selection, student depth, re-initialisation and width pruning.
-        distill: loss weights and the feature loss.
+        distill: loss weights, feature loss and trainable set (after the ``phases``, to the end of the run).
+        phases: earlier training phases, each for its ``steps`` (PPCL's local phase: teacher-forced direction
+            loss on the replacement blocks only; Amber's layer-wise phase), before ``distill`` takes over.
         objective: used only for teachers that do not record one (public DiT / diffusers files).
         sampling: sampling settings for grids and metrics; None takes the teacher's.
         options: every other ``DiffusionModule`` option (lr, warmup, EMA, compile, checkpointing, ...).
@@ -104,41 +126,31 @@ class DicompModule(DiffusionModule):
         teacher: TeacherConfig = TeacherConfig(),
         prune: PruneConfig = PruneConfig(),
         distill: DistillConfig = DistillConfig(),
+        phases: list[PhaseConfig] | None = None,
         objective: ObjectiveConfig = ObjectiveConfig(),
         sampling: SamplingConfig | None = None,
         **options,
     ) -> None:
-        if distill.feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"model.distill.feature_loss={distill.feature_loss!r}; choices: {list(FEATURE_LOSSES)}")
+        phases = list(phases or [])
+        for name, config in [("distill", distill), *((f"phases[{i}]", phase) for i, phase in enumerate(phases))]:
+            if config.feature_loss not in FEATURE_LOSSES:
+                raise ValueError(f"model.{name}.feature_loss={config.feature_loss!r}; choices: {list(FEATURE_LOSSES)}")
+        if any(phase.steps < 1 for phase in phases):
+            raise ValueError(f"model.phases steps {[phase.steps for phase in phases]} must each be at least 1")
         if prune.num_blocks < 1:
             raise ValueError(f"model.prune.num_blocks={prune.num_blocks} must be at least 1")
         super().__init__(objective=objective, sampling=sampling or SamplingConfig(), **options)
-        self.teacher_config, self.prune, self.distill = teacher, prune, distill
-        self._sampling_given = sampling is not None
-        self._teacher = FrozenNetwork(self._load_teacher)
+        self.teacher_config, self.prune, self.distill, self.phases = teacher, prune, distill, phases
+        self.hold_teacher(sampling is not None)
         self.keep: list[int] = []
-        """Teacher block index behind each student block (the kept block of its segment)."""
+        """Teacher block behind each student block (the block it was copied from)."""
+        self.segments: list[tuple[int, int]] = []
+        """``(first, last)`` teacher blocks each student block stands for (its distillation target)."""
         self.calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._phase_applied: int | None = None
 
     # ----------------------------------------------------------------------------------- building
     builds_own_network = True
-
-    def prepare_data(self) -> None:
-        """Train the teacher recipe once (cached) when no teacher file is given; runs on one process per node."""
-        if not self.teacher_config.checkpoint:
-            build_from_recipe(self.teacher_config)
-
-    @property
-    def teacher(self) -> DiT:
-        """The frozen teacher on this module's device (read from its file on first use; never trained here)."""
-        return self._teacher.get(self.device)
-
-    def _load_teacher(self) -> DiT:
-        loaded = load_teacher(self.teacher_config, self.objective_config, self.sampling)
-        self.objective_config = loaded.objective
-        if not self._sampling_given:
-            self.sampling = loaded.sampling
-        return loaded.network
 
     def configure_model(self) -> None:
         """Build the student once the trainer (and its datamodule, for calibration images) is attached."""
@@ -169,26 +181,51 @@ class DicompModule(DiffusionModule):
         images = torch.cat([b[0] for b in batches])[:wanted]
         return images, torch.cat([b[1] for b in batches])[:wanted]
 
+    def select(self, network: DiT, criterion: str, num_blocks: int) -> Selection:
+        """Run ``criterion`` on ``network`` with the calibration images (the options apply to ``prune.criterion``)."""
+        images, labels = self.calibration
+        options = dict(self.prune.options) if criterion == self.prune.criterion else {}
+        objective = self.objective_config.build(network.learn_sigma)
+        return select_blocks(network, objective, images.to(self.device), labels.to(self.device), criterion,
+                             num_blocks, seed=self.prune.seed, num_timesteps=self.prune.num_timesteps,
+                             **options)  # fmt: skip
+
     def build_student(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Select blocks on the teacher, cut the student from it and start training it."""
+        """Select blocks on the teacher, cut the student from it (depth, then width) and start training it."""
         teacher = self.teacher
         if self.prune.num_blocks > teacher.depth:
             raise ValueError(f"model.prune.num_blocks={self.prune.num_blocks} exceeds the teacher's depth "
                              f"{teacher.depth}; choose at most {teacher.depth}")  # fmt: skip
         self.calibration = (images, labels)
-        objective = self.objective_config.build(teacher.learn_sigma)
-        selection = select_blocks(teacher, objective, images.to(self.device), labels.to(self.device),
-                                  self.prune.criterion, self.prune.num_blocks, seed=self.prune.seed,
-                                  num_timesteps=self.prune.num_timesteps,
-                                  **criterion_options(self.prune.criterion))  # fmt: skip
-        student = prune_depth(teacher, selection.keep, init=self.prune.init)
+        selection = self.select(teacher, self.prune.criterion, self.prune.num_blocks)
+        student = prune_depth(teacher, selection.keep, init=self.prune.init, spans=selection.segments)
         if self.prune.num_heads is not None or self.prune.mlp_hidden is not None:
+            grads = self.taylor_gradients(student) if self.prune.width_score == "taylor" else None
             student = prune_width(student, num_heads=self.prune.num_heads, mlp_hidden=self.prune.mlp_hidden,
-                                  score=self.prune.width_score)  # fmt: skip
-        self.keep = list(selection.keep)
+                                  score=self.prune.width_score, grads=grads)  # fmt: skip
+        self.keep, self.segments = list(selection.keep), [tuple(s) for s in selection.segments]
         self.attach(student.train())
         self.summary["selection"] = {"criterion": selection.criterion, "keep": self.keep,
+                                     "segments": [list(s) for s in self.segments],
                                      "scores": [round(float(s), 6) for s in selection.scores]}  # fmt: skip
+        for key in ("intervals", "fallback", "used_solver", "additivity"):
+            if key in selection.table:
+                self.summary["selection"][key] = selection.table[key]
+
+    def taylor_gradients(self, network: DiT, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """``dL/dw`` of the diffusion loss on the calibration images (seeded noise) for Taylor width scores."""
+        images, labels = (tensor.to(self.device) for tensor in self.calibration)
+        objective = self.objective_config.build(network.learn_sigma)
+        generator = torch.Generator(device=self.device).manual_seed(self.prune.seed)
+        batches = [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+
+        def loss(dit: DiT, batch) -> torch.Tensor:
+            x0, y = batch
+            noised = objective.prepare(x0, generator=generator)
+            return objective.losses(dit(noised.xt, noised.model_t, y, torch.zeros_like(y)), x0, noised)["loss"]
+
+        with torch.enable_grad():
+            return taylor_scores(network, loss, batches)
 
     def shrink(self, num_blocks: int, criterion: str | None = None, init: str | None = None) -> list[int]:
         """Cut the current student to ``num_blocks`` (a progressive stage); returns the student blocks kept.
@@ -198,34 +235,78 @@ class DicompModule(DiffusionModule):
         """
         if not 1 <= num_blocks <= self.network.depth:
             raise ValueError(f"cannot shrink a {self.network.depth}-block student to {num_blocks} blocks")
-        images, labels = self.calibration
         network, ema = self.network, self.ema
         if is_sharded(self):  # cut whole copies (every process), then shard the new student below
             network, ema = gathered(network), gathered(ema) if ema is not None else None
-        criterion = criterion or self.prune.criterion
-        selection = select_blocks(network, self.objective, images.to(self.device), labels.to(self.device),
-                                  criterion, num_blocks, seed=self.prune.seed, num_timesteps=self.prune.num_timesteps,
-                                  **criterion_options(criterion))  # fmt: skip
+        selection = self.select(network, criterion or self.prune.criterion, num_blocks)
         init = init or self.prune.init
-        student = prune_depth(network, selection.keep, init=init).train()
-        ema = prune_depth(ema, selection.keep, init=init) if ema is not None else None
+        student = prune_depth(network, selection.keep, init=init, spans=selection.segments).train()
+        ema = prune_depth(ema, selection.keep, init=init, spans=selection.segments) if ema is not None else None
+        # a kept student block now stands for the teacher blocks of every student block in its new segment
+        self.segments = [(self.segments[first][0], self.segments[last][1]) for first, last in selection.segments]
         self.keep = [self.keep[i] for i in selection.keep]
         self.attach(student, ema)
         self.reconfigure()  # checkpointing, compile and sharding for the new blocks
+        self._phase_applied = None
         return list(selection.keep)
 
+    def plugged(self, mask: list[bool] | None = None) -> DiT:
+        """The sampled student with each PPCL plug (``ditlab.methods.compress.ppcl.plugs``) on or off; all off
+        gives back the teacher when only the replacement blocks were trained."""
+        return plugged(self.teacher, self.sampling_network, self.segments, mask)
+
     # ----------------------------------------------------------------------------------- training
+    def phase(self, step: int | None = None) -> tuple[int, DistillConfig]:
+        """``(index, phase)`` at optimiser step ``step`` (default: the current one); index ``len(phases)`` is
+        ``distill``."""
+        step = self.global_step if step is None else step
+        for index, phase in enumerate(self.phases):
+            if step < phase.steps:
+                return index, phase
+            step -= phase.steps
+        return len(self.phases), self.distill
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every student parameter any phase trains (the frozen position embedding aside): phases freeze by
+        ``requires_grad``, and AdamW skips parameters without a gradient, so one optimiser serves all phases."""
+        return [p for name, p in self.network.named_parameters() if name != "pos_embed"]
+
+    def apply_phase(self, phase: DistillConfig) -> None:
+        """Freeze what ``phase`` does not train (``trainable``)."""
+        if phase.trainable == "replaced":
+            replaced = replaced_blocks(self.segments)
+            if not replaced:
+                raise ValueError("trainable=replaced, but no student block stands for more than one teacher block "
+                                 "(use criterion ppcl, or trainable all / blocks)")  # fmt: skip
+            prefixes = tuple(f"blocks.{index}." for index in replaced)
+        else:
+            prefixes = ("",) if phase.trainable == "all" else ("blocks.",)
+        for name, parameter in self.network.named_parameters():
+            if name != "pos_embed":
+                parameter.requires_grad_(name.startswith(prefixes))
+
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        index, phase = self.phase()
+        if index != self._phase_applied:
+            self.apply_phase(phase)
+            self._phase_applied = index
         noised, drop = self.training_draws(images, labels)
-        terms, output = distillation_losses(
+        with_task = phase.task_weight != 0
+        channels = images.shape[1] if phase.output_channels == "prediction" else None
+        layers = replaced_blocks(self.segments) if phase.layers == "replaced" else None
+        result = distillation_losses(
             self.network, self.teacher, noised.xt, noised.model_t, labels, self.keep,
-            output_weight=self.distill.output_weight, feature_weight=self.distill.feature_weight,
-            feature_kind=self.distill.feature_loss, teacher_forced=self.distill.teacher_forced,
-            return_student_output=True, force_drop_ids=drop,
+            output_weight=phase.output_weight, feature_weight=phase.feature_weight, feature_kind=phase.feature_loss,
+            teacher_forced=phase.teacher_forced, layers=layers, return_student_output=with_task,
+            force_drop_ids=drop, spans=self.segments, output_channels=channels,
         )  # fmt: skip
-        task = self.objective.losses(output, images, noised)
-        terms.update({name: value for name, value in task.items() if name != "loss"})
-        terms["loss"] = self.distill.task_weight * task["loss"] + terms["loss_kd_output"] + terms["loss_kd_feature"]
+        terms, output = result if with_task else (result, None)
+        terms["loss"] = terms["loss_kd_output"] + terms["loss_kd_feature"]
+        if with_task:
+            task = self.objective.losses(output, images, noised)
+            terms.update({name: value for name, value in task.items() if name != "loss"})
+            terms["loss"] = terms["loss"] + phase.task_weight * task["loss"]
+        terms["phase"] = images.new_tensor(float(index))
         return terms
 
     # ----------------------------------------------------------------------------------- reports
@@ -237,11 +318,28 @@ class DicompModule(DiffusionModule):
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["dicomp"] = {"keep": self.keep, "teacher": asdict(self.teacher_config)}
+        checkpoint["dicomp"] = {"keep": self.keep, "segments": [list(s) for s in self.segments],
+                                "teacher": asdict(self.teacher_config)}  # fmt: skip
 
     def recorded_student(self, checkpoint: dict) -> DiTConfig:
         """The student architecture a checkpoint records (a subclass may record more than the DiT config)."""
         return DiTConfig.from_dict(checkpoint["ditlab"]["dit_config"])
+
+    def prepare_checkpoint_load(self, path: str | Path) -> None:
+        """Before a sharded resume loads its shards (``FSDP2Strategy.load_checkpoint``, every process): rebuild,
+        re-shard and re-optimise the student at the architecture the checkpoint records, when it differs (a
+        later progressive stage is shallower than the student the run starts with)."""
+        path = Path(path)
+        checkpoint = read_sharded_checkpoint(path, tensors=False) if path.is_dir() else read_checkpoint(path)
+        if "dicomp" not in checkpoint or "dit_config" not in checkpoint.get("ditlab", {}):
+            return  # on_load_checkpoint says what is wrong with it
+        config = self.recorded_student(checkpoint)
+        if self.network is None or self.network.config == config:
+            return
+        student = config.build().to(self.device)
+        self.attach(student, copy.deepcopy(student) if self.ema_decay is not None else None)
+        self.reconfigure()
+        self.trainer.strategy.setup_optimizers(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Rebuild the student at the checkpoint's architecture (a later progressive stage may be shallower)."""
@@ -251,12 +349,16 @@ class DicompModule(DiffusionModule):
         super().on_load_checkpoint(checkpoint)
         self.objective_config = run_settings(meta)[0]
         self.keep = list(checkpoint["dicomp"]["keep"])
+        recorded = checkpoint["dicomp"].get("segments")
+        self.segments = [tuple(s) for s in recorded] if recorded else keep_segments(self.teacher.depth, self.keep)
+        self._phase_applied = None
         config = self.recorded_student(checkpoint)
         if self.network is not None and self.network.config == config:
             return  # same architecture: the strategy loads the weights into the (possibly sharded) student
         if is_sharded(self):
             raise ValueError("this checkpoint's student has another architecture (a later progressive stage) and "
-                             "cannot be loaded into a sharded student; resume it with strategy ddp or on one device")  # fmt: skip
+                             "cannot be loaded into a sharded student by this strategy; resume it with "
+                             "ditlab.distributed.FSDP2Strategy, ddp or one device")  # fmt: skip
         student = config.build().to(self.device)
         self.attach(student, copy.deepcopy(student) if self.ema_decay is not None else None)
         self.reconfigure()

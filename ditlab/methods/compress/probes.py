@@ -179,8 +179,8 @@ class IntervalPlan:
 
 
 def choose_intervals(scores: torch.Tensor, num_remove: int, importance: torch.Tensor, tau: float = 2.0,
-                     tau_unit: str = "block", representative: str = "middle",
-                     order: str = "score") -> IntervalPlan:  # fmt: skip
+                     tau_unit: str = "block", representative: str = "middle", order: str = "score",
+                     absorb: bool = False) -> IntervalPlan:  # fmt: skip
     """PPCL's interval choice on ``scores: (L, K)`` (:func:`interval_scores`) removing ``num_remove`` blocks.
 
     An interval ``[s, e]`` of span ``k = e - s + 1`` teacher blocks collapses to one kept block (``middle``
@@ -194,6 +194,9 @@ def choose_intervals(scores: torch.Tensor, num_remove: int, importance: torch.Te
     ``(1 - S) / (k - 1)``, the probe's loss per removed block. If they cannot meet the budget, the fallback
     drops whole blocks outside every interval, least ``importance: (L,)`` first, and then (rarely) the
     kept block of the weakest interval, whose ``keep`` becomes None (the interval is bypassed).
+    With ``absorb`` [interp], a run of fallback blocks next to a chosen interval joins it (left neighbour
+    first; ``absorbed`` lists them, ``keep`` moves to the new representative), so a trained replacement
+    stands for it instead of nothing; runs next to no interval stay dropped.
     """
     checks = (("representative", representative, REPRESENTATIVES), ("order", order, ORDERS),
               ("tau_unit", tau_unit, TAU_UNITS))  # fmt: skip
@@ -232,4 +235,31 @@ def choose_intervals(scores: torch.Tensor, num_remove: int, importance: torch.Te
     remaining -= len(singles)
     for interval in sorted(intervals, key=lambda i: (i["score"], i["start"]))[:remaining]:
         interval["keep"] = None
+    if absorb:
+        singles = _absorb(intervals, singles, representative)
     return IntervalPlan(sorted(intervals, key=lambda i: i["start"]), singles, knees, threshold)
+
+
+def _absorb(intervals: list[dict], singles: list[int], representative: str) -> list[int]:
+    """Merge each run of consecutive dropped ``singles`` into an adjacent interval with a kept block; returns
+    the singles left over. Edits ``intervals`` in place."""
+    runs: list[list[int]] = []
+    for block in sorted(singles):
+        if runs and runs[-1][-1] == block - 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    left_over = []
+    for run in runs:
+        live = [i for i in intervals if i["keep"] is not None]
+        target = next((i for i in live if i["end"] + 1 == run[0]), None)
+        target = target or next((i for i in live if i["start"] == run[-1] + 1), None)
+        if target is None:
+            left_over.extend(run)
+            continue
+        target["start"], target["end"] = min(target["start"], run[0]), max(target["end"], run[-1])
+        target["span"] = target["end"] - target["start"] + 1
+        target["absorbed"] = sorted([*target.get("absorbed", []), *run])
+        target["keep"] = {"middle": (target["start"] + target["end"]) // 2, "start": target["start"],
+                          "end": target["end"]}[representative]  # fmt: skip
+    return left_over

@@ -104,20 +104,25 @@ def prune_depth(
     init: str = "copy",
     weights: Mapping[int, Sequence[float]] | None = None,
     generator: torch.Generator | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> DiT:
     """A new DiT of depth ``len(keep)``; ``dit`` is untouched and everything outside the blocks is copied.
 
     ``init``: ``"copy"`` keeps the selected blocks' weights; ``"average"`` sets kept block ``k`` to
-    ``sum_j w_j theta_j`` over its segment ``{k} | block_groups[k]`` (Amber-Image's local weight averaging),
+    ``sum_j w_j theta_j`` over its segment (Amber-Image's local weight averaging; ``spans[i]``, the
+    ``(first, last)`` teacher blocks kept block ``i`` stands for, default :func:`segments` of ``keep``),
     uniform unless ``weights[k]`` gives one weight per segment block in index order (normalised to sum 1);
     ``"random"`` re-initialises the kept blocks with the DiT init (adaLN-Zero), for ablations.
     """
     keep = _checked_keep(keep, dit.depth)
     if init not in DEPTH_INITS:
         raise ValueError(f"unknown depth init {init!r}; choices: {list(DEPTH_INITS)}")
+    spans = segments(dit.depth, keep) if spans is None else [tuple(span) for span in spans]
+    if len(spans) != len(keep) or any(not first <= kept <= last for kept, (first, last) in zip(keep, spans)):
+        raise ValueError(f"spans {spans} must give one (first, last) segment containing each kept block of {keep}")
     if init == "average":
-        blocks = [_averaged_block(dit, kept, group, (weights or {}).get(kept))
-                  for kept, group in block_groups(dit.depth, keep).items()]  # fmt: skip
+        blocks = [_averaged_block(dit, kept, [j for j in range(first, last + 1) if j != kept], (weights or {}).get(kept))
+                  for kept, (first, last) in zip(keep, spans)]  # fmt: skip
     else:
         blocks = [_block_state(dit, index) for index in keep]
     student = _rebuild(dit, dit.config.replace(depth=len(keep)), _student_state(dit, blocks))

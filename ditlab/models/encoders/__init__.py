@@ -15,9 +15,14 @@ Two families behind one call, ``encoder(images, grid, attention=[...]) -> Encode
   [0, 1] pixels, ImageNet mean/std, then bicubic resize to ``14 * grid`` so the patch grid equals the
   DiT's token grid.
 
-Outputs are patch tokens only (CLS and register tokens dropped) after the final LayerNorm, like DINOv2's
-``x_norm_patchtokens``, and attention maps ``(B, H, N, N)`` renormalised over patch keys (the CLS row and
-column removed before the softmax, as HASTE does). Block indices are 0-based. When the encoder's grid
+Inputs are clean pixels in [-1, 1] (``digits-vit``: 1 channel; DINOv2: 3, or 1 repeated); anything else, VAE
+latents above all, is refused in one line before the encoder runs. On latents the data module supplies the
+images (``LatentDataModule(pixels=True)``).
+
+Outputs are patch tokens (CLS and register tokens dropped) after the final LayerNorm, like DINOv2's
+``x_norm_patchtokens``, the CLS token after the same norm (``class_token``, as ``x_norm_clstoken``: REG's
+target), and attention maps ``(B, H, N, N)`` renormalised over patch keys (the CLS row and column removed
+before the softmax, as HASTE does). Block indices are 0-based. When the encoder's grid
 differs from the requested one, features are resampled bilinearly on the 2-D patch grid (antialiased when
 shrinking) and attention maps bilinearly along both the query and the key grid, rows renormalised.
 """

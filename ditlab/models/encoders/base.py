@@ -13,11 +13,13 @@ from torch import nn
 
 @dataclass
 class EncoderOutput:
-    """Patch features ``(B, grid^2, F)`` and attention maps ``block -> (B, H, grid^2, grid^2)``."""
+    """Patch features ``(B, grid^2, F)``, attention maps ``block -> (B, H, grid^2, grid^2)`` and the class token
+    ``(B, F)`` after the final norm (REG's target; None for an encoder without one)."""
 
     features: torch.Tensor
     attention: dict[int, torch.Tensor]
     grid: int
+    class_token: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,27 @@ def patch_attention(logits: torch.Tensor, skip: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- base class
 class FrozenEncoder(nn.Module):
-    """A frozen encoder: ``encoder(images (B, C, H, W) in [-1, 1], grid, attention=blocks) -> EncoderOutput``."""
+    """A frozen encoder: ``encoder(images (B, C, H, W) in [-1, 1], grid, attention=blocks) -> EncoderOutput``.
+
+    Inputs are checked before anything runs: an encoder sees clean *pixels* (``channels`` of them, values in
+    [-1, 1]); VAE latents or unscaled images are refused with one line instead of giving silent garbage targets.
+    """
 
     name: str = "encoder"
     info: EncoderInfo = EncoderInfo(0, 0, 0)
+    channels: tuple[int, ...] = (3,)
+    """Channel counts the encoder accepts."""
+
+    def check_pixels(self, images: torch.Tensor) -> None:
+        """One-line ``ValueError`` unless ``images`` are ``(B, C, H, W)`` pixels in [-1, 1] with an accepted ``C``."""
+        if images.ndim != 4 or images.shape[1] not in self.channels:
+            raise ValueError(f"encoder {self.name} takes pixels (B, {' or '.join(map(str, self.channels))}, H, W) in "
+                             f"[-1, 1] but got a tensor of shape {tuple(images.shape)}; on VAE latents give it the "
+                             "clean images (data.init_args.pixels: true)")  # fmt: skip
+        low, high = images.min().item(), images.max().item()
+        if low < -1.01 or high > 1.01:
+            raise ValueError(f"encoder {self.name} takes pixels in [-1, 1] but got values in [{low:.3g}, {high:.3g}]; "
+                             "scale images to [-1, 1] (x / 127.5 - 1), and give it pixels, not latents")  # fmt: skip
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         return super().train(False)
@@ -89,11 +108,13 @@ class FrozenEncoder(nn.Module):
         if bad:
             raise IndexError(f"encoder blocks {[i + 1 for i in bad]} out of range for {self.name} "
                              f"(depth {self.info.depth}; blocks are 1..{self.info.depth})")  # fmt: skip
+        self.check_pixels(images)
         output = self.encode(images, grid, attention)
         if output.grid != grid:
             output = EncoderOutput(
                 resample_features(output.features, grid),
                 {i: resample_attention(maps, grid) for i, maps in output.attention.items()},
                 grid,
+                output.class_token,
             )
         return output

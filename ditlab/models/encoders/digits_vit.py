@@ -195,6 +195,7 @@ class DigitsViTEncoder(FrozenEncoder):
     """ditlab's digits ViT as an alignment target: any input size, resized to its own 16x16 (grid 4)."""
 
     name = "digits-vit"
+    channels = (1,)
 
     def __init__(self, network: DigitsViT, scores: dict, train_seconds: float | None = None) -> None:
         super().__init__()
@@ -208,7 +209,7 @@ class DigitsViTEncoder(FrozenEncoder):
         tokens, maps = self.network(pixels, attention=attention)
         # The digits ViT's maps are post-softmax over CLS + patches: drop CLS, renormalise over patch keys.
         patch_maps = {i: m[..., 1:, 1:] / m[..., 1:, 1:].sum(-1, keepdim=True) for i, m in maps.items()}
-        return EncoderOutput(tokens[:, 1:], patch_maps, self.network.recipe.grid)
+        return EncoderOutput(tokens[:, 1:], patch_maps, self.network.recipe.grid, class_token=tokens[:, 0])
 
 
 def digits_vit(cache_dir: str | Path | None = None, recipe: DigitsViTRecipe = DigitsViTRecipe(),

@@ -81,6 +81,8 @@ class DINOv2Encoder(FrozenEncoder):
     use a fused kernel that cannot return them), so the hub code is read, never patched.
     """
 
+    channels = (1, 3)  # grey images are repeated to RGB
+
     def __init__(self, name: str, model: nn.Module) -> None:
         super().__init__()
         self.name, self.model = name, model.eval()
@@ -111,7 +113,8 @@ class DINOv2Encoder(FrozenEncoder):
             if index in attention:
                 maps[index] = patch_attention(self.block_logits(block, tokens), skip)
             tokens = block(tokens)
-        return EncoderOutput(self.model.norm(tokens)[:, skip:], maps, grid)
+        tokens = self.model.norm(tokens)
+        return EncoderOutput(tokens[:, skip:], maps, grid, class_token=tokens[:, 0])
 
 
 def dinov2(

@@ -4,6 +4,7 @@ pass equals separate conditional and unconditional passes, and Delta-DiT's exact
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from ditlab.diffusion.sample import sample_images
 from ditlab.methods.accel import build_policy, model_call_times
-from ditlab.models.taps import run_block_branches, run_block_range
+from ditlab.models.taps import run_block_range
 
 IDENTITY = [
     {"policy": "none"},
@@ -38,14 +39,28 @@ def name(cache: dict) -> str:
     return "-".join(str(v) for v in cache.values())
 
 
-def test_branch_hook_that_computes_is_the_block_bitwise(dit):
+class Zero(torch.nn.Module):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(inputs)
+
+
+def test_block_hands_each_branch_to_the_hook_and_uses_what_it_returns(dit):
     tokens, cond = dit.embed(torch.randn(3, 1, 8, 8), torch.tensor([10.0, 500.0, 900.0]), torch.tensor([1, 2, 3]))
-    for index, block in enumerate(dit.blocks):
-        assert torch.equal(run_block_branches(block, index, tokens, cond, lambda branch: branch.compute()),
-                           block(tokens, cond))  # fmt: skip
+    block, seen = dit.blocks[1], []
+
+    def record(branch):
+        seen.append((branch.block, branch.kind))
+        return branch.compute()
+
+    assert torch.equal(block(tokens, cond, branches=record, index=1), block(tokens, cond))
+    assert seen == [(1, "attention"), (1, "mlp")]
+    without_mlp = copy.deepcopy(block)
+    without_mlp.mlp = Zero()
+    dropped = block(tokens, cond, branches=lambda b: torch.zeros_like(b.inputs()) if b.kind == "mlp" else b.compute())
+    assert torch.equal(dropped, without_mlp(tokens, cond))
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 9])
     tokens, cond = dit.embed(x, t, y)
-    assert torch.equal(dit.head(run_block_range(dit, tokens, cond), cond), dit(x, t, y))
+    assert torch.equal(dit.head(run_block_range(dit, tokens, cond, branches=record), cond), dit(x, t, y))
 
 
 @pytest.mark.parametrize("setting", ["ddim", "ddpm", "euler"])

@@ -62,8 +62,10 @@ def dit(toy_dit) -> DiT:
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_keeps_exactly_num_keep_sorted_blocks(criterion, dit, digits):
     objective = GaussianDiffusion() if criterion in ("laptop", "ppcl") else FlowMatching()
+    # one group over the whole depth: an N:M layer mask that can keep any number of blocks
+    options = {"group_size": DEPTH, "steps": 3} if criterion == "tinyfusion" else {}
     for num_keep in (1, 3, DEPTH):
-        selection = select_blocks(dit, objective, *digits, criterion, num_keep)
+        selection = select_blocks(dit, objective, *digits, criterion, num_keep, **options)
         assert isinstance(selection, Selection) and selection.criterion == criterion
         assert selection.keep == sorted(set(selection.keep)) and len(selection.keep) == num_keep
         assert all(0 <= b < DEPTH for b in selection.keep)
@@ -289,3 +291,26 @@ def test_analyze_a_checkpoint_from_a_tiny_fit(tiny_args, tmp_path):
     )
     report = json.loads((ckpt.parent.parent / "analysis" / "analysis.json").read_text())
     assert report["depth"] == 2 and all(len(c["keep"]) == 1 for c in report["criteria"].values())
+
+
+def test_laptop_falls_back_to_iterative_removal_when_additivity_is_poor(dit, digits):
+    from ditlab.methods.compress.analysis import iterative_removal, network_forward
+
+    one_shot = select_blocks(dit, FlowMatching(), *digits, "laptop", 3, additivity_sets=10)
+    assert "fallback" not in one_shot.table and one_shot.table["used_solver"] == "dp"
+    strict = select_blocks(dit, FlowMatching(), *digits, "laptop", 3, additivity_sets=10, min_spearman=1.01)
+    assert "iterative" in strict.table["fallback"] and strict.table["used_solver"] == "iterative"
+    direct = select_blocks(dit, FlowMatching(), *digits, "laptop", 3, solver="iterative")
+    assert direct.keep == strict.keep
+    path = direct.table["removal_path"]
+    assert len(path) == 3 and path == sorted(path)  # each further removal costs at least as much here
+    assert set(IDENTITY) <= set(direct.table["dropped"])  # exact skips cost nothing, so they go first
+    with calibrated(dit, digits) as calibration:
+        dropped, _ = iterative_removal(network_forward(dit), calibration, DEPTH, 2)
+    assert sorted(dropped) == sorted(IDENTITY)
+
+
+def calibrated(dit, digits):
+    from ditlab.methods.compress.analysis import _calibrated
+
+    return _calibrated(dit, FlowMatching(), *digits, 8, 0)

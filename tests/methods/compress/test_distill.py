@@ -168,3 +168,20 @@ def test_a_few_adamw_steps_on_a_depth_halved_student_reduce_the_losses(teacher_f
         history.append({k: float(v) for k, v in losses.items()})
     for key in ("loss_kd_output", "loss_kd_feature"):
         assert history[-1][key] < 0.7 * history[0][key], (key, history[0][key], history[-1][key])
+
+
+def test_output_kd_on_prediction_channels_ignores_the_learned_variance(teacher, dit_inputs):
+    teacher = teacher.requires_grad_(False)
+    student = prune_depth(teacher, list(range(teacher.depth)))
+    channels = teacher.in_channels
+    assert teacher.out_channels == 2 * channels, "the tiny DiT learns sigma"
+    with torch.no_grad():  # change only the variance half of the output
+        rows = student.final_layer.linear.weight.shape[0]
+        per_patch = rows // teacher.out_channels
+        student.final_layer.linear.bias.view(per_patch, teacher.out_channels)[:, channels:].add_(1.0)
+    x, t, y = dit_inputs(teacher)
+    kwargs = {"feature_weight": 0.0, "output_weight": 1.0}
+    prediction = distillation_losses(student, teacher, x, t, y, list(range(teacher.depth)), output_channels=channels,
+                                     **kwargs)  # fmt: skip
+    everything = distillation_losses(student, teacher, x, t, y, list(range(teacher.depth)), **kwargs)
+    assert prediction["loss_kd_output"] == 0 and everything["loss_kd_output"] > 0

@@ -1,0 +1,431 @@
+"""Does alignment speed up training? FID-against-step curves of six arms on digits, same network, steps, batch, lr.
+
+Arms (``ditlab.methods.align``): ``vanilla`` (SiT flow matching alone), ``repa`` (projector alignment to the frozen
+``digits-vit``), ``haste`` (REPA + attention-map distillation, all alignment off at ``--haste-stop``),
+``haste-noterm`` (the same, never switched off), ``reg`` (REPA + the encoder class token entangled and denoised)
+and ``self-transcendence`` (phase 2 against a phase-1 teacher of the same network, trained once here on the
+selection seed for ``--st-teacher-steps`` steps; its cost is reported, not hidden).
+
+Every arm trains the same SiT (a 4-block, width-64, 4-head digits DiT, patch 4: a 4x4 token grid like the
+encoder's; small because the machine is two shared CPU cores) with the SiT objective the papers use (linear path, velocity, uniform t), AdamW ``--lr`` with warm-up,
+grad-norm clip 1.0 (REPA's ``max_grad_norm``), EMA ``--ema``, batch ``--batch-size``, for ``--steps`` steps. In-loop
+FID (``ditlab.callbacks.evaluation.Evaluation``: ``--samples`` class-balanced samples of the EMA network, digits-
+classifier features, which no arm aligns to) every ``--every`` steps with a fixed sampler: Euler ODE, ``--sampling-
+steps`` steps, no guidance (the papers' convergence claims are without CFG; SiT's SDE costs the same per step).
+Per-arm settings scale the papers' to a 4-block network (aligned block 2, about REPA's 4 of 12; HASTE's
+attention blocks 1-2 <- the encoder's last two, as its 5-8 <- DINOv2's 9-12; Self-Transcendence's blocks
+1 / 2 / 3 for its 2 / 6 / 8 of 12, guidance stop at a quarter of the run as its 100K of 400K; HASTE's stop at a
+third of the run, as ``configs/haste.yaml``). Nothing is tuned on the reported seeds: ``--part select`` (HASTE's
+stop) and ``--part diagnose`` run on ``--selection-seed``.
+
+The table: final FID mean ± sd per arm, the step at which each seed's curve first reaches vanilla's mean final
+FID (linear interpolation between evaluations) and the speed-up that implies, and training wall time per step
+relative to vanilla (so the encoder's cost shows; times are ratios within one run). ``--part diagnose`` adds
+HASTE variants on the selection seed (aligned block, loss weight, projector, termination, encoder) when HASTE
+misses its target. Rows are appended to ``bench/results/align.json`` as they finish; ``align.md`` / ``align.png``
+are rewritten from all rows.
+
+    python bench/align.py [--part main|select|diagnose] [--arms ...] [--seeds 0 1 2] [--steps 300] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ditlab.callbacks.alignment import AlignmentTermination
+from ditlab.callbacks.evaluation import Evaluation
+from ditlab.data.digits import DigitsDataModule
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+from ditlab.methods.align import (
+    AlignModule,
+    AttentionAlignConfig,
+    CleanAlignConfig,
+    FeatureAlignConfig,
+    GuidedAlignConfig,
+    PhaseOneTeacherConfig,
+    REGModule,
+    SelfTranscendenceModule,
+)
+from ditlab.methods.base import DiffusionModule
+from ditlab.metrics.features import cache_root
+from ditlab.models.config import DiTConfig
+from ditlab.models.encoders import digits_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ARMS = ("vanilla", "repa", "haste", "haste-noterm", "reg", "self-transcendence")
+NETWORK = DiTConfig(preset="digits", input_size=16, depth=4, hidden_size=64, num_heads=4, learn_sigma=False)
+OBJECTIVE = ObjectiveConfig(kind="flow", path="linear", time_sampling="uniform", t_scale=1000.0)
+
+
+class StepTimer(L.Callback):
+    """Wall seconds of every training step (forward, backward, optimiser, EMA; evaluation excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def median(self, warmup: int = 5) -> float:
+        return statistics.median(self.seconds[warmup:] or self.seconds)
+
+
+class FIDCurve(Evaluation):
+    """``Evaluation`` that also keeps every ``(step, FID)`` it measured."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.curve: list[tuple[int, float]] = []
+
+    def run(self, trainer, pl_module) -> None:
+        super().run(trainer, pl_module)
+        self.curve.append((trainer.global_step, float(self.last_metrics["fid"])))
+
+
+# ----------------------------------------------------------------------------------------- arms
+def feature(args: argparse.Namespace, **changes) -> FeatureAlignConfig:
+    values = dict(blocks=[2], weight=0.5, projector="mlp", projector_hidden=4 * NETWORK.hidden_size, projector_layers=3)
+    return FeatureAlignConfig(**{**values, **changes})
+
+
+def attention(**changes) -> AttentionAlignConfig:
+    return AttentionAlignConfig(**{**dict(blocks=[1, 2], encoder_blocks=[3, 4], weight=0.5), **changes})
+
+
+def common(args: argparse.Namespace) -> dict:
+    sampling = SamplingConfig(sampler="euler", steps=args.sampling_steps, cfg_scale=1.0)
+    return dict(network=NETWORK, objective=OBJECTIVE, sampling=sampling, lr=args.lr, warmup_steps=args.warmup,
+                ema_decay=args.ema)  # fmt: skip
+
+
+def build(arm: str, args: argparse.Namespace, variant: dict | None = None) -> tuple[DiffusionModule, list]:
+    """The module and extra callbacks of ``arm``; ``variant`` changes HASTE's settings (diagnosis)."""
+    variant = dict(variant or {})
+    if arm == "vanilla":
+        return DiffusionModule(**common(args)), []
+    if arm == "repa":
+        return AlignModule(**common(args), feature=feature(args)), []
+    if arm in ("haste", "haste-noterm"):
+        stop = variant.pop("stop", args.haste_stop)
+        module = AlignModule(**common(args), feature=feature(args, **variant.pop("feature", {})),
+                             attention=attention(**variant.pop("attention", {})))  # fmt: skip
+        return module, [AlignmentTermination(stop)] if arm == "haste" and stop is not None else []
+    if arm == "reg":
+        return REGModule(**common(args), feature=feature(args)), []
+    if arm == "self-transcendence":
+        teacher = st_teacher(args)
+        module = SelfTranscendenceModule(
+            phase=2, **common(args), clean=CleanAlignConfig(block=1, hidden=4 * NETWORK.hidden_size),
+            guided=GuidedAlignConfig(teacher_block=3, block=2, guidance=30.0, hidden=4 * NETWORK.hidden_size),
+            teacher=PhaseOneTeacherConfig(checkpoint=str(teacher)),
+        )  # fmt: skip
+        return module, [AlignmentTermination(args.steps // 4)]
+    raise ValueError(f"unknown arm {arm!r}; choices: {list(ARMS)}")
+
+
+def st_teacher(args: argparse.Namespace) -> Path:
+    """Self-Transcendence phase 1 on the selection seed, trained once per setting, cached under ``$DITLAB_CACHE``."""
+    folder = cache_root(None) / "bench-align"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"st-phase1-{args.st_teacher_steps}-b{args.batch_size}-s{args.selection_seed}.ckpt"
+    if path.is_file():
+        return path
+    L.seed_everything(args.selection_seed, verbose=False)
+    module = SelfTranscendenceModule(phase=1, **common(args), clean=CleanAlignConfig(block=1, hidden=4 * NETWORK.hidden_size))
+    trainer = trainer_for(args.st_teacher_steps, [])
+    started = time.perf_counter()
+    trainer.fit(module, DigitsDataModule(batch_size=args.batch_size, image_size=16))
+    trainer.save_checkpoint(path)
+    (path.with_suffix(".json")).write_text(json.dumps({"steps": args.st_teacher_steps, "seed": args.selection_seed,
+                                                       "seconds": round(time.perf_counter() - started, 1)}))  # fmt: skip
+    return path
+
+
+def trainer_for(steps: int, callbacks: list) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     gradient_clip_val=1.0, callbacks=callbacks)  # fmt: skip
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace, variant: dict | None = None, label: str | None = None) -> dict:
+    """Train one arm for one seed; its FID curve, final FID and wall time per step."""
+    L.seed_everything(seed, verbose=False)
+    module, callbacks = build(arm, args, variant)
+    timer = StepTimer()
+    curve = FIDCurve(every_n_steps=args.every, num_samples=args.samples, reference="digits",
+                     features="digits-classifier", sampler="euler", steps=args.sampling_steps, cfg_scale=1.0, seed=0)  # fmt: skip
+    started = time.perf_counter()
+    trainer = trainer_for(args.steps, [timer, curve, *callbacks])
+    trainer.fit(module, DigitsDataModule(batch_size=args.batch_size, image_size=16))
+    row = {"arm": label or arm, "base_arm": arm, "seed": seed, "variant": variant or {}, "steps": args.steps,
+           "curve": curve.curve, "final_fid": curve.curve[-1][1], "seconds_per_step": timer.median(),
+           "wall_seconds": round(time.perf_counter() - started, 1),
+           "terminated_at": getattr(module, "terminated_at", None),
+           "alignment": module.summary.get("alignment", {})}  # fmt: skip
+    print(f"{row['arm']:>28} seed {seed}: final FID {row['final_fid']:.2f}, {row['seconds_per_step']:.3f} s/step, "
+          f"curve {[round(f, 1) for _, f in curve.curve]}", flush=True)  # fmt: skip
+    return row
+
+
+def step_times(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per training step of each arm, interleaved round by round in one process so that load drift on a
+    shared machine hits every arm alike (forward, backward, AdamW; no Lightning loop, no evaluation)."""
+    from ditlab.data.digits import digits_tensors
+
+    images, labels = digits_tensors(16)
+    images, labels = images[: args.batch_size], labels[: args.batch_size]
+    modules = {}
+    for arm in args.arms:
+        L.seed_everything(args.selection_seed, verbose=False)
+        module, _ = build(arm, args)
+        optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=args.lr)
+        modules[arm] = (module, optimizer)
+    seconds: dict[str, list[float]] = {arm: [] for arm in modules}
+    for round_ in range(args.timing_rounds + 1):
+        for arm, (module, optimizer) in modules.items():
+            started = time.perf_counter()
+            for _ in range(args.timing_steps):
+                loss = module.training_losses(images, labels)["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if round_:  # round 0 warms up (first encoder / teacher load, allocator)
+                seconds[arm].append((time.perf_counter() - started) / args.timing_steps)
+    return {arm: statistics.median(values) for arm, values in seconds.items()}
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def first_reach(curve: list[tuple[int, float]], level: float) -> float | None:
+    """The first step at which the curve is at or below ``level`` (linear between evaluations); None if never."""
+    previous = None
+    for step, fid in curve:
+        if fid <= level:
+            if previous is None or previous[1] <= level:
+                return float(step)
+            (s0, f0) = previous
+            return s0 + (f0 - level) / (f0 - fid) * (step - s0)
+        previous = (step, fid)
+    return None
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def summary_table(rows: list[dict], seeds: set[int], timing: dict | None = None) -> tuple[str, dict]:
+    """One line per arm over ``seeds``: final FID, steps to vanilla's final FID, speed-up, relative step time."""
+    reported = [r for r in rows if r["seed"] in seeds and not r["variant"]]
+    vanilla = [r for r in reported if r["arm"] == "vanilla"]
+    if not vanilla:
+        return "(no vanilla runs yet)", {}
+    target = statistics.mean(r["final_fid"] for r in vanilla)
+    steps = vanilla[0]["steps"]
+    vanilla_time = statistics.median(r["seconds_per_step"] for r in vanilla)
+    own = [first_reach(r["curve"], target) for r in vanilla]
+    best = statistics.mean(min(f for _, f in r["curve"]) for r in vanilla)
+    reference = statistics.mean(s for s in own if s is not None)  # vanilla's own (mean) first-reach step
+    half = steps // 2
+    lines = [f"Vanilla's final FID (mean of {len(vanilla)} seeds at step {steps}): **{target:.2f}**. Vanilla's own "
+             f"curves first reach it at steps {', '.join('never' if s is None else f'{s:.0f}' for s in own)} (its FID "
+             f"rises again before the end), so speed-up = vanilla's mean first-reach step ({reference:.0f}) / the arm's "
+             f"(against the final step {steps} instead, every number would be {steps / reference:.2f}x larger). "
+             f"Vanilla's best FID on its curves (mean of the seeds' minima): **{best:.2f}**.", "",
+             f"| arm | seeds | final FID (mean ± sd) | FID at step {half} (mean ± sd) | steps to vanilla's final FID "
+             "(per seed) | speed-up | steps to vanilla's best FID (per seed) | step time vs vanilla: interleaved "
+             "(`--part timing`; inside the loaded runs) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    numbers = {"vanilla_final_fid": target}
+    for arm in [a for a in ARMS if any(r["arm"] == a for r in reported)]:
+        runs = sorted((r for r in reported if r["arm"] == arm), key=lambda r: r["seed"])
+        finals = [r["final_fid"] for r in runs]
+        reach = [first_reach(r["curve"], target) for r in runs]
+        reached = [s for s in reach if s is not None]
+        per_seed = ", ".join("never" if s is None else f"{s:.0f}" for s in reach)
+        to_best = ", ".join("never" if s is None else f"{s:.0f}" for s in (first_reach(r["curve"], best) for r in runs))
+        speedup = (f"{reference / statistics.mean(reached):.2f}x" + ("" if len(reached) == len(reach) else
+                   f" ({len(reached)}/{len(reach)} seeds reach it)")) if reached else "-"  # fmt: skip
+        ratio = statistics.median(r["seconds_per_step"] for r in runs) / vanilla_time
+        if timing and arm in timing and "vanilla" in timing:
+            ratio_text = f"{timing[arm] / timing['vanilla']:.2f} ({ratio:.2f} in the runs)"
+        else:
+            ratio_text = f"{ratio:.2f} (in the runs)"
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        middle = [dict(r["curve"])[half] for r in runs if half in dict(r["curve"])]
+        lines.append(f"| {arm} | {len(runs)} | {statistics.mean(finals):.2f} ± {sd:.2f} | {mean_sd(middle)} | {per_seed} "
+                     f"| {speedup} | {to_best} | {ratio_text} |")  # fmt: skip
+        numbers[arm] = {"final_fid_mean": statistics.mean(finals), "final_fid_sd": sd, "steps_to_vanilla": reach,
+                        "step_time_ratio": ratio}  # fmt: skip
+    return "\n".join(lines), numbers
+
+
+def variants_table(rows: list[dict]) -> str:
+    """Selection and diagnosis runs (one seed each), against vanilla on the same seed when there is one."""
+    extra = [r for r in rows if r["variant"] or r["arm"] != r["base_arm"]]
+    if not extra:
+        return ""
+    by_seed = {r["seed"]: r for r in rows if r["arm"] == "vanilla"}
+    lines = ["| run | seed | variant | final FID | vanilla final FID (same seed) | steps to that FID | FID curve |",
+             "|---|---|---|---|---|---|---|"]
+    for r in extra:
+        base = by_seed.get(r["seed"])
+        reach = first_reach(r["curve"], base["final_fid"]) if base else None
+        lines.append(f"| {r['arm']} | {r['seed']} | `{json.dumps(r['variant'])}` | {r['final_fid']:.2f} "
+                     f"| {base['final_fid']:.2f} | {'never' if reach is None else f'{reach:.0f}'} "
+                     f"| {' '.join(f'{f:.1f}' for _, f in r['curve'])} |" if base else
+                     f"| {r['arm']} | {r['seed']} | `{json.dumps(r['variant'])}` | {r['final_fid']:.2f} | - | - "
+                     f"| {' '.join(f'{f:.1f}' for _, f in r['curve'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], seeds: set[int], path: Path) -> None:
+    """FID against step: per arm the mean over seeds, the seeds' min-max as a band."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 4.5))
+    axis = figure.subplots()
+    for arm in ARMS:
+        runs = [r for r in rows if r["arm"] == arm and r["seed"] in seeds and not r["variant"]]
+        if not runs:
+            continue
+        steps = [s for s, _ in runs[0]["curve"]]
+        values = [[dict(r["curve"]).get(s, math.nan) for r in runs] for s in steps]
+        means = [statistics.mean(v) for v in values]
+        line, = axis.plot(steps, means, marker="o", markersize=3, label=f"{arm} ({len(runs)} seeds)")
+        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
+    axis.set_xlabel("training step")
+    axis.set_ylabel("FID (digits-classifier features)")
+    axis.set_yscale("log")
+    axis.set_title("Alignment on digits: FID against step (band: seed min-max)", fontsize=10)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def write_report(result: dict, seeds: set[int]) -> None:
+    table, numbers = summary_table(result["rows"], seeds, result.get("step_seconds"))
+    result["summary"] = numbers
+    variants = variants_table(result["rows"])
+    encoder = result.get("encoder", {})
+    runs = "\n".join(f"- `{json.dumps(r['settings'])}`: {r['machine']}, {r['wall_seconds']} s" for r in result["runs"])
+    text = (f"# Alignment on digits: does it reach vanilla's FID in fewer steps?\n\n{table}\n\n"
+            f"Objective: SiT flow matching (linear path, velocity, uniform t), as the REPA / HASTE / REG papers train. "
+            f"Sampler for every FID: Euler ODE, no guidance (see settings). Encoder `digits-vit`: {encoder}.\n\n"
+            + (f"## Selection and diagnosis runs (separate seed)\n\n{variants}\n\n" if variants else "")
+            + f"## Runs\n\n{runs}\n")  # fmt: skip
+    (RESULTS / "align.md").write_text(text)
+    plot(result["rows"], seeds, RESULTS / "align.png")
+    print(table)
+    if variants:
+        print(variants)
+
+
+# ----------------------------------------------------------------------------------------- parts
+DIAGNOSES = {  # HASTE variants that each change one thing (label -> (arm, variant))
+    "haste default": ("haste", {}),
+    "haste attention only": ("haste", {"feature": {"weight": 0.0}}),
+    "haste block 1": ("haste", {"feature": {"blocks": [1]}, "attention": {"blocks": [1], "encoder_blocks": [4]}}),
+    "haste block 3": ("haste", {"feature": {"blocks": [3]}, "attention": {"blocks": [2, 3], "encoder_blocks": [3, 4]}}),
+    "haste weight 1.0": ("haste", {"feature": {"weight": 1.0}, "attention": {"weight": 1.0}}),
+    "haste weight 0.1": ("haste", {"feature": {"weight": 0.1}, "attention": {"weight": 0.1}}),
+    "haste conv projector": ("haste", {"feature": {"projector": "conv", "spatial_norm": 1.0}}),
+}
+
+
+def main() -> None:
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="main", choices=["main", "select", "diagnose", "timing"])
+    parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds of --part timing")
+    parser.add_argument("--timing-steps", type=int, default=5, help="steps per arm and round of --part timing")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--selection-seed", type=int, default=100, help="the seed settings are chosen on")
+    parser.add_argument("--diagnoses", nargs="*", choices=list(DIAGNOSES),
+                        default=["haste default", "haste attention only", "haste block 1", "haste block 3", "haste weight 1.0"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=50, help="FID every this many steps")
+    parser.add_argument("--samples", type=int, default=150, help="images per FID")
+    parser.add_argument("--sampling-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--ema", type=float, default=0.98)
+    parser.add_argument("--haste-stop", type=int, default=100, help="HASTE's termination step (a third of the run)")
+    parser.add_argument("--haste-stops", type=int, nargs="+", default=[75, 150], help="candidates for --part select")
+    parser.add_argument("--st-teacher-steps", type=int, default=150, help="Self-Transcendence phase-1 steps")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of align.{json,md,png}")
+    parser.add_argument("--fresh", action="store_true", help="start align.json afresh instead of adding rows")
+    parser.add_argument("--report", action="store_true", help="only rewrite align.md and align.png from align.json")
+    args = parser.parse_args()
+    RESULTS = args.results
+    path = RESULTS / "align.json"
+    if args.report:
+        result = json.loads(path.read_text())
+        write_report(result, set(args.seeds))
+        path.write_text(json.dumps(result, indent=1))
+        return
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(exist_ok=True)
+    result = {"rows": [], "runs": []} if args.fresh or not path.is_file() else json.loads(path.read_text())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    run = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "commit": commit.strip(),
+                       "loadavg_start": [round(v, 2) for v in os.getloadavg()]}}  # fmt: skip
+    encoder = digits_vit()
+    result["encoder"] = {**encoder.scores, "grid": encoder.network.recipe.grid, "dit_grid": NETWORK.input_size // 4}
+    started = time.perf_counter()
+
+    def add(row: dict) -> None:
+        result["rows"].append(row)
+        path.write_text(json.dumps(result, indent=1))
+
+    if args.part == "main":
+        for seed in args.seeds:
+            for arm in args.arms:
+                add(run_arm(arm, seed, args))
+    elif args.part == "timing":
+        result["step_seconds"] = step_times(args)
+        print(json.dumps(result["step_seconds"]))
+    elif args.part == "select":
+        seed = args.selection_seed
+        if not any(r["arm"] == "vanilla" and r["seed"] == seed for r in result["rows"]):
+            add(run_arm("vanilla", seed, args))
+        for stop in args.haste_stops:
+            add(run_arm("haste", seed, args, {"stop": stop}, label=f"haste stop {stop}"))
+    else:
+        seed = args.selection_seed
+        if not any(r["arm"] == "vanilla" and r["seed"] == seed for r in result["rows"]):
+            add(run_arm("vanilla", seed, args))
+        for label in args.diagnoses:
+            arm, variant = DIAGNOSES[label]
+            add(run_arm(arm, seed, args, variant, label=label))
+    run["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    run["wall_seconds"] = round(time.perf_counter() - started, 1)
+    result["runs"].append(run)
+    write_report(result, set(args.seeds) if args.part == "main" else {0, 1, 2})
+    path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

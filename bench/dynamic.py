@@ -1,0 +1,259 @@
+"""Dynamic compute on digits: FLOPs ratio, measured sampling speed and FID of DyDiT, Elastic-DiT and DC-DiT.
+
+Every method fine-tunes (DC-DiT: upcycles) the cached digits teacher (``configs/dit.yaml``) for the same number
+of steps, per seed. Each trained network is sampled in its exported form (sliced weights, gathered tokens,
+skipped samples), so the speed is the one a user gets. Reported per method and target:
+
+- FLOPs ratio: FLOPs per image over the teacher's, averaged over every model call of the FID sampling run, from
+  the network's own measured FLOPs (routers included);
+- speed-up: teacher time over method time for the same images, sampler and seeds, interleaved
+  (teacher, method, method, teacher; best of two each) in one process, so machine load cancels;
+- FID (digits-classifier features against the digits reference) on class-balanced samples, sampling seeds
+  per training seed;
+- depth pruning at the same FLOPs: the teacher cut to ``round(depth x ratio)`` blocks (dicomp, LAPTOP
+  criterion) and distilled for the same number of steps.
+
+Writes ``bench/results/dynamic.json`` and ``bench/results/dynamic.md``.
+
+    python bench/dynamic.py [--steps 200] [--seeds 0 1 2] [--samples 250] [--sampling-steps 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ditlab.data.digits import DigitsDataModule
+from ditlab.methods.compress.module import DicompModule, DistillConfig, PruneConfig
+from ditlab.methods.dynamic.export import dynamic_flops
+from ditlab.methods.dynamic.module import DynamicConfig, DynamicModule
+from ditlab.methods.teacher import TeacherConfig, build_from_recipe
+from ditlab.metrics.fid import evaluate_images
+from ditlab.models.budget import flops_per_image
+
+RESULTS = Path(__file__).parent / "results"
+TEACHER = Path(os.environ.get("DITLAB_CACHE", "~/.cache/ditlab")).expanduser() / "teachers"
+
+FAST_DYDIT = {"groups": 4, "width_bias": 2.0, "token_bias": 2.0}  # on at init, yet reachable in ~100 steps
+METHODS = {
+    "dydit-0.7": DynamicConfig(trunk="dydit", trunk_options=FAST_DYDIT, flops_target=0.7),
+    "dydit-0.5": DynamicConfig(trunk="dydit", trunk_options=FAST_DYDIT, flops_target=0.5),
+    "elastic-a": DynamicConfig(trunk="elastic", trunk_options={"router_hidden": 32}, flops_weight=0.0,
+                               keep_high=1.0, keep_low=0.6, width_target=0.75, complete_model_steps=0),
+    "elastic-b": DynamicConfig(trunk="elastic", trunk_options={"router_hidden": 32}, flops_weight=0.0,
+                               keep_high=0.9, keep_low=0.4, width_target=0.5, complete_model_steps=0),
+    "dcdit-2x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
+                              chunk_target=2.0, ratio_weight=1.0, complete_model_steps=0),
+    "dcdit-3x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
+                              chunk_target=3.0, ratio_weight=1.0, complete_model_steps=0),
+}  # fmt: skip
+
+
+def write(report: dict, out: Path) -> None:
+    """``out.json`` and ``out.md`` (``out`` may carry dots: ``dynamic.seed0``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".json").write_text(json.dumps(report, indent=1, default=str))
+    out.with_name(out.name + ".md").write_text(markdown(report))
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def fit(module, steps: int, batch_size: int) -> float:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=1.0)  # fmt: skip
+    started = time.perf_counter()
+    trainer.fit(module, DigitsDataModule(batch_size=batch_size, image_size=16))
+    return time.perf_counter() - started
+
+
+def train_dynamic(teacher: Path, config: DynamicConfig, seed: int, args: argparse.Namespace) -> DynamicModule:
+    L.seed_everything(seed, verbose=False)
+    schedule = {"target_hold_steps": args.steps // 8, "target_warmup_steps": args.steps // 2,
+                "router_lr_scale": args.router_lr_scale}
+    if config.complete_model_steps is None:
+        schedule["complete_model_steps"] = args.steps // 2  # DyDiT stage 1, then without the complete model
+    config = DynamicConfig(**{**config.__dict__, **schedule})
+    module = DynamicModule(teacher=TeacherConfig(checkpoint=str(teacher)), dynamic=config, lr=args.lr,
+                           warmup_steps=10, ema_decay=args.ema_decay)  # fmt: skip
+    module.train_seconds = fit(module, args.steps, args.batch_size)
+    return module
+
+
+def train_depth(teacher: Path, blocks: int, seed: int, args: argparse.Namespace) -> DicompModule:
+    L.seed_everything(seed, verbose=False)
+    module = DicompModule(teacher=TeacherConfig(checkpoint=str(teacher)),
+                          prune=PruneConfig(criterion="laptop", num_blocks=blocks, seed=seed), distill=DistillConfig(),
+                          lr=args.lr * 2, warmup_steps=10, ema_decay=args.ema_decay)  # fmt: skip
+    module.train_seconds = fit(module, args.steps, args.batch_size)
+    return module
+
+
+def sample(module, network, labels: torch.Tensor, seed: int, args: argparse.Namespace) -> torch.Tensor:
+    return module.sample(labels, seed=seed, network=network, steps=args.sampling_steps)
+
+
+def sampling_seeds(seed: int, args: argparse.Namespace) -> list[int]:
+    """Noise seeds of the FID samples of training seed ``seed`` (the teacher uses the same ones)."""
+    return [(seed * 10 + s) * 100_000 for s in args.sampling_seeds]
+
+
+def flops_ratio(module, network, teacher_flops: int, seed: int, args: argparse.Namespace
+                ) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """Samples for FID and the FLOPs per image of every model call that made them, over the teacher's."""
+    spent, rows = [], []
+    handle = None
+    if getattr(network, "trunk", None) is not None:
+        def record(m, inputs, output) -> None:
+            spent.append(float(dynamic_flops(m).sum()))
+            rows.append(len(output))
+
+        handle = network.register_forward_hook(record)
+    labels = torch.arange(args.samples) % network.num_classes
+    counted = []
+    try:
+        for noise_seed in sampling_seeds(seed, args):
+            counted.append(sample(module, network, labels, noise_seed, args))
+    finally:
+        if handle is not None:
+            handle.remove()
+    ratio = sum(spent) / sum(rows) / teacher_flops if spent else flops_per_image(network) / teacher_flops
+    return torch.stack(counted), ratio
+
+
+def speedup(module, network, teacher, args: argparse.Namespace) -> dict:
+    """Teacher seconds over method seconds on the same images, interleaved T M M T, best of two each."""
+    labels = torch.arange(args.timing_images) % network.num_classes
+    times = {"teacher": [], "method": []}
+    for name in ("teacher", "method", "method", "teacher"):
+        started = time.perf_counter()
+        sample(module, teacher if name == "teacher" else network, labels, 7, args)
+        times[name].append(time.perf_counter() - started)
+    teacher_s, method_s = min(times["teacher"]), min(times["method"])
+    return {"speedup": teacher_s / method_s, "images_per_s": args.timing_images / method_s,
+            "teacher_images_per_s": args.timing_images / teacher_s}  # fmt: skip
+
+
+def measure(name: str, seed: int, module, network, teacher, teacher_flops: int, args) -> dict:
+    network.eval()
+    samples, ratio = flops_ratio(module, network, teacher_flops, seed, args)
+    fids = [evaluate_images(images, reference="digits", features="digits-classifier")["fid"] for images in samples]
+    row = {"method": name, "seed": seed, "flops_ratio": ratio, "fid": statistics.mean(fids), "fid_per_sampling_seed": fids,
+           "train_seconds": getattr(module, "train_seconds", 0.0), **speedup(module, network, teacher, args)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def teacher_row(teacher_path: Path, seed: int, args) -> tuple[dict, DicompModule]:
+    module = DicompModule(teacher=TeacherConfig(checkpoint=str(teacher_path)))
+    teacher = module.teacher
+    module.objective = module.objective_config.build(teacher.learn_sigma)
+    labels = torch.arange(args.samples) % teacher.num_classes
+    fids = [evaluate_images(sample(module, teacher, labels, noise_seed, args), reference="digits",
+                            features="digits-classifier")["fid"] for noise_seed in sampling_seeds(seed, args)]  # fmt: skip
+    return {"method": "teacher", "seed": seed, "flops_ratio": 1.0, "fid": statistics.mean(fids),
+            "fid_per_sampling_seed": fids, "speedup": 1.0}, module  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    table = []
+    for name in dict.fromkeys(row["method"] for row in rows):
+        runs = [row for row in rows if row["method"] == name]
+
+        def stat(key: str, runs: list[dict] = runs) -> tuple[float, float]:
+            values = [row[key] for row in runs]
+            return statistics.mean(values), statistics.pstdev(values)
+
+        table.append({"method": name, "seeds": len(runs), "flops_ratio": stat("flops_ratio"), "fid": stat("fid"),
+                      "speedup": stat("speedup")})  # fmt: skip
+    return table
+
+
+def markdown(report: dict) -> str:
+    teacher_fid = next(r["fid"][0] for r in report["summary"] if r["method"] == "teacher")
+    lines = [f"Load average at start {report['load_start']}, at end {report['load_end']}. {report['setup']}", "",
+             "| method | seeds | FLOPs ratio | sampling speed-up (measured) | FID | FID / teacher |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in report["summary"]:
+        (ratio, ratio_sd), (fid, fid_sd), (speed, speed_sd) = row["flops_ratio"], row["fid"], row["speedup"]
+        lines.append(f"| {row['method']} | {row['seeds']} | {ratio:.3f} ± {ratio_sd:.3f} | {speed:.2f}x ± {speed_sd:.2f}"
+                     f" | {fid:.2f} ± {fid_sd:.2f} | {fid / teacher_fid:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", type=Path, default=None, help="teacher .ckpt (default: the configs/dit.yaml build)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--depth-baseline", nargs="*", default=["dydit-0.7", "dydit-0.5"],
+                        help="methods whose measured FLOPs ratio a depth-pruned student is matched to")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per method and seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--sampling-seeds", type=int, nargs="+", default=[0], help="sampling seeds per model")
+    parser.add_argument("--samples", type=int, default=250, help="images per FID")
+    parser.add_argument("--sampling-steps", type=int, default=25)
+    parser.add_argument("--timing-images", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--router-lr-scale", type=float, default=100.0,
+                        help="router learning rate over the backbone's (short fine-tunes need fast routers)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "dynamic")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="EMA of the fine-tuned weights (None: sample the trained weights; an EMA lags far behind "
+                             "the routers in a fine-tune this short)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="combine the JSON reports of runs split by seed into --out, and stop")
+    args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        rows = [row for part in parts for row in part["rows"]]
+        teachers = {row["seed"]: row for row in rows if row["method"] == "teacher"}  # one per seed, however split
+        rows = list(teachers.values()) + [row for row in rows if row["method"] != "teacher"]
+        report = {"setup": parts[0]["setup"] + f"; {len(parts)} processes, one per training seed, run side by side",
+                  "load_start": " / ".join(p["load_start"] for p in parts),
+                  "load_end": " / ".join(p["load_end"] for p in parts), "rows": rows, "summary": summarise(rows)}  # fmt: skip
+        write(report, args.out)
+        print(markdown(report))
+        return
+    torch.set_num_threads(1)
+    load_start = load_average()
+    teacher_path = args.teacher or build_from_recipe(TeacherConfig())
+    rows: list[dict] = []
+    for seed in args.seeds:
+        row, teacher_module = teacher_row(teacher_path, seed, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        teacher = teacher_module.teacher
+        teacher_flops = flops_per_image(teacher)
+        ratios = {}
+        for name in args.methods:
+            module = train_dynamic(teacher_path, METHODS[name], seed, args)
+            result = measure(name, seed, module, module.sampling_network, teacher, teacher_flops, args)
+            rows.append(result)
+            ratios[name] = result["flops_ratio"]
+        for name in args.depth_baseline:
+            if name in ratios:
+                blocks = max(1, round(teacher.depth * ratios[name]))
+                module = train_depth(teacher_path, blocks, seed, args)
+                rows.append(measure(f"depth-{blocks}/{teacher.depth} (~{name})", seed, module,
+                                    module.sampling_network, teacher, teacher_flops, args))  # fmt: skip
+        report = {"setup": f"teacher {teacher_path}, {args.steps} fine-tuning steps, batch {args.batch_size}, "
+                           f"{args.samples} samples x {len(args.sampling_seeds)} sampling seeds per FID, "
+                           f"{args.sampling_steps} {teacher_module.sampling.sampler} steps, cfg "
+                           f"{teacher_module.sampling.cfg_scale}, one CPU thread",
+                  "load_start": load_start, "load_end": load_average(), "rows": rows, "summary": summarise(rows)}  # fmt: skip
+        write(report, args.out)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
