@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,28 +63,14 @@ from ditlab.metrics.features import cache_root
 from ditlab.models.config import DiTConfig
 from ditlab.models.encoders import digits_vit
 
+sys.path.insert(0, str(Path(__file__).parent))
+from moe import StepTimer  # noqa: E402 - wall seconds of every training step
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ARMS = ("vanilla", "repa", "haste", "haste-noterm", "reg", "self-transcendence")
 NETWORK = DiTConfig(preset="digits", input_size=16, depth=4, hidden_size=64, num_heads=4, learn_sigma=False)
 OBJECTIVE = ObjectiveConfig(kind="flow", path="linear", time_sampling="uniform", t_scale=1000.0)
-
-
-class StepTimer(L.Callback):
-    """Wall seconds of every training step (forward, backward, optimiser, EMA; evaluation excluded)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-    def median(self, warmup: int = 5) -> float:
-        return statistics.median(self.seconds[warmup:] or self.seconds)
 
 
 class FIDCurve(Evaluation):
