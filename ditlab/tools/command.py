@@ -58,6 +58,8 @@ TOOLS = {
     "convert": Tool("ditlab.tools.convert:convert", "export a run's network as safetensors or a diffusers folder"),
     "encode": Tool("ditlab.tools.encode:encode", "pre-extract VAE latents of an image folder into shards for "
                    "latent training", positional="source"),
+    "export": Tool("ditlab.tools.export:export", "a cache-router run as a cache plan, a dynamic-compute run in its "
+                   "inference form"),
 }  # fmt: skip
 
 

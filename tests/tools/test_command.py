@@ -172,8 +172,13 @@ def test_shell_completion_covers_commands_and_tool_options(monkeypatch, capsys):
     pytest.importorskip("shtab")
     assert main(["--print_completion", "bash"]) == 0
     script = capsys.readouterr().out
-    assert "_ditlab_subparsers=('fit' 'validate' 'test' 'predict' 'sample' 'eval' 'analyze' 'convert' 'encode')" in script
+    assert "_ditlab_subparsers=('fit' 'validate' 'test' 'predict' 'sample' 'eval' 'analyze' 'convert' 'encode' 'export')" in script
     assert "'--cache.interval'" in script and "'--trainer.max_steps'" in script and "'--no_progress'" not in script
     assert len(script) < 1_000_000  # class-valued trainer options are not expanded
     monkeypatch.setattr("ditlab.tools.completion.find_spec", lambda name: None)
     assert "pip install shtab" in one_line_error(["--print_completion", "zsh"], capsys)
+
+
+def test_export_refuses_a_run_with_nothing_to_export(teacher_file, tmp_path, capsys):
+    message = one_line_error(["export", "--ckpt", str(teacher_file), "--out", str(tmp_path / "x")], capsys)
+    assert "neither a cache-router run nor a dynamic-compute run" in message and "ditlab convert" in message

@@ -79,12 +79,12 @@ class StaticPlan:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"cache plan {path} does not exist; export one from a router checkpoint "
-                                    "(python -m ditlab.methods.cache_router.export ROUTER.ckpt --out PLAN.json)")  # fmt: skip
+                                    "(ditlab export --ckpt ROUTER.ckpt --out PLAN.json)")  # fmt: skip
         try:
             return cls(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{path} is not a ditlab cache plan ({type(error).__name__}); export one with "
-                             "python -m ditlab.methods.cache_router.export") from None  # fmt: skip
+                             "ditlab export --ckpt ROUTER.ckpt --out PLAN.json") from None  # fmt: skip
 
 
 @register_policy

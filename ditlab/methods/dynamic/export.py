@@ -80,20 +80,10 @@ def save_checkpoint(network: DiT, path: str | Path, objective: ObjectiveConfig, 
 
 def export_checkpoint(source: str | Path, target: str | Path) -> Path:
     """Read a dynamic training checkpoint (its EMA weights), export it and write the inference form to ``target``:
-    ``python -m ditlab.methods.dynamic.export RUN.ckpt EXPORTED.ckpt``."""
+    ``ditlab export --ckpt RUN.ckpt --out EXPORTED.ckpt``."""
     from ditlab.checkpoint import bundle_from_checkpoint, read_checkpoint, run_settings
 
     bundle = bundle_from_checkpoint(source)
     objective, sampling = run_settings(read_checkpoint(source)["ditlab"])
     steps = getattr(bundle.objective, "num_timesteps", 1000)
     return save_checkpoint(export(bundle.network, steps), target, objective, sampling)
-
-
-if __name__ == "__main__":
-    import sys
-
-    import ditlab.methods  # noqa: F401 - every registered component kind, so any checkpoint builds
-
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m ditlab.methods.dynamic.export RUN.ckpt EXPORTED.ckpt")
-    print(export_checkpoint(sys.argv[1], sys.argv[2]))

@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 
+from ditlab.cli import main
 from ditlab.data.digits import DigitsDataModule
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.dynamic.export import export, export_checkpoint, save_checkpoint
@@ -78,6 +79,8 @@ def test_an_exported_checkpoint_loads_as_a_normal_ditlab_network(trunk, tiny_dit
     training = save_checkpoint(dynamic, tmp_path / "run.ckpt", ObjectiveConfig(), SAMPLING)  # routers, no table
     again = load_network(export_checkpoint(training, tmp_path / "again.ckpt"))
     assert again.config == exported.config and torch.equal(again(x, t, y), exported(x, t, y))
+    assert main(["export", "--ckpt", str(training), "--out", str(tmp_path / "cli.ckpt")]) == 0  # `ditlab export`
+    assert torch.equal(load_network(tmp_path / "cli.ckpt")(x, t, y), exported(x, t, y))
 
 
 def test_bad_input_is_one_line(teacher_file, tiny_dit, make_dynamic, tmp_path):
