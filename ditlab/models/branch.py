@@ -27,6 +27,8 @@ class Branch:
     """``"attention"`` or ``"mlp"``."""
     inputs: Callable[[], torch.Tensor]
     fn: Callable[[torch.Tensor], torch.Tensor]
+    gate: torch.Tensor | None = None
+    """``(B, D)``: the gate the block applies to what the hook returns (from the current condition)."""
 
     def compute(self) -> torch.Tensor:
         return self.fn(self.inputs())

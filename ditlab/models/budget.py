@@ -47,7 +47,7 @@ def flops_per_image(dit: DiT) -> int:
     macs = tokens * dit.x_embedder.proj.weight.numel()  # (D, C, p, p) per token
     macs += sum(m.weight.numel() for m in dit.t_embedder.mlp if isinstance(m, nn.Linear))
     macs += sum(block.macs(tokens, config) for block in dit.blocks)
-    if getattr(dit, "trunk", None) is not None:  # a dynamic trunk's routers (its savings depend on the input)
+    if dit.trunk is not None:  # a dynamic trunk's routers (its savings depend on the input)
         macs += dit.trunk.macs(tokens)
     final = dit.final_layer
     macs += final.adaLN_modulation[-1].weight.numel() + tokens * final.linear.weight.numel()

@@ -82,7 +82,7 @@ def register_trunk(name: str) -> Callable[[Builder], Builder]:
 
 
 def build_component(slot: str, config: DiTConfig, block: int | None = None) -> nn.Module:
-    """The ``slot`` (``attention``, ``mlp`` or ``block``) component that ``config`` names, for block index ``block``."""
+    """The ``slot`` (``attention``, ``mlp``, ``block`` or ``trunk``) component ``config`` names, for block ``block``."""
     name = getattr(config, slot)
     registry = _SLOTS[slot]
     if name not in registry:

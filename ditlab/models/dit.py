@@ -134,10 +134,11 @@ class DiTBlock(nn.Module):
 
         attention_in = tokens
         mixed = branches(Branch(index, "attention", lambda: modulate(self.norm1(attention_in), shift_msa, scale_msa),
-                                attend))  # fmt: skip
+                                attend, gate_msa))  # fmt: skip
         tokens = tokens + gate_msa.unsqueeze(1) * mixed
         mlp_in = tokens
-        fed = branches(Branch(index, "mlp", lambda: modulate(self.norm2(mlp_in), shift_mlp, scale_mlp), self.mlp))
+        fed = branches(Branch(index, "mlp", lambda: modulate(self.norm2(mlp_in), shift_mlp, scale_mlp), self.mlp,
+                              gate_mlp))  # fmt: skip
         tokens = tokens + gate_mlp.unsqueeze(1) * fed
         return (tokens, weights) if return_attention else tokens
 

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditlab.models.dit import DiT, modulate
+from ditlab.models.branch import Branch
+from ditlab.models.dit import DiT
+from ditlab.models.taps import run_block_range
 
 LOSSES = ("l1", "l2", "huber")
 
@@ -88,19 +90,25 @@ def noised_inputs(objective, images: torch.Tensor, labels: torch.Tensor, repeats
 @torch.no_grad()
 def cache_operator_io(teacher: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: list[int],
                       batch_size: int = 64) -> ActivationCache:  # fmt: skip
-    """The teacher's attention input (modulated), output (pre-gate) and gate at each of ``blocks``."""
+    """The teacher's attention input (modulated), output (pre-gate) and gate at each of ``blocks``, read from the
+    block's own forward through its branch hook (each attention computed once)."""
     cache = ActivationCache()
     parts: dict[str, dict[int, list]] = {"inputs": {}, "outputs": {}, "gates": {}}
+
+    def record(branch: Branch) -> torch.Tensor:
+        if branch.kind != "attention" or branch.block not in blocks:
+            return branch.compute()
+        inputs = branch.inputs()
+        output = branch.fn(inputs)
+        for name, value in (("inputs", inputs), ("outputs", output), ("gates", branch.gate)):
+            parts[name].setdefault(branch.block, []).append(value)
+        return output
+
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         tokens, cond = teacher.embed(x[rows], t[rows], y[rows])
-        for index, block in enumerate(teacher.blocks):
-            if index in blocks:
-                shift, scale, gate = block.adaLN_modulation(cond).chunk(6, dim=1)[:3]
-                inputs = modulate(block.norm1(tokens), shift, scale)
-                for name, value in (("inputs", inputs), ("outputs", block.attn(inputs)[0]), ("gates", gate)):
-                    parts[name].setdefault(index, []).append(value)
-            tokens = block(tokens, cond)
+        last = max(blocks, default=-1)  # the blocks after the last cached one are not needed
+        run_block_range(teacher, tokens, cond, range(last + 1), branches=record)
     for name, per_block in parts.items():
         setattr(cache, name, {index: torch.cat(values) for index, values in per_block.items()})
     return cache
