@@ -61,7 +61,7 @@ from ditlab.methods.align import (
 from ditlab.methods.base import DiffusionModule
 from ditlab.metrics.features import cache_root
 from ditlab.models.config import DiTConfig
-from ditlab.models.encoders import digits_vit
+from ditlab.methods.align.encoders import digits_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moe import StepTimer  # noqa: E402 - wall seconds of every training step

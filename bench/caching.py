@@ -2,7 +2,7 @@
 
 The teacher is the cached ``configs/dit.yaml`` recipe (the one ``configs/dicomp.yaml`` builds), or any ditlab
 checkpoint given with ``--teacher`` (a SiT checkpoint runs its own fixed-step flow sampler, e.g. Euler). For 50
-and 20 sampler steps (DDIM for a diffusion teacher) with the teacher's guidance, every ditlab policy (``ditlab.methods.accel``) samples the same
+and 20 sampler steps (DDIM for a diffusion teacher) with the teacher's guidance, every ditlab policy (``ditlab.methods.sampling.caches``) samples the same
 class-balanced labels from the same seeds as the uncached network, at each value of its knob sweep; so do
 diffusers' own cache hooks on the same weights exported to ``DiTTransformer2DModel`` (where a hook refuses the
 model, the row says why). Per row:
@@ -11,7 +11,7 @@ model, the row says why). Per row:
   OpenMP spin-waiting and stays meaningful while other jobs share the machine), each against the uncached run
   of the same model in the same process; calibration (TeaCache's fit, MagCache's magnitudes) is a one-off per
   schedule and reported apart;
-- speed-up in FLOPs, counted with ``torch.utils.flop_counter`` (``ditlab.methods.accel.work``) on the first
+- speed-up in FLOPs, counted with ``torch.utils.flop_counter`` (``ditlab.methods.sampling.caches.work``) on the first
   ``--flop-samples`` samples, policy overhead included; full-equivalent NFE = steps / FLOPs speed-up;
 - FID (digits-classifier features, against all digits) of the ``--num`` samples and its change against the
   uncached FID, and the paired PSNR of each sample against its uncached twin (images in [0, 1]);
@@ -39,8 +39,8 @@ import torch
 from ditlab.checkpoint import bundle_from_checkpoint
 from ditlab.diffusion.ode import ADAPTIVE_SOLVERS
 from ditlab.diffusion.sample import sample_images
-from ditlab.methods.accel import build_policy
-from ditlab.methods.accel.work import Counted
+from ditlab.methods.sampling.caches import build_policy
+from ditlab.methods.sampling.caches.work import Counted
 from ditlab.metrics.features import feature_extractor
 from ditlab.metrics.fid import evaluate_images
 

@@ -64,8 +64,8 @@ def load_run(path: str | Path) -> Run:
 
 # ----------------------------------------------------------------------------------- sampling
 def sampling_model(bundle: Bundle, sampling: SamplingConfig):
-    """What ``sampling`` samples: the network, or the cache policy wrapping it (``ditlab.methods.accel``)."""
-    from ditlab.methods.accel import cached_model
+    """What ``sampling`` samples: the network, or the cache policy wrapping it (``ditlab.methods.sampling.caches``)."""
+    from ditlab.methods.sampling.caches import cached_model
 
     options = {item.name: getattr(sampling, item.name) for item in fields(sampling)}
     for name in ("cache", "batch_size"):

@@ -133,7 +133,7 @@ def test_fsdp_options_mixed_precision_accumulation_clipping_checkpointing(tmp_pa
 @pytest.fixture(scope="module")
 def encoder_cache(tmp_path_factory) -> Path:
     """The digits ViT that REPA aligns to, trained once here so two processes never race to train it."""
-    from ditlab.models.encoders import digits_vit
+    from ditlab.methods.align.encoders import digits_vit
 
     cache = tmp_path_factory.mktemp("cache")
     digits_vit(cache)

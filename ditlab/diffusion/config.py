@@ -40,7 +40,7 @@ class ObjectiveConfig:
 
 @dataclass
 class CacheConfig:
-    """A training-free feature cache for sampling (``ditlab.methods.accel``): the policy and its knobs.
+    """A training-free feature cache for sampling (``ditlab.methods.sampling.caches``): the policy and its knobs.
 
     A knob left at None takes the policy's default; setting a knob the policy does not read is an error. The
     identity settings (``interval: 1``, ``threshold: 0``, ``blocks: 0``) sample exactly what no cache samples.
@@ -58,7 +58,7 @@ class CacheConfig:
         ratio: toca: share of tokens whose MLP is recomputed on a cached call.
         coefficients: teacache: rescaling polynomial (highest power first); None fits it on this model.
         magnitudes: magcache: residual magnitude ratio of every call; None calibrates it on one sample.
-        path: plan: the static plan file (JSON) a learned router was exported to (``ditlab.methods.cache_router``).
+        path: plan: the static plan file (JSON) a learned router was exported to (``ditlab.methods.sampling.cache_router``).
     """
 
     policy: str = "none"
@@ -84,7 +84,7 @@ class CacheConfig:
 
 
 CACHE_CHECKS: dict[str, Callable[[CacheConfig], None]] = {}
-"""Knob checks of the cache policies that sampling-time methods register (``ditlab.methods.accel``), so a bad
+"""Knob checks of the cache policies that sampling-time methods register (``ditlab.methods.sampling.caches``), so a bad
 knob fails when the config is made while the core imports nothing from the methods."""
 
 

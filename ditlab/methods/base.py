@@ -236,9 +236,9 @@ class DiffusionModule(L.LightningModule):
 
         ``network`` defaults to the EMA network (a teacher can be sampled the same way); ``overrides``
         replace fields of ``self.sampling`` (sampler, steps, cfg_scale, cache, ...). A ``cache`` other than
-        ``none`` samples through that feature-caching policy (``ditlab.methods.accel``).
+        ``none`` samples through that feature-caching policy (``ditlab.methods.sampling.caches``).
         """
-        from ditlab.methods.accel import cached_model
+        from ditlab.methods.sampling.caches import cached_model
 
         options = {**asdict(self.sampling), **overrides}
         cache = options.pop("cache", None)

@@ -57,6 +57,15 @@ def refusal(what: str, names: Iterable[str]) -> UntrustedCheckpointError:
     )
 
 
+MOVED_MODULES = {
+    "ditlab.methods.accel": "ditlab.methods.sampling.caches",
+    "ditlab.methods.cache_router": "ditlab.methods.sampling.cache_router",
+    "ditlab.methods.feedback": "ditlab.methods.sampling.feedback",
+    "ditlab.models.encoders": "ditlab.methods.align.encoders",
+}
+"""Packages that moved, old name -> new: config classes pickled under the old name still load."""
+
+
 def config_class(name: str) -> type | None:
     """The ditlab config dataclass a pickle names as ``module.Class``, else None (it stays refused).
 
@@ -64,6 +73,9 @@ def config_class(name: str) -> type | None:
     defined in ditlab is accepted: unpickling one sets its fields, which hold plain data themselves.
     """
     module_name, _, qualname = name.rpartition(".")
+    for old, new in MOVED_MODULES.items():  # a file written before a package moved names its old module
+        if module_name == old or module_name.startswith(old + "."):
+            module_name = new + module_name[len(old):]
     parts = module_name.split(".")
     if parts[0] != "ditlab" or "__main__" in parts:
         return None

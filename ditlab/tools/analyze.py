@@ -6,7 +6,7 @@ Calibration images are the embedded digits (a 1-channel network; any size, resiz
 
 ``--redundancy`` instead samples ``--num-images`` images (default 8) uncached with the run's sampling settings
 (or ``--sampler``/``--steps``/``--cfg_scale``) and writes the step-to-step change of every block's cacheable
-units, ``redundancy.json`` and the heatmap ``redundancy.png`` (``ditlab.methods.accel.redundancy``).
+units, ``redundancy.json`` and the heatmap ``redundancy.png`` (``ditlab.methods.sampling.caches.redundancy``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def output_folder(ckpt: str, out: str | None) -> Path:
 def redundancy_report(ckpt: str, num_images: int, seed: int, ema: bool, out: str | None,
                sampling: SamplingConfig | None) -> int:  # fmt: skip
     """``--redundancy``: the DiTCacheAnalysis-style profile, as JSON and a heatmap."""
-    from ditlab.methods.accel.redundancy import plot_redundancy, redundancy_profile
+    from ditlab.methods.sampling.caches.redundancy import plot_redundancy, redundancy_profile
 
     bundle = bundle_from_checkpoint(ckpt, use_ema=ema)
     sampling = sampling if sampling is not None else bundle.sampling

@@ -25,7 +25,7 @@ def export(ckpt: str, out: str, threshold: float | None = None, sampler: str | N
     """
     checkpoint = read_checkpoint(ckpt)
     if "cache_router" in checkpoint:
-        from ditlab.methods.cache_router.export import plan_from_checkpoint
+        from ditlab.methods.sampling.cache_router.export import plan_from_checkpoint
 
         plan = plan_from_checkpoint(ckpt, threshold, sampler, steps)
         path = plan.save(out)

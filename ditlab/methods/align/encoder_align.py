@@ -12,7 +12,7 @@ entropy, teacher as target), and switch *all* alignment off at a fixed step
 
 The token grids must match: DINOv2's input is resized to ``14 * grid`` (REPA's resize) so its patch grid
 is the DiT's; ditlab's ``digits-vit`` has a fixed 4x4 grid whose features and maps are resampled
-bilinearly to the DiT's grid when they differ (``ditlab.models.encoders``). Attention maps are computed
+bilinearly to the DiT's grid when they differ (``ditlab.methods.align.encoders``). Attention maps are computed
 only for the aligned blocks (``run_blocks(attention=...)``); every other block uses the fused kernel.
 
 iREPA (Singh et al., "What matters for Representation Alignment: Global Information or Spatial Structure?",
@@ -30,7 +30,7 @@ from ditlab.methods.align.base import AlignmentBase
 from ditlab.methods.align.config import AttentionAlignConfig, EncoderConfig, FeatureAlignConfig
 from ditlab.methods.align.losses import attention_loss, negative_cosine, projector, spatial_normalize
 from ditlab.models.config import DiTConfig
-from ditlab.models.encoders import EncoderOutput, FrozenEncoder, encoder_info, load_encoder
+from ditlab.methods.align.encoders import EncoderOutput, FrozenEncoder, encoder_info, load_encoder
 from ditlab.models.taps import run_blocks
 
 

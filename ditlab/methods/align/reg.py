@@ -40,13 +40,13 @@ from ditlab.diffusion.gaussian import mean_flat
 from ditlab.diffusion.global_batch import draw_rows
 from ditlab.diffusion.sample import sample_images
 from ditlab.distributed import data_parallel_split, local
-from ditlab.methods.accel.build import as_cache_config
+from ditlab.methods.sampling.caches.build import as_cache_config
 from ditlab.methods.align.config import ClassTokenConfig, EncoderConfig, FeatureAlignConfig
 from ditlab.methods.align.encoder_align import AlignModule
 from ditlab.methods.align.losses import negative_cosine
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT, modulate
-from ditlab.models.encoders import encoder_info
+from ditlab.methods.align.encoders import encoder_info
 
 
 class ClassTokenPath(nn.Module):

@@ -13,7 +13,7 @@ Inference skips closed samples (the block runs on the open rows only) and cuts t
 hidden units per width (contiguous rows of ``fc1``, columns of ``fc2``): savings in wall time, which the masked
 training arithmetic (kept as the ``masked`` form, the reference) does not give. [interp] Decisions are per
 sample rather than the released batch mean; the released block cache (reuse when ``p`` is just above 0.5) is
-not part of this trunk (feature caching is ``ditlab.methods.accel``).
+not part of this trunk (feature caching is ``ditlab.methods.sampling.caches``).
 """
 
 from __future__ import annotations

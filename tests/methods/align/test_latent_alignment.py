@@ -18,7 +18,7 @@ from PIL import Image
 
 from ditlab.cli import main
 from ditlab.data.latents import LatentDataModule, encode_to_shards, folder_source
-from ditlab.models.encoders import FrozenEncoder, digits_vit, dinov2
+from ditlab.methods.align.encoders import FrozenEncoder, digits_vit, dinov2
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -101,7 +101,7 @@ def test_bad_input_is_one_line(teacher_file, tiny_dit, make_dynamic, tmp_path):
 def test_block_level_tools_refuse_a_dynamic_network_instead_of_running_its_plain_blocks(tiny_dit, dit_inputs,
                                                                                         make_dynamic):  # fmt: skip
     from ditlab.diffusion.gaussian import GaussianDiffusion
-    from ditlab.methods.accel import build_policy
+    from ditlab.methods.sampling.caches import build_policy
     from ditlab.models.taps import run_block_range, run_blocks
 
     dynamic = make_dynamic(tiny_dit(), "dydit")

@@ -1,0 +1,367 @@
+"""``CacheRouterModule``: learn which branches a frozen DiT recomputes at each sampling step (L2C, HarmoniCa).
+
+Learning-to-Cache (Ma et al., "Learning-to-Cache: Accelerating Diffusion Transformer via Layer Caching", NeurIPS
+2024; horseee/learning-to-cache) and HarmoniCa (Huang et al., "HarmoniCa: Harmonizing Training and Inference for
+Better Feature Caching in Diffusion Transformer Acceleration", ICML 2025; ModelTC/HarmoniCa) train a static router
+(``router.py``) on a frozen backbone; only the router is trained and only the router is saved. Two modes:
+
+- ``l2c``: pairs from data. Steps alternate full / cached (even / odd calls); a training pair noises a real image
+  to the full step ``k - 1`` that precedes a random cached step ``k``, runs that full step (which fills the cache),
+  moves to ``k`` with the sampler, and matches the routed output at ``k`` to the full one. Even rows are frozen.
+- ``harmonica``: step-wise denoising training (SDT), no images. A trajectory starts from noise with random classes;
+  call 0 computes everything (its row is frozen); each training step then trains the next call ``k``: the teacher
+  (the full network) and the routed student both see the student's current sample, the loss is
+  ``lambda_k * MSE + beta * sum(s_k)``, and the sample moves on with the *student's* prediction, so the cache
+  carries over from step to step as it will at inference. ``lambda`` is the image-error proxy (``proxy.py``),
+  refreshed every C steps by ``ditlab.methods.sampling.cache_router.ImageErrorProxy`` (all ones without it).
+
+One optimiser step per training step (``automatic_optimization`` off: the router is clamped after every update).
+A HarmoniCa trajectory spans several training steps; its state (sample, classes, cache, position) is saved in
+checkpoints with the draw stream, so a resumed run continues on the same trajectory. The router (and so the
+plan exported from it) belongs to one sampler and step count, recorded in the checkpoint; another is refused.
+Loss terms, the router as an image (step x unit) and the share of units computed go to TensorBoard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+from ditlab.diffusion.global_batch import draw_rows
+from ditlab.diffusion.sample import model_call_times, sample_images
+from ditlab.distributed import data_parallel_split
+from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
+from ditlab.methods.base import DiffusionModule
+from ditlab.methods.sampling.cache_router.proxy import image_error_proxy, loss_weights
+from ditlab.methods.sampling.cache_router.routed import SamplingRun, routed_call
+from ditlab.methods.sampling.cache_router.router import StepUnitRouter
+from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
+from ditlab.models.dit import DiT
+
+PAIR_SAMPLERS = ("ddim", "euler")
+"""Samplers whose step from call ``k - 1`` needs nothing but that call (L2C builds each pair from one full step)."""
+
+
+@dataclass
+class RouterConfig:
+    """What is learned and how.
+
+    Args:
+        mode: ``harmonica`` (step-wise denoising training from noise) or ``l2c`` (pairs from data).
+        threshold: a unit is computed when its score exceeds this (L2C and HarmoniCa: 0.1).
+        sparsity: beta, the weight of ``sum(s_k)`` in the loss (L2C at 20 steps: 5e-6; HarmoniCa: 7e-8, both on
+            DiT-XL/2; sweep it, results are sensitive to it).
+        clamp: theta is clamped to ``[-clamp, clamp]`` after every update.
+        init: ``normal`` (N(0, 1), L2C) or ``constant``.
+        init_value: theta everywhere for ``init: constant``.
+        seed: seed of the normal initialisation.
+        train_cfg_scale: guidance while training (HarmoniCa: 1.5); None uses ``sampling.cfg_scale``.
+    """
+
+    mode: Literal["harmonica", "l2c"] = "harmonica"
+    threshold: float = 0.1
+    sparsity: float = 1e-4
+    clamp: float = 5.0
+    init: Literal["normal", "constant"] = "normal"
+    init_value: float = 0.0
+    seed: int = 0
+    train_cfg_scale: float | None = None
+
+
+@dataclass
+class Rollout:
+    """A HarmoniCa training trajectory in progress (this process's rows)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    cache: dict
+    index: int
+    stepper: object
+
+
+class CacheRouterModule(FromTeacher, DiffusionModule):
+    """Trains a step x unit router on a frozen teacher; see ``RouterConfig`` and the module notes.
+
+    Args:
+        teacher: the frozen backbone (a ditlab run, a public DiT file, a diffusers folder, or a cached recipe).
+        router: mode, threshold, sparsity weight, clamp and initialisation.
+        objective: used only for teachers that do not record one.
+        sampling: the sampler, steps and guidance the router is trained for (and sampled with); None takes the
+            teacher's.
+        lr: AdamW learning rate of the router (L2C: 1e-3, HarmoniCa: 1e-2).
+        weight_decay: AdamW weight decay (L2C: 0).
+        betas: AdamW betas.
+        warmup_steps: linear learning-rate warm-up.
+        log_router_every: log the router image every this many steps (0: only at the end).
+    """
+
+    builds_own_network = True
+
+    def __init__(
+        self,
+        teacher: TeacherConfig = TeacherConfig(),
+        router: RouterConfig = RouterConfig(),
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        sampling: SamplingConfig | None = None,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        log_router_every: int = 50,
+    ) -> None:
+        if not 0.0 <= router.threshold < 1.0:
+            raise ValueError(f"model.router.threshold={router.threshold} must be in [0, 1), e.g. 0.1")
+        if router.sparsity < 0 or router.clamp <= 0:
+            raise ValueError(f"model.router.sparsity={router.sparsity} must be >= 0 and model.router.clamp="
+                             f"{router.clamp} > 0")  # fmt: skip
+        super().__init__(objective=objective, sampling=sampling or SamplingConfig(), lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, ema_decay=None)  # fmt: skip
+        self.automatic_optimization = False
+        self.teacher_config, self.router_config = teacher, router
+        self.log_router_every = log_router_every
+        self.hold_teacher(sampling is not None)
+        self.router: StepUnitRouter | None = None
+        self.weights: torch.Tensor | None = None
+        """Per-step loss weights (the image-error proxy, normalised); ones until the proxy is first computed."""
+        self.rollout: Rollout | None = None
+        self._pending_rollout: dict | None = None
+
+    # ----------------------------------------------------------------------------------- building
+    @property
+    def sampler(self) -> str:
+        return self.sampling.sampler or self.objective.default_sampler
+
+    def configure_model(self) -> None:
+        """Load the teacher and build the router for the sampler's schedule (once)."""
+        if self.router is not None:
+            return
+        teacher = self.teacher
+        self.objective = self.objective_config.build(teacher.learn_sigma)
+        if self.sampling.guidance_interval is not None or self.sampling.time_grid is not None:
+            raise ValueError("model.sampling: a learned router is trained on the sampler's default grid with guidance "
+                             "everywhere; set time_grid and guidance_interval to null")  # fmt: skip
+        calls = len(self.schedule())
+        mode = self.router_config.mode
+        if calls < 2:
+            raise ValueError(f"model.sampling.steps={self.sampling.steps}: a router needs at least 2 model calls")
+        if mode == "l2c" and self.sampler not in PAIR_SAMPLERS:
+            raise ValueError(f"router mode l2c builds each pair from one full step, which {self.sampler} cannot "
+                             f"take alone; use sampling.sampler {' or '.join(PAIR_SAMPLERS)}, or mode harmonica")  # fmt: skip
+        frozen = list(range(0, calls, 2)) if mode == "l2c" else [0]
+        config = self.router_config
+        self.router = StepUnitRouter(calls, teacher.depth, frozen, config.clamp, config.init, config.init_value,
+                                     config.seed).to(self.device)  # fmt: skip
+        self.weights = torch.ones(calls)
+
+    def schedule(self) -> torch.Tensor:
+        """Network time of every model call of the trajectory the router is trained for."""
+        return model_call_times(self.objective, self.sampler, self.sampling.steps, ddim_alpha_to_one=self.sampling.ddim_alpha_to_one)
+
+    def sampling_run(self, cfg_scale: float | None = None) -> SamplingRun:
+        scale = self.router_config.train_cfg_scale if cfg_scale is None else cfg_scale
+        scale = self.sampling.cfg_scale if scale is None else scale
+        return SamplingRun(self.objective, self.sampler, self.sampling.steps, scale, self.sampling.cfg_channels,
+                           self.teacher.num_classes, self.sampling.ddim_alpha_to_one)  # fmt: skip
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.router.theta]
+
+    @property
+    def sampling_network(self) -> DiT:
+        return self.teacher
+
+    def num_parameters(self) -> int:
+        """Trained parameters: the router's (the backbone is frozen and not saved)."""
+        return self.router.theta.numel() if self.router is not None else 0
+
+    # ----------------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        if self.router_config.mode == "l2c":
+            terms, index = self.pair_terms(images, labels)
+        else:
+            terms, index = self.rollout_terms(len(labels))
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(terms["loss"])
+        optimizer.step()
+        schedule.step()
+        self.router.clamp_()
+        self.log_terms(terms, index, len(labels))
+        return terms["loss"].detach()
+
+    def draws(self) -> torch.Generator:
+        return self.training_generator(self.device)
+
+    def step_terms(self, x: torch.Tensor, index: int, labels: torch.Tensor, stepper, cache: dict,
+                   run: SamplingRun) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+        """Teacher and routed student at call ``index`` on the same sample; the loss terms and the student's output."""
+        inputs = run.inputs(stepper, x, index, labels)
+        with torch.no_grad():
+            target = self.teacher(*inputs)
+        scores = self.router.scores()[index]
+        student = routed_call(self.teacher, *inputs, scores, cache, self.router_config.threshold)
+        mse = F.mse_loss(student, target)
+        sparsity = scores.sum()
+        weight = self.weights[index].to(mse)
+        loss = weight * mse + self.router_config.sparsity * sparsity
+        return {"loss": loss, "mse": mse.detach(), "sparsity": sparsity.detach(), "weight": weight}, student.detach()
+
+    def rollout_terms(self, batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
+        """HarmoniCa SDT: train the next call of the current trajectory (starting one when none is open)."""
+        run = self.sampling_run()
+        if self.rollout is None or self.rollout.index >= self.router.calls:
+            self.rollout = self.start_rollout(batch_size, run)
+        rollout = self.rollout
+        index = rollout.index
+        terms, student = self.step_terms(rollout.x, index, rollout.labels, rollout.stepper, rollout.cache, run)
+        rollout.x = run.advance(rollout.stepper, student, index, rollout.x)  # the student's prediction moves it
+        rollout.index += 1
+        return terms, index
+
+    @torch.no_grad()
+    def start_rollout(self, batch_size: int, run: SamplingRun) -> Rollout:
+        """Noise and random classes (this process's rows of the global draw), then call 0 in full (fills the cache)."""
+        teacher, generator = self.teacher, self.draws()
+        rank, world_size = data_parallel_split(self._trainer)
+        shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
+        noise = draw_rows(lambda n: torch.randn(n, *shape, device=self.device, generator=generator), batch_size, rank,
+                          world_size)  # fmt: skip
+        labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
+                           batch_size, rank, world_size)  # fmt: skip
+        stepper = run.stepper()
+        rollout = Rollout(stepper.initial(noise), labels, {}, 0, stepper)
+        self.advance_in_full(rollout, run)
+        return rollout
+
+    @torch.no_grad()
+    def advance_in_full(self, rollout: Rollout, run: SamplingRun) -> None:
+        """One call computing every unit (a frozen row): refreshes the whole cache and moves the sample."""
+        inputs = run.inputs(rollout.stepper, rollout.x, rollout.index, rollout.labels)
+        output = routed_call(self.teacher, *inputs, self.router.scores()[rollout.index], rollout.cache, 0.0)
+        rollout.x = run.advance(rollout.stepper, output, rollout.index, rollout.x)
+        rollout.index += 1
+
+    def pair_terms(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """L2C: a real image noised to the full call before a random cached call, one full step, then the pair."""
+        run, generator = self.sampling_run(), self.draws()
+        rank, world_size = data_parallel_split(self._trainer)
+        cached_calls = torch.arange(1, self.router.calls, 2)
+        pick = torch.randint(len(cached_calls), (1,), generator=generator, device=self.device)
+        index = int(cached_calls[int(pick)])
+        noise = draw_rows(lambda n: torch.randn(n, *images.shape[1:], device=self.device, generator=generator),
+                          len(images), rank, world_size)  # fmt: skip
+        stepper = run.stepper()
+        time = torch.as_tensor(stepper.times[index - 1]).to(self.device).expand(len(images))
+        rollout = Rollout(self.objective.add_noise(images, time, noise), labels, {}, index - 1, stepper)
+        self.advance_in_full(rollout, run)
+        terms, _ = self.step_terms(rollout.x, index, labels, stepper, rollout.cache, run)
+        return terms, index
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Nothing to validate on data: the router is judged by sampling (``bench/learned_caching.py``)."""
+
+    # ----------------------------------------------------------------------------------- proxy and logging
+    @torch.no_grad()
+    def refresh_weights(self, samples: int, seed: int) -> torch.Tensor:
+        """Recompute the image-error proxy with the current router on ``samples`` fixed-seed trajectories."""
+        teacher, run = self.teacher, self.sampling_run()
+        generator = torch.Generator().manual_seed(seed)
+        shape = (samples, teacher.in_channels, teacher.input_size, teacher.input_size)
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        labels = torch.randint(teacher.num_classes, (samples,), generator=generator).to(self.device)
+        proxy = image_error_proxy(teacher, run, self.router.scores().detach(), noise, labels, self.router_config.threshold)
+        self.weights = loss_weights(proxy.cpu(), ~self.router.frozen.cpu())
+        return proxy
+
+    def log_terms(self, terms: dict[str, torch.Tensor], index: int, batch_size: int) -> None:
+        values = {f"train/{name}": value.detach() for name, value in terms.items()}
+        values["train/call"] = float(index)
+        values["router/computed_fraction"] = self.router.computes(self.router_config.threshold).float().mean()
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
+        every = self.log_router_every
+        if every and self.global_step % every == 0:
+            self.log_router_image()
+
+    def on_train_end(self) -> None:
+        self.log_router_image()
+
+    def log_router_image(self) -> None:
+        """The router as images, rows = sampling steps (first at the top), columns = units (attention, MLP, ...)."""
+        experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if self.global_rank != 0 or not hasattr(experiment, "add_image"):
+            return
+        scores = self.router.scores().detach().cpu()
+        for name, image in (("router/scores", scores), ("router/computed", (scores > self.router_config.threshold).float())):
+            large = image.repeat_interleave(8, 0).repeat_interleave(8, 1)
+            experiment.add_image(name, large[None], global_step=self.global_step)
+
+    # ----------------------------------------------------------------------------------- export and sampling
+    def export(self, threshold: float | None = None, path: str | Path | None = None) -> StaticPlan:
+        """The router at ``threshold`` (default the training one) as a static plan; saved to ``path`` if given."""
+        threshold = self.router_config.threshold if threshold is None else threshold
+        plan = StaticPlan(self.router.computes(threshold).cpu().tolist(), self.schedule().tolist(), self.sampler,
+                          self.sampling.steps, self.teacher.depth, threshold, source=self.teacher_config.checkpoint or "")
+        if path is not None:
+            plan.save(path)
+        return plan
+
+    def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
+               network: DiT | None = None, threshold: float | None = None, **overrides) -> torch.Tensor:  # fmt: skip
+        """Images sampled by the teacher through the exported plan (the sampler and steps it was trained for)."""
+        options = {**asdict(self.sampling), **overrides}
+        options.pop("cache", None)
+        teacher = self.teacher
+        plan = self.export(threshold)
+        model = Plan(teacher, self.schedule(), plan=plan)
+        model.check_sampling(options.get("sampler") or self.sampler, options.get("steps"))
+        latents = sample_images(model, self.objective, labels, seed=seed, start=start, show_progress=show_progress,
+                                **options)  # fmt: skip
+        return self.decode(latents.to(self.device)).clamp(-1, 1).cpu()
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The router alone in ``state_dict``; the schedule it belongs to and the training state beside it."""
+        rollout = None
+        if self.rollout is not None and self.rollout.index < self.router.calls:
+            rollout = {"x": self.rollout.x, "labels": self.rollout.labels, "index": self.rollout.index,
+                       "cache": [[block, kind, value] for (block, kind), value in self.rollout.cache.items()]}  # fmt: skip
+        checkpoint["cache_router"] = {
+            "mode": self.router_config.mode, "sampler": self.sampler, "steps": self.sampling.steps,
+            "times": self.schedule().tolist(), "depth": self.teacher.depth,
+            "threshold": self.router_config.threshold, "teacher": str(teacher_path(self.teacher_config)),
+            "cfg_scale": self.sampling.cfg_scale, "weights": self.weights, "rollout": rollout,
+            "training_draws": self._draws.get_state() if self._draws is not None else None,
+        }  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a router trained for another schedule; restore the proxy weights, trajectory and draws."""
+        saved = checkpoint.get("cache_router")
+        if saved is None:
+            raise ValueError("this checkpoint holds no cache router (no 'cache_router' entry); resume a "
+                             "CacheRouterModule run's checkpoint")  # fmt: skip
+        check_schedule(saved, self.sampler, self.sampling.steps, self.schedule().tolist())
+        self.weights = saved["weights"]
+        self._draws, self._pending_draws = None, saved["training_draws"]
+        self.rollout = None
+        if saved["rollout"] is not None:
+            state = saved["rollout"]
+            stepper = self.sampling_run().stepper()
+            self.rollout = Rollout(state["x"].to(self.device), state["labels"].to(self.device),
+                                   {(block, kind): value.to(self.device) for block, kind, value in state["cache"]},
+                                   state["index"], stepper)  # fmt: skip
+
+
+def check_schedule(saved: dict, sampler: str, steps: int | None, times: list[float] | None = None) -> None:
+    """One line when a router trained for one sampler / step count is used with another."""
+    same_times = times is None or (len(times) == len(saved["times"]) and all(
+        abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(times, saved["times"])))  # fmt: skip
+    if saved["sampler"] != sampler or saved["steps"] != steps or not same_times:
+        raise ValueError(f"this router was trained for {saved['sampler']} at {saved['steps']} steps, not {sampler} at "
+                         f"{steps} steps; sample with {saved['sampler']} at {saved['steps']} steps or train a router "
+                         "for this sampler and step count")  # fmt: skip

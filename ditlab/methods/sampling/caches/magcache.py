@@ -1,0 +1,69 @@
+"""``magcache``: magnitude-aware reuse of the whole-stack residual (Ma et al., "MagCache: Fast Video Generation
+with Magnitude-Aware Cache", arXiv 2506.09045; public code Zehong-Ma/MagCache, and diffusers' ``apply_mag_cache``).
+
+The ratio of the residual's magnitude (``h_L - h_0``, mean per-token norm ratio) between consecutive calls is
+calibrated once, on one sample, for the model and schedule. After the first ``warmup`` calls, each call
+multiplies the running ratio by its calibrated value and adds ``|1 - running ratio|`` to a running error; while
+that error stays below ``threshold`` and at most ``max_skip`` calls in a row were reused, the call adds the last
+computed residual to the fresh embedding, otherwise it computes every block and the running values restart.
+The decisions depend on the calibration only, so they are the same for every row. The comparison is strict
+(diffusers uses ``<=``), so ``threshold: 0`` is the network.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ditlab.methods.sampling.caches.calibration import Calibration
+from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
+
+
+@register_policy
+class MagCache(CachePolicy):
+    """Skip calls while the calibrated residual magnitudes say the residual barely moved."""
+
+    name = "magcache"
+    defaults = {"threshold": 0.06, "max_skip": 3, "warmup": None, "magnitudes": None}
+    calibration_samples = 1
+
+    def validate(self) -> None:
+        if self.warmup is None:
+            self.warmup = int(0.2 * self.num_calls + 0.5)  # MagCache's retention ratio 0.2
+        super().validate()
+        if self.magnitudes is not None and len(self.magnitudes) != self.num_calls:
+            raise ValueError(f"cache.magnitudes has {len(self.magnitudes)} entries but this sampler makes "
+                             f"{self.num_calls} model calls; calibrate for these steps (leave it unset)")  # fmt: skip
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.magnitudes is None and self.threshold > 0
+
+    def calibrate(self, calibration: Calibration) -> None:
+        self.magnitudes = calibration.magnitudes()
+
+    def start(self) -> None:
+        self.residual: torch.Tensor | None = None
+        self.ratio, self.error, self.skipped = 1.0, 0.0, 0
+
+    def reuse(self, call: int) -> bool:
+        """MagCache's rule; it advances the running ratio and error, so call it once per call."""
+        if call < self.warmup or self.residual is None or self.threshold == 0:
+            return False
+        if self.magnitudes is None:
+            raise ValueError("the magcache policy has no calibrated magnitudes: set cache.magnitudes or build it "
+                             "with ditlab.methods.sampling.caches.cached_model, which calibrates it on one sample")  # fmt: skip
+        self.ratio *= self.magnitudes[call]
+        self.skipped += 1
+        self.error += abs(1.0 - self.ratio)
+        if self.error < self.threshold and self.skipped <= self.max_skip:
+            return True
+        self.ratio, self.error, self.skipped = 1.0, 0.0, 0
+        return False
+
+    def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
+        tokens, cond = self.dit.embed(x, t, y)
+        if self.reuse(call):
+            return self.dit.head(tokens + self.residual, cond)
+        out = self.through_blocks(tokens, cond)
+        self.residual = out - tokens
+        return self.dit.head(out, cond)

@@ -1,0 +1,139 @@
+"""``plan``: run a static compute plan, a boolean table ``[model calls, units]`` saying which branch is computed
+at which call; every other branch reuses its last computed output (gates recomputed, as in every cache here).
+
+Learned routers (Learning-to-Cache, Ma et al., NeurIPS 2024, horseee/learning-to-cache; HarmoniCa, Huang et al.,
+ICML 2025, ModelTC/HarmoniCa) decide per sampling step and per attention / MLP branch what to recompute; once
+trained, a router at a threshold is exactly such a table (``ditlab.methods.sampling.cache_router`` exports it). Units are
+indexed ``2 * block + (0 attention, 1 MLP)``. A plan is tied to the sampler and step count it was trained for (its
+rows are those calls), so it records them and refuses any other schedule in one line.
+
+    ditlab sample --ckpt teacher.ckpt --sampler ddim --steps 20 --cache plan --cache.path router_plan.json
+    (in a config: ``sampling.cache: {policy: plan, path: router_plan.json}``)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
+from ditlab.models.taps import Branch
+
+
+def unit_index(block: int, kind: str) -> int:
+    """The column of a branch in a ``[calls, 2 * depth]`` plan or router."""
+    return 2 * block + (kind == "mlp")
+
+
+@dataclass
+class StaticPlan:
+    """Which units each model call computes, and the schedule the table belongs to.
+
+    Args:
+        compute: ``[calls][2 * depth]`` booleans (unit ``2 * block`` is the attention, ``+1`` the MLP).
+        times: network time of every model call (``ditlab.diffusion.sample.model_call_times``).
+        sampler: the sampler the plan was trained for.
+        steps: its step count.
+        depth: blocks of the network it was trained on.
+        threshold: the router threshold it was exported at (informational).
+        source: where it came from (a router checkpoint).
+    """
+
+    compute: list[list[bool]]
+    times: list[float]
+    sampler: str
+    steps: int | None
+    depth: int
+    threshold: float = math.nan
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.compute) != len(self.times) or any(len(row) != 2 * self.depth for row in self.compute):
+            raise ValueError(f"a cache plan needs one row of {2 * self.depth} units per model call "
+                             f"({len(self.times)} calls); got {len(self.compute)} rows")  # fmt: skip
+
+    @property
+    def table(self) -> torch.Tensor:
+        return torch.tensor(self.compute, dtype=torch.bool)
+
+    @property
+    def computed_fraction(self) -> float:
+        return float(self.table.float().mean())
+
+    def describe(self) -> str:
+        return f"{self.sampler} at {self.steps} steps ({len(self.times)} model calls)"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> StaticPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cache plan {path} does not exist; export one from a router checkpoint "
+                                    "(ditlab export --ckpt ROUTER.ckpt --out PLAN.json)")  # fmt: skip
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path} is not a ditlab cache plan ({type(error).__name__}); export one with "
+                             "ditlab export --ckpt ROUTER.ckpt --out PLAN.json") from None  # fmt: skip
+
+
+@register_policy
+class Plan(CachePolicy):
+    """Computes the units the plan marks, reuses the rest; the first call computes everything it has no cache for."""
+
+    name = "plan"
+    defaults = {"path": None}
+
+    def __init__(self, dit, schedule, plan: StaticPlan | None = None, **settings) -> None:
+        self.plan = plan
+        super().__init__(dit, schedule, **settings)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.plan is None:
+            if self.path is None:
+                raise ValueError("the plan cache needs cache.path, the plan file a router was exported to")
+            self.plan = StaticPlan.load(self.path)
+        where = f"cache plan {self.path}" if self.path else "this cache plan"
+        if self.plan.depth != self.depth:
+            raise ValueError(f"{where} was exported for a {self.plan.depth}-block network; this one has {self.depth}")
+        times = self.plan.times
+        if len(times) != self.num_calls or any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(times, self.times)):
+            raise ValueError(f"{where} was trained for {self.plan.describe()}, but this sampling makes "
+                             f"{self.num_calls} model calls at other times; sample with {self.plan.describe()} "
+                             "or train a router for this sampler and step count")  # fmt: skip
+        self.table = self.plan.table.tolist()
+
+    def check_sampling(self, sampler: str, steps: int | None) -> None:
+        """Refuse a sampler other than the plan's, even on the same call times (DDPM and DDIM share them)."""
+        if sampler != self.plan.sampler or (steps is not None and steps != self.plan.steps):
+            where = f"cache plan {self.path}" if self.path else "this cache plan"
+            raise ValueError(f"{where} was trained for {self.plan.describe()}; this sampling is {sampler} at "
+                             f"{steps} steps: sample with {self.plan.sampler} at {self.plan.steps} steps or train "
+                             "a router for this sampler and step count")  # fmt: skip
+
+    def start(self) -> None:
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
+        tokens, cond = self.dit.embed(x, t, y)
+        row = self.table[call]
+
+        def decide(branch: Branch) -> torch.Tensor:
+            key = (branch.block, branch.kind)
+            if row[unit_index(*key)] or key not in self.cache:
+                self.cache[key] = branch.compute()
+                self.counted(len(tokens), 1)
+            return self.cache[key]
+
+        return self.dit.head(self.through_blocks(tokens, cond, hook=decide), cond)

@@ -1,0 +1,56 @@
+"""``taylorseer``: forecast features instead of reusing them (Liu et al., "From Reusing to Forecasting:
+Accelerating Diffusion Models with TaylorSeers", ICCV 2025, arXiv 2503.06923; public code Shenyi-Z/TaylorSeer).
+
+The units are FORA's (every block's attention and MLP output before its gate), computed on the first
+``warmup`` calls and then every ``interval`` calls. Each computed unit also updates finite-difference estimates
+of its derivatives in the network time ``t``, ``D_{i+1} = (D_i(now) - D_i(before)) / (t_now - t_before)``, up to
+``order``; a call in between forecasts ``f(t) = sum_i D_i (t - t_full)^i / i!`` with the orders the computed
+calls so far support. Differences are taken in the network time rather than the step index [interp], so uneven
+schedules forecast correctly; a sampler that calls the network twice at one time (Heun) is refused. ``order: 0``
+is FORA, and ``interval: 1`` is the network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ditlab.methods.sampling.caches.fora import BranchCache
+from ditlab.methods.sampling.caches.policy import register_policy
+from ditlab.models.taps import Branch
+
+
+@register_policy
+class TaylorSeer(BranchCache):
+    """Taylor-series forecast of every branch's pre-gate output between computed calls."""
+
+    name = "taylorseer"
+    defaults = {"interval": 4, "order": 1, "warmup": 2}
+    repeated_times = False
+
+    def start(self) -> None:
+        super().start()
+        self.derivatives: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.computed_at: dict[tuple[int, str], float] = {}
+
+    def store(self, branch: Branch) -> torch.Tensor:
+        output = super().store(branch)
+        key = (branch.block, branch.kind)
+        terms = [output]
+        before = self.derivatives.get(key)
+        if before is not None and self.order > 0:
+            step = self.time - self.computed_at[key]
+            for i in range(min(self.order, len(before))):
+                terms.append((terms[i] - before[i]) / step)
+        self.derivatives[key], self.computed_at[key] = terms, self.time
+        return output
+
+    def cached(self, branch: Branch) -> torch.Tensor:
+        key = (branch.block, branch.kind)
+        terms = self.derivatives[key]
+        distance = self.time - self.computed_at[key]
+        forecast = terms[0]
+        for i in range(1, len(terms)):
+            forecast = forecast + terms[i] * (distance**i / math.factorial(i))
+        return forecast

@@ -1,0 +1,245 @@
+"""``FeedbackModule``: train Inner Loop Feedback's block on a frozen DiT by distillation (Gwilliam et al., arXiv
+2501.13107; no public code, the wiring is our reading, see ``predictor.py``).
+
+Training follows sampling trajectories from noise (no images), the way the feedback block is used: full calls run
+the frozen network and keep the source block's output; at each feedback call the student (the frozen blocks after
+the re-entry point on the feedback block's prediction) and the teacher (the full frozen network) see the same
+sample, and the loss is ``output_weight * MSE(student, teacher) + feature_weight * MSE(h_hat, h)``, ``h`` the
+teacher's source-block output at this call. One feedback call is trained per training step; the trajectory moves
+on with the student's prediction (``rollout: student``, as it will at inference) or the teacher's [interp: the
+paper does not say which]. Only the feedback block and its scale are trained and saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+from ditlab.diffusion.global_batch import draw_rows
+from ditlab.diffusion.sample import model_call_times
+from ditlab.distributed import data_parallel_split
+from ditlab.methods.base import DiffusionModule
+from ditlab.methods.sampling.cache_router.module import check_schedule
+from ditlab.methods.sampling.cache_router.routed import SamplingRun
+from ditlab.methods.sampling.feedback.predictor import FeedbackBlock, FeedbackPolicy, check_wiring
+from ditlab.methods.teacher import FromTeacher, TeacherConfig
+from ditlab.models.dit import DiT
+from ditlab.models.taps import run_block_range, run_blocks
+
+
+@dataclass
+class FeedbackConfig:
+    """The feedback block, where it sits, when it runs and what it learns from.
+
+    Args:
+        source: 0-based index of the block whose output is fed back (and copied into the feedback block).
+        reentry: first block run on the prediction; None: ``source + 1``.
+        interval: a full call every this many calls (after ``warmup``); feedback calls in between.
+        warmup: calls at the start that are always full.
+        gamma: the scale's initial value (ILF: 0).
+        init: ``copy`` the source block into the feedback block, or ``random``.
+        output_weight: weight of the output distillation loss.
+        feature_weight: weight of the feature loss ``MSE(h_hat, h)``.
+        rollout: which prediction moves the training trajectory: ``student`` or ``teacher``.
+        train_cfg_scale: guidance while training; None uses ``sampling.cfg_scale``.
+    """
+
+    source: int = 5
+    reentry: int | None = None
+    interval: int = 2
+    warmup: int = 0
+    gamma: float = 0.0
+    init: Literal["copy", "random"] = "copy"
+    output_weight: float = 1.0
+    feature_weight: float = 1.0
+    rollout: Literal["student", "teacher"] = "student"
+    train_cfg_scale: float | None = None
+
+
+@dataclass
+class Trajectory:
+    x: torch.Tensor
+    labels: torch.Tensor
+    hidden: torch.Tensor | None
+    index: int
+    stepper: object
+
+
+class FeedbackModule(FromTeacher, DiffusionModule):
+    """Trains ILF's feedback block on a frozen teacher; see ``FeedbackConfig`` and the module notes.
+
+    Args:
+        teacher: the frozen backbone (a ditlab run, a public DiT file, a diffusers folder, or a cached recipe).
+        feedback: the feedback block's wiring, schedule and losses.
+        objective: used only for teachers that do not record one.
+        sampling: the sampler, steps and guidance it is trained for; None takes the teacher's.
+        lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up.
+    """
+
+    builds_own_network = True
+
+    def __init__(
+        self,
+        teacher: TeacherConfig = TeacherConfig(),
+        feedback: FeedbackConfig = FeedbackConfig(),
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        sampling: SamplingConfig | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+    ) -> None:
+        if feedback.interval < 2:
+            raise ValueError(f"model.feedback.interval={feedback.interval}: at least 2 (one full call, then feedback)")
+        super().__init__(objective=objective, sampling=sampling or SamplingConfig(), lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, ema_decay=None)  # fmt: skip
+        self.automatic_optimization = False
+        self.teacher_config, self.feedback_config = teacher, feedback
+        self.hold_teacher(sampling is not None)
+        self.feedback: FeedbackBlock | None = None
+        self.trajectory: Trajectory | None = None
+
+    @property
+    def sampler(self) -> str:
+        return self.sampling.sampler or self.objective.default_sampler
+
+    @property
+    def reentry(self) -> int:
+        config = self.feedback_config
+        return config.source + 1 if config.reentry is None else config.reentry
+
+    def configure_model(self) -> None:
+        if self.feedback is not None:
+            return
+        teacher, config = self.teacher, self.feedback_config
+        self.objective = self.objective_config.build(teacher.learn_sigma)
+        if self.sampling.guidance_interval is not None or self.sampling.time_grid is not None:
+            raise ValueError("model.sampling: the feedback block is trained on the sampler's default grid with guidance "
+                             "everywhere; set time_grid and guidance_interval to null")  # fmt: skip
+        check_wiring(config.source, config.reentry, teacher.depth)
+        self.feedback = FeedbackBlock(teacher.blocks[config.source], config.gamma, config.init).to(self.device)
+
+    def schedule(self) -> torch.Tensor:
+        return model_call_times(self.objective, self.sampler, self.sampling.steps,
+                                ddim_alpha_to_one=self.sampling.ddim_alpha_to_one)
+
+    def full_call(self, call: int) -> bool:
+        config = self.feedback_config
+        return call < config.warmup or (call - config.warmup) % config.interval == 0
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.feedback.parameters())
+
+    @property
+    def sampling_network(self) -> DiT:
+        return self.teacher
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.feedback.parameters()) if self.feedback is not None else 0
+
+    def model_function(self) -> FeedbackPolicy:
+        """What to sample with: the teacher with this feedback block, planned for the trained schedule."""
+        config = self.feedback_config
+        return FeedbackPolicy(self.teacher, self.schedule(), self.feedback, source=config.source,
+                              reentry=config.reentry, interval=config.interval, warmup=config.warmup)  # fmt: skip
+
+    def sampling_run(self) -> SamplingRun:
+        scale = self.feedback_config.train_cfg_scale
+        scale = self.sampling.cfg_scale if scale is None else scale
+        return SamplingRun(self.objective, self.sampler, self.sampling.steps, scale, self.sampling.cfg_channels,
+                           self.teacher.num_classes, self.sampling.ddim_alpha_to_one)  # fmt: skip
+
+    # ----------------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        terms = self.feedback_terms(len(batch[1]))
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(terms["loss"])
+        optimizer.step()
+        schedule.step()
+        values = {f"train/{name}": value.detach() for name, value in terms.items()}
+        values["train/gamma"] = self.feedback.gamma.detach()
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=len(batch[1]), sync_dist=True)
+        return terms["loss"].detach()
+
+    def feedback_terms(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Run full calls until the next feedback call (opening a trajectory if needed) and distil at it."""
+        run = self.sampling_run()
+        calls = len(self.schedule())
+        while True:
+            if self.trajectory is None or self.trajectory.index >= calls:
+                self.trajectory = self.start_trajectory(batch_size, run)
+            trajectory = self.trajectory
+            if not self.full_call(trajectory.index) and trajectory.hidden is not None:
+                break
+            self.full_step(trajectory, run)
+        index = trajectory.index
+        inputs = run.inputs(trajectory.stepper, trajectory.x, index, trajectory.labels)
+        with torch.no_grad():
+            tapped = run_blocks(self.teacher, *inputs, hidden=[self.feedback_config.source])
+        _, cond = self.teacher.embed(*inputs)
+        predicted = self.feedback(trajectory.hidden, cond)
+        student = self.teacher.head(run_block_range(self.teacher, predicted, cond, range(self.reentry, self.teacher.depth)),
+                                    cond)  # fmt: skip
+        output = F.mse_loss(student, tapped.output)
+        feature = F.mse_loss(predicted, tapped.hidden[self.feedback_config.source])
+        config = self.feedback_config
+        loss = config.output_weight * output + config.feature_weight * feature
+        moved_by = student if config.rollout == "student" else tapped.output
+        trajectory.x = run.advance(trajectory.stepper, moved_by.detach(), index, trajectory.x)
+        trajectory.hidden = predicted.detach()
+        trajectory.index += 1
+        return {"loss": loss, "output_mse": output.detach(), "feature_mse": feature.detach()}
+
+    @torch.no_grad()
+    def start_trajectory(self, batch_size: int, run: SamplingRun) -> Trajectory:
+        teacher, generator = self.teacher, self.training_generator(self.device)
+        rank, world_size = data_parallel_split(self._trainer)
+        shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
+        noise = draw_rows(lambda n: torch.randn(n, *shape, device=self.device, generator=generator), batch_size, rank,
+                          world_size)  # fmt: skip
+        labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
+                           batch_size, rank, world_size)  # fmt: skip
+        stepper = run.stepper()
+        return Trajectory(stepper.initial(noise), labels, None, 0, stepper)
+
+    @torch.no_grad()
+    def full_step(self, trajectory: Trajectory, run: SamplingRun) -> None:
+        inputs = run.inputs(trajectory.stepper, trajectory.x, trajectory.index, trajectory.labels)
+        tapped = run_blocks(self.teacher, *inputs, hidden=[self.feedback_config.source])
+        trajectory.hidden = tapped.hidden[self.feedback_config.source]
+        trajectory.x = run.advance(trajectory.stepper, tapped.output, trajectory.index, trajectory.x)
+        trajectory.index += 1
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Nothing to validate on data: the feedback block is judged by sampling (``bench/learned_caching.py``)."""
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trajectory = self.trajectory
+        state = None
+        if trajectory is not None and trajectory.index < len(self.schedule()):
+            state = {"x": trajectory.x, "labels": trajectory.labels, "hidden": trajectory.hidden,
+                     "index": trajectory.index}  # fmt: skip
+        checkpoint["feedback"] = {"sampler": self.sampler, "steps": self.sampling.steps, "times": self.schedule().tolist(),
+                                  "source": self.feedback_config.source, "reentry": self.reentry,
+                                  "interval": self.feedback_config.interval, "warmup": self.feedback_config.warmup,
+                                  "trajectory": state,
+                                  "training_draws": self._draws.get_state() if self._draws is not None else None}  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("feedback")
+        if saved is None:
+            raise ValueError("this checkpoint holds no feedback block (no 'feedback' entry); resume a FeedbackModule run")
+        check_schedule(saved, self.sampler, self.sampling.steps, self.schedule().tolist())
+        self._draws, self._pending_draws = None, saved["training_draws"]
+        self.trajectory = None
+        if saved["trajectory"] is not None:
+            state = saved["trajectory"]
+            hidden = state["hidden"].to(self.device) if state["hidden"] is not None else None
+            self.trajectory = Trajectory(state["x"].to(self.device), state["labels"].to(self.device), hidden,
+                                         state["index"], self.sampling_run().stepper())  # fmt: skip
