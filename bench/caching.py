@@ -196,7 +196,7 @@ def bench_steps(network, objective, cfg_scale: float, steps: int, args, extracto
     for name, sweep in SWEEPS[steps].items():
         for knobs in sweep[: args.knobs]:
             began = time.process_time()
-            policy = build_policy(network, {"policy": name, **knobs}, objective, args.sampler, steps,
+            policy = build_policy(network, {"policy": name, "options": knobs}, objective, args.sampler, steps,
                                   cfg_scale)  # fmt: skip
             calibration_s = time.process_time() - began
             if name == "magcache":
@@ -277,7 +277,7 @@ def interleaved_wallclock(report: dict, network, objective, cfg_scale: float, ar
             source = best["source"]
             if source == "ditlab":
                 reference = network
-                model = build_policy(network, {"policy": best["policy"], **best["knobs"]}, objective, args.sampler, steps,
+                model = build_policy(network, {"policy": best["policy"], "options": best["knobs"]}, objective, args.sampler, steps,
                                      cfg_scale)  # fmt: skip
             else:
                 magnitudes = build_policy(network, {"policy": "magcache"}, objective, args.sampler, steps,

@@ -227,7 +227,7 @@ def main() -> None:
               f"{row['fid']:.3f} ({row['fid_change']:+.1%}), PSNR {row['psnr']:.1f}", flush=True)  # fmt: skip
 
     for interval in (2, 3) if args.fora else ():
-        add(build_policy(network, {"policy": "fora", "interval": interval}, objective, "ddim", STEPS, cfg_scale), "fora",
+        add(build_policy(network, {"policy": "fora", "options": {"interval": interval}}, objective, "ddim", STEPS, cfg_scale), "fora",
             {"interval": interval}, "ditlab")  # fmt: skip
     size = network.input_size
     for mode, sweep in (("harmonica", args.sparsity), ("l2c", args.l2c_sparsity)):

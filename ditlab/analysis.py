@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from ditlab.checkpoint import Bundle, bundle_from_checkpoint
 from ditlab.diffusion.config import SamplingConfig
-from ditlab.diffusion.sample import sample_images
-from ditlab.progress import TaskProgress
+from ditlab.diffusion.images import model_function, sample_from_config
 
 
 @dataclass
@@ -64,13 +63,8 @@ def load_run(path: str | Path) -> Run:
 
 # ----------------------------------------------------------------------------------- sampling
 def sampling_model(bundle: Bundle, sampling: SamplingConfig):
-    """What ``sampling`` samples: the network, or the cache policy wrapping it (``ditlab.methods.sampling.caches``)."""
-    from ditlab.methods.sampling.caches import cached_model
-
-    options = {item.name: getattr(sampling, item.name) for item in fields(sampling)}
-    for name in ("cache", "batch_size"):
-        options.pop(name)
-    return cached_model(bundle.network, sampling.cache, bundle.objective, **options)
+    """What ``sampling`` samples: the network, or the cache policy wrapping it (``ditlab.diffusion.images``)."""
+    return model_function(bundle.network, bundle.objective, sampling)
 
 
 def sample_bundle(bundle: Bundle, labels: torch.Tensor, sampling: SamplingConfig | None = None, seed: int = 0,
@@ -86,18 +80,10 @@ def sample_bundle(bundle: Bundle, labels: torch.Tensor, sampling: SamplingConfig
     from ditlab.data.vae import decode_latents, load_vae
 
     sampling = sampling if sampling is not None else bundle.sampling
-    options = {item.name: getattr(sampling, item.name) for item in fields(sampling) if item.name != "cache"}
-    batch_size = options.pop("batch_size")
-    model = model if model is not None else sampling_model(bundle, sampling)
     vae = load_vae(bundle.vae) if bundle.vae is not None else None
-    chunks = []
-    with TaskProgress(progress or "sampling", len(labels), enabled=progress is not None) as bar:
-        for start in range(0, len(labels), batch_size):
-            chunk = sample_images(model, bundle.objective, labels[start : start + batch_size], seed=seed,
-                                  start=start, batch_size=batch_size, **options)  # fmt: skip
-            chunks.append(decode_latents(vae, chunk, bundle.latent_scale) if vae is not None else chunk)
-            bar.advance(len(chunk))
-    return torch.cat(chunks).clamp(-1, 1) if chunks else torch.empty(0)
+    decode = (lambda latents: decode_latents(vae, latents, bundle.latent_scale)) if vae is not None else None
+    return sample_from_config(bundle.network, bundle.objective, sampling, labels, seed=seed, model=model,
+                              decode=decode, progress=progress).clamp(-1, 1)  # fmt: skip
 
 
 def sample_run(run: Run, labels: torch.Tensor, seed: int = 0, progress: str | None = None,

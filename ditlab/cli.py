@@ -8,7 +8,8 @@ run's logs, checkpoints and summary.json under DIR. Config fragments (``configs/
 ``configs/trainer/*.yaml``) are accepted by ``--config FILE`` and by ``--data FILE`` / ``--trainer FILE``.
 Lightning's advertisement and known-harmless notices are filtered (``--verbose`` or ``DITLAB_DEBUG=1`` shows them).
 Bad input (a config, a file, missing weights) ends in one line that names the key or file and the fix, with
-exit code 2 (``DITLAB_DEBUG=1`` for the full traceback); anything else is a bug and keeps its traceback. Ctrl-C (SIGINT) or SIGTERM stop a
+exit code 2 (``DITLAB_DEBUG=1`` for the full traceback), and so does a full disk (``ditlab.atomic``: the file, the
+space it needed, what is already saved); anything else is a bug and keeps its traceback. Ctrl-C (SIGINT) or SIGTERM stop a
 run after saving ``interrupted.ckpt``, with the shell's exit codes 130 / 143; a child run ditlab starts (the teacher
 build) is stopped with it. Checkpoints are read as plain data only; ``DITLAB_TRUST_CHECKPOINTS=1`` reads a file
 you trust fully (``ditlab.models.loading``).
@@ -32,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ditlab.atomic import disk_full, quiet_writer_threads
 from ditlab.callbacks.interrupt import SaveOnInterrupt
 from ditlab.callbacks.monitor import LineProgress, StepProgressBar, TrainingMonitor
 from ditlab.callbacks.reliability import NaNGuard, ResumeState
@@ -335,6 +337,7 @@ def run_command(argv: list[str] | None = None) -> int:
     argv = [arg for arg in argv if arg != "--verbose"]
     if not verbose:
         quiet_lightning()
+    quiet_writer_threads()  # TensorBoard's thread would print its own out-of-space traceback
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(top_help())
@@ -369,6 +372,10 @@ def run_command(argv: list[str] | None = None) -> int:
         print("ditlab: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except Exception as error:
+        full = disk_full(error)  # out of space or quota, whatever was writing: the file, the sizes, what is saved
+        if full is not None and not os.environ.get("DITLAB_DEBUG"):
+            print(f"ditlab: error: {full}", file=sys.stderr)
+            return 2
         message = str(error.args[0]) if error.args else type(error).__name__
         mismatch = state_dict_mismatch(message) if isinstance(error, RuntimeError) else None
         if os.environ.get("DITLAB_DEBUG") or not (isinstance(error, USER_ERRORS) or mismatch):

@@ -13,13 +13,18 @@ on all processes together (every process must take part in each sharded forward 
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from ditlab.atomic import DiskFull, out_of_space, replace_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +68,37 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A sharded folder appears whole or not at all: every process writes its shard into a temporary sibling
+        folder, which rank 0 swaps in once all succeeded. When any process fails (out of space, say), the temporary
+        is removed and every process raises, so none is left waiting in a later collective."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        temporary = path.with_name(f".{path.name}.tmp-{self.broadcast(os.getpid())}")
+        failure: BaseException | None = None
+        try:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+        except Exception as error:
+            failure = error
+        full = out_of_space(failure)
+        flags = torch.tensor([float(failure is not None), float(full.errno if full else 0)], device=self.root_device)
+        failed, code = self.reduce(flags, reduce_op="max").tolist()
+        if self.is_global_zero:
+            if failed:
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                replace_folder(temporary, path)
+        self.barrier("sharded checkpoint")
+        if code:  # out of space on some process: the same one-line error on every process
+            raise DiskFull(path, code=int(code)) from failure
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(f"another process failed to write its shard of {path} (its error says why); "
+                               "the checkpoint was not written")  # fmt: skip
 
     def load_checkpoint(self, checkpoint_path, *args, **kwargs) -> dict:
         """Let the module rebuild its network at the checkpoint's architecture first (``prepare_checkpoint_load``:

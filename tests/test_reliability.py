@@ -13,10 +13,11 @@ import lightning as L
 import pytest
 import torch
 
+from ditlab.atomic import save_torch
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.callbacks.reliability import NaNGuard
 from ditlab.checkpoint import read_checkpoint
-from ditlab.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from ditlab.checkpoint_io import AtomicCheckpointIO
 from ditlab.cli import build_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,18 +211,18 @@ def test_nan_guard_stop_is_one_line_from_the_command(tiny_args, capsys, monkeypa
 # ------------------------------------------------------------------------------------------- atomic writes
 def test_atomic_save_keeps_the_old_file_when_the_write_dies(tmp_path):
     path = tmp_path / "last.ckpt"
-    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+    save_torch({"step": 1, "w": torch.ones(3)}, path)
 
     class Explodes:
         def __reduce__(self):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        atomic_torch_save({"step": 2, "w": torch.zeros(1000), "bad": Explodes()}, path)
+        save_torch({"step": 2, "w": torch.zeros(1000), "bad": Explodes()}, path)
     assert torch.load(path, weights_only=False)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
     with pytest.raises(OSError):
-        atomic_torch_save({"bad": Explodes()}, tmp_path / "new.ckpt")
+        save_torch({"bad": Explodes()}, tmp_path / "new.ckpt")
     assert not (tmp_path / "new.ckpt").exists()
 
 
@@ -238,8 +239,8 @@ def test_checkpoint_io_is_the_default_and_reads_corrupt_files_in_one_line(tiny_a
 def test_sigkill_mid_write_never_leaves_a_partial_file(tmp_path):
     """A child process rewrites a 40 MB checkpoint in a loop; SIGKILL it at random moments."""
     path = tmp_path / "big.ckpt"
-    code = ("import sys, torch; from ditlab.checkpoint_io import atomic_torch_save\n"
-            "i = 0\nwhile True:\n    atomic_torch_save({'i': i, 'w': torch.full((10_000_000,), float(i))}, sys.argv[1])\n"
+    code = ("import sys, torch; from ditlab.atomic import save_torch\n"
+            "i = 0\nwhile True:\n    save_torch({'i': i, 'w': torch.full((10_000_000,), float(i))}, sys.argv[1])\n"
             "    i += 1; print(i, flush=True)\n")  # fmt: skip
     for delay in (0.3, 0.55, 0.8):
         child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)

@@ -6,6 +6,10 @@ epoch*, which a scheduler's grace period may not reach; this callback stops afte
 (``SIGTERMException``, exit code 143 from ``ditlab``) and saves ``interrupted.ckpt`` on the way out; Ctrl-C
 stops at once, saves the same way, and ``ditlab`` exits 130.
 
+Out of space (or quota) is different: there is no room for ``interrupted.ckpt``, so nothing is saved; the
+error is noted with the newest complete checkpoint (every checkpoint is written atomically, so each one found is
+complete) for ``ditlab`` to name in its one line, and a resume from it is exact.
+
 Lightning's ``OnExceptionCheckpoint`` also turns every later ``fit()`` into a resume from "last"; this
 callback only saves, so resuming stays an explicit ``--ckpt_path``. ``final.ckpt`` exists whatever the
 periodic checkpoint interval, so a short run (or a teacher build) always leaves its trained weights.
@@ -17,6 +21,9 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ditlab.atomic import note_saved, out_of_space
+from ditlab.callbacks.run_dir import run_dir
 
 
 class SaveOnInterrupt(L.Callback):
@@ -48,6 +55,9 @@ class SaveOnInterrupt(L.Callback):
             pl_module.summary["checkpoint"] = str(self.path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if out_of_space(exception) is not None:
+            self.note_newest(trainer, pl_module, exception)
+            return
         if trainer.state.fn != "fit" or trainer.global_step == 0 or not trainer.log_dir:
             return
         self.path = Path(trainer.log_dir) / "checkpoints" / self.filename
@@ -57,3 +67,22 @@ class SaveOnInterrupt(L.Callback):
         if trainer.is_global_zero:
             print(f"interrupted at step {trainer.global_step}; saved {self.path} "
                   f"(resume with --ckpt_path {self.path})", flush=True)  # fmt: skip
+
+    def note_newest(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Name the newest complete checkpoint on the out-of-space error, as the one to resume from."""
+        newest = newest_checkpoint(trainer) if trainer.is_global_zero else None
+        if newest is None:
+            return
+        if hasattr(pl_module, "summary"):
+            pl_module.summary["checkpoint"] = str(newest)
+        note_saved(exception, [f"{newest} (the newest complete checkpoint)"],
+                   f"free some space; --ckpt_path {newest} resumes from it")  # fmt: skip
+
+
+def newest_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The most recently written checkpoint (file or sharded folder) of this run, or None."""
+    folders = {Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)}
+    if run_dir(trainer):
+        folders.add(run_dir(trainer) / "checkpoints")
+    found = [path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")]
+    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)

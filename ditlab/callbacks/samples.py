@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
+from ditlab.atomic import save_image_file
 from ditlab.callbacks.run_dir import run_dir
 
 
@@ -50,9 +51,7 @@ class SampleGrid(L.Callback):
             if hasattr(experiment, "add_image"):
                 experiment.add_image("samples/grid", grid, global_step=step)
         if run_dir(trainer):
-            self.last_path = run_dir(trainer) / "samples" / f"step_{step:07d}.png"
-            self.last_path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, self.last_path)
+            self.last_path = save_image_file(grid, run_dir(trainer) / "samples" / f"step_{step:07d}.png")
             pl_module.summary["last_sample_grid"] = str(self.last_path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

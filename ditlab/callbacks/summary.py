@@ -1,14 +1,14 @@
 """``summary.json``: one file per run that says what was run and what came out.
 
 Written at the end of fit in the log directory (final metrics, parameters total and activated, FLOPs per image,
-training images/s,
-steps, wall time, peak memory per process, the resolved config, and whatever callbacks put in ``pl_module.summary``); its path
-is printed so scripts and notebooks can find it.
+training images/s, steps, wall time, peak memory per process, the resolved config, and whatever callbacks put in
+``pl_module.summary``); its path is printed so scripts and notebooks can find it. A run stopped by a full disk (an
+end-of-run or periodic checkpoint, a sample grid, TensorBoard) still writes it, with the reason under ``stopped``,
+so its numbers survive: the summary is small, and the failed write has given its space back.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ditlab.atomic import disk_full, note_saved, out_of_space, save_json
 from ditlab.callbacks.run_dir import run_dir
 from ditlab.models import budget
 
@@ -53,10 +54,15 @@ def reset_peak_memory(device: torch.device) -> float:
     return resident_mb()
 
 
+def local_peak_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB: allocated accelerator memory on GPU, peak resident set on CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident_mb("VmHWM")
+
+
 def peak_memory_mb(trainer: L.Trainer, device: torch.device, at_start: float) -> dict[str, list[float]]:
     """Every process's peak memory during training and its rise over the start (rank order): allocated
     accelerator memory on GPU, resident set size on CPU (which includes the ~1 GiB of loaded libraries)."""
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident_mb("VmHWM")
+    peak = local_peak_mb(device)
     values = torch.tensor([float(peak), float(peak - at_start)], device=device)
     if trainer.world_size > 1:
         values = trainer.strategy.all_gather(values)
@@ -104,6 +110,23 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         memory = peak_memory_mb(trainer, pl_module.device, self._memory_at_start)  # a collective: all processes
+        self.write(trainer, pl_module, memory)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Out of space: write the summary anyway (no collective: the other processes may be elsewhere)."""
+        if out_of_space(exception) is None or not self._fit_start or trainer.global_step == 0:
+            return
+        memory = {"peak_memory_mb": [round(local_peak_mb(pl_module.device), 1)]}
+        try:
+            self.write(trainer, pl_module, memory, stopped=str(disk_full(exception)))
+        except OSError as again:
+            if out_of_space(again) is None:
+                raise
+            return  # no room even for the summary: the error names what is saved
+        if self.path is not None:
+            note_saved(exception, [str(self.path)])
+
+    def write(self, trainer, pl_module, memory: dict, stopped: str | None = None) -> None:
         if not trainer.is_global_zero or not run_dir(trainer):
             return
         metrics = {name: _plain(value) for name, value in trainer.callback_metrics.items()}
@@ -121,8 +144,7 @@ class RunSummary(L.Callback):
             **{key: _plain(value) if not isinstance(value, dict) else value
                for key, value in extra.items()},  # fmt: skip
             "config": self.config,
+            **({"stopped": stopped} if stopped else {}),
         }
-        self.path = run_dir(trainer) / self.filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(summary, indent=2, default=str))
+        self.path = save_json(summary, run_dir(trainer) / self.filename, indent=2, default=str)
         print(f"summary: {self.path} (logs, checkpoints and samples of this run: {self.path.parent})", flush=True)

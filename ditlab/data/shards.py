@@ -8,20 +8,22 @@ images with dataset indices ``[k * shard_size, (k + 1) * shard_size)`` that coul
 - ``flip_mean``, ``flip_std`` / ``flip_latents``: the same for the horizontally flipped image, when asked;
 - ``labels``, ``indices``: ``(n,)`` int64; the safetensors metadata lists the skipped indices and files.
 
-A shard is written under a temporary name and moved into place with ``os.replace``, so a shard file that
-exists is complete; process ``rank`` of ``world_size`` owns shards ``k % world_size == rank``.
+A shard is written atomically (:mod:`ditlab.atomic`: a temporary sibling moved into place), so a shard file that
+exists is complete and a full disk is one line; process ``rank`` of ``world_size`` owns shards
+``k % world_size == rank``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from ditlab.atomic import DiskFull, save_bytes, save_json, temporaries
 
 FORMAT = "ditlab-latents/1"
 META = "meta.json"
@@ -101,23 +103,23 @@ def write_meta(folder: str | Path, meta: dict) -> None:
     if existing is not None:
         check_same(existing, meta, folder)
         return
-    temporary = folder / f".{META}.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps(meta, indent=2))
-    os.replace(temporary, folder / META)
+    save_json(meta, folder / META, indent=2)
 
 
 def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to ``<name>.tmp-<pid>`` then ``os.replace``: the shard appears complete or not at all."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(
-        {name: value.contiguous() for name, value in tensors.items()}, str(temporary), metadata=metadata
-    )
-    os.replace(temporary, path)
+    """The shard appears complete or not at all (serialised in memory: a shard is small); out of space, the
+    error names the complete shards, which a rerun keeps."""
+    try:
+        save_bytes(save({name: value.contiguous() for name, value in tensors.items()}, metadata=metadata), path)
+    except DiskFull as full:
+        full.saved.append(f"{len(list(path.parent.glob('shard-*.safetensors')))} complete shards in {path.parent}")
+        full.hint = "free some space and rerun the same `ditlab encode` command: it keeps the complete shards"
+        raise
 
 
 def remove_partial(path: Path) -> None:
     """Delete temporary files a killed run left for shard ``path``."""
-    for temporary in path.parent.glob(f"{path.name}.tmp-*"):
+    for temporary in temporaries(path):
         temporary.unlink(missing_ok=True)
 
 

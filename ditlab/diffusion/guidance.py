@@ -14,16 +14,25 @@ import torch
 ModelFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guided_output(model: ModelFunction, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_label: int,
-                  cfg_scale: float, cfg_channels: int | None = None) -> torch.Tensor:  # fmt: skip
-    """``uncond + w (cond - uncond)`` on the first ``cfg_channels`` output channels (default: all input
-    channels; ``3`` reproduces the public DiT), the conditional output on the rest (a learned variance)."""
-    null = torch.full_like(y, null_label)
-    both = model(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, torch.cat([y, null]))
-    channels = cfg_channels or x.shape[1]
-    guided, rest = both[:, :channels], both[:, channels:]
+def guidance_rows(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                  null_label: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The ``[cond; uncond]`` inputs of one guided model call: every row twice, the second copy on the null class."""
+    return torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, torch.cat([y, torch.full_like(y, null_label)])
+
+
+def combine(both: torch.Tensor, channels: int, cfg_scale: float, cfg_channels: int | None = None) -> torch.Tensor:
+    """``uncond + w (cond - uncond)`` of a ``[cond; uncond]`` output on its first ``cfg_channels`` channels
+    (default: the ``channels`` of the input; ``3`` reproduces the public DiT), the conditional rows on the rest."""
+    mixed = cfg_channels or channels
+    guided, rest = both[:, :mixed], both[:, mixed:]
     cond, uncond = guided.chunk(2)
     return torch.cat([uncond + cfg_scale * (cond - uncond), rest.chunk(2)[0]], dim=1)
+
+
+def guided_output(model: ModelFunction, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_label: int,
+                  cfg_scale: float, cfg_channels: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The guided output of ``model`` (:func:`combine` of one call on :func:`guidance_rows`)."""
+    return combine(model(*guidance_rows(x, t, y, null_label)), x.shape[1], cfg_scale, cfg_channels)
 
 
 @dataclass(frozen=True)

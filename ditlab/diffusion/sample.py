@@ -1,8 +1,8 @@
 """Sampling loops with classifier-free guidance, seeded and batched, on the time grids and solvers of the papers.
 
 The loop calls a *model function* ``model(x, t, y) -> output`` (a DiT is one; so is a feature cache or a
-learned router wrapped around one): it applies guidance itself (``ditlab.diffusion.guidance``), asks the
-objective for the network's time (``objective.model_time``) and for a stepper (``objective.stepper``), and
+learned router wrapped around one) once per step of a :class:`~ditlab.diffusion.trajectory.Trajectory`, which
+owns the stepper, the network time, guidance (``ditlab.diffusion.guidance``) and the call count; the loop
 calls ``model.reset()``, when the model function has one, at the start of every trajectory, so a stateful
 sampler-time method starts each batch of samples from an empty state. With guidance both CFG branches ride in
 one call as ``[cond; uncond]``; outside a ``guidance_interval`` the call has the conditional rows only.
@@ -26,14 +26,19 @@ from collections.abc import Sequence
 import torch
 from rich.progress import Progress
 
-from ditlab.diffusion.grids import TimeGrid, check_time_grid, is_named
-from ditlab.diffusion.guidance import Guidance, ModelFunction, check_guidance_interval
-from ditlab.diffusion.ode import ADAPTIVE_SOLVERS, integrate_adaptive
+from ditlab.diffusion.grids import TimeGrid
+from ditlab.diffusion.guidance import Guidance, ModelFunction
+from ditlab.diffusion.ode import integrate_adaptive
 from ditlab.diffusion.sde import SDEConfig
-from ditlab.diffusion.steppers import Stepper
+from ditlab.diffusion.trajectory import (
+    Trajectory,
+    check_sampler,
+    check_sampling_options,
+    is_adaptive,
+    make_stepper,
+)
 
 ANCESTRAL_SEED = 1 << 32  # per-step noise (DDPM, SDE) of sample i is seeded ANCESTRAL_SEED + seed + i
-DEFAULT_STEPS = 50  # fixed-step samplers on a named grid when steps is None
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, start: int = 0) -> torch.Tensor:
@@ -47,39 +52,6 @@ def null_label_of(model: ModelFunction) -> int | None:
     """The guidance null class of a DiT-like model function (its ``config.num_classes``), else None."""
     config = getattr(model, "config", None)
     return getattr(config, "num_classes", None)
-
-
-def is_adaptive(sampler: str | None) -> bool:
-    return sampler in ADAPTIVE_SOLVERS
-
-
-def check_sampler(objective, sampler: str) -> None:
-    if sampler not in objective.samplers:
-        name = "Gaussian" if objective.kind == "gaussian" else objective.kind
-        raise ValueError(f"sampler {sampler!r} does not apply to the {name} objective; choices: {list(objective.samplers)}")
-
-
-def check_sampling_options(sampler: str | None, steps: int | None, time_grid: TimeGrid,
-                           guidance_interval: Sequence[float] | None = None) -> None:  # fmt: skip
-    """One-line errors for settings no objective accepts, checked as soon as a config is made."""
-    check_time_grid(time_grid)
-    check_guidance_interval(guidance_interval)
-    if is_adaptive(sampler) and (steps is not None or time_grid not in (None, "sit")):
-        raise ValueError(f"sampler {sampler!r} is adaptive: atol/rtol set its steps, so it takes steps: null and no "
-                         f"time grid (got steps={steps}, time_grid={time_grid!r})")  # fmt: skip
-
-
-def make_stepper(objective, sampler: str | None = None, steps: int | None = None, time_grid: TimeGrid = None,
-                 ddim_alpha_to_one: bool | None = None, sde: SDEConfig | dict | None = None) -> Stepper:  # fmt: skip
-    """The fixed-step stepper of ``sampler`` (default: the objective's) on ``time_grid`` for one trajectory."""
-    sampler = sampler or objective.default_sampler
-    check_sampler(objective, sampler)
-    check_time_grid(time_grid)
-    if is_adaptive(sampler):
-        raise ValueError(f"sampler {sampler!r} is adaptive (atol/rtol decide its steps), so it has no fixed schedule")
-    if steps is None and is_named(time_grid):
-        steps = DEFAULT_STEPS
-    return objective.stepper(sampler, steps, time_grid=time_grid, ddim_alpha_to_one=ddim_alpha_to_one, sde=sde)
 
 
 def model_call_times(objective, sampler: str | None = None, steps: int | None = None, time_grid: TimeGrid = None,
@@ -125,34 +97,42 @@ def denoise(
     sampler = sampler or objective.default_sampler
     if cfg_scale != 1.0 and null_label is None:
         null_label = null_label_of(model)
-    interval = tuple(guidance_interval) if guidance_interval is not None else None
-    guidance = Guidance(cfg_scale, cfg_channels, null_label, interval)
-    channels, batch = noise.shape[1], noise.shape[0]
-    calls = 0
-
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return guidance(model, x, objective.model_time(t).to(x.device).expand(batch), labels, objective.noise_level(t))
-
     check_sampler(objective, sampler)
     check_sampling_options(sampler, steps, time_grid, guidance_interval)
     if is_adaptive(sampler):
-        reset_model(model)
-        sample = integrate_adaptive(lambda x, t: predict(x, t)[:, :channels], noise, sampler, atol, rtol)
-    else:
-        stepper = make_stepper(objective, sampler, steps, time_grid, ddim_alpha_to_one, sde)
-        reset_model(model)
-        sample = stepper.initial(noise)
-        task = progress.add_task("denoising", total=len(stepper.times)) if progress else None
-        for index, time in enumerate(stepper.times):
-            output = predict(stepper.model_input(sample, index), time)
-            output = output if stepper.uses_variance else output[:, :channels]
-            sample = stepper.step(output, index, sample, generator)
-            if progress:
-                progress.advance(task)
+        interval = tuple(guidance_interval) if guidance_interval is not None else None
+        guidance = Guidance(cfg_scale, cfg_channels, null_label, interval)
+        return denoise_adaptive(model, objective, noise, labels, sampler, guidance, atol, rtol, stats)
+    trajectory = Trajectory(objective, noise, labels, sampler=sampler, steps=steps, time_grid=time_grid,
+                            ddim_alpha_to_one=ddim_alpha_to_one, sde=sde, cfg_scale=cfg_scale,
+                            cfg_channels=cfg_channels, null_label=null_label, guidance_interval=guidance_interval,
+                            generator=generator)  # fmt: skip
+    reset_model(model)
+    task = progress.add_task("denoising", total=trajectory.calls) if progress else None
+    while not trajectory.done:
+        trajectory.step(model(*trajectory.inputs()))
         if progress:
-            progress.remove_task(task)
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    if stats is not None:
+        stats.setdefault("nfe", []).append(trajectory.nfe)
+    return trajectory.x
+
+
+def denoise_adaptive(model: ModelFunction, objective, noise: torch.Tensor, labels: torch.Tensor, sampler: str,
+                     guidance: Guidance, atol: float, rtol: float, stats: dict | None) -> torch.Tensor:  # fmt: skip
+    """:func:`denoise` with a torchdiffeq adaptive solver, whose error control picks the calls (no trajectory)."""
+    channels, batch, calls = noise.shape[1], noise.shape[0], 0
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        time = objective.model_time(t).to(x.device).expand(batch)
+        return guidance(model, x, time, labels, objective.noise_level(t))[:, :channels]
+
+    reset_model(model)
+    sample = integrate_adaptive(velocity, noise, sampler, atol, rtol)
     if stats is not None:
         stats.setdefault("nfe", []).append(calls)
     return sample

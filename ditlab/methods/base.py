@@ -23,7 +23,7 @@ from torch import nn
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.gaussian import Noised
 from ditlab.diffusion.global_batch import draw_rows
-from ditlab.diffusion.sample import sample_images
+from ditlab.diffusion.images import ModelFactory, sample_from_config
 from ditlab.distributed import (
     FSDP2Strategy,
     checkpoint_blocks,
@@ -36,6 +36,7 @@ from ditlab.methods.frozen import FrozenNetwork
 from ditlab.models.components import pop_aux_losses
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
+from ditlab.models.loading import upgrade_layout
 
 
 class DiffusionModule(L.LightningModule):
@@ -231,25 +232,18 @@ class DiffusionModule(L.LightningModule):
         return self.ema if self.ema is not None else self.network
 
     def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
-               network: DiT | None = None, **overrides) -> torch.Tensor:  # fmt: skip
+               network: DiT | None = None, factory: ModelFactory | None = None, **overrides) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1], ``(N, C, H, W)``, for ``labels: (N,)``; sample ``i`` uses seed ``seed + start + i``.
 
         ``network`` defaults to the EMA network (a teacher can be sampled the same way); ``overrides``
-        replace fields of ``self.sampling`` (sampler, steps, cfg_scale, cache, ...). A ``cache`` other than
-        ``none`` samples through that feature-caching policy (``ditlab.methods.sampling.caches``).
+        replace fields of ``self.sampling`` (sampler, steps, cfg_scale, cache, ...). The one sampling path
+        (``ditlab.diffusion.images``) makes the model function with ``factory`` (default: the network through
+        the feature cache ``cache`` names).
         """
-        from ditlab.methods.sampling.caches import cached_model
-
-        options = {**asdict(self.sampling), **overrides}
-        cache = options.pop("cache", None)
         network = network if network is not None else self.sampling_network
-        was_training = network.training
-        network.eval()
-        model = cached_model(network, cache, self.objective, **options)
-        latents = sample_images(model, self.objective, labels, seed=seed, start=start,
-                                show_progress=show_progress, **options)  # fmt: skip
-        network.train(was_training)
-        return self.decode(latents.to(self.device)).clamp(-1, 1).cpu()
+        return sample_from_config(network, self.objective, self.sampling, labels, seed=seed, start=start, factory=factory,
+                                  decode=lambda latents: self.decode(latents.to(self.device)).clamp(-1, 1).cpu(),
+                                  progress="sampling" if show_progress else None, **overrides)  # fmt: skip
 
     # ----------------------------------------------------------------------------------- latent space
     @property
@@ -288,6 +282,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Continue the training draws where the checkpoint left them (exact resume)."""
+        upgrade_layout(checkpoint)  # a file an earlier version wrote, in today's layout before anything reads it
         state = checkpoint.get("ditlab", {}).get("training_draws")
         self._draws, self._pending_draws = None, state
 

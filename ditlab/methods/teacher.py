@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ditlab.atomic import DiskFull, copy_file
 from ditlab.checkpoint import read_checkpoint, run_settings
 from ditlab.child_process import run_child
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
@@ -95,12 +94,15 @@ def build_from_recipe(config: TeacherConfig) -> Path:
         final = newest_checkpoint(work, "final.ckpt")  # trained, but not cached yet when its build was stopped
         if final is None:
             final = train_recipe(config, work, target, lock.fileno())
-        partial = target.with_suffix(".partial")
-        shutil.copyfile(final, partial)
-        summary = final.parents[1] / "summary.json"
-        if summary.is_file():
-            shutil.copyfile(summary, folder / "summary.json")
-        os.replace(partial, target)  # atomic: a half-copied teacher is never found at the final path
+        try:  # atomic: a half-copied teacher is never found at the final path
+            summary = final.parents[1] / "summary.json"
+            if summary.is_file():
+                copy_file(summary, folder / "summary.json")
+            copy_file(final, target)
+        except DiskFull as full:
+            full.saved.append(f"the trained teacher {final}")
+            full.hint = "free some space and rerun: the teacher is copied into the cache, not trained again"
+            raise
         print(f"teacher: cached {target} (its run, with TensorBoard logs and sample grids: {work})", flush=True)
         return target
 
@@ -132,6 +134,9 @@ def train_recipe(config: TeacherConfig, work: Path, target: Path, lock: int) -> 
         print(f"teacher: the build of {recipe} was stopped ({how}); {after}", flush=True)
         raise
     final = newest_checkpoint(work, "final.ckpt")
+    if code == 2:  # a user error (a full disk, a bad override), which the child has printed in one line
+        raise ValueError(f"the teacher build of {recipe} stopped on the error above; fix it and rerun (its partial "
+                         f"run is kept in {work} and resumed)")  # fmt: skip
     if code != 0 or final is None:
         raise RuntimeError(
             f"training the teacher recipe {recipe} failed (exit code {code}); run `ditlab fit --config {recipe}` to "

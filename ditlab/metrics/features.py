@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditlab.atomic import save_torch
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
@@ -39,14 +41,6 @@ def cache_root(path: str | Path | None = None) -> Path:
     if path is None:
         path = os.environ.get("DITLAB_CACHE") or Path.home() / ".cache" / "ditlab"
     return Path(path).expanduser()
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file, so concurrent ranks never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 def cached_training(path: Path, train: Callable[[], dict], retrain: bool = False) -> dict:
@@ -61,7 +55,7 @@ def cached_training(path: Path, train: Callable[[], dict], retrain: bool = False
             pass
     started = time.perf_counter()
     entry = {**train(), "train_seconds": time.perf_counter() - started}
-    atomic_save(entry, path)
+    save_torch(entry, path)
     return entry
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditlab.metrics.features import FeatureExtractor, atomic_save, cache_root
+from ditlab.atomic import save_torch
+from ditlab.metrics.features import FeatureExtractor, cache_root
 
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 
@@ -62,7 +63,7 @@ def _digits(extractor: FeatureExtractor, image_size: int, cache_dir: str | Path 
     images, _ = digits_tensors(image_size)
     described = f"reference statistics (digits at {image_size}px, first time; cached after)" if progress else None
     stats = _from_features("digits", extractor.features_and_logits(images, progress=described)[0].cpu())
-    atomic_save(vars(stats), path)
+    save_torch(vars(stats), path)
     return stats
 
 

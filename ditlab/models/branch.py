@@ -8,7 +8,7 @@ to such a hook instead of computing it, so there is one block forward and no met
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,12 @@ class Branch:
     fn: Callable[[torch.Tensor], torch.Tensor]
     gate: torch.Tensor | None = None
     """``(B, D)``: the gate the block applies to what the hook returns (from the current condition)."""
+    unit: int = 0
+    """The branch's global unit number (``ditlab.models.trunk``): a block numbers its own branches from 0 and the
+    trunk shifts them, so the key is unique however blocks nest (parallel pairs, routed groups)."""
+    rows: torch.Tensor | None = None
+    """Indices of the batch rows this branch is computed for, when a trunk runs its block on some images only
+    (Mixture of Blocks); None: every row."""
 
     def compute(self) -> torch.Tensor:
         return self.fn(self.inputs())
@@ -36,6 +42,18 @@ class Branch:
 
 BranchHook = Callable[[Branch], torch.Tensor]
 """``hook(branch) -> (B, N, D)``: the branch's pre-gate output, computed (``branch.compute()``) or not."""
+
+
+def offset_hook(hook: BranchHook, offset: int) -> BranchHook:
+    """``hook`` seeing unit numbers shifted by ``offset`` (a block inside a trunk or inside another block)."""
+    if offset == 0:
+        return hook
+    return lambda branch: hook(replace(branch, unit=branch.unit + offset))
+
+
+def rows_hook(hook: BranchHook, rows: torch.Tensor) -> BranchHook:
+    """``hook`` told that the branches it sees are computed for batch ``rows`` only."""
+    return lambda branch: hook(replace(branch, rows=rows if branch.rows is None else rows[branch.rows]))
 
 
 def compute_branch(branch: Branch) -> torch.Tensor:

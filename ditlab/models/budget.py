@@ -33,8 +33,13 @@ def activated_parameter_count(network: nn.Module) -> int:
             total += int(module.activated_parameters())
             return
         total += sum(p.numel() for p in module.parameters(recurse=False))
-        for child in module.children():
-            visit(child)
+        trunk = getattr(module, "trunk", None)
+        routed = trunk is not None and hasattr(module, "blocks")
+        for name, child in module.named_children():
+            if not (routed and name == "blocks"):
+                visit(child)
+        if routed:  # the trunk says what share of the blocks an image runs (Mixture of Blocks)
+            total += trunk.per_image([activated_parameter_count(block) for block in module.blocks])
 
     visit(network)
     return total
@@ -46,9 +51,8 @@ def flops_per_image(dit: DiT) -> int:
     tokens = dit.x_embedder.num_patches
     macs = tokens * dit.x_embedder.proj.weight.numel()  # (D, C, p, p) per token
     macs += sum(m.weight.numel() for m in dit.t_embedder.mlp if isinstance(m, nn.Linear))
-    macs += sum(block.macs(tokens, config) for block in dit.blocks)
-    if dit.trunk is not None:  # a dynamic trunk's routers (its savings depend on the input)
-        macs += dit.trunk.macs(tokens)
+    macs += dit.trunk.per_image([block.macs(tokens, config) for block in dit.blocks])
+    macs += dit.trunk.macs(tokens)  # a routing trunk's routers (its savings depend on the input)
     final = dit.final_layer
     macs += final.adaLN_modulation[-1].weight.numel() + tokens * final.linear.weight.numel()
     return 2 * macs

@@ -29,6 +29,7 @@ from ditlab.diffusion.guidance import guided_output
 from ditlab.models.branch import Branch, BranchHook, compute_branch
 from ditlab.models.components import build_component, component_macs, register_block
 from ditlab.models.config import DiTConfig
+from ditlab.models.trunk import Trunk
 
 
 def modulate(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,8 +113,9 @@ class DiTBlock(nn.Module):
         self,
         tokens: torch.Tensor,
         cond: torch.Tensor,
+        *,
         return_attention: bool = False,
-        branches: BranchHook = compute_branch,
+        branches: BranchHook | None = None,
         index: int = -1,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """``tokens: (B, N, D)``, ``cond: (B, D)``; with ``return_attention`` also the ``(B, H, N, N)`` map.
@@ -126,6 +128,7 @@ class DiTBlock(nn.Module):
             6, dim=1
         )
         weights = None
+        branches = branches or compute_branch
 
         def attend(inputs: torch.Tensor) -> torch.Tensor:
             nonlocal weights
@@ -134,13 +137,18 @@ class DiTBlock(nn.Module):
 
         attention_in = tokens
         mixed = branches(Branch(index, "attention", lambda: modulate(self.norm1(attention_in), shift_msa, scale_msa),
-                                attend, gate_msa))  # fmt: skip
+                                attend, gate_msa, unit=0))  # fmt: skip
         tokens = tokens + gate_msa.unsqueeze(1) * mixed
         mlp_in = tokens
         fed = branches(Branch(index, "mlp", lambda: modulate(self.norm2(mlp_in), shift_mlp, scale_mlp), self.mlp,
-                              gate_mlp))  # fmt: skip
+                              gate_mlp, unit=1))  # fmt: skip
         tokens = tokens + gate_mlp.unsqueeze(1) * fed
         return (tokens, weights) if return_attention else tokens
+
+    @staticmethod
+    def units() -> list[tuple[str, str]]:
+        """The branches this block offers a hook, in order (``ditlab.models.trunk``)."""
+        return [("attention", "attention"), ("mlp", "mlp")]
 
     def macs(self, num_tokens: int, config: DiTConfig) -> int:
         """Multiply-accumulates per image: the adaLN linear and the two components."""
@@ -213,9 +221,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(build_component("block", config, index) for index in range(config.depth))
         self.final_layer = FinalLayer(hidden_size, config.patch_size, config.out_channels)
         self.initialize_weights()
-        # a dynamic-compute trunk (token routing, per-sample block skips, ...) built after the DiT initialisation,
-        # so its own initialisation stands; the default "blocks" trunk is the plain loop in run_trunk
-        self.trunk = None if config.trunk == "blocks" else build_component("trunk", config)
+        # the trunk runs the blocks (ditlab.models.trunk); built after the DiT initialisation so a routing trunk's
+        # own initialisation stands
+        self.trunk: Trunk = build_component("trunk", config)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DiT:
@@ -292,15 +300,22 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         tokens, cond = self.embed(x, t, y, force_drop_ids)
-        return self.head(self.run_trunk(tokens, cond, t.expand(x.shape[0]) if t.ndim == 0 else t), cond)
+        return self.head(self.run_trunk(tokens, cond, t), cond)
 
-    def run_trunk(self, tokens: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, N, D)`` through the blocks: every block on every token, or the config's trunk kind."""
-        if self.trunk is not None:
+    def run_trunk(self, tokens: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                  branches: BranchHook | None = None) -> torch.Tensor:  # fmt: skip
+        """Tokens ``(B, N, D)`` through the blocks as the trunk runs them; ``branches`` decides every branch
+        (refused in one line by a trunk that cannot hand its blocks a hook)."""
+        if branches is not None:
+            self.trunk.require("branch_hooks", "a branch hook (feature cache)", self.config.trunk)
+        t = t.expand(tokens.shape[0]) if t.ndim == 0 else t
+        if branches is None:
             return self.trunk(self, tokens, cond, t)
-        for block in self.blocks:
-            tokens = block(tokens, cond)
-        return tokens
+        return self.trunk(self, tokens, cond, t, branches=branches)
+
+    def units(self):
+        """Every attention / MLP unit of the network with its global index (``ditlab.models.trunk.Unit``)."""
+        return self.trunk.units(self)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          cfg_channels: int | None = None) -> torch.Tensor:  # fmt: skip

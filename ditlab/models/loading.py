@@ -155,16 +155,36 @@ def read_checkpoint(path: str | Path) -> dict:
     corrupt file; a sharded (FSDP) checkpoint folder is gathered into the same single dictionary."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():
-        return read_sharded_checkpoint(path)
+        return upgrade_layout(read_sharded_checkpoint(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (runs/<name>/version_N/checkpoints/)")
     try:
-        return load_plain(path, f"checkpoint {path}", map_location="cpu")
+        return upgrade_layout(load_plain(path, f"checkpoint {path}", map_location="cpu"))
     except UntrustedCheckpointError:
         raise
     except UNREADABLE as error:
         raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}); "
                          "use an earlier checkpoint such as last.ckpt") from None  # fmt: skip
+
+
+LEGACY_ROUTER = re.compile(r"^((?:network|ema)\.)block_router\.")
+
+
+def upgrade_layout(checkpoint: dict) -> dict:
+    """Rewrite, in place, what earlier ditlab versions wrote in another layout, so every reader sees one layout.
+
+    Before the Mixture of Blocks became a trunk kind, Dense2MoE recorded it beside the architecture
+    (``dense2moe.mixture_of_blocks``: group size and active blocks) and stored its routers as ``block_router.*``;
+    today it is ``trunk: mixture-of-blocks`` in ``dit_config`` with its routers under ``trunk.router.*``.
+    """
+    mixture = (checkpoint.get("dense2moe") or {}).get("mixture_of_blocks")
+    meta = checkpoint.get("ditlab")
+    if mixture and meta and meta.get("dit_config", {}).get("trunk", "blocks") == "blocks":
+        meta["dit_config"] = {**meta["dit_config"], "trunk": "mixture-of-blocks", "trunk_options": dict(mixture)}
+        state = checkpoint.get("state_dict", {})
+        for key in [key for key in state if LEGACY_ROUTER.match(key)]:
+            state[LEGACY_ROUTER.sub(r"\1trunk.router.", key)] = state.pop(key)
+    return checkpoint
 
 
 def read_sharded_checkpoint(path: Path, tensors: bool = True) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ditlab.models.branch import Branch, BranchHook  # noqa: F401 - re-exported: hooks are written against taps
 from ditlab.models.dit import DiT
+from ditlab.models.trunk import run_blocks_in_order
 
 BlockFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,13 +34,10 @@ class Tapped:
     """Block index -> attention map ``(B, H, N, N)``."""
 
 
-def check_block_loop(dit: DiT) -> None:
-    """Refuse a network whose forward is not the block loop (a dynamic-compute trunk routes tokens, skips blocks
-    or narrows them per sample), since running its blocks one by one here would silently compute another network."""
-    if dit.trunk is not None:
-        raise ValueError(f"this DiT runs its blocks through the {dit.config.trunk!r} trunk (dynamic compute), which "
-                         "block-level tools (feature caches, block taps, pruning analysis, alignment) cannot follow; "
-                         "sample it with its own forward (no --cache)")  # fmt: skip
+def check_block_loop(dit: DiT, who: str = "this block-level tool (block taps, block ranges, pruning analysis)") -> None:
+    """Refuse, in one line, a network whose trunk is not the plain block loop (it routes tokens, skips blocks or
+    narrows them per sample), since running its blocks one by one would silently compute another network."""
+    dit.trunk.require("block_loop", who, dit.config.trunk)
 
 
 def run_blocks(
@@ -56,20 +54,31 @@ def run_blocks(
 ) -> Tapped:
     """Forward ``dit`` capturing hidden states after ``hidden`` blocks and maps of ``attention`` blocks.
 
+    On a routing trunk (one that is not the plain block loop) only ``hidden`` taps are possible, and only where the
+    trunk records them (``trunk.hidden_taps``); anything else is refused in one line.
+
     ``skip`` drops blocks (identity), ``replace`` maps a block index to ``fn(tokens, cond) -> tokens``.
     ``stop_after`` ends the pass after that block and returns its tokens as ``output`` (no head),
     which saves compute when only early features are needed. ``force_drop_ids`` as in :meth:`DiT.embed`.
     """
-    check_block_loop(dit)
     hidden, attention, skip = set(hidden), set(attention), set(skip)
     replace = replace or {}
     bad = {i for i in hidden | attention | skip | set(replace) if not -1 <= i < dit.depth}
     if bad:
         raise IndexError(f"block indices {sorted(bad)} out of range for a DiT of depth {dit.depth}")
+    routed = not dit.trunk.block_loop
+    if routed and (attention or skip or replace or stop_after is not None or not dit.trunk.hidden_taps):
+        check_block_loop(dit, "this tap (attention maps, skipped, replaced or stopped blocks)")
     tokens, cond = dit.embed(x, t, y, force_drop_ids)
     result = Tapped(output=tokens)
     if -1 in hidden:
         result.hidden[-1] = tokens
+    if routed:  # a routing trunk that records the tokens after each block it routes
+        after: dict[int, torch.Tensor] = {}
+        tokens = dit.trunk(dit, tokens, cond, t.expand(len(tokens)) if t.ndim == 0 else t, hidden=after)
+        result.hidden.update({index: after[index] for index in hidden if index >= 0})
+        result.output = dit.head(tokens, cond)
+        return result
     for index, block in enumerate(dit.blocks):
         if index in skip:
             pass
@@ -105,11 +114,9 @@ def run_block_range(dit: DiT, tokens: torch.Tensor, cond: torch.Tensor, blocks: 
 
     With ``embed`` and ``head`` around it this is the network's forward, so a sampling-time method can run a
     block range on some rows only, add a cached increment in place of a range, or (``branches``) decide each
-    block's attention / MLP output itself (:class:`~ditlab.models.branch.Branch`; the gates always come from
-    ``cond``).
+    block's attention / MLP output itself (:class:`~ditlab.models.branch.Branch`, numbered by global unit; the
+    gates always come from ``cond``). Only a plain-loop trunk has block ranges; for the whole network under any
+    trunk that takes branch hooks use ``dit.run_trunk``.
     """
-    check_block_loop(dit)
-    for index in range(dit.depth) if blocks is None else blocks:
-        block = dit.blocks[index]
-        tokens = block(tokens, cond) if branches is None else block(tokens, cond, branches=branches, index=index)
-    return tokens
+    check_block_loop(dit, "running a block range")
+    return run_blocks_in_order(dit, tokens, cond, range(dit.depth) if blocks is None else blocks, branches)

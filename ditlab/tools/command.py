@@ -11,7 +11,9 @@ Spellings accepted besides jsonargparse's own: dashes for underscores (``--cfg-s
 (``--flip`` = ``--flip true``, ``--no-ema`` = ``--ema false``), a tool's first argument as its positional
 parameter (``ditlab encode SOURCE``), ``--cache POLICY`` (= ``--cache.policy POLICY`` with that policy's default
 knobs; ``--cache plan:PATH`` also sets ``--cache.path``), comma-separated cache lists
-(``--cache.coefficients 1,-2,0.5``) and a tool's aliases (``--class`` for ``--label``).
+(``--cache.coefficients 1,-2,0.5``) and a tool's aliases (``--class`` for ``--label``). The ``--cache.KNOB``
+options are the registered policies' knobs (``ditlab.tools.cache_options``); ``--cache.KNOB V`` sets
+``sampling.cache.options.KNOB``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,10 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ditlab.diffusion.config import CacheConfig, SamplingConfig
+from ditlab.tools.cache_options import cache_arguments, cache_config, flat_cache, list_knobs
 
 SAMPLING_NOTE = ("Sampling options (sampler, steps, guidance, time grid, SDE, feature cache) default to what the "
                  "checkpoint recorded: give --ckpt with --help to see them")  # fmt: skip
-
-
-COMMA_LISTS = ("cache.coefficients", "cache.magnitudes")  # list options also given as `1,2,3`
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ def build_parser(name: str, defaults: SamplingConfig | None = None) -> ToolParse
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     parser.add_function_arguments(function, skip={"sampling"}, as_group=False, as_positional=False)
     if takes_sampling(function):
-        parser.add_class_arguments(SamplingConfig, None, as_group=True)
+        parser.add_class_arguments(SamplingConfig, None, as_group=True, skip={"cache"})
+        parser.add_class_arguments(cache_arguments(), "cache", as_group=True)
         for action in parser._actions:  # `--cache POLICY` is rewritten to --cache.policy (see normalise)
             if action.dest == "cache":
                 action.metavar, action.help = "POLICY", "a policy (its knobs at their defaults), or a YAML file"
@@ -109,7 +110,9 @@ def flat_defaults(sampling: SamplingConfig) -> dict:
     flat = {}
     for item in fields(sampling):
         value = getattr(sampling, item.name)
-        if is_dataclass(value):
+        if isinstance(value, CacheConfig):
+            flat.update(flat_cache(value))
+        elif is_dataclass(value):
             flat.update({f"{item.name}.{sub.name}": getattr(value, sub.name) for sub in fields(value)})
         else:
             flat[item.name] = list(value) if isinstance(value, tuple) else value
@@ -210,7 +213,8 @@ def normalise(name: str, argv: list[str]) -> tuple[list[str], bool]:
             else:
                 out += ["--cache", policy] if policy is not None else ["--cache"]
             index += 0 if equals else 1
-        elif key in COMMA_LISTS and not (value if equals else following or "[").lstrip().startswith(("[", "--")):
+        elif (key.startswith("cache.") and key in list_knobs()  # (only a cache knob loads the policies)
+              and not (value if equals else following or "[").lstrip().startswith(("[", "--"))):
             out += [f"--{key}", f"[{value if equals else following}]"]  # `--cache.coefficients 1,2,3`
             index += 0 if equals else 1
         else:
@@ -239,8 +243,6 @@ def run_tool(name: str, argv: list[str]) -> int:
         config = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --print_config
         return stop.code if isinstance(stop.code, int) else 0
-    if takes_sampling(function):
-        check_cache_knobs(config.cache)
     values = parser.instantiate(config)
     values.pop("config", None)
     kwargs = {key: values[key] for key in inspect.signature(function).parameters if key != "sampling"}
@@ -252,15 +254,8 @@ def run_tool(name: str, argv: list[str]) -> int:
 def sampling_from(values) -> SamplingConfig:
     """The :class:`SamplingConfig` of the parsed (and instantiated) top-level sampling options."""
     options = {item.name: values[item.name] for item in fields(SamplingConfig)}
-    for key in ("cache", "sde"):
-        if not is_dataclass(options[key]):
-            options[key] = dict(vars(options[key])) if hasattr(options[key], "__dict__") else options[key]
+    options["cache"] = cache_config(options["cache"])
+    if not is_dataclass(options["sde"]):
+        options["sde"] = dict(vars(options["sde"])) if hasattr(options["sde"], "__dict__") else options["sde"]
     return SamplingConfig(**options)
 
-
-def check_cache_knobs(cache) -> None:
-    """A knob given without a policy is refused (a run without a cache has nothing for ``--cache.interval`` to
-    refine), before the policy's own checks would call it a knob of ``none``."""
-    knobs = [name for name, value in vars(cache).items() if name != "policy" and value is not None]
-    if cache.policy == "none" and knobs:
-        raise ValueError(f"--cache.{knobs[0]} needs a policy: add --cache POLICY")

@@ -33,7 +33,6 @@ def sample_checkpoint(ckpt: str, num: int, seed: int, ema: bool,
     labels = torch.arange(num) % bundle.network.num_classes
     images = sample_bundle(bundle, labels, sampling, seed, progress="sampling")
     recorded = {key: value for key, value in asdict(sampling).items() if key != "batch_size"}
-    recorded["cache"] = {key: value for key, value in recorded["cache"].items() if value is not None}
     protocol = {"checkpoint": str(ckpt), "ema": ema, "seed": seed, "labels": "arange(num) % num_classes"}
     protocol.update(recorded)
     return to_uint8(images), labels.numpy(), protocol

@@ -50,8 +50,9 @@ def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: i
     sampling = sampling if sampling is not None else bundle.sampling
     model = sampling_model(bundle, sampling)
     images = to_uint8(sample_bundle(bundle, labels, sampling, seed, progress="sampling", model=model))
-    if model is not bundle.network:
-        print(f"cache {model.name}: the last batch computed {model.computed_share:.0%} of the network's block work")
+    share = getattr(model, "computed_share", None) if model is not bundle.network else None
+    if share is not None:  # a policy that counts its work
+        print(f"cache {sampling.cache.policy}: the last batch computed {share:.0%} of the network's block work")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):

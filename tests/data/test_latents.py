@@ -110,7 +110,7 @@ def test_crash_mid_shard_then_resume_gives_the_clean_shards(work, tmp_path, monk
 
     def crash_on_third(path, tensors, metadata):
         if len(saved) == 2:  # killed while writing shard 2: a half-written temp file is left behind
-            path.with_name(f"{path.name}.tmp-99999").write_bytes(b"half a shard")
+            path.with_name(f".{path.name}.tmp-99999").write_bytes(b"half a shard")
             raise KeyboardInterrupt
         saved.append(path.name)
         real_save(path, tensors, metadata)

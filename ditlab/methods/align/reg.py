@@ -29,24 +29,23 @@ latents; the cost is one token (under 0.5% FLOPs at 256 tokens).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 
 import torch
 from jsonargparse import lazy_instance
 from torch import nn
 
+from ditlab.diffusion.cache import as_cache_config
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.gaussian import mean_flat
 from ditlab.diffusion.global_batch import draw_rows
-from ditlab.diffusion.sample import sample_images
+from ditlab.diffusion.images import sample_from_config
 from ditlab.distributed import data_parallel_split, local
-from ditlab.methods.sampling.caches.build import as_cache_config
 from ditlab.methods.align.config import ClassTokenConfig, EncoderConfig, FeatureAlignConfig
 from ditlab.methods.align.encoder_align import AlignModule
+from ditlab.methods.align.encoders import encoder_info
 from ditlab.methods.align.losses import negative_cosine
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT, modulate
-from ditlab.methods.align.encoders import encoder_info
 
 
 class ClassTokenPath(nn.Module):
@@ -228,19 +227,23 @@ class REGModule(AlignModule):
     def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
                network: DiT | None = None, **overrides) -> torch.Tensor:  # fmt: skip
         """Images for ``labels``: latents and class token integrated jointly from noise (see the module notes)."""
-        options = {**asdict(self.sampling), **overrides}
-        if as_cache_config(options.pop("cache", None)).policy != "none":
-            raise ValueError("REG samples with its class token; feature caching (sampling.cache) is not supported")
-        use_ema = network is None and self.ema is not None
         dit = network if network is not None else self.sampling_network
-        path = self.token_ema if use_ema else self.token_path
-        model = EntangledModel(dit, path)
-        was_training = dit.training
-        model.eval()
-        config = dit.config
-        shape = (config.in_channels + 1, config.input_size, config.input_size)
-        state = sample_images(model, self.objective, labels, seed=seed, start=start, shape=shape,
-                              show_progress=show_progress, **options)  # fmt: skip
-        dit.train(was_training)
-        path.train(was_training)
-        return self.decode(state[:, : config.in_channels].to(self.device)).clamp(-1, 1).cpu()
+        path = self.token_ema if network is None and self.ema is not None else self.token_path
+
+        def entangled(network: DiT, objective, cache=None, **options) -> EntangledModel:
+            if as_cache_config(cache).policy != "none":
+                raise ValueError("REG samples with its class token; feature caching (sampling.cache) is not supported")
+            return EntangledModel(network, path)
+
+        def decode(state: torch.Tensor) -> torch.Tensor:
+            return self.decode(state[:, :channels].to(self.device)).clamp(-1, 1).cpu()
+
+        channels, size = dit.config.in_channels, dit.config.input_size
+        was_training = path.training
+        path.eval()
+        try:
+            return sample_from_config(dit, self.objective, self.sampling, labels, seed=seed, start=start,
+                                      factory=entangled, decode=decode, shape=(channels + 1, size, size),
+                                      progress="sampling" if show_progress else None, **overrides)  # fmt: skip
+        finally:
+            path.train(was_training)

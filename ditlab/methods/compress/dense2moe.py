@@ -27,7 +27,7 @@ from ditlab.methods.compress.analysis import CRITERIA, select_blocks
 from ditlab.methods.compress.carve import CarveConfig, calibrate_ffns, carve_network, check_dense
 from ditlab.methods.compress.distill import FEATURE_LOSSES, feature_loss, shared_drop_ids
 from ditlab.methods.compress.module import DicompModule, DistillConfig, PruneConfig
-from ditlab.methods.moe.blocks import MixtureOfBlocks, MixtureOfBlocksConfig
+from ditlab.methods.moe.blocks import MixtureOfBlocks, mixture_of_blocks
 from ditlab.methods.teacher import TeacherConfig
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
 from ditlab.models.config import DiTConfig
@@ -52,19 +52,15 @@ class BlockMixtureConfig:
 def ffn_activated_parameters(network: DiT) -> int:
     """Feed-forward parameters an image activates: every block's MLP (its shared and top-K experts), only the
     blocks an image runs under a Mixture of Blocks."""
-    per_block = [activated_parameter_count(block.mlp) for block in network.blocks]
-    if isinstance(network, MixtureOfBlocks):
-        return sum(per_block) - network.skipped_cost(per_block)
-    return sum(per_block)
+    return network.trunk.per_image([activated_parameter_count(block.mlp) for block in network.blocks])
 
 
 def describe_network(network: DiT) -> dict:
     """Blocks an image runs, total and activated parameters (all and FFN) and forward FLOPs per image."""
-    mixture = isinstance(network, MixtureOfBlocks)
-    return {"blocks": network.config.num_groups * network.config.active if mixture else network.depth,
+    return {"blocks": network.trunk.per_image([1] * network.depth),
             "parameters": parameter_count(network), "activated_parameters": activated_parameter_count(network),
             "ffn_activated_parameters": ffn_activated_parameters(network),
-            "flops_per_image": network.flops_per_image() if mixture else flops_per_image(network)}  # fmt: skip
+            "flops_per_image": flops_per_image(network)}  # fmt: skip
 
 
 class Dense2MoEModule(DicompModule):
@@ -137,21 +133,18 @@ class Dense2MoEModule(DicompModule):
             raise ValueError(f"progressive blocks={num_blocks}: a Mixture of Blocks runs k of each of its {groups} "
                              f"groups, so use a multiple of {groups} between {groups} and {depth}")  # fmt: skip
         active = num_blocks // groups
-        if isinstance(network, MixtureOfBlocks):  # a later stage: fewer blocks per group, same routers
-            student = network.config.replace(active=active).build()
-            student.load_state_dict(network.state_dict())
-            new_ema = ema.config.replace(active=active).build() if ema is not None else None
-            if new_ema is not None:
-                new_ema.load_state_dict(ema.state_dict())
+        if isinstance(network.trunk, MixtureOfBlocks):  # a later stage: fewer blocks per group, same routers
+            student = mixture_of_blocks(network, size, active)
+            new_ema = mixture_of_blocks(ema, size, active) if ema is not None else None
             scores = None
         else:
             images, labels = self.calibration
             scores = select_blocks(network, self.objective, images.to(self.device), labels.to(self.device),
                                    criterion or self.mixture.criterion, num_blocks, seed=self.prune.seed,
                                    num_timesteps=self.prune.num_timesteps).scores  # fmt: skip
-            student = MixtureOfBlocks.from_dit(network, size, active, scores)
-            new_ema = MixtureOfBlocks.from_dit(ema, size, active, scores) if ema is not None else None
-        bias = student.block_router.bias.detach().float().cpu()  # whole, before the student is sharded again
+            student = mixture_of_blocks(network, size, active, scores)
+            new_ema = mixture_of_blocks(ema, size, active, scores) if ema is not None else None
+        bias = student.trunk.router.bias.detach().float().cpu()  # whole, before the student is sharded again
         starts = bias.topk(active, dim=1).indices + torch.arange(groups)[:, None] * size
         self.attach(student.to(self.device).train(), new_ema.to(self.device) if new_ema is not None else None)
         self.reconfigure()
@@ -163,8 +156,9 @@ class Dense2MoEModule(DicompModule):
     # ----------------------------------------------------------------------------------- training
     def matched_layers(self) -> list[int]:
         """Blocks whose output is matched to the teacher's: every block, or each group's last under MoB."""
-        if isinstance(self.network, MixtureOfBlocks):
-            return [group[-1] for group in self.network.groups]
+        trunk = self.network.trunk
+        if isinstance(trunk, MixtureOfBlocks):
+            return [group[-1] for group in trunk.groups(self.network.depth)]
         return list(range(self.network.depth))
 
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -174,8 +168,7 @@ class Dense2MoEModule(DicompModule):
         weights = self.distill
         with torch.no_grad():
             target = run_blocks(self.teacher, noised.xt, noised.model_t, labels, hidden=layers, force_drop_ids=drop)
-        run = student.tapped if isinstance(student, MixtureOfBlocks) else lambda *a, **k: run_blocks(student, *a, **k)
-        tapped = run(noised.xt, noised.model_t, labels, hidden=layers, force_drop_ids=drop)
+        tapped = run_blocks(student, noised.xt, noised.model_t, labels, hidden=layers, force_drop_ids=drop)
         features = torch.stack([feature_loss(tapped.hidden[i], target.hidden[i], weights.feature_loss) for i in layers])
         terms = {"loss_kd_output": weights.output_weight * (tapped.output - target.output).square().mean(),
                  "loss_kd_feature": weights.feature_weight * features.mean()}  # fmt: skip
@@ -187,18 +180,3 @@ class Dense2MoEModule(DicompModule):
     # ----------------------------------------------------------------------------------- reports
     def describe(self, network: DiT) -> dict:
         return describe_network(network)
-
-    # ----------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The DiT part of the architecture goes where every loader reads it; the block mixture beside it."""
-        super().on_save_checkpoint(checkpoint)
-        config, mixture = self.network.config, None
-        if isinstance(config, MixtureOfBlocksConfig):
-            checkpoint["ditlab"]["dit_config"] = config.dit_config().to_dict()
-            mixture = {"group_size": config.group_size, "active": config.active}
-        checkpoint["dense2moe"] = {"mixture_of_blocks": mixture}
-
-    def recorded_student(self, checkpoint: dict) -> DiTConfig:
-        config = super().recorded_student(checkpoint)
-        mixture = checkpoint.get("dense2moe", {}).get("mixture_of_blocks")
-        return MixtureOfBlocksConfig(**config.to_dict(), **mixture) if mixture else config

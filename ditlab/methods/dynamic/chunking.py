@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ditlab.methods.dynamic import ops
-from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, straight_through
+from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, plain_blocks, straight_through
 from ditlab.models.branch import Branch
 from ditlab.models.components import register_trunk
 from ditlab.models.config import DiTConfig
@@ -156,6 +156,15 @@ class ChunkingTrunk(DynamicTrunk):
         p = kept_p.unsqueeze(-1).to(chunk.dtype)
         return p * chunk + (1 - p) * neighbours
 
+    def budget_terms(self, decisions: Decisions, dynamic, levels) -> dict[str, torch.Tensor]:
+        """DC-DiT's ratio loss (the router keeps about ``chunk_target`` of the tokens) and the kept share."""
+        if not dynamic.ratio_weight:
+            return {}
+        details = decisions.details
+        return {"loss_ratio": dynamic.ratio_weight * ratio_loss(details["boundary"], details["p"], dynamic.chunk_target,
+                                                                dynamic.ratio_group),
+                "kept_tokens": details["kept"].mean()}  # fmt: skip
+
     def macs(self, num_tokens: int) -> int:
         return self.router.macs(num_tokens) + num_tokens * self.residual.weight.numel()
 
@@ -177,4 +186,5 @@ def ratio_loss(boundary: torch.Tensor, p: torch.Tensor, target: float, group: in
 
 @register_trunk("chunking")
 def chunking_trunk(config: DiTConfig) -> ChunkingTrunk:
+    plain_blocks(config, "chunking")
     return ChunkingTrunk(config, **config.trunk_options)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ditlab.methods.dynamic import ops
-from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, hard_gumbel_sigmoid, with_always_on
+from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, plain_blocks, hard_gumbel_sigmoid, with_always_on
 from ditlab.models.branch import Branch
 from ditlab.models.components import register_trunk
 from ditlab.models.config import DiTConfig
@@ -203,4 +203,5 @@ class DyDiTTrunk(DynamicTrunk):
 
 @register_trunk("dydit")
 def dydit_trunk(config: DiTConfig) -> DyDiTTrunk:
+    plain_blocks(config, "dydit")
     return DyDiTTrunk(config, **config.trunk_options)

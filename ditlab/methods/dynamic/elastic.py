@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditlab.methods.dynamic import ops
-from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, straight_through
+from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, plain_blocks, straight_through
 from ditlab.models.branch import Branch
 from ditlab.models.components import register_trunk
 from ditlab.models.config import DiTConfig
@@ -86,7 +86,7 @@ class ElasticTrunk(DynamicTrunk):
                              "channels; pick fractions f with f * width an integer")  # fmt: skip
         if not 0 < open_prob < 1:
             raise ValueError(f"trunk_options.open_prob={open_prob} must be in (0, 1) (E-DiT: 0.7)")
-        self.widths, self.units, self.mlp_width = widths, units, width
+        self.widths, self.channels, self.mlp_width = widths, units, width
         hidden = router_hidden or min(128, config.hidden_size)
         self.routers = nn.ModuleList(BlockRouter(config.hidden_size, hidden, len(widths), open_prob, full_bias,
                                                  head_std) for _ in range(config.depth))  # fmt: skip
@@ -159,7 +159,7 @@ class ElasticTrunk(DynamicTrunk):
         return result
 
     def sliced_hook(self, block: nn.Module, option: int):
-        units = self.units[option]
+        units = self.channels[option]
 
         def hook(branch: Branch) -> torch.Tensor:
             if branch.kind == "attention" or units == self.mlp_width:
@@ -170,10 +170,23 @@ class ElasticTrunk(DynamicTrunk):
 
         return hook
 
+    def budget_terms(self, decisions: Decisions, dynamic, levels) -> dict[str, torch.Tensor]:
+        """Elastic-DiT's budget: the share of open blocks follows the noise level (``keep_high`` at noise to
+        ``keep_low`` at data) and the open blocks' expected width follows ``width_target``."""
+        if not dynamic.budget_weight:
+            return {}
+        keep = dynamic.keep_high + (dynamic.keep_low - dynamic.keep_high) * levels()
+        terms = {"loss_keep": dynamic.budget_weight * ((decisions.details["open_prob"].mean(1) - keep) ** 2).mean()}
+        widths = decisions.details["expected_width"][decisions.details["open_prob"].detach() > 0.5]
+        terms["loss_width"] = dynamic.budget_weight * ((widths.mean() - dynamic.width_target) ** 2 if len(widths)
+                                                       else widths.sum())  # fmt: skip
+        return terms
+
     def macs(self, num_tokens: int) -> int:
         return sum(router.macs(num_tokens) for router in self.routers)
 
 
 @register_trunk("elastic")
 def elastic_trunk(config: DiTConfig) -> ElasticTrunk:
+    plain_blocks(config, "elastic")
     return ElasticTrunk(config, **config.trunk_options)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ditlab.checkpoint_io import atomic_torch_save
+from ditlab.atomic import save_torch
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.dynamic.dydit import DyDiTTrunk
 from ditlab.methods.dynamic.routing import DynamicTrunk
@@ -72,9 +72,9 @@ def save_checkpoint(network: DiT, path: str | Path, objective: ObjectiveConfig, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"network.{key}": value.detach().cpu() for key, value in network.state_dict().items()}
-    atomic_torch_save({"ditlab": {"dit_config": network.config.to_dict(), "objective": asdict(objective),
-                                  "sampling": asdict(sampling), "vae": None, "latent_scale": 0.18215},
-                       "state_dict": state}, path)  # fmt: skip
+    save_torch({"ditlab": {"dit_config": network.config.to_dict(), "objective": asdict(objective),
+                           "sampling": asdict(sampling), "vae": None, "latent_scale": 0.18215},
+                "state_dict": state}, path)  # fmt: skip
     return path
 
 

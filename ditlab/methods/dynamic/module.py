@@ -28,7 +28,6 @@ import torch
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.gaussian import Noised
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.dynamic.chunking import ratio_loss
 from ditlab.methods.dynamic.export import dynamic_trunk, export
 from ditlab.methods.teacher import FromTeacher, Teacher, TeacherConfig
 from ditlab.models.dit import DiT
@@ -120,8 +119,8 @@ class DynamicModule(FromTeacher, DiffusionModule):
 
     # ----------------------------------------------------------------------------------- building
     def check_teacher(self, loaded: Teacher) -> None:
-        if loaded.network.trunk is not None:
-            raise ValueError(f"teacher {loaded.source} is already a dynamic ({loaded.network.config.trunk}) network; "
+        if not loaded.network.trunk.block_loop:
+            raise ValueError(f"teacher {loaded.source} already routes its blocks (trunk {loaded.network.config.trunk!r}); "
                              "start from a plain DiT checkpoint, or sample/export the dynamic one as it is")  # fmt: skip
 
     def configure_model(self) -> None:
@@ -186,21 +185,10 @@ class DynamicModule(FromTeacher, DiffusionModule):
         if cfg.flops_weight:
             terms["loss_flops"] = cfg.flops_weight * (ratio - target) ** 2
             loss = loss + terms["loss_flops"]
-        if cfg.trunk == "elastic" and cfg.budget_weight:
-            level = self.noise_levels(noised.t)
-            keep = cfg.keep_high + (cfg.keep_low - cfg.keep_high) * level
-            terms["loss_keep"] = cfg.budget_weight * ((decisions.details["open_prob"].mean(1) - keep) ** 2).mean()
-            open_blocks = decisions.details["open_prob"].detach() > 0.5
-            widths = decisions.details["expected_width"][open_blocks]
-            terms["loss_width"] = cfg.budget_weight * ((widths.mean() - cfg.width_target) ** 2 if len(widths)
-                                                       else widths.sum())  # fmt: skip
-            loss = loss + terms["loss_keep"] + terms["loss_width"]
-        if cfg.trunk == "chunking" and cfg.ratio_weight:
-            terms["loss_ratio"] = cfg.ratio_weight * ratio_loss(decisions.details["boundary"],
-                                                                decisions.details["p"], cfg.chunk_target,
-                                                                cfg.ratio_group)  # fmt: skip
-            terms["kept_tokens"] = decisions.details["kept"].mean()
-            loss = loss + terms["loss_ratio"]
+        own = trunk.budget_terms(decisions, cfg, lambda: self.noise_levels(noised.t))  # the trunk kind's own losses
+        terms.update(own)
+        for name, value in own.items():
+            loss = loss + value if name.startswith("loss_") else loss
         if cfg.complete_model_steps is None or step < cfg.complete_model_steps:
             trunk.dense = True
             try:
@@ -230,7 +218,7 @@ class DynamicModule(FromTeacher, DiffusionModule):
     def on_validation_epoch_end(self) -> None:
         """TensorBoard: the per-timestep width table of DyDiT (rows: blocks' heads then groups; columns: t)."""
         experiment = getattr(self.logger, "experiment", None) if self._trainer is not None else None
-        if not hasattr(experiment, "add_image") or self.dynamic.trunk != "dydit":
+        if not hasattr(experiment, "add_image") or not hasattr(dynamic_trunk(self.network), "width_table"):
             return
         image = width_table_image(self.sampling_network)
         experiment.add_image("dynamic/width_table", image, self.global_step)

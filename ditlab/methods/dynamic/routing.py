@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ditlab.models.trunk import Trunk
+
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """Forward value ``hard``, gradient of ``soft``."""
@@ -54,7 +56,15 @@ class Decisions:
         return 1.0 - self.saved_macs / self.dense_macs
 
 
-class DynamicTrunk(nn.Module):
+def plain_blocks(config, kind: str) -> None:
+    """Refuse, in one line, a block kind a dynamic trunk cannot route (it narrows DiT blocks' heads, channels and
+    tokens through their branches)."""
+    if config.block != "dit":
+        raise ValueError(f"the {kind} trunk routes the heads, channels and tokens of plain DiT blocks; block "
+                         f"{config.block!r} is not one (use block: dit)")  # fmt: skip
+
+
+class DynamicTrunk(Trunk):
     """Base of the dynamic trunks: the ``dense`` switch (the complete-model pass of DyDiT's loss runs the plain
     blocks), the evaluation ``form`` (``sliced``: only what is on is computed; ``masked``: everything computed
     and multiplied, the training arithmetic, kept as the reference) and the last call's :class:`Decisions`."""
@@ -76,6 +86,11 @@ class DynamicTrunk(nn.Module):
             fresh = {"last": None, "_slices": {}}
             clone.__dict__[name] = fresh[name] if name in fresh else copy.deepcopy(value, memo)
         return clone
+
+    def budget_terms(self, decisions: Decisions, dynamic, levels) -> dict[str, torch.Tensor]:
+        """This trunk kind's own training terms from its last ``decisions`` (``loss_*`` are added to the loss, the
+        rest logged); ``dynamic`` is the module's ``DynamicConfig`` and ``levels()`` the batch's noise levels."""
+        return {}
 
     def set_form(self, form: str) -> None:
         if form not in self.forms:

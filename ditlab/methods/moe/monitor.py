@@ -30,8 +30,9 @@ def expert_load(network: torch.nn.Module) -> dict[str, float]:
         metrics["moe/imbalance"] = float(imbalance.mean())
         for (name, _), value in zip(layers, imbalance.tolist()):
             metrics[f"moe/imbalance_block_{name.split('.')[1]}"] = value
-    if isinstance(network, MixtureOfBlocks) and network.last_choice is not None:
-        for block, share in enumerate(network.last_choice.float().mean(0).tolist()):
+    trunk = getattr(network, "trunk", None)
+    if isinstance(trunk, MixtureOfBlocks) and trunk.last_choice is not None:
+        for block, share in enumerate(trunk.last_choice.float().mean(0).tolist()):
             metrics[f"mob/block_{block}"] = share
     return metrics
 

@@ -92,7 +92,7 @@ def test_bad_input_is_one_line(teacher_file, tiny_dit, make_dynamic, tmp_path):
         load_matching(tiny_dit(), dynamic.state_dict(), "checkpoint")
     path = save_checkpoint(dynamic, tmp_path / "dynamic.ckpt", ObjectiveConfig(), SAMPLING)
     module = DynamicModule(teacher=TeacherConfig(checkpoint=str(path)), sampling=SAMPLING, ema_decay=None)
-    with pytest.raises(ValueError, match="is already a dynamic \\(dydit\\) network"):
+    with pytest.raises(ValueError, match="already routes its blocks \\(trunk 'dydit'\\)"):
         module.configure_model()
     with pytest.raises(ValueError, match="not a dynamic one"):
         export(tiny_dit())

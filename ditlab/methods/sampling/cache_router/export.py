@@ -2,6 +2,9 @@
 
     ditlab export --ckpt ROUTER.ckpt --out plan.json [--threshold 0.1]
         [--sampler ddim --steps 20]   # refused in one line if the router was trained for another schedule
+
+The plan records the call times it was trained on (any time grid or SDE end), so ``--cache plan:PLAN.json`` refuses
+a sampling whose calls fall elsewhere.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ditlab.methods.sampling.caches.plan import StaticPlan
-from ditlab.methods.sampling.cache_router.module import check_schedule
+from ditlab.methods.sampling.schedule import check_schedule
 from ditlab.models.loading import read_checkpoint
 
 

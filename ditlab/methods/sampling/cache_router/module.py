@@ -17,14 +17,16 @@ Better Feature Caching in Diffusion Transformer Acceleration", ICML 2025; ModelT
 
 One optimiser step per training step (``automatic_optimization`` off: the router is clamped after every update).
 A HarmoniCa trajectory spans several training steps; its state (sample, classes, cache, position) is saved in
-checkpoints with the draw stream, so a resumed run continues on the same trajectory. The router (and so the
-plan exported from it) belongs to one sampler and step count, recorded in the checkpoint; another is refused.
+checkpoints with the draw stream, so a resumed run continues on the same trajectory. Rollouts step through the
+sampler's trajectory (``ditlab.diffusion.trajectory``), so a router trains on any time grid, SDE and guidance
+interval the sampler takes. The router (and so the plan exported from it) belongs to one schedule (sampler, step
+count, call times), recorded in the checkpoint; another is refused (``ditlab.methods.sampling.schedule``).
 Loss terms, the router as an image (step x unit) and the share of units computed go to TensorBoard.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,13 +35,14 @@ import torch.nn.functional as F
 
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.global_batch import draw_rows
-from ditlab.diffusion.sample import model_call_times, sample_images
+from ditlab.diffusion.trajectory import Trajectory, trajectory_options
 from ditlab.distributed import data_parallel_split
-from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.sampling.cache_router.proxy import image_error_proxy, loss_weights
-from ditlab.methods.sampling.cache_router.routed import SamplingRun, routed_call
+from ditlab.methods.sampling.cache_router.routed import Cache, routed_call
 from ditlab.methods.sampling.cache_router.router import StepUnitRouter
+from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
+from ditlab.methods.sampling.schedule import check_schedule, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
 from ditlab.models.dit import DiT
 
@@ -71,17 +74,6 @@ class RouterConfig:
     init_value: float = 0.0
     seed: int = 0
     train_cfg_scale: float | None = None
-
-
-@dataclass
-class Rollout:
-    """A HarmoniCa training trajectory in progress (this process's rows)."""
-
-    x: torch.Tensor
-    labels: torch.Tensor
-    cache: dict
-    index: int
-    stepper: object
 
 
 class CacheRouterModule(FromTeacher, DiffusionModule):
@@ -128,8 +120,9 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         self.router: StepUnitRouter | None = None
         self.weights: torch.Tensor | None = None
         """Per-step loss weights (the image-error proxy, normalised); ones until the proxy is first computed."""
-        self.rollout: Rollout | None = None
-        self._pending_rollout: dict | None = None
+        self.rollout: Trajectory | None = None
+        """The HarmoniCa training trajectory in progress (this process's rows) and the cache it carries."""
+        self.rollout_cache: Cache = {}
 
     # ----------------------------------------------------------------------------------- building
     @property
@@ -142,9 +135,6 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
             return
         teacher = self.teacher
         self.objective = self.objective_config.build(teacher.learn_sigma)
-        if self.sampling.guidance_interval is not None or self.sampling.time_grid is not None:
-            raise ValueError("model.sampling: a learned router is trained on the sampler's default grid with guidance "
-                             "everywhere; set time_grid and guidance_interval to null")  # fmt: skip
         calls = len(self.schedule())
         mode = self.router_config.mode
         if calls < 2:
@@ -160,13 +150,14 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
 
     def schedule(self) -> torch.Tensor:
         """Network time of every model call of the trajectory the router is trained for."""
-        return model_call_times(self.objective, self.sampler, self.sampling.steps, ddim_alpha_to_one=self.sampling.ddim_alpha_to_one)
+        return schedule_times(self.objective, **trajectory_options(self.sampling))
 
-    def sampling_run(self, cfg_scale: float | None = None) -> SamplingRun:
-        scale = self.router_config.train_cfg_scale if cfg_scale is None else cfg_scale
+    def trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
+        """A trajectory of the schedule and guidance the router trains for, from ``noise`` (``train_cfg_scale``)."""
+        scale = self.router_config.train_cfg_scale
         scale = self.sampling.cfg_scale if scale is None else scale
-        return SamplingRun(self.objective, self.sampler, self.sampling.steps, scale, self.sampling.cfg_channels,
-                           self.teacher.num_classes, self.sampling.ddim_alpha_to_one)  # fmt: skip
+        return Trajectory(self.objective, noise, labels, null_label=self.teacher.num_classes,
+                          **trajectory_options(self.sampling, cfg_scale=scale))  # fmt: skip
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.router.theta]
@@ -198,34 +189,31 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
     def draws(self) -> torch.Generator:
         return self.training_generator(self.device)
 
-    def step_terms(self, x: torch.Tensor, index: int, labels: torch.Tensor, stepper, cache: dict,
-                   run: SamplingRun) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
-        """Teacher and routed student at call ``index`` on the same sample; the loss terms and the student's output."""
-        inputs = run.inputs(stepper, x, index, labels)
+    def step_terms(self, trajectory: Trajectory, cache: Cache) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Teacher and routed student at the trajectory's call on the same sample; the loss terms and the student's
+        raw output."""
+        inputs = trajectory.inputs()
         with torch.no_grad():
             target = self.teacher(*inputs)
-        scores = self.router.scores()[index]
+        scores = self.router.scores()[trajectory.index]
         student = routed_call(self.teacher, *inputs, scores, cache, self.router_config.threshold)
         mse = F.mse_loss(student, target)
         sparsity = scores.sum()
-        weight = self.weights[index].to(mse)
+        weight = self.weights[trajectory.index].to(mse)
         loss = weight * mse + self.router_config.sparsity * sparsity
         return {"loss": loss, "mse": mse.detach(), "sparsity": sparsity.detach(), "weight": weight}, student.detach()
 
     def rollout_terms(self, batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
         """HarmoniCa SDT: train the next call of the current trajectory (starting one when none is open)."""
-        run = self.sampling_run()
-        if self.rollout is None or self.rollout.index >= self.router.calls:
-            self.rollout = self.start_rollout(batch_size, run)
-        rollout = self.rollout
-        index = rollout.index
-        terms, student = self.step_terms(rollout.x, index, rollout.labels, rollout.stepper, rollout.cache, run)
-        rollout.x = run.advance(rollout.stepper, student, index, rollout.x)  # the student's prediction moves it
-        rollout.index += 1
+        if self.rollout is None or self.rollout.done:
+            self.start_rollout(batch_size)
+        rollout, index = self.rollout, self.rollout.index
+        terms, student = self.step_terms(rollout, self.rollout_cache)
+        rollout.step(student)  # the student's prediction moves it
         return terms, index
 
     @torch.no_grad()
-    def start_rollout(self, batch_size: int, run: SamplingRun) -> Rollout:
+    def start_rollout(self, batch_size: int) -> None:
         """Noise and random classes (this process's rows of the global draw), then call 0 in full (fills the cache)."""
         teacher, generator = self.teacher, self.draws()
         rank, world_size = data_parallel_split(self._trainer)
@@ -234,33 +222,30 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
                           world_size)  # fmt: skip
         labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
                            batch_size, rank, world_size)  # fmt: skip
-        stepper = run.stepper()
-        rollout = Rollout(stepper.initial(noise), labels, {}, 0, stepper)
-        self.advance_in_full(rollout, run)
-        return rollout
+        self.rollout, self.rollout_cache = self.trajectory(noise, labels), {}
+        self.advance_in_full(self.rollout, self.rollout_cache)
 
     @torch.no_grad()
-    def advance_in_full(self, rollout: Rollout, run: SamplingRun) -> None:
+    def advance_in_full(self, trajectory: Trajectory, cache: Cache) -> None:
         """One call computing every unit (a frozen row): refreshes the whole cache and moves the sample."""
-        inputs = run.inputs(rollout.stepper, rollout.x, rollout.index, rollout.labels)
-        output = routed_call(self.teacher, *inputs, self.router.scores()[rollout.index], rollout.cache, 0.0)
-        rollout.x = run.advance(rollout.stepper, output, rollout.index, rollout.x)
-        rollout.index += 1
+        scores = self.router.scores()[trajectory.index]
+        trajectory.step(routed_call(self.teacher, *trajectory.inputs(), scores, cache, 0.0))
 
     def pair_terms(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
         """L2C: a real image noised to the full call before a random cached call, one full step, then the pair."""
-        run, generator = self.sampling_run(), self.draws()
+        generator = self.draws()
         rank, world_size = data_parallel_split(self._trainer)
         cached_calls = torch.arange(1, self.router.calls, 2)
         pick = torch.randint(len(cached_calls), (1,), generator=generator, device=self.device)
         index = int(cached_calls[int(pick)])
         noise = draw_rows(lambda n: torch.randn(n, *images.shape[1:], device=self.device, generator=generator),
                           len(images), rank, world_size)  # fmt: skip
-        stepper = run.stepper()
-        time = torch.as_tensor(stepper.times[index - 1]).to(self.device).expand(len(images))
-        rollout = Rollout(self.objective.add_noise(images, time, noise), labels, {}, index - 1, stepper)
-        self.advance_in_full(rollout, run)
-        terms, _ = self.step_terms(rollout.x, index, labels, stepper, rollout.cache, run)
+        trajectory, cache = self.trajectory(noise, labels), {}
+        trajectory.index = index - 1
+        time = torch.as_tensor(trajectory.time).to(self.device).expand(len(images))
+        trajectory.x = self.objective.add_noise(images, time, noise)
+        self.advance_in_full(trajectory, cache)
+        terms, _ = self.step_terms(trajectory, cache)
         return terms, index
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -270,12 +255,13 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
     @torch.no_grad()
     def refresh_weights(self, samples: int, seed: int) -> torch.Tensor:
         """Recompute the image-error proxy with the current router on ``samples`` fixed-seed trajectories."""
-        teacher, run = self.teacher, self.sampling_run()
+        teacher = self.teacher
         generator = torch.Generator().manual_seed(seed)
         shape = (samples, teacher.in_channels, teacher.input_size, teacher.input_size)
         noise = torch.randn(shape, generator=generator).to(self.device)
         labels = torch.randint(teacher.num_classes, (samples,), generator=generator).to(self.device)
-        proxy = image_error_proxy(teacher, run, self.router.scores().detach(), noise, labels, self.router_config.threshold)
+        proxy = image_error_proxy(teacher, self.trajectory, self.router.scores().detach(), noise, labels,
+                                  self.router_config.threshold)  # fmt: skip
         self.weights = loss_weights(proxy.cpu(), ~self.router.frozen.cpu())
         return proxy
 
@@ -313,24 +299,24 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
 
     def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
                network: DiT | None = None, threshold: float | None = None, **overrides) -> torch.Tensor:  # fmt: skip
-        """Images sampled by the teacher through the exported plan (the sampler and steps it was trained for)."""
-        options = {**asdict(self.sampling), **overrides}
-        options.pop("cache", None)
-        teacher = self.teacher
+        """Images sampled by the teacher through the exported plan (the schedule it was trained for; another is
+        refused in one line). ``sampling.cache`` is not read: the plan is the cache."""
         plan = self.export(threshold)
-        model = Plan(teacher, self.schedule(), plan=plan)
-        model.check_sampling(options.get("sampler") or self.sampler, options.get("steps"))
-        latents = sample_images(model, self.objective, labels, seed=seed, start=start, show_progress=show_progress,
-                                **options)  # fmt: skip
-        return self.decode(latents.to(self.device)).clamp(-1, 1).cpu()
+
+        def through_plan(network: DiT, objective, cache=None, **options) -> Plan:
+            model = Plan(network, schedule_times(objective, **options), plan=plan)
+            model.check_sampling(options["sampler"] or self.sampler, options["steps"])
+            return model
+
+        return super().sample(labels, seed, start, show_progress, network, factory=through_plan, **overrides)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The router alone in ``state_dict``; the schedule it belongs to and the training state beside it."""
         rollout = None
-        if self.rollout is not None and self.rollout.index < self.router.calls:
+        if self.rollout is not None and not self.rollout.done:
             rollout = {"x": self.rollout.x, "labels": self.rollout.labels, "index": self.rollout.index,
-                       "cache": [[block, kind, value] for (block, kind), value in self.rollout.cache.items()]}  # fmt: skip
+                       "cache": [[block, kind, value] for (block, kind), value in self.rollout_cache.items()]}  # fmt: skip
         checkpoint["cache_router"] = {
             "mode": self.router_config.mode, "sampler": self.sampler, "steps": self.sampling.steps,
             "times": self.schedule().tolist(), "depth": self.teacher.depth,
@@ -348,20 +334,11 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         check_schedule(saved, self.sampler, self.sampling.steps, self.schedule().tolist())
         self.weights = saved["weights"]
         self._draws, self._pending_draws = None, saved["training_draws"]
-        self.rollout = None
+        self.rollout, self.rollout_cache = None, {}
         if saved["rollout"] is not None:
             state = saved["rollout"]
-            stepper = self.sampling_run().stepper()
-            self.rollout = Rollout(state["x"].to(self.device), state["labels"].to(self.device),
-                                   {(block, kind): value.to(self.device) for block, kind, value in state["cache"]},
-                                   state["index"], stepper)  # fmt: skip
+            x = state["x"].to(self.device)
+            self.rollout = self.trajectory(x, state["labels"].to(self.device))
+            self.rollout.x, self.rollout.index = x, state["index"]
+            self.rollout_cache = {(block, kind): value.to(self.device) for block, kind, value in state["cache"]}
 
-
-def check_schedule(saved: dict, sampler: str, steps: int | None, times: list[float] | None = None) -> None:
-    """One line when a router trained for one sampler / step count is used with another."""
-    same_times = times is None or (len(times) == len(saved["times"]) and all(
-        abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(times, saved["times"])))  # fmt: skip
-    if saved["sampler"] != sampler or saved["steps"] != steps or not same_times:
-        raise ValueError(f"this router was trained for {saved['sampler']} at {saved['steps']} steps, not {sampler} at "
-                         f"{steps} steps; sample with {saved['sampler']} at {saved['steps']} steps or train a router "
-                         "for this sampler and step count")  # fmt: skip

@@ -10,10 +10,16 @@ network's sample space (latents for a latent DiT), as HarmoniCa's code does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ditlab.methods.sampling.cache_router.routed import SamplingRun, routed_call
+from ditlab.diffusion.trajectory import Trajectory
+from ditlab.methods.sampling.cache_router.routed import routed_call
 from ditlab.models.dit import DiT
+
+Start = Callable[[torch.Tensor, torch.Tensor], Trajectory]
+"""``start(noise, labels)``: a trajectory of the schedule and guidance the router is trained for."""
 
 
 def prefix_scores(scores: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -23,33 +29,32 @@ def prefix_scores(scores: torch.Tensor, prefix: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def final_samples(dit: DiT, run: SamplingRun, noise: torch.Tensor, labels: torch.Tensor, row_scores: torch.Tensor,
+def final_samples(dit: DiT, start: Start, noise: torch.Tensor, labels: torch.Tensor, row_scores: torch.Tensor,
                   threshold: float) -> torch.Tensor:  # fmt: skip
     """The trajectory's end from ``noise`` with per-sample scores ``row_scores: [steps, B, units]``."""
-    stepper = run.stepper()
-    x, cache = stepper.initial(noise), {}
-    for index in range(len(stepper.times)):
-        output = routed_call(dit, *run.inputs(stepper, x, index, labels), run.rows(row_scores[index]), cache, threshold)
-        x = run.advance(stepper, output, index, x)
-    return x
+    trajectory, cache = start(noise, labels), {}
+    while not trajectory.done:
+        scores = trajectory.rows(row_scores[trajectory.index])
+        trajectory.step(routed_call(dit, *trajectory.inputs(), scores, cache, threshold))
+    return trajectory.x
 
 
-def image_error_proxy(dit: DiT, run: SamplingRun, scores: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
+def image_error_proxy(dit: DiT, start: Start, scores: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
                       threshold: float) -> torch.Tensor:  # fmt: skip
     """``lambda: [steps]`` (``lambda_0 = 0``: nothing precedes step 0), every prefix batched in one trajectory."""
     steps, batch = len(scores), len(noise)
     groups = [prefix_scores(scores, prefix)[:, None, :].expand(steps, batch, scores.shape[1]) for prefix in range(1, steps + 1)]
-    finals = final_samples(dit, run, noise.repeat(steps, *[1] * (noise.ndim - 1)), labels.repeat(steps),
+    finals = final_samples(dit, start, noise.repeat(steps, *[1] * (noise.ndim - 1)), labels.repeat(steps),
                            torch.cat(groups, dim=1), threshold).view(steps, *noise.shape)  # fmt: skip
     change = (finals[1:] - finals[:-1]).square().flatten(1).mean(1)
     return torch.cat([change.new_zeros(1), change])
 
 
-def image_error_proxy_reference(dit: DiT, run: SamplingRun, scores: torch.Tensor, noise: torch.Tensor,
+def image_error_proxy_reference(dit: DiT, start: Start, scores: torch.Tensor, noise: torch.Tensor,
                                 labels: torch.Tensor, threshold: float) -> torch.Tensor:  # fmt: skip
     """The definition, one trajectory per prefix (slow; the reference the batched proxy is tested against)."""
     steps, batch = len(scores), len(noise)
-    finals = [final_samples(dit, run, noise, labels, prefix_scores(scores, prefix)[:, None, :].expand(steps, batch, -1),
+    finals = [final_samples(dit, start, noise, labels, prefix_scores(scores, prefix)[:, None, :].expand(steps, batch, -1),
                             threshold) for prefix in range(1, steps + 1)]  # fmt: skip
     return torch.stack([torch.zeros((), dtype=noise.dtype)] +
                        [(finals[k] - finals[k - 1]).square().mean() for k in range(1, steps)])  # fmt: skip

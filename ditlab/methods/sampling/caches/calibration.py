@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ditlab.methods.sampling.caches.none import NoCache
-from ditlab.models.dit import modulate
 
 CALIBRATION_SEED = 1_000_003
 """Noise seed base of calibration samples: far from the seeds that samples and metrics use."""
@@ -27,11 +26,24 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return (now - before).abs().mean(dims) / before.abs().mean(dims).clamp_min(1e-12)
 
 
+class _Captured(Exception):
+    """Ends a block's forward once its first branch input is read."""
+
+
 def block0_modulated_input(dit, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The first block's attention input ``LN(h0) (1 + scale) + shift``: cheap, and it moves with ``t``."""
-    block = dit.blocks[0]
-    shift, scale = block.adaLN_modulation(cond).chunk(6, dim=1)[:2]
-    return modulate(block.norm1(tokens), shift, scale)
+    """The first block's first branch input (a DiT block's ``LN(h0) (1 + scale) + shift``): cheap, and it moves
+    with ``t``. Read through the block protocol's branch hook, so any block kind gives its own."""
+    captured = []
+
+    def first(branch):
+        captured.append(branch.inputs())
+        raise _Captured
+
+    try:
+        dit.blocks[0](tokens, cond, branches=first, index=0)
+    except _Captured:
+        return captured[0]
+    raise ValueError(f"block {type(dit.blocks[0]).__name__} offers no branch to a hook; TeaCache cannot read its input")
 
 
 @dataclass

@@ -13,9 +13,29 @@ stage, because a stored ``delta`` belongs to one range. ``interval: 1`` or ``blo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ditlab.diffusion.cache import knob
 from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
+
+
+@dataclass
+class DeltaDiTOptions:
+    """Delta-DiT's knobs.
+
+    Args:
+        interval: compute every block every this many model calls (1: the network).
+        blocks: width of the cached block range (0 .. depth; 0: the network); None: half the depth.
+        boundary: share of the calls (0 .. 1) that cache the rear range before switching to the front.
+        warmup: model calls at the start that always compute.
+    """
+
+    interval: int = knob(2, low=1)
+    blocks: int | None = knob(None, low=0)
+    boundary: float = knob(0.5, low=0.0, high=1.0)
+    warmup: int = knob(0, low=0)
 
 
 @register_policy
@@ -23,7 +43,7 @@ class DeltaDiT(CachePolicy):
     """Reuse the increment of the rear block range early in sampling and of the front range late."""
 
     name = "delta-dit"
-    defaults = {"interval": 2, "blocks": None, "boundary": 0.5, "warmup": 0}
+    Options = DeltaDiTOptions
 
     def validate(self) -> None:
         super().validate()

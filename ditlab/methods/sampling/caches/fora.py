@@ -9,8 +9,11 @@ call ``k`` computes when ``k < warmup`` or ``(k - warmup) % interval == 0``. ``i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ditlab.diffusion.cache import knob
 from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
 from ditlab.models.taps import Branch
 
@@ -19,7 +22,7 @@ class BranchCache(CachePolicy):
     """Shared by the branch-level policies: a static plan of full calls and one stored output per branch."""
 
     def start(self) -> None:
-        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.cache: dict[int, torch.Tensor] = {}  # by unit (subclasses that keep more than one value per unit)
 
     def full_call(self, call: int) -> bool:
         return call < self.warmup or (call - self.warmup) % self.interval == 0
@@ -27,12 +30,12 @@ class BranchCache(CachePolicy):
     def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
         tokens, cond = self.dit.embed(x, t, y)
         self.time = self.times[call]
-        hook = self.store if self.full_call(call) or not self.cache else self.cached
+        hook = self.store if self.full_call(call) or not (self.cache or self.kept) else self.cached
         return self.dit.head(self.through_blocks(tokens, cond, hook=hook), cond)
 
     def store(self, branch: Branch) -> torch.Tensor:
         output = branch.compute()
-        self.cache[branch.block, branch.kind] = output
+        self.keep(branch, output)
         self.counted(len(output), 1)
         return output
 
@@ -41,12 +44,27 @@ class BranchCache(CachePolicy):
         raise NotImplementedError
 
 
+@dataclass
+class ForaOptions:
+    """FORA's knobs.
+
+    Args:
+        interval: compute every branch every this many model calls (1: the network).
+        warmup: model calls at the start that always compute.
+    """
+
+    interval: int = knob(3, low=1)
+    warmup: int = knob(0, low=0)
+
+
 @register_policy
 class Fora(BranchCache):
     """Static-interval reuse of every branch's pre-gate output."""
 
     name = "fora"
-    defaults = {"interval": 3, "warmup": 0}
+    Options = ForaOptions
+    routed_trunks = True
 
     def cached(self, branch: Branch) -> torch.Tensor:
-        return self.cache[branch.block, branch.kind]
+        reused = self.recall(branch)  # None for images a routed trunk had not run this block on
+        return self.store(branch) if reused is None else reused

@@ -12,10 +12,30 @@ The decisions depend on the calibration only, so they are the same for every row
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ditlab.diffusion.cache import knob
 from ditlab.methods.sampling.caches.calibration import Calibration
 from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
+
+
+@dataclass
+class MagCacheOptions:
+    """MagCache's knobs.
+
+    Args:
+        threshold: accumulated magnitude-ratio error allowed before computing (0: the network).
+        max_skip: most consecutive reused calls.
+        warmup: model calls at the start that always compute; None: a fifth of them (MagCache's retention ratio).
+        magnitudes: residual magnitude ratio of every call; None calibrates it on one sample.
+    """
+
+    threshold: float = knob(0.06, low=0.0)
+    max_skip: int = knob(3, low=1)
+    warmup: int | None = knob(None, low=0)
+    magnitudes: list[float] | None = None
 
 
 @register_policy
@@ -23,7 +43,8 @@ class MagCache(CachePolicy):
     """Skip calls while the calibrated residual magnitudes say the residual barely moved."""
 
     name = "magcache"
-    defaults = {"threshold": 0.06, "max_skip": 3, "warmup": None, "magnitudes": None}
+    Options = MagCacheOptions
+    routed_trunks = True
     calibration_samples = 1
 
     def validate(self) -> None:
@@ -31,7 +52,7 @@ class MagCache(CachePolicy):
             self.warmup = int(0.2 * self.num_calls + 0.5)  # MagCache's retention ratio 0.2
         super().validate()
         if self.magnitudes is not None and len(self.magnitudes) != self.num_calls:
-            raise ValueError(f"cache.magnitudes has {len(self.magnitudes)} entries but this sampler makes "
+            raise ValueError(f"cache.options.magnitudes has {len(self.magnitudes)} entries but this sampler makes "
                              f"{self.num_calls} model calls; calibrate for these steps (leave it unset)")  # fmt: skip
 
     @property
@@ -50,7 +71,7 @@ class MagCache(CachePolicy):
         if call < self.warmup or self.residual is None or self.threshold == 0:
             return False
         if self.magnitudes is None:
-            raise ValueError("the magcache policy has no calibrated magnitudes: set cache.magnitudes or build it "
+            raise ValueError("the magcache policy has no calibrated magnitudes: set cache.options.magnitudes or build it "
                              "with ditlab.methods.sampling.caches.cached_model, which calibrates it on one sample")  # fmt: skip
         self.ratio *= self.magnitudes[call]
         self.skipped += 1

@@ -13,7 +13,7 @@ class NoCache(CachePolicy):
     """Computes everything at every call."""
 
     name = "none"
-    defaults = {}
+    routed_trunks = True
 
     def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
         tokens, cond = self.dit.embed(x, t, y)

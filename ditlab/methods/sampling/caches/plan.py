@@ -7,8 +7,8 @@ trained, a router at a threshold is exactly such a table (``ditlab.methods.sampl
 indexed ``2 * block + (0 attention, 1 MLP)``. A plan is tied to the sampler and step count it was trained for (its
 rows are those calls), so it records them and refuses any other schedule in one line.
 
-    ditlab sample --ckpt teacher.ckpt --sampler ddim --steps 20 --cache plan --cache.path router_plan.json
-    (in a config: ``sampling.cache: {policy: plan, path: router_plan.json}``)
+    ditlab sample --ckpt teacher.ckpt --sampler ddim --steps 20 --cache plan:router_plan.json
+    (in a config: ``sampling.cache: {policy: plan, options: {path: router_plan.json}}``)
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class StaticPlan:
     """Which units each model call computes, and the schedule the table belongs to.
 
     Args:
-        compute: ``[calls][2 * depth]`` booleans (unit ``2 * block`` is the attention, ``+1`` the MLP).
+        compute: ``[calls][units]`` booleans, one per unit of the network's trunk (``ditlab.models.trunk``; a DiT
+            block's units are its attention, then its MLP).
         times: network time of every model call (``ditlab.diffusion.sample.model_call_times``).
         sampler: the sampler the plan was trained for.
         steps: its step count.
@@ -53,9 +54,11 @@ class StaticPlan:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.compute) != len(self.times) or any(len(row) != 2 * self.depth for row in self.compute):
-            raise ValueError(f"a cache plan needs one row of {2 * self.depth} units per model call "
-                             f"({len(self.times)} calls); got {len(self.compute)} rows")  # fmt: skip
+        widths = {len(row) for row in self.compute}
+        if len(self.compute) != len(self.times) or len(widths) != 1 or min(widths) % max(self.depth, 1):
+            raise ValueError(f"a cache plan needs one row of units (the same whole number per block of its "
+                             f"{self.depth}) per model call ({len(self.times)} calls); got {len(self.compute)} rows "
+                             f"of {sorted(widths)} units")  # fmt: skip
 
     @property
     def table(self) -> torch.Tensor:
@@ -87,12 +90,24 @@ class StaticPlan:
                              "ditlab export --ckpt ROUTER.ckpt --out PLAN.json") from None  # fmt: skip
 
 
+@dataclass
+class PlanOptions:
+    """The plan policy's knob.
+
+    Args:
+        path: the static plan file (JSON) a learned router was exported to (``ditlab export``).
+    """
+
+    path: str | None = None
+
+
 @register_policy
 class Plan(CachePolicy):
     """Computes the units the plan marks, reuses the rest; the first call computes everything it has no cache for."""
 
     name = "plan"
-    defaults = {"path": None}
+    Options = PlanOptions
+    routed_trunks = True
 
     def __init__(self, dit, schedule, plan: StaticPlan | None = None, **settings) -> None:
         self.plan = plan
@@ -102,11 +117,15 @@ class Plan(CachePolicy):
         super().validate()
         if self.plan is None:
             if self.path is None:
-                raise ValueError("the plan cache needs cache.path, the plan file a router was exported to")
+                raise ValueError("the plan cache needs cache.options.path (--cache plan:PATH), the plan file a router "
+                                 "was exported to")  # fmt: skip
             self.plan = StaticPlan.load(self.path)
         where = f"cache plan {self.path}" if self.path else "this cache plan"
         if self.plan.depth != self.depth:
             raise ValueError(f"{where} was exported for a {self.plan.depth}-block network; this one has {self.depth}")
+        if len(self.plan.table[0]) != self.units:
+            raise ValueError(f"{where} has {len(self.plan.table[0])} units per call; this network's trunk has "
+                             f"{self.units} (train a router on this network)")  # fmt: skip
         times = self.plan.times
         if len(times) != self.num_calls or any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(times, self.times)):
             raise ValueError(f"{where} was trained for {self.plan.describe()}, but this sampling makes "
@@ -122,18 +141,17 @@ class Plan(CachePolicy):
                              f"{steps} steps: sample with {self.plan.sampler} at {self.plan.steps} steps or train "
                              "a router for this sampler and step count")  # fmt: skip
 
-    def start(self) -> None:
-        self.cache: dict[tuple[int, str], torch.Tensor] = {}
-
     def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
         tokens, cond = self.dit.embed(x, t, y)
         row = self.table[call]
 
         def decide(branch: Branch) -> torch.Tensor:
-            key = (branch.block, branch.kind)
-            if row[unit_index(*key)] or key not in self.cache:
-                self.cache[key] = branch.compute()
-                self.counted(len(tokens), 1)
-            return self.cache[key]
+            reused = None if row[branch.unit] else self.recall(branch)
+            if reused is not None:
+                return reused
+            output = branch.compute()
+            self.keep(branch, output)
+            self.counted(len(output), 1)
+            return output
 
         return self.dit.head(self.through_blocks(tokens, cond, hook=decide), cond)

@@ -24,91 +24,59 @@ the sampler switches between ``[cond; uncond]`` and conditional-only calls; a po
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
 
-from ditlab.diffusion.config import CACHE_CHECKS
+from ditlab.diffusion.cache import NoOptions, register_cache_policy
 from ditlab.models.dit import DiT
-from ditlab.models.taps import Branch, check_block_loop, run_block_range
-
-KNOB_RANGES: dict[str, tuple[type, float, float | None]] = {
-    "interval": (int, 1, None),
-    "threshold": (float, 0.0, None),
-    "blocks": (int, 0, None),
-    "boundary": (float, 0.0, 1.0),
-    "order": (int, 0, 4),
-    "max_skip": (int, 1, None),
-    "warmup": (int, 0, None),
-    "ratio": (float, 0.0, 1.0),
-}
-"""Each scalar knob's type and closed range (None: unbounded); the schedule-dependent bounds are checked at build."""
-
-POLICIES: dict[str, type[CachePolicy]] = {}
+from ditlab.models.taps import Branch, run_block_range
 
 
 def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
-    """Class decorator: make a policy selectable by its ``name`` (``--cache NAME``, ``sampling.cache.policy``)."""
-    POLICIES[cls.name] = cls
-    CACHE_CHECKS[cls.name] = check_cache_config  # CacheConfig checks its knobs when it is made
+    """Class decorator: make a policy selectable by its ``name`` (``--cache NAME``, ``sampling.cache.policy``) with
+    its ``Options`` dataclass (its knobs, their defaults and ranges), planned by ``build.planned_policy``."""
+    cls.defaults = {item.name: item.default for item in fields(cls.Options)}
+
+    def factory(network: DiT, objective, options, **sampling: Any) -> CachePolicy:
+        from ditlab.methods.sampling.caches.build import planned_policy
+
+        return planned_policy(cls, network, objective, options, **sampling)
+
+    register_cache_policy(cls.name, cls.Options, factory)
     return cls
-
-
-def policy_class(name: str) -> type[CachePolicy]:
-    if name not in POLICIES:
-        raise ValueError(f"unknown cache policy {name!r} (cache.policy / --cache); choices: {sorted(POLICIES)}")
-    return POLICIES[name]
-
-
-def policy_settings(config) -> dict[str, Any]:
-    """The knobs ``config.policy`` reads, its defaults filled in and every value range-checked.
-
-    A knob the policy does not read is refused rather than ignored: a sweep that sets ``threshold`` on ``fora``
-    would otherwise silently measure the default.
-    """
-    cls = policy_class(config.policy)
-    stray = [name for name in (*KNOB_RANGES, "coefficients", "magnitudes")
-             if getattr(config, name) is not None and name not in cls.defaults]  # fmt: skip
-    if stray:
-        knobs = ", ".join(cls.defaults) or "none"
-        raise ValueError(f"cache.{stray[0]} is not a knob of the {cls.name} policy (its knobs: {knobs})")
-    settings = {name: getattr(config, name) if getattr(config, name) is not None else default
-                for name, default in cls.defaults.items()}  # fmt: skip
-    for name, value in settings.items():
-        if name not in KNOB_RANGES or value is None:
-            continue
-        kind, low, high = KNOB_RANGES[name]
-        if kind is int and (isinstance(value, bool) or int(value) != value):
-            raise ValueError(f"cache.{name}={value} must be a whole number for the {cls.name} policy")
-        if value < low or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"cache.{name}={value} is out of range for the {cls.name} policy; it must be {bounds}")
-        settings[name] = kind(value)
-    return settings
-
-
-def check_cache_config(config) -> None:
-    """Validate a ``CacheConfig`` when it is made (policy name, stray knobs, knob ranges)."""
-    policy_settings(config)
 
 
 class CachePolicy:
     """Base class: call bookkeeping, knob checks against the network and schedule, and work counters.
 
-    Subclasses set ``name`` and ``defaults`` (their knobs), implement :meth:`start` (clear the per-trajectory
-    state) and :meth:`compute` (one model call), and may override :meth:`validate` for schedule-dependent checks.
+    Subclasses set ``name`` and ``Options`` (their knobs' dataclass, from which ``defaults`` is filled), implement
+    :meth:`start` (clear the per-trajectory state) and :meth:`compute` (one model call), and may override
+    :meth:`validate` for schedule-dependent checks.
     ``work`` counts branch evaluations actually run, in units of one (row, block, attention-or-MLP) branch, next
     to what the plain network would have run; FLOPs are measured separately (``ditlab.methods.sampling.caches.work``).
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
     defaults: ClassVar[dict[str, Any]] = {}
     repeated_times: ClassVar[bool] = True
     """False where the policy cannot serve a sampler that calls the network twice at one time (Heun)."""
 
+    routed_trunks: ClassVar[bool] = False
+    """True where the policy follows a trunk that runs blocks on some images only (Mixture of Blocks): its hook
+    reads ``branch.rows`` (through :meth:`keep` / :meth:`recall`) or it never hooks branches."""
+
     def __init__(self, dit: DiT, schedule: torch.Tensor, **settings: Any) -> None:
-        check_block_loop(dit)
+        if not dit.trunk.block_loop:
+            dit.trunk.require("branch_hooks", f"the {self.name} cache", dit.config.trunk)
+            if not self.routed_trunks:
+                raise ValueError(f"the {self.name} cache keeps per-block state for every image, which the "
+                                 f"{dit.config.trunk!r} trunk (blocks run on some images only) does not give it; "
+                                 "use fora, teacache, magcache or plan on this network")  # fmt: skip
         self.dit = dit
+        self.units = len(dit.units())
         self.config = dit.config  # what the sampler asks (sample shape, guidance null class)
         self.schedule = torch.as_tensor(schedule, dtype=torch.float64).flatten().cpu()
         self.times = self.schedule.tolist()
@@ -148,12 +116,14 @@ class CachePolicy:
             self.refuse("interval", interval, f"at most the {self.num_calls} model calls of one trajectory")
 
     def refuse(self, knob: str, value: Any, requirement: str) -> None:
-        raise ValueError(f"cache.{knob}={value} does not fit: the {self.name} policy needs {requirement}")
+        raise ValueError(f"cache.options.{knob}={value} does not fit: the {self.name} policy needs {requirement}")
 
     def reset(self) -> None:
         """Forget everything cached: called by the sampler at the start of every trajectory."""
-        self.call, self.rows = 0, None
-        self.work = {"computed": 0.0, "full": 0.0}
+        self.call, self.rows, self.t = 0, None, None
+        self.work = {"computed": 0.0, "full": 0.0, "offered": 0.0}
+        self.full_per_row = float(self.units)
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.dit.reset()
         self.start()
 
@@ -169,10 +139,14 @@ class CachePolicy:
             raise ValueError(f"the {self.name} cache was planned for {self.num_calls} model calls per trajectory and "
                              "got another; sample with the steps and sampler it was built for (reset() starts over)")  # fmt: skip
         if self.rows is not None and len(x) != self.rows:
-            self.start()  # guidance switched on or off: no cached row fits the new layout, so compute in full
-        self.rows = len(x)
-        self.work["full"] += 2 * self.depth * len(x)
+            self.kept = {}  # guidance switched on or off: no cached row fits the new layout, so compute in full
+            self.start()
+        self.rows, self.t = len(x), t
+        offered = self.work["offered"]
         output = self.compute(x, t, y, self.call)
+        if not self.dit.trunk.block_loop and self.work["offered"] > offered:  # a routed trunk: what it ran
+            self.full_per_row = (self.work["offered"] - offered) / len(x)
+        self.work["full"] += self.full_per_row * len(x)
         self.call += 1
         return output
 
@@ -186,9 +160,42 @@ class CachePolicy:
         return self.work["computed"] / self.work["full"] if self.work["full"] else 1.0
 
     def through_blocks(self, tokens: torch.Tensor, cond: torch.Tensor, blocks: range | None = None,
-                     hook: Callable[[Branch], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
-        """``tokens`` through ``blocks`` (default all), counted; ``hook`` decides branches (counted by it)."""
-        blocks = range(self.depth) if blocks is None else blocks
-        if hook is None:
-            self.counted(len(tokens), 2 * len(blocks))
-        return run_block_range(self.dit, tokens, cond, blocks, hook)
+                       hook: Callable[[Branch], torch.Tensor] | None = None,
+                       t: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``tokens`` through ``blocks`` (default: the whole trunk, however it routes), counted; ``hook`` decides
+        branches and counts what it computes (:meth:`counted`). A block range needs a plain-loop trunk. ``t`` is the
+        network time of these rows (default: the call's, for all its rows)."""
+        def count(branch: Branch) -> torch.Tensor:
+            rows = len(branch.rows) if branch.rows is not None else len(tokens)
+            self.work["offered"] += rows
+            if hook is None:
+                self.counted(rows, 1)
+                return branch.compute()
+            return hook(branch)
+
+        if blocks is None:
+            return self.dit.run_trunk(tokens, cond, self.t if t is None else t, branches=count)
+        return run_block_range(self.dit, tokens, cond, blocks, count)
+
+    def keep(self, branch: Branch, output: torch.Tensor) -> None:
+        """Store ``output`` as the cached value of ``branch``'s unit, for the rows it was computed on."""
+        if branch.rows is None:
+            self.kept[branch.unit] = (output, None)
+            return
+        stored, valid = self.kept.get(branch.unit, (None, None))
+        if stored is None:
+            stored = output.new_zeros((self.rows, *output.shape[1:]))
+            valid = torch.zeros(self.rows, dtype=torch.bool, device=output.device)
+        else:
+            valid = torch.ones(self.rows, dtype=torch.bool, device=output.device) if valid is None else valid.clone()
+        valid[branch.rows] = True
+        self.kept[branch.unit] = (stored.index_copy(0, branch.rows, output), valid)
+
+    def recall(self, branch: Branch) -> torch.Tensor | None:
+        """The cached value of ``branch``'s unit for its rows; None when some of them were never computed."""
+        stored, valid = self.kept.get(branch.unit, (None, None))
+        if stored is None:
+            return None
+        if branch.rows is None:
+            return stored if valid is None or bool(valid.all()) else None
+        return stored[branch.rows] if valid is None or bool(valid[branch.rows].all()) else None

@@ -13,12 +13,29 @@ is FORA, and ``interval: 1`` is the network.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ditlab.diffusion.cache import knob
 from ditlab.methods.sampling.caches.fora import BranchCache
 from ditlab.methods.sampling.caches.policy import register_policy
 from ditlab.models.taps import Branch
+
+
+@dataclass
+class TaylorSeerOptions:
+    """TaylorSeer's knobs.
+
+    Args:
+        interval: compute every branch every this many model calls (1: the network).
+        order: order of the Taylor forecast (0 reuses, as fora).
+        warmup: model calls at the start that always compute.
+    """
+
+    interval: int = knob(4, low=1)
+    order: int = knob(1, low=0, high=4)
+    warmup: int = knob(2, low=0)
 
 
 @register_policy
@@ -26,17 +43,17 @@ class TaylorSeer(BranchCache):
     """Taylor-series forecast of every branch's pre-gate output between computed calls."""
 
     name = "taylorseer"
-    defaults = {"interval": 4, "order": 1, "warmup": 2}
+    Options = TaylorSeerOptions
     repeated_times = False
 
     def start(self) -> None:
         super().start()
-        self.derivatives: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self.computed_at: dict[tuple[int, str], float] = {}
+        self.derivatives: dict[int, list[torch.Tensor]] = {}
+        self.computed_at: dict[int, float] = {}
 
     def store(self, branch: Branch) -> torch.Tensor:
         output = super().store(branch)
-        key = (branch.block, branch.kind)
+        key = branch.unit
         terms = [output]
         before = self.derivatives.get(key)
         if before is not None and self.order > 0:
@@ -47,7 +64,7 @@ class TaylorSeer(BranchCache):
         return output
 
     def cached(self, branch: Branch) -> torch.Tensor:
-        key = (branch.block, branch.kind)
+        key = branch.unit
         terms = self.derivatives[key]
         distance = self.time - self.computed_at[key]
         forecast = terms[0]

@@ -13,10 +13,26 @@ rows that compute are gathered into a smaller batch, so a batch samples what its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ditlab.diffusion.cache import knob
 from ditlab.methods.sampling.caches.calibration import Calibration, block0_modulated_input, relative_l1
 from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
+
+
+@dataclass
+class TeaCacheOptions:
+    """TeaCache's knobs.
+
+    Args:
+        threshold: accumulated rescaled input change that triggers a computed call (0: the network).
+        coefficients: rescaling polynomial (highest power first); None fits it on this model.
+    """
+
+    threshold: float = knob(0.1, low=0.0)
+    coefficients: list[float] | None = None
 
 
 @register_policy
@@ -24,7 +40,8 @@ class TeaCache(CachePolicy):
     """Accumulated, rescaled input change decides, per row, when to recompute the residual."""
 
     name = "teacache"
-    defaults = {"threshold": 0.1, "coefficients": None}
+    Options = TeaCacheOptions
+    routed_trunks = True
     calibration_samples = 4
 
     @property
@@ -45,7 +62,7 @@ class TeaCache(CachePolicy):
 
     def rescaled(self, change: torch.Tensor) -> torch.Tensor:
         if self.coefficients is None:
-            raise ValueError("the teacache policy has no rescaling polynomial: set cache.coefficients or build it "
+            raise ValueError("the teacache policy has no rescaling polynomial: set cache.options.coefficients or build it "
                              "with ditlab.methods.sampling.caches.cached_model, which fits one on this model")  # fmt: skip
         if self.input_range is not None:
             change = change.clamp(*self.input_range)
@@ -72,7 +89,7 @@ class TeaCache(CachePolicy):
         else:
             out = tokens + self.residual
             if len(rows):
-                fresh = self.through_blocks(tokens[rows], cond[rows])
+                fresh = self.through_blocks(tokens[rows], cond[rows], t=t[rows])
                 out = out.index_copy(0, rows, fresh)
                 self.residual = self.residual.index_copy(0, rows, fresh - tokens[rows])
         return self.dit.head(out, cond)

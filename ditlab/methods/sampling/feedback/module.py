@@ -7,7 +7,10 @@ the re-entry point on the feedback block's prediction) and the teacher (the full
 sample, and the loss is ``output_weight * MSE(student, teacher) + feature_weight * MSE(h_hat, h)``, ``h`` the
 teacher's source-block output at this call. One feedback call is trained per training step; the trajectory moves
 on with the student's prediction (``rollout: student``, as it will at inference) or the teacher's [interp: the
-paper does not say which]. Only the feedback block and its scale are trained and saved.
+paper does not say which]. Only the feedback block and its scale are trained and saved. Training steps through the
+sampler's trajectory (``ditlab.diffusion.trajectory``), so any time grid, SDE and guidance interval works; when a
+guidance interval changes the rows of a call, the kept features no longer fit and that call runs in full, as it does
+at sampling (``FeedbackPolicy``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ import torch.nn.functional as F
 
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.global_batch import draw_rows
-from ditlab.diffusion.sample import model_call_times
+from ditlab.diffusion.trajectory import Trajectory, trajectory_options
 from ditlab.distributed import data_parallel_split
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.sampling.cache_router.module import check_schedule
-from ditlab.methods.sampling.cache_router.routed import SamplingRun
 from ditlab.methods.sampling.feedback.predictor import FeedbackBlock, FeedbackPolicy, check_wiring
+from ditlab.methods.sampling.schedule import check_schedule, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_block_range, run_blocks
@@ -58,15 +60,6 @@ class FeedbackConfig:
     feature_weight: float = 1.0
     rollout: Literal["student", "teacher"] = "student"
     train_cfg_scale: float | None = None
-
-
-@dataclass
-class Trajectory:
-    x: torch.Tensor
-    labels: torch.Tensor
-    hidden: torch.Tensor | None
-    index: int
-    stepper: object
 
 
 class FeedbackModule(FromTeacher, DiffusionModule):
@@ -102,6 +95,9 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         self.hold_teacher(sampling is not None)
         self.feedback: FeedbackBlock | None = None
         self.trajectory: Trajectory | None = None
+        """The training trajectory in progress (this process's rows)."""
+        self.hidden: torch.Tensor | None = None
+        """The source block's output at its last call (a full call's, or the last prediction)."""
 
     @property
     def sampler(self) -> str:
@@ -117,15 +113,11 @@ class FeedbackModule(FromTeacher, DiffusionModule):
             return
         teacher, config = self.teacher, self.feedback_config
         self.objective = self.objective_config.build(teacher.learn_sigma)
-        if self.sampling.guidance_interval is not None or self.sampling.time_grid is not None:
-            raise ValueError("model.sampling: the feedback block is trained on the sampler's default grid with guidance "
-                             "everywhere; set time_grid and guidance_interval to null")  # fmt: skip
         check_wiring(config.source, config.reentry, teacher.depth)
         self.feedback = FeedbackBlock(teacher.blocks[config.source], config.gamma, config.init).to(self.device)
 
     def schedule(self) -> torch.Tensor:
-        return model_call_times(self.objective, self.sampler, self.sampling.steps,
-                                ddim_alpha_to_one=self.sampling.ddim_alpha_to_one)
+        return schedule_times(self.objective, **trajectory_options(self.sampling))
 
     def full_call(self, call: int) -> bool:
         config = self.feedback_config
@@ -147,11 +139,12 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         return FeedbackPolicy(self.teacher, self.schedule(), self.feedback, source=config.source,
                               reentry=config.reentry, interval=config.interval, warmup=config.warmup)  # fmt: skip
 
-    def sampling_run(self) -> SamplingRun:
+    def start(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
+        """A trajectory of the schedule and guidance the block trains for, from ``noise`` (``train_cfg_scale``)."""
         scale = self.feedback_config.train_cfg_scale
         scale = self.sampling.cfg_scale if scale is None else scale
-        return SamplingRun(self.objective, self.sampler, self.sampling.steps, scale, self.sampling.cfg_channels,
-                           self.teacher.num_classes, self.sampling.ddim_alpha_to_one)  # fmt: skip
+        return Trajectory(self.objective, noise, labels, null_label=self.teacher.num_classes,
+                          **trajectory_options(self.sampling, cfg_scale=scale))  # fmt: skip
 
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -168,35 +161,31 @@ class FeedbackModule(FromTeacher, DiffusionModule):
 
     def feedback_terms(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Run full calls until the next feedback call (opening a trajectory if needed) and distil at it."""
-        run = self.sampling_run()
-        calls = len(self.schedule())
         while True:
-            if self.trajectory is None or self.trajectory.index >= calls:
-                self.trajectory = self.start_trajectory(batch_size, run)
+            if self.trajectory is None or self.trajectory.done:
+                self.start_trajectory(batch_size)
             trajectory = self.trajectory
-            if not self.full_call(trajectory.index) and trajectory.hidden is not None:
+            inputs = trajectory.inputs()
+            fits = self.hidden is not None and len(self.hidden) == len(inputs[0])  # guidance rows may have changed
+            if not self.full_call(trajectory.index) and fits:
                 break
-            self.full_step(trajectory, run)
-        index = trajectory.index
-        inputs = run.inputs(trajectory.stepper, trajectory.x, index, trajectory.labels)
+            self.full_step(trajectory, inputs)
         with torch.no_grad():
             tapped = run_blocks(self.teacher, *inputs, hidden=[self.feedback_config.source])
         _, cond = self.teacher.embed(*inputs)
-        predicted = self.feedback(trajectory.hidden, cond)
+        predicted = self.feedback(self.hidden, cond)
         student = self.teacher.head(run_block_range(self.teacher, predicted, cond, range(self.reentry, self.teacher.depth)),
                                     cond)  # fmt: skip
         output = F.mse_loss(student, tapped.output)
         feature = F.mse_loss(predicted, tapped.hidden[self.feedback_config.source])
         config = self.feedback_config
         loss = config.output_weight * output + config.feature_weight * feature
-        moved_by = student if config.rollout == "student" else tapped.output
-        trajectory.x = run.advance(trajectory.stepper, moved_by.detach(), index, trajectory.x)
-        trajectory.hidden = predicted.detach()
-        trajectory.index += 1
+        trajectory.step((student if config.rollout == "student" else tapped.output).detach())
+        self.hidden = predicted.detach()
         return {"loss": loss, "output_mse": output.detach(), "feature_mse": feature.detach()}
 
     @torch.no_grad()
-    def start_trajectory(self, batch_size: int, run: SamplingRun) -> Trajectory:
+    def start_trajectory(self, batch_size: int) -> None:
         teacher, generator = self.teacher, self.training_generator(self.device)
         rank, world_size = data_parallel_split(self._trainer)
         shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
@@ -204,16 +193,14 @@ class FeedbackModule(FromTeacher, DiffusionModule):
                           world_size)  # fmt: skip
         labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
                            batch_size, rank, world_size)  # fmt: skip
-        stepper = run.stepper()
-        return Trajectory(stepper.initial(noise), labels, None, 0, stepper)
+        self.trajectory, self.hidden = self.start(noise, labels), None
 
     @torch.no_grad()
-    def full_step(self, trajectory: Trajectory, run: SamplingRun) -> None:
-        inputs = run.inputs(trajectory.stepper, trajectory.x, trajectory.index, trajectory.labels)
+    def full_step(self, trajectory: Trajectory, inputs: tuple[torch.Tensor, ...]) -> None:
+        """The full network at this call (its ``inputs``): keeps the source block's output and moves the sample."""
         tapped = run_blocks(self.teacher, *inputs, hidden=[self.feedback_config.source])
-        trajectory.hidden = tapped.hidden[self.feedback_config.source]
-        trajectory.x = run.advance(trajectory.stepper, tapped.output, trajectory.index, trajectory.x)
-        trajectory.index += 1
+        self.hidden = tapped.hidden[self.feedback_config.source]
+        trajectory.step(tapped.output)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """Nothing to validate on data: the feedback block is judged by sampling (``bench/learned_caching.py``)."""
@@ -222,8 +209,8 @@ class FeedbackModule(FromTeacher, DiffusionModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trajectory = self.trajectory
         state = None
-        if trajectory is not None and trajectory.index < len(self.schedule()):
-            state = {"x": trajectory.x, "labels": trajectory.labels, "hidden": trajectory.hidden,
+        if trajectory is not None and not trajectory.done:
+            state = {"x": trajectory.x, "labels": trajectory.labels, "hidden": self.hidden,
                      "index": trajectory.index}  # fmt: skip
         checkpoint["feedback"] = {"sampler": self.sampler, "steps": self.sampling.steps, "times": self.schedule().tolist(),
                                   "source": self.feedback_config.source, "reentry": self.reentry,
@@ -235,11 +222,12 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         saved = checkpoint.get("feedback")
         if saved is None:
             raise ValueError("this checkpoint holds no feedback block (no 'feedback' entry); resume a FeedbackModule run")
-        check_schedule(saved, self.sampler, self.sampling.steps, self.schedule().tolist())
+        check_schedule(saved, self.sampler, self.sampling.steps, self.schedule().tolist(), what="this feedback block")
         self._draws, self._pending_draws = None, saved["training_draws"]
-        self.trajectory = None
+        self.trajectory, self.hidden = None, None
         if saved["trajectory"] is not None:
             state = saved["trajectory"]
-            hidden = state["hidden"].to(self.device) if state["hidden"] is not None else None
-            self.trajectory = Trajectory(state["x"].to(self.device), state["labels"].to(self.device), hidden,
-                                         state["index"], self.sampling_run().stepper())  # fmt: skip
+            x = state["x"].to(self.device)
+            self.trajectory = self.start(x, state["labels"].to(self.device))
+            self.trajectory.x, self.trajectory.index = x, state["index"]
+            self.hidden = state["hidden"].to(self.device) if state["hidden"] is not None else None

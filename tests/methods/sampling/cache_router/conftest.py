@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def fit_args(teacher: Path, save_dir: Path, config: str = "harmonica.yaml", steps: int = 4) -> list[str]:

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 
 from ditlab.diffusion import GaussianDiffusion
 from ditlab.diffusion.sample import model_call_times, sample_images
-from ditlab.methods.sampling.caches import build_policy
-from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
+from ditlab.diffusion.trajectory import Trajectory
 from ditlab.methods.sampling.cache_router import (
     CacheRouterModule,
     RouterConfig,
-    SamplingRun,
     image_error_proxy,
     image_error_proxy_reference,
     routed_call,
 )
+from ditlab.methods.sampling.caches import build_policy
+from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
 from ditlab.methods.teacher import TeacherConfig
 
 OBJECTIVE = GaussianDiffusion(learn_sigma=True)
@@ -147,16 +148,22 @@ def test_frozen_rows_never_move_under_real_updates(teacher_file, mode):
 def test_harmonica_moves_the_trajectory_with_the_students_prediction(teacher_file):
     module = make_module(teacher_file, init="constant", init_value=-1.0)
     module.rollout_terms(4)  # opens a trajectory (call 0 in full) and trains call 1
-    rollout, run = module.rollout, module.sampling_run()
-    x, index, cache = rollout.x.clone(), rollout.index, {k: v.clone() for k, v in rollout.cache.items()}
-    inputs = run.inputs(rollout.stepper, x, index, rollout.labels)
+    rollout = module.rollout
+    x, index, cache = rollout.x.clone(), rollout.index, {k: v.clone() for k, v in module.rollout_cache.items()}
+    inputs = rollout.inputs()
     with torch.no_grad():
         student = routed_call(module.teacher, *inputs, module.router.scores()[index], dict(cache), 0.1)
         teacher = module.teacher(*inputs)
+
+    def moved(output):
+        trajectory = module.trajectory(x, rollout.labels)
+        trajectory.index = index
+        return trajectory.step(output)
+
     module.rollout_terms(4)
     assert rollout.index == index + 1
-    assert torch.equal(rollout.x, run.advance(run.stepper(), student, index, x))
-    assert not torch.allclose(rollout.x, run.advance(run.stepper(), teacher, index, x))
+    assert torch.equal(rollout.x, moved(student))
+    assert not torch.allclose(rollout.x, moved(teacher))
 
 
 def test_l2c_pairs_train_only_cached_calls(teacher_file):
@@ -175,7 +182,7 @@ def test_l2c_pairs_train_only_cached_calls(teacher_file):
 
 def test_batched_image_error_proxy_equals_one_trajectory_per_prefix(tiny_dit):
     dit = tiny_dit(depth=4, learn_sigma=True).double()
-    run = SamplingRun(OBJECTIVE, "ddim", 4, 2.0, None, 10)
+    run = partial(Trajectory, OBJECTIVE, sampler="ddim", steps=4, cfg_scale=2.0, null_label=10)
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(4, 8, generator=generator, dtype=torch.float64)
     scores[0] = 1.0

@@ -15,7 +15,7 @@ from ditlab.analysis import scalar_series
 from ditlab.checkpoint import read_checkpoint
 from ditlab.cli import main
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def final(run: Path) -> dict:

@@ -58,3 +58,40 @@ def make_policy():
         return build_policy(dit, cache, objective, sampler, steps, cfg_scale)
 
     return make
+
+
+class Scaled:
+    """A third-party model function: the network's output times ``gain`` (``gain: 1`` is the network)."""
+
+    def __init__(self, network: DiT, gain: float) -> None:
+        self.network, self.gain, self.config = network, gain, network.config
+
+    def parameters(self):
+        return self.network.parameters()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, y) * self.gain
+
+
+@pytest.fixture
+def scaled_policy():
+    """``test-scaled``, a policy registered from outside ditlab with its own options; unregistered afterwards
+    (so registry-driven tests elsewhere never meet it)."""
+    from dataclasses import dataclass
+
+    from ditlab.diffusion.cache import CACHE_POLICIES, knob, register_cache_policy
+
+    @dataclass
+    class ScaledOptions:
+        """Scaled's knob.
+
+        Args:
+            gain: the factor on the network's output.
+        """
+
+        gain: float = knob(1.0, low=0.0, high=2.0)
+
+    register_cache_policy("test-scaled", ScaledOptions, lambda network, objective, options, **sampling:
+                          Scaled(network, options.gain))  # fmt: skip
+    yield Scaled
+    CACHE_POLICIES.pop("test-scaled")

@@ -1,0 +1,133 @@
+"""The conformance matrix, driven by the registries: every cache policy x every block kind x every trunk kind
+either samples, at the policy's identity setting, bit for bit what the network samples with every branch counted
+as computed, or refuses in one line. Plus the two wrong answers the trunk contract removed: a cache on a Mixture
+of Blocks ran the dense network, and a parallel-pair network counted its branches twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditlab.diffusion.cache import cache_policies
+from ditlab.diffusion.gaussian import GaussianDiffusion
+from ditlab.diffusion.sample import model_call_times, sample_images
+from ditlab.methods.moe.blocks import mixture_of_blocks
+from ditlab.methods.sampling.caches import build_policy
+from ditlab.methods.sampling.caches.plan import StaticPlan
+from ditlab.models.components import BLOCK, TRUNK
+from ditlab.models.config import DiTConfig
+from ditlab.plugins import load_plugins
+
+load_plugins()  # every family's kinds, as a config or checkpoint naming them would find them
+TOY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10)
+IDENTITY = {
+    "none": {},
+    "fora": {"interval": 1},
+    "delta-dit": {"interval": 1},
+    "teacache": {"threshold": 0.0},
+    "taylorseer": {"interval": 1, "order": 2},
+    "magcache": {"threshold": 0.0},
+    "toca": {"interval": 1},
+    "plan": "compute-everything",
+}
+"""Each built-in policy's setting that must reproduce the network (``plan``: a plan computing every unit)."""
+TRUNK_OPTIONS = {"mixture-of-blocks": {"group_size": 2, "active": 1}}
+OBJECTIVE, SAMPLER, STEPS = GaussianDiffusion(learn_sigma=True), "ddim", 5
+LABELS = torch.tensor([3, 1, 4])
+BUILT_IN = sorted(name for name, entry in cache_policies().items() if entry.options.__module__.startswith("ditlab."))
+
+
+def randomised(network: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn at random, so every block and router matters and routing differs by image."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name != "pos_embed":
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return network.eval()
+
+
+def network_of(block: str, trunk: str) -> torch.nn.Module:
+    """The toy network with ``block`` blocks under the ``trunk`` kind (a one-line ValueError if they do not mix)."""
+    config = TOY.replace(block=block, depth=TOY.depth // 2 if block == "parallel-pair" else TOY.depth, trunk=trunk,
+                         trunk_options=TRUNK_OPTIONS.get(trunk, {}))  # fmt: skip
+    return randomised(config.build())
+
+
+def identity_cache(policy: str, network, tmp_path) -> dict:
+    options = IDENTITY[policy]
+    if options == "compute-everything":
+        times = model_call_times(OBJECTIVE, SAMPLER, STEPS).tolist()
+        plan = StaticPlan([[True] * len(network.units())] * len(times), times, SAMPLER, STEPS, network.depth)
+        options = {"path": str(plan.save(tmp_path / "plan.json"))}
+    return {"policy": policy, "options": options}
+
+
+def sample(model) -> torch.Tensor:
+    return sample_images(model, OBJECTIVE, LABELS, seed=5, sampler=SAMPLER, steps=STEPS, cfg_scale=2.0)
+
+
+def test_every_builtin_policy_has_an_identity_setting():
+    assert set(BUILT_IN) == set(IDENTITY), "declare the identity setting of a new policy in IDENTITY"
+
+
+@pytest.mark.parametrize("trunk", sorted(TRUNK))
+@pytest.mark.parametrize("block", sorted(BLOCK))
+def test_identity_settings_sample_the_network_or_refuse_in_one_line(block, trunk, tmp_path):
+    try:
+        network = network_of(block, trunk)
+    except ValueError as error:  # a block kind the trunk cannot route
+        assert "\n" not in str(error) and "use block: dit" in str(error)  # refused before any policy is asked
+        return
+    plain = sample(network)
+    outcome = {}
+    for policy in BUILT_IN:
+        try:
+            model = build_policy(network, identity_cache(policy, network, tmp_path), OBJECTIVE, SAMPLER, STEPS,
+                                 cfg_scale=2.0)  # fmt: skip
+        except ValueError as error:
+            assert "\n" not in str(error) and len(str(error)) < 400, f"{policy}: {error}"
+            outcome[policy] = "refused"
+            continue
+        assert torch.equal(sample(model), plain), f"{policy} at its identity setting on {block}/{trunk}"
+        assert model.computed_share == pytest.approx(1.0), f"{policy} on {block}/{trunk}: {model.computed_share}"
+        outcome[policy] = "exact"
+    if trunk == "blocks":  # the plain loop serves every policy
+        assert set(outcome.values()) == {"exact"}, outcome
+    if trunk == "mixture-of-blocks":  # routed blocks: the policies that follow rows do, the others refuse
+        assert {p for p, o in outcome.items() if o == "exact"} == {"none", "fora", "teacache", "magcache", "plan"}
+
+
+@pytest.fixture(scope="module")
+def routed_pair():
+    dense = randomised(TOY.build())
+    return dense, randomised(mixture_of_blocks(dense, group_size=2, active=1))
+
+
+def test_a_cache_on_a_mixture_of_blocks_runs_the_routed_network_not_the_dense_one(routed_pair):
+    """Was: FORA at interval 1 on the MoB stage equalled the dense DiT and differed from the MoB forward."""
+    dense, mixture = routed_pair
+    routed = sample(mixture)
+    assert not torch.allclose(routed, sample(dense), atol=1e-3)
+    cached = build_policy(mixture, {"policy": "fora", "options": {"interval": 1}}, OBJECTIVE, SAMPLER, STEPS,
+                          cfg_scale=2.0)  # fmt: skip
+    assert torch.equal(sample(cached), routed)
+    reusing = build_policy(mixture, {"policy": "fora", "options": {"interval": 2}}, OBJECTIVE, SAMPLER, STEPS,
+                           cfg_scale=2.0)  # fmt: skip
+    approximate = sample(reusing)
+    assert torch.isfinite(approximate).all() and not torch.equal(approximate, routed)
+    assert 0.5 < reusing.computed_share < 1.0
+
+
+def test_parallel_pairs_count_work_like_the_same_blocks_run_in_sequence():
+    """Was: the parallel network's computed_share read 1.125 where the sequential one read 0.5625."""
+    sequential = randomised(TOY.build())
+    parallel = randomised(TOY.replace(block="parallel-pair", depth=2).build())
+    assert len(parallel.units()) == len(sequential.units()) == 2 * TOY.depth
+    shares = []
+    for network in (sequential, parallel):
+        policy = build_policy(network, {"policy": "fora", "options": {"interval": 3}}, OBJECTIVE, SAMPLER, 8,
+                              cfg_scale=2.0)  # fmt: skip
+        sample_images(policy, OBJECTIVE, LABELS, seed=5, sampler=SAMPLER, steps=8, cfg_scale=2.0)
+        shares.append(policy.computed_share)
+    assert shares[0] == shares[1] == pytest.approx(3 / 8)
