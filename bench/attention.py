@@ -44,7 +44,6 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import ditlab.methods  # noqa: F401 - registers the parallel-pair block
 from ditlab.data.digits import DigitsDataModule
 from ditlab.methods.graft.module import GraftConfig, GraftDistillConfig, GraftModule
 from ditlab.methods.graft.stage1 import Stage1Config

@@ -36,7 +36,6 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-import ditlab.methods  # noqa: F401 - registers the "moe" MLP kind
 from ditlab.callbacks.progressive import ProgressiveDistillation
 from ditlab.data.digits import DigitsDataModule
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig

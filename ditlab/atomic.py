@@ -66,12 +66,15 @@ def free_bytes(folder: Path) -> int | None:
 
 def out_of_space(error: BaseException | None) -> OSError | None:
     """The ENOSPC / EDQUOT ``OSError`` behind ``error``: itself, a cause or context, or one of DCP's per-process
-    failures (``CheckpointException.failures``); None when running out of space is not what went wrong."""
+    failures (``CheckpointException.failures``: rank -> (exception, traceback)); None when running out of space
+    is not what went wrong."""
     seen: set[int] = set()
     pending = [error]
     while pending:
         error = pending.pop(0)
-        if error is None or id(error) in seen:
+        if isinstance(error, tuple):
+            pending.extend(error)
+        if not isinstance(error, BaseException) or id(error) in seen:
             continue
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:

@@ -76,12 +76,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
+        from torch.distributed.checkpoint.api import CheckpointException
+
         path = Path(self.broadcast(str(filepath)))
         temporary = path.with_name(f".{path.name}.tmp-{self.broadcast(os.getpid())}")
         failure: BaseException | None = None
         try:
             super().save_checkpoint(checkpoint, temporary, storage_options)
-        except Exception as error:
+        except (Exception, CheckpointException) as error:  # DCP's failures are BaseExceptions
             failure = error
         full = out_of_space(failure)
         flags = torch.tensor([float(failure is not None), float(full.errno if full else 0)], device=self.root_device)

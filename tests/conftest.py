@@ -126,13 +126,10 @@ def perturb() -> Callable[..., torch.nn.Module]:
 def save_teacher(dit: DiT, path: Path) -> Path:
     """``dit`` as a ditlab checkpoint (what ``load_teacher`` reads): config, weights, objective, sampling (DDIM,
     4 steps, cfg 2)."""
-    from dataclasses import asdict
-
     from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
+    from ditlab.models.loading import network_checkpoint
 
-    torch.save({"state_dict": {f"network.{key}": value for key, value in dit.state_dict().items()},
-                "ditlab": {"dit_config": dit.config.to_dict(), "objective": asdict(ObjectiveConfig()),
-                           "sampling": asdict(SamplingConfig(sampler="ddim", steps=4, cfg_scale=2.0))}}, path)  # fmt: skip
+    torch.save(network_checkpoint(dit, ObjectiveConfig(), SamplingConfig(sampler="ddim", steps=4, cfg_scale=2.0)), path)
     return path
 
 

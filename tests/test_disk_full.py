@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ditlab import atomic
 from ditlab.atomic import DiskFull, save_bytes, save_json, save_torch
@@ -193,8 +194,8 @@ def test_sharded_checkpoint_folder_is_swapped_in_whole_or_not_at_all(tmp_path, m
     def write_shards(self, checkpoint, path, storage_options=None, fail=False):
         path.mkdir(parents=True)
         (path / "__0_0.distcp").write_bytes(b"shard of step %d" % checkpoint["step"])
-        if fail:
-            raise RuntimeError("DCP failed") from OSError(errno.ENOSPC, "No space left on device")
+        if fail:  # what DCP raises: every process's failure, as (exception, traceback)
+            raise CheckpointException("write failed", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
 
     save = FSDP2Strategy.__mro__[1].save_checkpoint
     monkeypatch.setattr(FSDP2Strategy.__mro__[1], "save_checkpoint", write_shards)

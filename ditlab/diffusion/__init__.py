@@ -8,7 +8,9 @@ network in ditlab always runs in this convention.
 
 Sampling (``sample``) follows the papers' protocols on request: time grids (``grids``: DiT's respacing, SiT's
 linspace), DDIM's last step (``ddim``), SiT's Heun and torchdiffeq's adaptive solvers (``ode``), SiT's SDE
-(``sde``), guidance intervals (``guidance``), named in ``presets``.
+(``sde``), guidance intervals (``guidance``), named in ``presets``. Its loop steps a ``trajectory`` one model
+call at a time (sampling-time methods step the same object), and ``images`` is the one path from a
+``SamplingConfig`` to images, its model function made by an injected factory (by default the ``cache`` policy).
 
 Every objective has the same two calls: ``prepare(x0) -> Noised`` draws times and noise, and
 ``losses(output, x0, noised) -> dict`` scores a network output. Methods that need the same noisy input

@@ -78,17 +78,22 @@ def knob_types(options: type) -> dict[str, Any]:
     return {item.name: hints[item.name] for item in dataclasses.fields(options)}
 
 
+def optional_of(hint: Any) -> Any:
+    """``int`` of ``int | None`` (and of ``int``), ``list[float]`` of ``list[float] | None``."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
 def scalar_kind(hint: Any) -> Any:
     """``int`` of ``int | None``, ``list`` of ``list[float] | None``, else the hint."""
-    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        hint = args[0]
+    hint = optional_of(hint)
     return typing.get_origin(hint) or hint
 
 
-def checked(policy: str, name: str, value: Any, kind: Any, bounds: tuple) -> Any:
-    """``value`` converted to ``kind`` and range-checked, or a one-line ``ValueError``."""
+def checked(policy: str, name: str, value: Any, hint: Any, bounds: tuple) -> Any:
+    """``value`` converted to the knob's type ``hint`` and range-checked, or a one-line ``ValueError``."""
     where = f"cache.options.{name}={value!r}"
+    kind, items = scalar_kind(hint), typing.get_args(optional_of(hint))
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValueError(f"{where} must be a number for the {policy} policy")
@@ -99,10 +104,10 @@ def checked(policy: str, name: str, value: Any, kind: Any, bounds: tuple) -> Any
             need = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
             raise ValueError(f"{where} is out of range for the {policy} policy; it must be {need}")
         return kind(value)
-    if kind is list:
+    if kind is list and items and items[0] in (int, float):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
             raise ValueError(f"{where} must be a list of numbers for the {policy} policy")
-        return [float(v) for v in value]
+        return [items[0](v) for v in value]
     if kind is str and not isinstance(value, str):
         raise ValueError(f"{where} must be a string for the {policy} policy")
     return value
@@ -115,13 +120,13 @@ def cache_options(policy: str, options: Mapping[str, Any]) -> Any:
     would otherwise silently measure the default.
     """
     cls = cache_policy(policy).options
-    types = knob_types(cls)
-    stray = [name for name in options if name not in types]
+    hints = knob_types(cls)
+    stray = [name for name in options if name not in hints]
     if stray:
         raise ValueError(f"cache.options.{stray[0]} is not a knob of the {policy} policy "
-                         f"(its knobs: {', '.join(types) or 'none'})")  # fmt: skip
+                         f"(its knobs: {', '.join(hints) or 'none'})")  # fmt: skip
     bounds = {item.name: item.metadata.get("range", (None, None)) for item in dataclasses.fields(cls)}
-    values = {name: checked(policy, name, value, scalar_kind(types[name]), bounds[name])
+    values = {name: checked(policy, name, value, hints[name], bounds[name])
               for name, value in options.items() if value is not None}  # fmt: skip
     return cls(**values)
 

@@ -18,7 +18,7 @@ import torch
 
 from ditlab.diffusion.cache import cache_model_function
 from ditlab.diffusion.guidance import ModelFunction
-from ditlab.diffusion.sample import sample_images
+from ditlab.diffusion.sample import model_device, null_label_of, sample_images, sample_shape
 from ditlab.progress import TaskProgress
 
 ModelFactory = Callable[..., ModelFunction]
@@ -52,10 +52,11 @@ def sample_from_config(network: torch.nn.Module, objective, sampling, labels: to
     ``sampling`` is a ``SamplingConfig``; ``overrides`` replace its fields. The model function is ``model`` when
     given (built once to read a cache's counters afterwards), else ``factory``'s (see :func:`model_function`);
     ``network`` is sampled in eval mode and left in the mode it had. ``progress`` names a progress line (None:
-    silent); ``shape`` ``(C, H, W)`` defaults to the network's.
+    silent); ``shape`` ``(C, H, W)`` (unless given), the device and the guidance null class are the network's.
     """
     options = sampling_options(sampling, **overrides)
     batch_size = options.pop("batch_size")
+    shape, device = shape or sample_shape(network), model_device(network)
     was_training = network.training
     network.eval()
     try:
@@ -65,7 +66,8 @@ def sample_from_config(network: torch.nn.Module, objective, sampling, labels: to
         with TaskProgress(progress or "sampling", len(labels), enabled=progress is not None) as bar:
             for offset in range(0, len(labels), batch_size):
                 chunk = sample_images(model, objective, labels[offset : offset + batch_size], seed=seed,
-                                      start=start + offset, batch_size=batch_size, shape=shape, **options)  # fmt: skip
+                                      start=start + offset, batch_size=batch_size, shape=shape, device=device,
+                                      null_label=null_label_of(network), **options)  # fmt: skip
                 chunks.append(decode(chunk) if decode is not None else chunk)
                 bar.advance(len(chunk))
     finally:

@@ -76,7 +76,8 @@ class Trajectory:
 
     The sampling options are those of ``SamplingConfig`` (``ditlab.diffusion.config``); ``null_label`` is needed
     when ``cfg_scale != 1``. ``generator`` drives the per-step noise of DDPM and the SDE (a list: one per sample).
-    ``x`` and ``index`` may be set by hand to start mid-way (a sample noised to call ``index``'s time).
+    ``x`` and ``index`` may be set by hand to start mid-way (a sample noised to call ``index``'s time; exact for
+    the one-step samplers, DDIM, DDPM, Euler and the SDE, while a multistep one starts its history afresh).
     """
 
     def __init__(self, objective, noise: torch.Tensor, labels: torch.Tensor, *, sampler: str | None = None,

@@ -1,8 +1,4 @@
-"""Method families over the DiT core. Importing this package registers the component kinds the methods bring
-(the ``moe`` MLP, the ``parallel-pair`` block, the dynamic-compute trunks) and the feature-cache policies, so a
-checkpoint or config that names one builds wherever a method is importable."""
-
-import ditlab.methods.sampling.caches  # noqa: F401 - registers the feature-cache policies (sampling.cache)
-import ditlab.methods.dynamic  # noqa: F401 - registers the dynamic-compute trunks (dydit, elastic, chunking)
-import ditlab.methods.graft  # noqa: F401 - registers the "parallel-pair" block kind
-import ditlab.methods.moe  # noqa: F401 - registers the "moe" MLP kind
+"""Method families over the DiT core, one package each (``align``, ``compress``, ``moe``, ``graft``, ``dynamic``,
+``sampling/*``). A family registers the kinds it brings (block components, trunks, cache policies) when its package
+is imported; ``ditlab.plugins.load_plugins`` imports them all, and a registry asked for a name it does not know
+calls it, so nothing here has to list them."""

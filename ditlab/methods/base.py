@@ -36,7 +36,7 @@ from ditlab.methods.frozen import FrozenNetwork
 from ditlab.models.components import pop_aux_losses
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
-from ditlab.models.loading import upgrade_layout
+from ditlab.models.loading import ditlab_entry, upgrade_layout
 
 
 class DiffusionModule(L.LightningModule):
@@ -268,13 +268,8 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the architecture so a checkpoint rebuilds its (possibly pruned) network alone."""
-        checkpoint["ditlab"] = {
-            "dit_config": self.network.config.to_dict(),
-            "objective": asdict(self.objective_config),
-            "sampling": asdict(self.sampling),
-            "vae": self.vae_path,
-            "latent_scale": self.latent_scale,
-        }
+        checkpoint["ditlab"] = ditlab_entry(self.network.config, self.objective_config, self.sampling, self.vae_path,
+                                            self.latent_scale)  # fmt: skip
         if not self.network_samples_alone:
             checkpoint["ditlab"]["sampled_by"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self._draws is not None:

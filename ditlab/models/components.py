@@ -82,12 +82,18 @@ def register_trunk(name: str) -> Callable[[Builder], Builder]:
 
 
 def build_component(slot: str, config: DiTConfig, block: int | None = None) -> nn.Module:
-    """The ``slot`` (``attention``, ``mlp``, ``block`` or ``trunk``) component ``config`` names, for block ``block``."""
+    """The ``slot`` (``attention``, ``mlp``, ``block`` or ``trunk``) component ``config`` names, for block ``block``.
+    An unknown name loads the installed families once (``ditlab.plugins``) before it is refused, so a config or
+    checkpoint naming a method's kind builds without its caller importing the method first."""
     name = getattr(config, slot)
     registry = _SLOTS[slot]
     if name not in registry:
-        raise ValueError(f"unknown {slot} kind {name!r}; registered: {sorted(registry)} (import the module that "
-                         f"registers {name!r} before building or loading this network)")  # fmt: skip
+        from ditlab.plugins import load_plugins
+
+        load_plugins()
+    if name not in registry:
+        raise ValueError(f"unknown {slot} kind {name!r}; registered: {sorted(registry)} (no method family or "
+                         f"'ditlab.plugins' entry point registers {name!r})")  # fmt: skip
     builder = registry[name]
     if block is not None and "block" in inspect.signature(builder).parameters:
         return builder(config, block=block)

@@ -209,6 +209,21 @@ def read_sharded_checkpoint(path: Path, tensors: bool = True) -> dict:
     return {**meta, **state}
 
 
+def ditlab_entry(config: DiTConfig, objective: Any, sampling: Any, vae: str | None = None,
+                 latent_scale: float = 0.18215) -> dict:
+    """The ``ditlab`` entry of a checkpoint: the one layout every writer records and :func:`network_from_checkpoint`
+    (with ``ditlab.checkpoint.run_settings``) reads back. ``objective`` and ``sampling`` are their config
+    dataclasses (stored as plain dicts); the weights sit beside it under ``network.`` (and ``ema.``)."""
+    return {"dit_config": config.to_dict(), "objective": dataclasses.asdict(objective),
+            "sampling": dataclasses.asdict(sampling), "vae": vae, "latent_scale": latent_scale}
+
+
+def network_checkpoint(network: torch.nn.Module, objective: Any, sampling: Any) -> dict:
+    """A whole checkpoint of ``network`` alone (exports, tests): its ``ditlab`` entry and its weights."""
+    state = {f"network.{key}": value.detach().cpu() for key, value in network.state_dict().items()}
+    return {"ditlab": ditlab_entry(network.config, objective, sampling), "state_dict": state}
+
+
 def _prefixed(state_dict: dict, prefix: str) -> dict:
     return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
 

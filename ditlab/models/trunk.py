@@ -115,7 +115,7 @@ class BlockLoop(Trunk):
         return tokens
 
 
-def run_blocks_in_order(dit: nn.Module, tokens: torch.Tensor, cond: torch.Tensor, blocks, 
+def run_blocks_in_order(dit: nn.Module, tokens: torch.Tensor, cond: torch.Tensor, blocks,
                         branches: BranchHook | None = None) -> torch.Tensor:  # fmt: skip
     """Tokens through the blocks at ``blocks`` (positions, in order); ``branches`` sees global unit numbers."""
     if branches is None:

@@ -7,8 +7,9 @@ an edit here. A knob several policies share (``interval``) is one option; the po
 
 from __future__ import annotations
 
+import inspect
 import typing
-from dataclasses import field, fields, make_dataclass
+from dataclasses import field, make_dataclass
 from typing import Any
 
 from ditlab.diffusion.cache import CacheConfig, cache_policies, knob_types, scalar_kind
@@ -16,10 +17,11 @@ from ditlab.diffusion.cache import CacheConfig, cache_policies, knob_types, scal
 
 def knob_help(options: type) -> dict[str, str]:
     """``{knob: its line}`` from an options dataclass's ``Args:`` section."""
-    lines, found, current = (options.__doc__ or "").split("Args:", 1)[-1].splitlines(), {}, None
+    doc = inspect.cleandoc(options.__doc__ or "")
+    lines, found, current = doc.split("Args:", 1)[-1].splitlines() if "Args:" in doc else [], {}, None
     for line in lines:
         name, colon, text = line.strip().partition(":")
-        if colon and name.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+        if colon and name.isidentifier() and line.startswith(" " * 4) and not line.startswith(" " * 5):
             current, found[name] = name, text.strip()
         elif current and line.strip():
             found[current] += " " + line.strip()
@@ -31,15 +33,15 @@ def registered_knobs() -> dict[str, tuple[Any, str]]:
     hints: dict[str, list] = {}
     readers: dict[str, dict[str, list[str]]] = {}  # knob -> its description -> the policies that say so
     for policy, entry in sorted(cache_policies().items()):
-        defaults = {item.name: item.default for item in fields(entry.options)}
+        defaults = vars(entry.options())
         described = knob_help(entry.options)
         for name, hint in knob_types(entry.options).items():
             if hint not in hints.setdefault(name, []):
                 hints[name].append(hint)
-            text = described.get(name, "")
+            text = described.get(name, "").rstrip(".")
             readers.setdefault(name, {}).setdefault(text, []).append(f"{policy} (default {defaults[name]})")
     return {name: (typing.Union[(*hints[name], None)],
-                   "; ".join(f"{', '.join(who)}: {text}" for text, who in readers[name].items()))
+                   "; ".join(f"{', '.join(who)}: {text}" for text, who in readers[name].items()) + ".")
             for name in hints}  # fmt: skip
 
 

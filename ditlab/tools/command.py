@@ -18,49 +18,23 @@ options are the registered policies' knobs (``ditlab.tools.cache_options``); ``-
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ditlab.diffusion.config import CacheConfig, SamplingConfig
+from ditlab.tools import TOOLS
 from ditlab.tools.cache_options import cache_arguments, cache_config, flat_cache, list_knobs
 
 SAMPLING_NOTE = ("Sampling options (sampler, steps, guidance, time grid, SDE, feature cache) default to what the "
                  "checkpoint recorded: give --ckpt with --help to see them")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Tool:
-    """A ``ditlab`` command that runs ``target`` (``module:function``)."""
-
-    target: str
-    summary: str  # the one line ``ditlab --help`` shows
-    positional: str | None = None  # parameter that may be given as the first, unnamed argument
-    aliases: dict[str, str] = field(default_factory=dict)  # extra option name -> parameter
-
-    def function(self) -> Callable[..., int]:
-        module, name = self.target.split(":")
-        return getattr(importlib.import_module(module), name)
-
-
-TOOLS = {
-    "sample": Tool("ditlab.tools.sample:sample", "draw images (PNGs + samples.npz) from a checkpoint",
-                   aliases={"class": "label"}),  # fmt: skip
-    "eval": Tool("ditlab.tools.eval:evaluate", "FID / IS / precision / recall of a checkpoint or a samples.npz"),
-    "analyze": Tool("ditlab.tools.analyze:analyze",
-                    "per-block importance of a trained network (blocks to keep when pruning), or --redundancy"),
-    "convert": Tool("ditlab.tools.convert:convert", "export a run's network as safetensors or a diffusers folder"),
-    "encode": Tool("ditlab.tools.encode:encode", "pre-extract VAE latents of an image folder into shards for "
-                   "latent training", positional="source"),
-    "export": Tool("ditlab.tools.export:export", "a cache-router run as a cache plan, a dynamic-compute run in its "
-                   "inference form"),
-}  # fmt: skip
 
 
 class ToolParser(ArgumentParser):
@@ -203,15 +177,15 @@ def normalise(name: str, argv: list[str]) -> tuple[list[str], bool]:
             out += [f"--{key[3:]}", "false"]
         elif key == "cache" and takes_sampling(function):
             policy = value if equals else following
-            if policy is not None and ":" in policy and not Path(policy).is_file():  # `plan:PATH`
+            if policy is None or Path(policy).is_file() or policy.lstrip().startswith("{"):  # a file, inline YAML
+                out += ["--cache", policy] if policy is not None else ["--cache"]
+            elif ":" in policy:  # `plan:PATH`
                 name, _, path = policy.partition(":")
                 out += ["--cache.policy", name, "--cache.path", path]
                 fresh_cache = True
-            elif policy is not None and not Path(policy).is_file() and not policy.lstrip().startswith("{"):
+            else:
                 out += ["--cache.policy", policy]
                 fresh_cache = True
-            else:
-                out += ["--cache", policy] if policy is not None else ["--cache"]
             index += 0 if equals else 1
         elif (key.startswith("cache.") and key in list_knobs()  # (only a cache knob loads the policies)
               and not (value if equals else following or "[").lstrip().startswith(("[", "--"))):

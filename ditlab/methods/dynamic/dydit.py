@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from ditlab.methods.dynamic import ops
-from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, plain_blocks, hard_gumbel_sigmoid, with_always_on
+from ditlab.methods.dynamic.routing import (
+    Decisions,
+    DynamicTrunk,
+    hard_gumbel_sigmoid,
+    plain_blocks,
+    with_always_on,
+)
 from ditlab.models.branch import Branch
 from ditlab.models.components import register_trunk
 from ditlab.models.config import DiTConfig

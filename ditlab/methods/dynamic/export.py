@@ -11,7 +11,6 @@ result as a plain ditlab checkpoint (architecture in ``dit_config``, weights und
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from ditlab.methods.dynamic.dydit import DyDiTTrunk
 from ditlab.methods.dynamic.routing import DynamicTrunk
 from ditlab.models.budget import flops_per_image
 from ditlab.models.dit import DiT
+from ditlab.models.loading import network_checkpoint
 
 
 def dynamic_trunk(network: DiT) -> DynamicTrunk:
@@ -71,10 +71,7 @@ def save_checkpoint(network: DiT, path: str | Path, objective: ObjectiveConfig, 
     """Write ``network`` as a ditlab checkpoint that ``load_network`` rebuilds from its config alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {f"network.{key}": value.detach().cpu() for key, value in network.state_dict().items()}
-    save_torch({"ditlab": {"dit_config": network.config.to_dict(), "objective": asdict(objective),
-                           "sampling": asdict(sampling), "vae": None, "latent_scale": 0.18215},
-                "state_dict": state}, path)  # fmt: skip
+    save_torch(network_checkpoint(network, objective, sampling), path)
     return path
 
 

@@ -40,5 +40,5 @@ def check_schedule(saved: dict, sampler: str, steps: int | None, times: list[flo
         trained, asked = describe(saved["sampler"], saved["steps"], saved["times"]), describe(sampler, steps, times or [])
         if trained == asked:
             asked += " at other call times (another time grid or SDE end)"
-        raise ValueError(f"{what} was trained for {trained}, not {asked}; sample with the schedule it was trained "
-                         "for or train it for this one")  # fmt: skip
+        raise ValueError(f"{what} was trained for {trained}, not {asked}; sample with {trained} or train for "
+                         "this schedule")  # fmt: skip

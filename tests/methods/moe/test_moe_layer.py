@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import ditlab.methods  # noqa: F401 - registers the "moe" kind, as any user of ditlab.methods gets
 from ditlab.methods.moe.layer import MoEFeedForward, MoEOptions
 from ditlab.methods.moe.routing import balance_loss, expert_choice, token_choice
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count

@@ -46,7 +46,7 @@ from ditlab.methods.sampling.schedule import check_schedule, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
 from ditlab.models.dit import DiT
 
-PAIR_SAMPLERS = ("ddim", "euler")
+PAIR_SAMPLERS = ("ddim", "euler", "sde")
 """Samplers whose step from call ``k - 1`` needs nothing but that call (L2C builds each pair from one full step)."""
 
 

@@ -8,8 +8,7 @@ code. Importing this package registers every policy here with the core (``ditlab
 
 from ditlab.diffusion.sample import model_call_times
 from ditlab.methods.sampling.caches import delta_dit, fora, magcache, none, plan, taylorseer, teacache, toca  # noqa: F401 - register
-from ditlab.methods.sampling.caches.build import as_cache_config, build_policy, cached_model, planned_policy
+from ditlab.methods.sampling.caches.build import build_policy, planned_policy
 from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
 
-__all__ = ["CachePolicy", "as_cache_config", "build_policy", "cached_model", "model_call_times", "planned_policy",
-           "register_policy"]
+__all__ = ["CachePolicy", "build_policy", "model_call_times", "planned_policy", "register_policy"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from ditlab.diffusion.cache import as_cache_config, cache_model_function, cache_policy
+from ditlab.diffusion.cache import as_cache_config, cache_policy
 from ditlab.diffusion.sample import model_call_times
 from ditlab.methods.sampling.caches.calibration import calibrate
 from ditlab.methods.sampling.caches.policy import CachePolicy
@@ -48,9 +48,3 @@ def build_policy(dit: DiT, cache: Any, objective, sampler: str | None = None, st
     return cache_policy(cache.policy).factory(dit, objective, cache.settings(), sampler=sampler, steps=steps,
                                               cfg_scale=cfg_scale, cfg_channels=cfg_channels, **sampling)  # fmt: skip
 
-
-def cached_model(network: DiT, cache: Any, objective, sampler: str | None = None, steps: int | None = None,
-                 cfg_scale: float = 1.0, cfg_channels: int | None = None, **sampling: Any):  # fmt: skip
-    """What to sample: ``network`` itself when there is no cache, else its policy (``cache_model_function``)."""
-    return cache_model_function(network, objective, cache, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                cfg_channels=cfg_channels, **sampling)  # fmt: skip

@@ -72,7 +72,7 @@ class MagCache(CachePolicy):
             return False
         if self.magnitudes is None:
             raise ValueError("the magcache policy has no calibrated magnitudes: set cache.options.magnitudes or build it "
-                             "with ditlab.methods.sampling.caches.cached_model, which calibrates it on one sample")  # fmt: skip
+                             "with ditlab.methods.sampling.caches.build_policy, which calibrates it on one sample")  # fmt: skip
         self.ratio *= self.magnitudes[call]
         self.skipped += 1
         self.error += abs(1.0 - self.ratio)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ditlab.methods.sampling.caches.policy import CachePolicy, register_policy
+from ditlab.methods.sampling.schedule import check_schedule, describe, same_times
 from ditlab.models.taps import Branch
 
 
@@ -69,7 +70,8 @@ class StaticPlan:
         return float(self.table.float().mean())
 
     def describe(self) -> str:
-        return f"{self.sampler} at {self.steps} steps ({len(self.times)} model calls)"
+        calls = f" ({len(self.times)} model calls)" if self.steps is not None else ""
+        return describe(self.sampler, self.steps, self.times) + calls
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -126,8 +128,7 @@ class Plan(CachePolicy):
         if len(self.plan.table[0]) != self.units:
             raise ValueError(f"{where} has {len(self.plan.table[0])} units per call; this network's trunk has "
                              f"{self.units} (train a router on this network)")  # fmt: skip
-        times = self.plan.times
-        if len(times) != self.num_calls or any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(times, self.times)):
+        if not same_times(self.plan.times, self.times):
             raise ValueError(f"{where} was trained for {self.plan.describe()}, but this sampling makes "
                              f"{self.num_calls} model calls at other times; sample with {self.plan.describe()} "
                              "or train a router for this sampler and step count")  # fmt: skip
@@ -135,11 +136,8 @@ class Plan(CachePolicy):
 
     def check_sampling(self, sampler: str, steps: int | None) -> None:
         """Refuse a sampler other than the plan's, even on the same call times (DDPM and DDIM share them)."""
-        if sampler != self.plan.sampler or (steps is not None and steps != self.plan.steps):
-            where = f"cache plan {self.path}" if self.path else "this cache plan"
-            raise ValueError(f"{where} was trained for {self.plan.describe()}; this sampling is {sampler} at "
-                             f"{steps} steps: sample with {self.plan.sampler} at {self.plan.steps} steps or train "
-                             "a router for this sampler and step count")  # fmt: skip
+        where = f"cache plan {self.path}" if self.path else "this cache plan"
+        check_schedule(asdict(self.plan), sampler, self.plan.steps if steps is None else steps, what=where)
 
     def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
         tokens, cond = self.dit.embed(x, t, y)

@@ -63,7 +63,7 @@ class TeaCache(CachePolicy):
     def rescaled(self, change: torch.Tensor) -> torch.Tensor:
         if self.coefficients is None:
             raise ValueError("the teacache policy has no rescaling polynomial: set cache.options.coefficients or build it "
-                             "with ditlab.methods.sampling.caches.cached_model, which fits one on this model")  # fmt: skip
+                             "with ditlab.methods.sampling.caches.build_policy, which fits one on this model")  # fmt: skip
         if self.input_range is not None:
             change = change.clamp(*self.input_range)
         estimate = torch.zeros_like(change)

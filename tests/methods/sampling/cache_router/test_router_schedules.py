@@ -62,7 +62,7 @@ def test_a_router_trains_and_samples_on_an_explicit_grid_with_a_guidance_interva
     labels = torch.arange(3)
     images = module.sample(labels)
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
-    with pytest.raises(ValueError, match="trained for ddim.*6 model calls at other times"):
+    with pytest.raises(ValueError, match="trained for ddim on a 6-call time grid, but .* 6 model calls at other times"):
         module.sample(labels, time_grid="trailing", steps=6)
 
 
@@ -71,6 +71,29 @@ def test_a_router_that_computes_everything_samples_the_teacher_bitwise_on_the_gr
     labels = torch.arange(3)
     plain = sample_images(module.teacher, module.objective, labels, **SAMPLING)
     assert torch.equal(module.sample(labels), plain.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("mode", ["harmonica", "l2c"])
+def test_a_router_trains_and_samples_on_the_sde_of_a_flow_teacher(tmp_path, tiny_dit, mode):
+    from dataclasses import asdict
+
+    from ditlab.diffusion.config import ObjectiveConfig
+
+    dit = tiny_dit(depth=2)
+    teacher = tmp_path / "flow.ckpt"
+    torch.save({"state_dict": {f"network.{key}": value for key, value in dit.state_dict().items()},
+                "ditlab": {"dit_config": dit.config.to_dict(), "objective": asdict(ObjectiveConfig(kind="flow")),
+                           "sampling": asdict(SamplingConfig(sampler="euler", steps=4))}}, teacher)  # fmt: skip
+    sampling = SamplingConfig(sampler="sde", steps=6, time_grid="sit", cfg_scale=2.0, guidance_interval=INTERVAL)
+    module = CacheRouterModule(TeacherConfig(checkpoint=str(teacher)), RouterConfig(mode=mode), sampling=sampling)
+    module.configure_model()
+    assert module.router.calls == 6  # six Euler-Maruyama calls down to the SDE's last step
+    for _ in range(3):
+        terms, _ = module.rollout_terms(4) if mode == "harmonica" else module.pair_terms(torch.randn(4, 1, 8, 8),
+                                                                                        torch.arange(4))  # fmt: skip
+        terms["loss"].backward()
+        assert torch.isfinite(terms["loss"]) and module.router.theta.grad.abs().sum() > 0
+    assert module.sample(torch.arange(2)).shape == (2, 1, 8, 8)
 
 
 def test_feedback_trains_on_a_named_grid_with_a_guidance_interval(teacher_file):

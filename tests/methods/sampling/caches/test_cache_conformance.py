@@ -16,21 +16,21 @@ from ditlab.models.taps import run_block_range
 
 IDENTITY = [
     {"policy": "none"},
-    {"policy": "fora", "interval": 1},
-    {"policy": "delta-dit", "interval": 1},
-    {"policy": "delta-dit", "blocks": 0, "interval": 3},
-    {"policy": "teacache", "threshold": 0.0},
-    {"policy": "taylorseer", "interval": 1, "order": 2},
-    {"policy": "magcache", "threshold": 0.0},
-    {"policy": "toca", "interval": 1},
+    {"policy": "fora", "options": {"interval": 1}},
+    {"policy": "delta-dit", "options": {"interval": 1}},
+    {"policy": "delta-dit", "options": {"blocks": 0, "interval": 3}},
+    {"policy": "teacache", "options": {"threshold": 0.0}},
+    {"policy": "taylorseer", "options": {"interval": 1, "order": 2}},
+    {"policy": "magcache", "options": {"threshold": 0.0}},
+    {"policy": "toca", "options": {"interval": 1}},
 ]
 APPROXIMATE = [
-    {"policy": "fora", "interval": 3},
-    {"policy": "delta-dit", "interval": 3, "blocks": 2, "boundary": 0.5},
-    {"policy": "teacache", "threshold": 0.3},
-    {"policy": "taylorseer", "interval": 3, "order": 2, "warmup": 2},
-    {"policy": "magcache", "threshold": 0.5, "max_skip": 2, "warmup": 1},
-    {"policy": "toca", "interval": 3, "ratio": 0.25},
+    {"policy": "fora", "options": {"interval": 3}},
+    {"policy": "delta-dit", "options": {"interval": 3, "blocks": 2, "boundary": 0.5}},
+    {"policy": "teacache", "options": {"threshold": 0.3}},
+    {"policy": "taylorseer", "options": {"interval": 3, "order": 2, "warmup": 2}},
+    {"policy": "magcache", "options": {"threshold": 0.5, "max_skip": 2, "warmup": 1}},
+    {"policy": "toca", "options": {"interval": 3, "ratio": 0.25}},
 ]
 LABELS = torch.tensor([3, 1, 4])
 
@@ -95,35 +95,35 @@ class BranchCounter:
 
 def plan(cache: dict, calls: int, depth: int, rows: int, tokens: int) -> dict[str, int]:
     """The (row, token) evaluations of each branch kind, from the knobs alone (the specs' analytic counts)."""
-    policy = cache["policy"]
+    policy, options = cache["policy"], cache["options"]
     if policy in ("fora", "taylorseer", "toca"):
-        warmup = cache.get("warmup", 0)
-        full = sum(1 for k in range(calls) if k < warmup or (k - warmup) % cache["interval"] == 0)
+        warmup = options.get("warmup", 0)
+        full = sum(1 for k in range(calls) if k < warmup or (k - warmup) % options["interval"] == 0)
         attention = full * depth * rows * tokens
-        mlp = attention + (calls - full) * depth * rows * round(cache.get("ratio", 0) * tokens)
+        mlp = attention + (calls - full) * depth * rows * round(options.get("ratio", 0) * tokens)
         return {"attention": attention, "mlp": mlp}
     if policy == "delta-dit":
-        boundary = round(cache["boundary"] * calls)
-        full = math.ceil(boundary / cache["interval"]) + math.ceil((calls - boundary) / cache["interval"])
-        blocks = calls * depth - (calls - full) * cache["blocks"]
+        boundary = round(options["boundary"] * calls)
+        full = math.ceil(boundary / options["interval"]) + math.ceil((calls - boundary) / options["interval"])
+        blocks = calls * depth - (calls - full) * options["blocks"]
         return {"attention": blocks * rows * tokens, "mlp": blocks * rows * tokens}
     if policy == "teacache":  # an infinite threshold: only the forced first and last calls compute
         return {"attention": 2 * depth * rows * tokens, "mlp": 2 * depth * rows * tokens}
     if policy == "magcache":  # an infinite threshold: warm-up, then every (max_skip + 1)-th call computes
-        full = cache["warmup"] + (calls - cache["warmup"]) // (cache["max_skip"] + 1)
+        full = options["warmup"] + (calls - options["warmup"]) // (options["max_skip"] + 1)
         return {"attention": full * depth * rows * tokens, "mlp": full * depth * rows * tokens}
     raise AssertionError(policy)
 
 
 PLANNED = [
-    {"policy": "fora", "interval": 3},
-    {"policy": "fora", "interval": 4, "warmup": 3},
-    {"policy": "taylorseer", "interval": 3, "order": 2, "warmup": 2},
-    {"policy": "toca", "interval": 2, "ratio": 0.25},
-    {"policy": "delta-dit", "interval": 2, "blocks": 3, "boundary": 0.4},
-    {"policy": "delta-dit", "interval": 3, "blocks": 1, "boundary": 0.7},
-    {"policy": "teacache", "threshold": 1e30, "coefficients": [1.0, 0.0]},
-    {"policy": "magcache", "threshold": 1e30, "max_skip": 2, "warmup": 2, "magnitudes": [1.0] * 11},
+    {"policy": "fora", "options": {"interval": 3}},
+    {"policy": "fora", "options": {"interval": 4, "warmup": 3}},
+    {"policy": "taylorseer", "options": {"interval": 3, "order": 2, "warmup": 2}},
+    {"policy": "toca", "options": {"interval": 2, "ratio": 0.25}},
+    {"policy": "delta-dit", "options": {"interval": 2, "blocks": 3, "boundary": 0.4}},
+    {"policy": "delta-dit", "options": {"interval": 3, "blocks": 1, "boundary": 0.7}},
+    {"policy": "teacache", "options": {"threshold": 1e30, "coefficients": [1.0, 0.0]}},
+    {"policy": "magcache", "options": {"threshold": 1e30, "max_skip": 2, "warmup": 2, "magnitudes": [1.0] * 11}},
 ]
 
 
@@ -185,7 +185,7 @@ def test_batched_cfg_equals_separate_conditional_and_unconditional_calls(dit, ma
 def test_rows_are_independent_of_the_batch_they_ride_in(dit, make_policy, settings):
     """TeaCache decides per row, so a sample's trajectory does not depend on its batch mates."""
     objective, sampler = settings["ddim"]
-    cache = {"policy": "teacache", "threshold": 0.3}
+    cache = {"policy": "teacache", "options": {"threshold": 0.3}}
     together = sample_images(make_policy(dit, cache), objective, LABELS, steps=8, sampler=sampler, seed=3)
     alone = torch.cat([sample_images(make_policy(dit, cache), objective, LABELS[i : i + 1], steps=8,
                                      sampler=sampler, seed=3, start=i) for i in range(len(LABELS))])  # fmt: skip
@@ -210,7 +210,7 @@ def constant_branch_dit(make_toy_dit):
 def test_delta_cache_is_exact_where_naive_output_caching_is_not(make_toy_dit, settings):
     dit = constant_branch_dit(make_toy_dit)
     objective, sampler = settings["ddim"]
-    cache = {"policy": "delta-dit", "interval": 4, "blocks": 2, "boundary": 0.5}
+    cache = {"policy": "delta-dit", "options": {"interval": 4, "blocks": 2, "boundary": 0.5}}
     policy = build_policy(dit, cache, objective, sampler, 8)
     delta = sample_images(policy, objective, LABELS, steps=8, sampler=sampler, seed=2)
     plain = sample_images(dit, objective, LABELS, steps=8, sampler=sampler, seed=2)
@@ -240,7 +240,8 @@ def test_delta_cache_is_exact_where_naive_output_caching_is_not(make_toy_dit, se
 
 
 def test_delta_dit_computes_the_first_call_of_each_stage(dit, make_policy):
-    policy = make_policy(dit, {"policy": "delta-dit", "interval": 5, "blocks": 2, "boundary": 0.5}, steps=8)
+    cache = {"policy": "delta-dit", "options": {"interval": 5, "blocks": 2, "boundary": 0.5}}
+    policy = make_policy(dit, cache, steps=8)
     fulls = []
     policy.reset()
     for call in range(policy.num_calls):
@@ -251,10 +252,10 @@ def test_delta_dit_computes_the_first_call_of_each_stage(dit, make_policy):
 
 def test_order_zero_forecast_and_zero_token_ratio_are_fora(dit, make_policy, settings):
     objective, sampler = settings["ddim"]
-    fora = sample_images(make_policy(dit, {"policy": "fora", "interval": 3, "warmup": 2}), objective, LABELS,
-                         steps=8, sampler=sampler, seed=4)  # fmt: skip
-    for cache in ({"policy": "taylorseer", "interval": 3, "order": 0, "warmup": 2},
-                  {"policy": "toca", "interval": 3, "ratio": 0.0, "warmup": 2}):  # fmt: skip
+    fora = make_policy(dit, {"policy": "fora", "options": {"interval": 3, "warmup": 2}})
+    fora = sample_images(fora, objective, LABELS, steps=8, sampler=sampler, seed=4)
+    for cache in ({"policy": "taylorseer", "options": {"interval": 3, "order": 0, "warmup": 2}},
+                  {"policy": "toca", "options": {"interval": 3, "ratio": 0.0, "warmup": 2}}):  # fmt: skip
         other = sample_images(make_policy(dit, cache), objective, LABELS, steps=8, sampler=sampler, seed=4)
         assert torch.equal(other, fora), cache
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from ditlab.diffusion.cache import cache_model_function
 from ditlab.diffusion.config import CacheConfig, SamplingConfig
 from ditlab.diffusion.sample import sample_images
-from ditlab.methods.sampling.caches import build_policy, cached_model, model_call_times
+from ditlab.methods.sampling.caches import build_policy, model_call_times
 from ditlab.methods.sampling.caches.calibration import Calibration, calibrate
 from ditlab.methods.sampling.caches.none import NoCache
 from ditlab.methods.sampling.caches.taylorseer import TaylorSeer
@@ -66,14 +67,15 @@ def test_teacache_fit_recovers_a_known_polynomial_and_magnitudes_start_at_one(di
 
 def test_built_policies_calibrate_themselves(dit, make_policy):
     assert len(make_policy(dit, {"policy": "magcache"}).magnitudes) == 8
-    assert len(make_policy(dit, {"policy": "teacache", "threshold": 0.2}).coefficients) == 5
-    assert make_policy(dit, {"policy": "teacache", "threshold": 0.0}).coefficients is None  # identity needs none
+    assert len(make_policy(dit, {"policy": "teacache", "options": {"threshold": 0.2}}).coefficients) == 5
+    identity = make_policy(dit, {"policy": "teacache", "options": {"threshold": 0.0}})
+    assert identity.coefficients is None  # the identity needs no polynomial
 
 
 def test_counted_flops_follow_the_work_a_policy_skips(dit, make_policy, settings):
     objective, sampler = settings["ddim"]
     plain, reference, fora = Counted(dit), Counted(NoCache(dit, model_call_times(objective, sampler, 8))), None
-    fora = Counted(make_policy(dit, {"policy": "fora", "interval": 4}))
+    fora = Counted(make_policy(dit, {"policy": "fora", "options": {"interval": 4}}))
     for model in (plain, reference, fora):
         sample_images(model, objective, LABELS, steps=8, sampler=sampler, cfg_scale=2.0)
     assert plain.calls == fora.calls == 8
@@ -98,13 +100,13 @@ def test_sampling_config_round_trips_its_cache_and_the_module_samples_through_it
     assert torch.equal(cached, direct.clamp(-1, 1))
     plain = module.sample(LABELS, seed=1, cache=None)
     assert not torch.equal(cached, plain)
-    assert cached_model(dit, CacheConfig(), objective, "ddim", 6) is dit
+    assert cache_model_function(dit, objective, CacheConfig(), sampler="ddim", steps=6) is dit
 
 
 @pytest.mark.parametrize("options, setting, message", [
-    ({"policy": "fora", "interval": 9}, "ddim", "cache.options.interval=9 does not fit"),
-    ({"policy": "delta-dit", "blocks": 5}, "ddim", "cache.options.blocks=5 does not fit"),
-    ({"policy": "magcache", "magnitudes": [1.0, 1.0]}, "ddim", "cache.options.magnitudes has 2 entries"),
+    ({"policy": "fora", "options": {"interval": 9}}, "ddim", "cache.options.interval=9 does not fit"),
+    ({"policy": "delta-dit", "options": {"blocks": 5}}, "ddim", "cache.options.blocks=5 does not fit"),
+    ({"policy": "magcache", "options": {"magnitudes": [1.0, 1.0]}}, "ddim", "cache.options.magnitudes has 2 entries"),
     ({"policy": "taylorseer"}, "heun", "evaluates the network twice at the same time"),
 ])  # fmt: skip
 def test_knobs_that_do_not_fit_the_network_or_sampler_are_refused(dit, options, setting, message):
@@ -121,7 +123,7 @@ def test_knobs_that_do_not_fit_the_network_or_sampler_are_refused(dit, options, 
 
 def test_a_policy_refuses_more_calls_than_it_was_planned_for(dit, make_policy, settings):
     objective, sampler = settings["ddim"]
-    policy = make_policy(dit, {"policy": "fora", "interval": 2}, steps=4)
+    policy = make_policy(dit, {"policy": "fora", "options": {"interval": 2}}, steps=4)
     with pytest.raises(ValueError, match="planned for 4 model calls"):
         sample_images(policy, objective, LABELS, steps=5, sampler=sampler)
 
@@ -130,7 +132,7 @@ def test_heun_is_served_by_policies_that_do_not_forecast_in_time(dit):
     from ditlab.diffusion import FlowMatching
 
     objective = FlowMatching(t_scale=1000.0)
-    policy = build_policy(dit, {"policy": "fora", "interval": 2}, objective, "heun", 4, 2.0)
+    policy = build_policy(dit, {"policy": "fora", "options": {"interval": 2}}, objective, "heun", 4, 2.0)
     assert policy.num_calls == len(model_call_times(objective, "heun", 4)) > 4
     out = sample_images(policy, objective, LABELS, steps=4, sampler="heun", cfg_scale=2.0)
     assert torch.isfinite(out).all()
