@@ -6,6 +6,11 @@ its noise from ``seed + i`` whatever the number of processes. Under DDP each ran
 chunk of the global indices, features are all-gathered in global order, and every rank computes the same
 numbers, so 1 and 8 processes give the same FID. The feature network lives in this callback, never in
 the LightningModule, so checkpoints stay lean; only the evaluation schedule is checkpointed.
+
+A text-conditioned module (``pl_module.text_conditioned`` true) is sampled with captions in place of labels: sample
+``i`` gets caption ``i`` of ``captions`` (a file, one caption a line, cycled) or of the digit scenes' validation
+split, and ``eval/clip_score`` (Hessel et al., 2021, on ditlab's scene CLIP) is added; each rank scores its own
+share and the sums are reduced, so it too is the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ditlab.distributed import is_sharded
 from ditlab.metrics.features import FeatureExtractor, feature_extractor
 from ditlab.metrics.fid import compute_metrics
 from ditlab.metrics.reference import ReferenceStats, reference_stats
+from ditlab.metrics.text_eval import caption_prompts, clip_score_of, is_text_conditioned
 from ditlab.progress import TaskProgress, hosted_by
 
 
@@ -36,12 +42,14 @@ class Evaluation(L.Callback):
         seed: seed base; sample ``i`` uses ``seed + i``.
         weights: a local Inception-v3 weight file (``inception-v3`` features only).
         cache_dir: where the digits classifier and reference statistics are cached.
+        captions: prompts of text-conditioned runs: a text file (one caption a line) or ``validation`` (the digit
+            scenes' validation captions); class-conditional runs ignore it.
     """
 
     def __init__(self, every_n_steps: int = 0, num_samples: int = 1000, reference: str = "digits",
                  features: str = "digits-classifier", sampler: str | None = None, steps: int | None = None,
                  cfg_scale: float | None = None, seed: int = 0, weights: str | None = None,
-                 cache_dir: str | None = None) -> None:  # fmt: skip
+                 cache_dir: str | None = None, captions: str = "validation") -> None:  # fmt: skip
         if num_samples < 4:
             raise ValueError(
                 f"Evaluation num_samples={num_samples} is too few; use at least 4 (k=3 neighbours)"
@@ -52,7 +60,7 @@ class Evaluation(L.Callback):
             )
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.reference, self.features = reference, features
-        self.weights, self.cache_dir = weights, cache_dir
+        self.weights, self.cache_dir, self.captions = weights, cache_dir, captions
         self.overrides = {k: v for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}.items()
                           if v is not None}  # fmt: skip
         self.last_step: int | None = None
@@ -111,7 +119,7 @@ class Evaluation(L.Callback):
         name = getattr(trainer.logger, "name", None) if trainer.logger is not None else None
         return f"[{name}] {what}" if name and not sys.stdout.isatty() else what
 
-    def sample_share(self, trainer: L.Trainer, pl_module, labels: torch.Tensor, start: int) -> torch.Tensor:
+    def sample_share(self, trainer: L.Trainer, pl_module, labels: torch.Tensor | list[str], start: int) -> torch.Tensor:
         """``pl_module.sample`` of ``labels`` (global indices from ``start``) batch by batch, with progress; sample
         ``i`` still uses seed ``seed + start + i``. A feature cache is planned (and maybe calibrated) per call,
         so with one the share is sampled in a single call."""
@@ -130,15 +138,19 @@ class Evaluation(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module) -> dict:
         extractor = self.extractor(trainer).to(pl_module.device)
-        num_classes = pl_module.sampling_network.num_classes
-        labels = torch.arange(self.num_samples) % num_classes
+        text = is_text_conditioned(pl_module)
+        if text:
+            labels = caption_prompts(self.captions, self.num_samples)
+        else:
+            labels = torch.arange(self.num_samples) % pl_module.sampling_network.num_classes
         start, stop = self.local_range(trainer.global_rank, trainer.world_size)
         per_rank = math.ceil(self.num_samples / trainer.world_size)
         # a sharded network needs every process in every forward pass: all draw per_rank images, extras dropped
         count = per_rank if is_sharded(pl_module) else stop - start
         if count > 0:
             indices = torch.arange(start, start + count) % self.num_samples
-            images = self.sample_share(trainer, pl_module, labels[indices], start)[: stop - start]
+            share = [labels[i] for i in indices.tolist()] if text else labels[indices]
+            images = self.sample_share(trainer, pl_module, share, start)[: stop - start]
         if stop > start:
             features, logits = extractor.features_and_logits(images.to(pl_module.device))
         else:  # more ranks than samples: this one contributes padding only
@@ -150,6 +162,9 @@ class Evaluation(L.Callback):
         image_size = int(self._max(trainer, image_size))
         reference = self.reference_stats(image_size, progress=trainer.is_global_zero)
         metrics = compute_metrics(features.cpu(), logits.cpu(), reference, extractor.name)
+        if text:  # every rank joins the reduction, a rank without samples with no pairs
+            pairs = (images, labels[start:stop]) if stop > start else (None, [])
+            metrics.update(clip_score_of(*pairs, device=pl_module.device, cache_dir=self.cache_dir))
         self.last_step, self.last_metrics = trainer.global_step, metrics
         return metrics
 
@@ -195,6 +210,8 @@ class Evaluation(L.Callback):
         protocol = {"step": self.last_step, "num_samples": self.num_samples, "reference": self.reference,
                     "features": self.last_metrics["fid_features"], "seed": self.seed,
                     "labels": "arange(num_samples) % num_classes"}  # fmt: skip
+        if is_text_conditioned(pl_module):
+            protocol["labels"] = f"captions {self.captions!r}, sample i gets caption i (cycled)"
         for key in ("sampler", "steps", "cfg_scale"):
             protocol[key] = self.overrides.get(key, getattr(sampling, key, None))
         summary["evaluation"] = protocol

@@ -77,9 +77,8 @@ def network_costs(pl_module) -> dict:
     network = getattr(pl_module, "sampling_network", None)
     if not hasattr(network, "blocks"):
         return {}
-    own = getattr(network, "flops_per_image", None)  # a network that skips work per image counts its own
     return {"activated_parameters": budget.activated_parameter_count(network),
-            "flops_per_image": own() if callable(own) else budget.flops_per_image(network)}  # fmt: skip
+            "flops_per_image": budget.flops_per_image(network)}  # a routing trunk counts what an image runs
 
 
 class RunSummary(L.Callback):

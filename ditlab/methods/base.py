@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict
 
 import lightning as L
 import torch

@@ -347,7 +347,14 @@ def digits_classifier(cache_dir: str | Path | None = None, recipe: ClassifierRec
 
 
 # ----------------------------------------------------------------------------------------- factory
-EXTRACTORS = {"inception-v3": inception_v3, "digits-classifier": digits_classifier}
+def scene_clip_features(cache_dir: str | Path | None = None, batch_size: int = 256) -> FeatureExtractor:
+    """The image embeddings of ditlab's scene CLIP (``ditlab.metrics.scene_clip``), for FID on digit scenes."""
+    from ditlab.metrics.scene_clip import scene_clip_features as build
+
+    return build(cache_dir, batch_size)
+
+
+EXTRACTORS = {"inception-v3": inception_v3, "digits-classifier": digits_classifier, "scene-clip": scene_clip_features}
 
 
 def feature_extractor(name: str, **kwargs) -> FeatureExtractor:

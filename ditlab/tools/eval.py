@@ -6,6 +6,10 @@ FID (Heusel et al.), IS (Salimans et al.) and precision/recall (Kynkaanniemi et 
 the ADM evaluator's format) to ``--out``. Metrics are computed from the uint8 images in ``samples.npz``, so
 any other evaluator run on that file sees exactly what ditlab measured. ``--samples PATH.npz`` evaluates an
 existing batch instead of sampling.
+
+Text-conditioned checkpoints are sampled from captions (``--captions FILE``, one a line, or the digit scenes'
+``validation`` captions, the default) and also report CLIP score (Hessel et al., 2021) on ditlab's scene CLIP;
+``--samples PATH.npz --captions FILE`` scores an existing batch against its captions the same way.
 """
 
 from __future__ import annotations
@@ -21,21 +25,28 @@ import torch
 from ditlab.diffusion.config import SamplingConfig
 
 
-def sample_checkpoint(ckpt: str, num: int, seed: int, ema: bool,
-                      sampling: SamplingConfig | None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
-    """``(images uint8 NHWC, labels, protocol)`` sampled from ``ckpt`` with progress."""
+def sample_checkpoint(ckpt: str, num: int, seed: int, ema: bool, sampling: SamplingConfig | None,
+                      captions: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    """``(images uint8 NHWC, labels or captions, protocol)`` sampled from ``ckpt`` with progress."""
     from ditlab.analysis import sample_bundle
     from ditlab.checkpoint import bundle_from_checkpoint
+    from ditlab.metrics.text_eval import caption_prompts, is_text_conditioned
     from ditlab.tools.sample import to_uint8
 
     bundle = bundle_from_checkpoint(ckpt, use_ema=ema)
     sampling = sampling if sampling is not None else bundle.sampling
-    labels = torch.arange(num) % bundle.network.num_classes
-    images = sample_bundle(bundle, labels, sampling, seed, progress="sampling")
+    if is_text_conditioned(bundle) or is_text_conditioned(bundle.network):
+        prompts = caption_prompts(captions or "validation", num)
+        images = sample_bundle(bundle, prompts, sampling, seed, progress="sampling")
+        labels, described = np.array(prompts), f"captions {captions or 'validation'!r}, sample i gets caption i"
+    else:
+        labels = torch.arange(num) % bundle.network.num_classes
+        images = sample_bundle(bundle, labels, sampling, seed, progress="sampling")
+        labels, described = labels.numpy(), "arange(num) % num_classes"
     recorded = {key: value for key, value in asdict(sampling).items() if key != "batch_size"}
-    protocol = {"checkpoint": str(ckpt), "ema": ema, "seed": seed, "labels": "arange(num) % num_classes"}
+    protocol = {"checkpoint": str(ckpt), "ema": ema, "seed": seed, "labels": described}
     protocol.update(recorded)
-    return to_uint8(images), labels.numpy(), protocol
+    return to_uint8(images), labels, protocol
 
 
 def read_samples(path: Path) -> np.ndarray:
@@ -48,7 +59,8 @@ def read_samples(path: Path) -> np.ndarray:
 
 def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 1000, ref: str = "digits",
              features: str = "digits-classifier", inception_weights: str | None = None, out: str | None = None,
-             seed: int = 0, ema: bool = True, sampling: SamplingConfig | None = None) -> int:  # fmt: skip
+             seed: int = 0, ema: bool = True, sampling: SamplingConfig | None = None,
+             captions: str | None = None) -> int:  # fmt: skip
     """Score a checkpoint's samples (or an existing batch): FID, IS, precision and recall, into metrics.json.
 
     Samples ``num`` images with labels ``arange(num) % num_classes`` (sample ``i`` from seed ``seed + i``), writes
@@ -65,10 +77,14 @@ def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 100
         seed: noise seed of the first image.
         ema: sample the EMA network; ``--no-ema`` samples the raw network.
         sampling: sampler, steps, guidance, time grid, SDE, tolerances and feature cache (default: the run's).
+        captions: prompts of a text-conditioned checkpoint (default ``validation``: the digit scenes' validation
+            captions) or the captions of ``--samples``' images, one a line (``validation``: scene ``i``'s for image
+            ``i``); with captions, CLIP score on ditlab's scene CLIP is reported too.
     """
     from ditlab.metrics.features import feature_extractor
     from ditlab.metrics.fid import compute_metrics
     from ditlab.metrics.reference import images_from_uint8, reference_stats
+    from ditlab.metrics.text_eval import caption_prompts, clip_score_of
 
     if (ckpt is None) == (samples is None):
         raise ValueError("give one of --ckpt CKPT (sample and score it) or --samples PATH.npz (score that batch)")
@@ -85,7 +101,7 @@ def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 100
     options = {"weights": inception_weights} if features == "inception-v3" else {}
     extractor = feature_extractor(features, **options)  # fails fast (missing weights) before sampling
     if ckpt:
-        images, labels, protocol = sample_checkpoint(ckpt, num, seed, ema, sampling)
+        images, labels, protocol = sample_checkpoint(ckpt, num, seed, ema, sampling, captions)
         folder = Path(out) if out else source.resolve().parent.parent / "eval"
     else:
         images, protocol = read_samples(source), {"samples": str(source)}
@@ -94,6 +110,14 @@ def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 100
     stats = reference_stats(ref, extractor, image_size=pixels.shape[-1], progress=True)
     generated, logits = extractor.features_and_logits(pixels, progress=f"{extractor.name} features")
     metrics = compute_metrics(generated, logits, stats, extractor.name)
+    prompts = labels.tolist() if ckpt and labels.dtype.kind == "U" else None
+    if prompts is None and captions is not None and not ckpt:
+        prompts = caption_prompts(captions, len(pixels))
+        protocol["captions"] = captions
+    if prompts is not None:
+        if pixels.shape[1] != 3:
+            raise ValueError(f"CLIP score on the scene CLIP needs RGB images; the batch has {pixels.shape[1]} channels")
+        metrics.update(clip_score_of(pixels, prompts))
     folder.mkdir(parents=True, exist_ok=True)
     if ckpt:
         np.savez(folder / "samples.npz", arr_0=images, labels=labels)

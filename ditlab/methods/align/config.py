@@ -15,11 +15,11 @@ class EncoderConfig:
     """The frozen encoder whose patch features (and attention maps) are the targets.
 
     Args:
-        name: ``digits-vit`` (ditlab's own, trained once and cached) or a DINOv2 model
+        name: ``digits-vit`` or ``scene-clip`` (ditlab's own, trained once and cached) or a DINOv2 model
             (``dinov2-vits14``, ``dinov2-vitb14``, ``dinov2-vitl14``, ``dinov2-vitg14``, each also ``_reg``).
         weights: local DINOv2 weight file or folder (else ``$DITLAB_DINOV2_WEIGHTS``, then the hub cache).
         repo: local clone of facebookresearch/dinov2 (else ``$DITLAB_DINOV2_REPO``, then the hub cache).
-        cache_dir: where ``digits-vit`` is cached; None means ``$DITLAB_CACHE`` or ``~/.cache/ditlab``.
+        cache_dir: where ``digits-vit`` and ``scene-clip`` are cached; None means ``$DITLAB_CACHE`` or ``~/.cache/ditlab``.
     """
 
     name: str = "digits-vit"

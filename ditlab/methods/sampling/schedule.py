@@ -29,6 +29,7 @@ def describe(sampler: str, steps: int | None, times: list[float]) -> str:
 
 
 def same_times(times: list[float], other: list[float]) -> bool:
+    """The same calls, up to float32 rounding of the recorded times."""
     return len(times) == len(other) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(times, other))
 
 
@@ -37,7 +38,8 @@ def check_schedule(saved: dict, sampler: str, steps: int | None, times: list[flo
     """One line when ``what`` was trained for the schedule ``saved`` records (its ``sampler``, ``steps`` and call
     ``times``) and is asked for another; ``times`` None compares the sampler and step count only."""
     if saved["sampler"] != sampler or saved["steps"] != steps or (times is not None and not same_times(times, saved["times"])):
-        trained, asked = describe(saved["sampler"], saved["steps"], saved["times"]), describe(sampler, steps, times or [])
+        trained = describe(saved["sampler"], saved["steps"], saved["times"])
+        asked = describe(sampler, steps, saved["times"] if times is None else times)
         if trained == asked:
             asked += " at other call times (another time grid or SDE end)"
         raise ValueError(f"{what} was trained for {trained}, not {asked}; sample with {trained} or train for "

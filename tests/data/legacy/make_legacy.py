@@ -1,8 +1,8 @@
 """Write the legacy checkpoints and their reference samples with an OLD ditlab checkout (see README.md here).
 
-    git worktree add /tmp/base <commit>
-    cd /tmp/base && PYTHONPATH=/tmp/base OMP_NUM_THREADS=1 python /work/main/tests/data/legacy/make_legacy.py \
-        --out /work/main/tests/data/legacy
+    git worktree add --detach /tmp/ditlab-4f96e90 4f96e90
+    cd /tmp/ditlab-4f96e90 && PYTHONPATH=/tmp/ditlab-4f96e90 OMP_NUM_THREADS=1 \
+        python /work/main/tests/data/legacy/make_legacy.py --out /work/main/tests/data/legacy
 
 Every run is a shipped config shrunk to seconds (2 blocks of width 16, a few steps) and trained by ``python -m
 ditlab fit`` of the checkout on ``PYTHONPATH``; its reference samples come from that checkout's ``ditlab sample``

@@ -10,6 +10,8 @@ Two families behind one call, ``encoder(images, grid, attention=[...]) -> Encode
   different objective *and* is a different network from the FID feature network (``digits-classifier``,
   a supervised CNN), so aligning to it never optimises the evaluation metric directly. Its linear-probe
   accuracy is measured and cached as a sanity check of what it learnt.
+- ``scene-clip``: the image tower of ditlab's scene CLIP (``ditlab.metrics.scene_clip``; patch 4 on 32x32 RGB
+  digit scenes, an 8x8 grid), trained contrastively on captions, cached like ``digits-vit``; RGB input only.
 - ``dinov2-vit{s,b,l,g}14[_reg]``: DINOv2 (Oquab et al., 2023) through ``torch.hub`` from a *local* clone
   of facebookresearch/dinov2 and a local weight file; nothing is downloaded. Preprocessing follows REPA:
   [0, 1] pixels, ImageNet mean/std, then bicubic resize to ``14 * grid`` so the patch grid equals the
@@ -39,8 +41,9 @@ from ditlab.methods.align.encoders.base import (
 )
 from ditlab.methods.align.encoders.digits_vit import DigitsViT, DigitsViTEncoder, DigitsViTRecipe, digits_vit
 from ditlab.methods.align.encoders.dinov2 import DINOV2, DINOv2Encoder, dinov2
+from ditlab.methods.align.encoders.scene_clip import SceneCLIPEncoder, scene_clip_encoder, scene_clip_info
 
-ENCODERS = ("digits-vit", *DINOV2)
+ENCODERS = ("digits-vit", "scene-clip", *DINOV2)
 
 
 def encoder_info(name: str) -> EncoderInfo:
@@ -48,6 +51,8 @@ def encoder_info(name: str) -> EncoderInfo:
     if name == "digits-vit":
         recipe = DigitsViTRecipe()
         return EncoderInfo(recipe.dim, recipe.num_heads, recipe.depth)
+    if name == "scene-clip":
+        return scene_clip_info()
     if name in DINOV2:
         return DINOV2[name][1]
     raise ValueError(f"unknown encoder {name!r}; choices: {list(ENCODERS)}")
@@ -55,10 +60,12 @@ def encoder_info(name: str) -> EncoderInfo:
 
 def load_encoder(name: str, weights: str | None = None, repo: str | None = None,
                  cache_dir: str | None = None) -> FrozenEncoder:  # fmt: skip
-    """The frozen encoder ``name`` (``digits-vit`` or a DINOv2 model), in eval mode with no gradients."""
+    """The frozen encoder ``name`` (``digits-vit``, ``scene-clip`` or a DINOv2 model), in eval mode, no gradients."""
     encoder_info(name)
     if name == "digits-vit":
         return digits_vit(cache_dir)
+    if name == "scene-clip":
+        return scene_clip_encoder(cache_dir)
     return dinov2(name, weights, repo)
 
 
@@ -72,6 +79,7 @@ __all__ = [
     "EncoderInfo",
     "EncoderOutput",
     "FrozenEncoder",
+    "SceneCLIPEncoder",
     "digits_vit",
     "dinov2",
     "encoder_info",
@@ -79,4 +87,6 @@ __all__ = [
     "patch_attention",
     "resample_attention",
     "resample_features",
+    "scene_clip_encoder",
+    "scene_clip_info",
 ]

@@ -152,7 +152,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         """Network time of every model call of the trajectory the router is trained for."""
         return schedule_times(self.objective, **trajectory_options(self.sampling))
 
-    def trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
+    def new_trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
         """A trajectory of the schedule and guidance the router trains for, from ``noise`` (``train_cfg_scale``)."""
         scale = self.router_config.train_cfg_scale
         scale = self.sampling.cfg_scale if scale is None else scale
@@ -222,7 +222,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
                           world_size)  # fmt: skip
         labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
                            batch_size, rank, world_size)  # fmt: skip
-        self.rollout, self.rollout_cache = self.trajectory(noise, labels), {}
+        self.rollout, self.rollout_cache = self.new_trajectory(noise, labels), {}
         self.advance_in_full(self.rollout, self.rollout_cache)
 
     @torch.no_grad()
@@ -240,7 +240,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         index = int(cached_calls[int(pick)])
         noise = draw_rows(lambda n: torch.randn(n, *images.shape[1:], device=self.device, generator=generator),
                           len(images), rank, world_size)  # fmt: skip
-        trajectory, cache = self.trajectory(noise, labels), {}
+        trajectory, cache = self.new_trajectory(noise, labels), {}
         trajectory.index = index - 1
         time = torch.as_tensor(trajectory.time).to(self.device).expand(len(images))
         trajectory.x = self.objective.add_noise(images, time, noise)
@@ -260,7 +260,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         shape = (samples, teacher.in_channels, teacher.input_size, teacher.input_size)
         noise = torch.randn(shape, generator=generator).to(self.device)
         labels = torch.randint(teacher.num_classes, (samples,), generator=generator).to(self.device)
-        proxy = image_error_proxy(teacher, self.trajectory, self.router.scores().detach(), noise, labels,
+        proxy = image_error_proxy(teacher, self.new_trajectory, self.router.scores().detach(), noise, labels,
                                   self.router_config.threshold)  # fmt: skip
         self.weights = loss_weights(proxy.cpu(), ~self.router.frozen.cpu())
         return proxy
@@ -338,7 +338,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         if saved["rollout"] is not None:
             state = saved["rollout"]
             x = state["x"].to(self.device)
-            self.rollout = self.trajectory(x, state["labels"].to(self.device))
+            self.rollout = self.new_trajectory(x, state["labels"].to(self.device))
             self.rollout.x, self.rollout.index = x, state["index"]
             self.rollout_cache = {(block, kind): value.to(self.device) for block, kind, value in state["cache"]}
 

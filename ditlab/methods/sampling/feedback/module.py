@@ -139,7 +139,7 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         return FeedbackPolicy(self.teacher, self.schedule(), self.feedback, source=config.source,
                               reentry=config.reentry, interval=config.interval, warmup=config.warmup)  # fmt: skip
 
-    def start(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
+    def new_trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
         """A trajectory of the schedule and guidance the block trains for, from ``noise`` (``train_cfg_scale``)."""
         scale = self.feedback_config.train_cfg_scale
         scale = self.sampling.cfg_scale if scale is None else scale
@@ -193,7 +193,7 @@ class FeedbackModule(FromTeacher, DiffusionModule):
                           world_size)  # fmt: skip
         labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
                            batch_size, rank, world_size)  # fmt: skip
-        self.trajectory, self.hidden = self.start(noise, labels), None
+        self.trajectory, self.hidden = self.new_trajectory(noise, labels), None
 
     @torch.no_grad()
     def full_step(self, trajectory: Trajectory, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -228,6 +228,6 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         if saved["trajectory"] is not None:
             state = saved["trajectory"]
             x = state["x"].to(self.device)
-            self.trajectory = self.start(x, state["labels"].to(self.device))
+            self.trajectory = self.new_trajectory(x, state["labels"].to(self.device))
             self.trajectory.x, self.trajectory.index = x, state["index"]
             self.hidden = state["hidden"].to(self.device) if state["hidden"] is not None else None

@@ -156,7 +156,7 @@ def test_harmonica_moves_the_trajectory_with_the_students_prediction(teacher_fil
         teacher = module.teacher(*inputs)
 
     def moved(output):
-        trajectory = module.trajectory(x, rollout.labels)
+        trajectory = module.new_trajectory(x, rollout.labels)
         trajectory.index = index
         return trajectory.step(output)
 

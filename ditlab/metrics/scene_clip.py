@@ -1,0 +1,248 @@
+"""Scene CLIP: a small CLIP (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
+Supervision") that ditlab trains itself on the digit scenes, once per recipe, cached under ``$DITLAB_CACHE``.
+
+Why: CLIP score (Hessel et al., 2021, "CLIPScore: A Reference-free Evaluation Metric for Image Captioning"),
+text conditioning, scene FID and alignment targets all need an image-text model that knows digits, colours,
+sizes and layouts on 32x32 canvases, and a public CLIP cannot be downloaded on a compute node nor sees 32x32
+digit scenes. The towers are open_clip's own (``CustomTextCLIP``: a ViT image tower and a causal text
+transformer), configured tiny: patch 4 on 32x32 (an 8x8 grid, the token grid of a patch-4 DiT), and a text
+tower over the few CLIP-BPE tokens the scene grammar uses (every other token reads as one unknown token, so
+any prompt still encodes). Training is CLIP's symmetric contrastive loss over a stream of distinct training
+scenes, deterministic (``reproducible_training``: fixed seeds, one thread, deterministic kernels), and the
+weights land in ``<cache>/scene-clip-<hash of recipe and dataset name>.pt`` with held-out retrieval scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditlab.metrics.features import (
+    FeatureExtractor,
+    cache_root,
+    cached_training,
+    one_cycle_adamw,
+    reproducible_training,
+)
+from ditlab.models.text.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class SceneCLIPRecipe:
+    """Everything that fixes the scene CLIP's weights; its hash (with the dataset's name) names the cache file."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 64
+    layers: int = 4
+    head_width: int = 32
+    text_width: int = 64
+    text_layers: int = 3
+    text_heads: int = 2
+    context_length: int = 32
+    embed_dim: int = 64
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    holdout: int = 1000
+    seed: int = 0
+    version: int = 1
+
+    def digest(self, dataset: str) -> str:
+        text = json.dumps({**asdict(self), "dataset": dataset}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def grammar_vocabulary(tokenizer: Tokenizer) -> torch.Tensor:
+    """Sorted CLIP-BPE ids of every word the scene grammar can write (captions built by the grammar itself)."""
+    from ditlab.data.scene_grammar import BACKGROUNDS, COLOURS, DIGIT_WORDS, RELATIONS, SIZES, SceneAttributes
+
+    captions = []
+    for i in range(max(len(BACKGROUNDS), len(COLOURS), len(DIGIT_WORDS), len(RELATIONS), len(SIZES))):
+        pick = [values[(i + shift) % len(values)] for shift, values in enumerate((COLOURS, COLOURS, COLOURS))]
+        sizes = [SIZES[(i + shift) % len(SIZES)] for shift in range(3)]
+        digits = [int(DIGIT_WORDS[(i + shift) % len(DIGIT_WORDS)]) for shift in range(3)]
+        background = BACKGROUNDS[i % len(BACKGROUNDS)]
+        captions.append(SceneAttributes(digits[:1], pick[:1], sizes[:1], background=background).caption())
+        captions.append(SceneAttributes(digits[:2], pick[:2], sizes[:2], relation=RELATIONS[i % len(RELATIONS)],
+                                        background=background).caption())  # fmt: skip
+        captions.append(SceneAttributes(digits, pick, sizes, background=background).caption())
+    ids, mask = tokenizer(captions)
+    return torch.unique(ids[mask])
+
+
+class SceneCLIP(nn.Module):
+    """open_clip's towers, tiny; images ``(B, 3, H, W)`` in [-1, 1] and captions in, embeddings and tokens out.
+
+    ``vocabulary``: the CLIP-BPE ids the text tower embeds (id ``k`` of it is row ``k + 1``; row 0 is padding and
+    the last row every other token).
+    """
+
+    def __init__(self, recipe: SceneCLIPRecipe, vocabulary: torch.Tensor) -> None:
+        super().__init__()
+        try:
+            from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+        except ImportError as error:
+            raise ModuleNotFoundError("the scene CLIP needs open_clip: pip install open_clip_torch") from error
+        self.recipe = recipe
+        self.tokenizer = Tokenizer(recipe.context_length)
+        lookup = torch.full((self.tokenizer.vocab_size,), len(vocabulary) + 1, dtype=torch.long)
+        lookup[vocabulary] = torch.arange(1, len(vocabulary) + 1)
+        self.register_buffer("vocabulary", vocabulary.clone())
+        self.register_buffer("lookup", lookup, persistent=False)
+        vision = CLIPVisionCfg(layers=recipe.layers, width=recipe.width, head_width=recipe.head_width,
+                               patch_size=recipe.patch_size, image_size=recipe.image_size, output_tokens=True)  # fmt: skip
+        text = CLIPTextCfg(context_length=recipe.context_length, vocab_size=len(vocabulary) + 2,
+                           width=recipe.text_width, heads=recipe.text_heads, layers=recipe.text_layers,
+                           pool_type="eos", eos_id=int(lookup[self.tokenizer.eot_id]), output_tokens=True)  # fmt: skip
+        self.clip = CustomTextCLIP(recipe.embed_dim, vision, text)
+
+    @property
+    def grid(self) -> int:
+        return self.recipe.image_size // self.recipe.patch_size
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact ids ``(B, L)`` for the text tower and the mask (True for start..end-of-text)."""
+        ids, mask = self.tokenizer(captions)
+        device = self.lookup.device
+        return torch.where(mask.to(device), self.lookup[ids.to(device)], 0), mask.to(device)
+
+    def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding (B, E), patch tokens (B, grid^2, width))``; images resized to the recipe's size."""
+        size = self.recipe.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > size)  # fmt: skip
+        return self.clip.visual(images)
+
+    def text_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embedding (B, E), tokens (B, L, text_width), mask (B, L))`` of the captions."""
+        ids, mask = self.tokenize(captions)
+        embedding, tokens = self.clip.text(ids)
+        return embedding, tokens, mask
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_tokens(images)[0], dim=-1)
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        return F.normalize(self.text_tokens(captions)[0], dim=-1)
+
+    def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """CLIP's symmetric cross-entropy over the batch's image-caption similarities."""
+        logits = self.clip.logit_scale.exp() * self.encode_images(images) @ self.encode_captions(captions).T
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def retrieval(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Top-k accuracy of image->text and text->image retrieval where pair ``i`` matches pair ``i``."""
+    similarity = image_embeddings @ text_embeddings.T
+    target = torch.arange(len(similarity)).unsqueeze(1)
+    scores = {}
+    for name, matrix in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        ranked = matrix.argsort(dim=1, descending=True)
+        for k in ks:
+            scores[f"{name}_top{k}"] = (ranked[:, :k] == target).any(1).float().mean().item()
+    return scores
+
+
+@torch.no_grad()
+def embed_scenes(model: SceneCLIP, split: str, count: int, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image and caption embeddings of the first ``count`` scenes of ``split``."""
+    from ditlab.data.scenes import DigitScenes
+
+    scenes = DigitScenes(split, size=model.recipe.image_size, length=count)
+    images, texts = [], []
+    for start in range(0, count, batch_size):
+        items = [scenes[i] for i in range(start, min(start + batch_size, count))]
+        images.append(model.encode_images(torch.stack([item["image"] for item in items])))
+        texts.append(model.encode_captions([item["caption"] for item in items]))
+    return torch.cat(images), torch.cat(texts)
+
+
+def train_scene_clip(recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> tuple[SceneCLIP, dict]:
+    """Contrastive training on ``steps * batch_size`` distinct training scenes; returns the network and scores.
+
+    Deterministic (fixed seeds, deterministic kernels, one thread) and leaves the caller's RNG untouched. Scores:
+    the mean loss of the first and last quarter of steps (at most 50 each) and top-1/top-5 retrieval among ``holdout`` validation scenes.
+    """
+    from ditlab.data.scenes import DigitScenes
+    from ditlab.progress import TaskProgress
+
+    scenes = DigitScenes("train", size=recipe.image_size, length=recipe.steps * recipe.batch_size)
+    with reproducible_training(recipe.seed, 0, 0.0):
+        model = SceneCLIP(recipe, grammar_vocabulary(Tokenizer(recipe.context_length)))
+        optimizer, schedule = one_cycle_adamw(model, recipe.lr, recipe.weight_decay, recipe.steps)
+        losses = []
+        model.train()
+        with TaskProgress("scene CLIP (first use; cached after)", recipe.steps, unit="steps") as bar:
+            for step in range(recipe.steps):
+                items = [scenes[i] for i in range(step * recipe.batch_size, (step + 1) * recipe.batch_size)]
+                loss = model.loss(torch.stack([item["image"] for item in items]), [item["caption"] for item in items])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                bar.advance()
+        model.eval()
+        window = max(1, min(50, len(losses) // 4))
+        scores = {"first_loss": sum(losses[:window]) / window, "last_loss": sum(losses[-window:]) / window}
+        if recipe.holdout > 1:
+            scores.update(retrieval(*embed_scenes(model, "validation", recipe.holdout)))
+    return model.requires_grad_(False), scores
+
+
+def scene_clip(cache_dir: str | Path | None = None, recipe: SceneCLIPRecipe = SceneCLIPRecipe(),
+               retrain: bool = False) -> SceneCLIP:  # fmt: skip
+    """The scene CLIP, trained once per recipe and dataset, then loaded from ``<cache>/scene-clip-<hash>.pt``.
+
+    The returned network is frozen, in eval mode, and carries ``scores``, ``train_seconds`` and ``fingerprint``.
+    """
+    from ditlab.data.scenes import SCENES_NAME
+
+    digest = recipe.digest(SCENES_NAME)
+    path = cache_root(cache_dir) / f"scene-clip-{digest}.pt"
+
+    def train() -> dict:
+        model, scores = train_scene_clip(recipe)
+        return {"state_dict": model.state_dict(), "scores": scores, "recipe": asdict(recipe), "dataset": SCENES_NAME}
+
+    entry = cached_training(path, train, retrain)
+    with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten; keep the caller's RNG
+        model = SceneCLIP(recipe, entry["state_dict"]["vocabulary"])
+    model.load_state_dict(entry["state_dict"])
+    model.scores, model.train_seconds = entry["scores"], entry.get("train_seconds")
+    model.fingerprint = f"scene-clip-{digest}"
+    return model.requires_grad_(False).eval()
+
+
+class SceneCLIPFeatures(FeatureExtractor):
+    """The scene CLIP's image embeddings (before normalisation) as a FID feature space for the digit scenes.
+
+    It has no class logits, so the Inception Score is not reported on it.
+    """
+
+    name = "scene-clip"
+
+    def __init__(self, model: SceneCLIP, batch_size: int = 256) -> None:
+        super().__init__(batch_size)
+        self.model = model.eval()
+        self.num_features, self.fingerprint = model.recipe.embed_dim, model.fingerprint
+
+    def _batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.shape[1] != 3:
+            raise ValueError(f"scene-clip features take RGB images (N, 3, H, W); got {images.shape[1]} channels")
+        return self.model.image_tokens(images.clamp(-1, 1))[0], images.new_zeros(len(images), 0)
+
+
+def scene_clip_features(cache_dir: str | Path | None = None, batch_size: int = 256) -> SceneCLIPFeatures:
+    """The scene CLIP (trained once and cached) as a :class:`FeatureExtractor`."""
+    return SceneCLIPFeatures(scene_clip(cache_dir), batch_size)

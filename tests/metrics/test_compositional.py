@@ -1,0 +1,182 @@
+"""Compositional accuracy: definitions on constructed cases with known answers (an oracle recognizer that reports
+exactly the given detections), the recognizer's targets/decoding round trip, its cached reproducible training (a
+tiny recipe), and the torchmetrics sum-sync."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ditlab.data.scenes import DigitScenes, SceneAttributes
+from ditlab.metrics.compositional import (
+    CompositionalAccuracy,
+    captions_file_accuracy,
+    compositional_accuracy,
+    score_prompt,
+)
+from ditlab.metrics.scene_recognizer import (
+    GRID,
+    Detection,
+    RecognizerRecipe,
+    SceneNet,
+    decode,
+    scene_recognizer,
+    targets,
+    to_input,
+)
+
+TINY = RecognizerRecipe(num_train=96, num_eval=16, widths=(4, 8, 8), epochs=1, batch_size=32)
+
+
+def truth(attributes: SceneAttributes) -> list[Detection]:
+    return [Detection(d, c, s, p, 1.0) for d, c, s, p in zip(attributes.digits, attributes.colours, attributes.sizes,
+                                                             attributes.positions)]  # fmt: skip
+
+
+class Oracle(torch.nn.Module):
+    """Reports, for the i-th image of each call, the detections of ``scenes[i]`` (after ``edit``)."""
+
+    def __init__(self, scenes: list[SceneAttributes]) -> None:
+        super().__init__()
+        self.scenes, self.start = scenes, 0
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images: torch.Tensor) -> list[list[Detection]]:
+        found = [truth(s) for s in self.scenes[self.start : self.start + len(images)]]
+        self.start += len(images)
+        return found
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[SceneAttributes]:
+    return DigitScenes("validation").attributes(range(40))
+
+
+def two(scenes):
+    return next(s for s in scenes if s.count == 2)
+
+
+def test_own_attributes_score_one_and_captions_equal_attributes(scenes):
+    images = torch.zeros(len(scenes), 3, 32, 32)
+    by_attributes = compositional_accuracy(images, scenes, Oracle(scenes))
+    by_captions = compositional_accuracy(images, [s.caption() for s in scenes], Oracle(scenes))
+    assert by_attributes == by_captions
+    assert all(by_attributes[key] == 1.0 for key in ("digit", "colour", "size", "count", "position", "whole"))
+    assert by_attributes["num_prompts"] == 40
+
+
+def test_swapped_colours_fail_colour_and_whole_only(scenes):
+    scene = two(scenes)
+    asked = replace(scene, colours=scene.colours[::-1])
+    score = score_prompt(truth(scene), asked)
+    assert (score["digit"], score["colour"], score["count"], score["whole"]) == (2, 0, 1, 0)
+
+
+def test_opposite_relation_fails_position(scenes):
+    scene = two(scenes)
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[scene.relation]
+    score = score_prompt(truth(scene), replace(scene, relation=opposite))
+    assert (score["digit"], score["colour"], score["position"], score["whole"]) == (2, 2, 0, 0)
+
+
+def test_missing_and_extra_digits_fail_count(scenes):
+    scene = two(scenes)
+    missing = score_prompt(truth(scene)[:1], scene)
+    assert (missing["digit"], missing["count"], missing["position"], missing["whole"]) == (1, 0, 0, 0)
+    extra = score_prompt(truth(scene) + [Detection(5, "red", "small", (0.5, 0.5), 0.9)], scene)
+    assert (extra["digit"], extra["colour"], extra["count"], extra["position"], extra["whole"]) == (2, 2, 0, 1, 0)
+    nothing = score_prompt([], scene)
+    assert (nothing["digit"], nothing["count"], nothing["whole"]) == (0, 0, 0)
+
+
+def test_wrong_digit_and_matching_prefers_the_right_one():
+    asked = SceneAttributes([3, 7], ["red", "blue"], ["small", "large"], relation="left of")
+    found = [Detection(7, "blue", "large", (0.8, 0.5), 1.0), Detection(3, "red", "small", (0.2, 0.5), 1.0)]
+    assert score_prompt(found, asked)["whole"] == 1  # detection order does not matter
+    found[0] = Detection(1, "blue", "large", (0.8, 0.5), 1.0)
+    score = score_prompt(found, asked)
+    assert (score["digit"], score["colour"], score["position"], score["whole"]) == (1, 1, 0, 0)
+
+
+def test_mixed_batch_rates_are_the_known_fractions(scenes):
+    ones = [s for s in scenes if s.count == 1][:2]
+    pair = two(scenes)
+    asked = [ones[0], replace(ones[1], colours=["white" if ones[1].colours[0] != "white" else "red"]), pair]
+    images = torch.zeros(3, 3, 32, 32)
+    result = compositional_accuracy(images, asked, Oracle([ones[0], ones[1], pair]))
+    assert result["colour"] == 3 / 4 and result["digit"] == 1.0 and result["whole"] == 2 / 3
+    assert result["position"] == 1.0 and result["count"] == 1.0
+    no_relation = compositional_accuracy(images[:1], ones[:1], Oracle(ones[:1]))
+    assert math.isnan(no_relation["position"])
+
+
+def test_states_sum_across_processes(scenes):
+    """torchmetrics' sync with a gather that returns both processes' states equals one process over all."""
+    images = torch.zeros(len(scenes), 3, 32, 32)
+    asked = [replace(s, colours=s.colours[::-1]) if i % 3 == 0 else s for i, s in enumerate(scenes)]
+    single = CompositionalAccuracy(Oracle(scenes))
+    single.update(images, asked)
+    other = {}
+
+    def gather(tensor, group=None):
+        return [tensor, other[id(tensor)]]
+
+    first = CompositionalAccuracy(Oracle(scenes[:25]), dist_sync_fn=gather, distributed_available_fn=lambda: True)
+    second = CompositionalAccuracy(Oracle(scenes[25:]))
+    first.update(images[:25], asked[:25])
+    second.update(images[25:], asked[25:])
+    other.update({id(getattr(first, key)): getattr(second, key) for key in first._defaults})
+    assert first.compute() == single.compute()
+    first.sync(dist_sync_fn=gather, distributed_available=lambda: True)
+    assert first.whole.item() < 40 and first.prompts.item() == 40
+
+
+def test_targets_decode_back_to_the_attributes(scenes):
+    """Logits that are the targets themselves decode to the scenes' own digits, colours, sizes and centres."""
+    target = targets(scenes)
+    logits = {"objectness": (target["objectness"] * 20 - 10)[:, None],
+              "offset": torch.logit(target["offset"].clamp(1e-4, 1 - 1e-4))}  # fmt: skip
+    for key, classes in (("digit", 10), ("colour", 8), ("size", 2)):
+        logits[key] = torch.nn.functional.one_hot(target[key].clamp(min=0), classes).permute(0, 3, 1, 2).float()
+    found = decode(logits)
+    for detections, scene in zip(found, scenes):
+        assert score_prompt(detections, scene)["whole"] == 1
+        for detection, position in zip(sorted(detections, key=lambda d: d.position), sorted(scene.positions)):
+            assert detection.position == pytest.approx(position, abs=1e-3)
+    assert target["objectness"].shape == (40, GRID, GRID)
+
+
+def test_tiny_recognizer_is_cached_by_recipe_and_reproducible(tmp_path):
+    first = scene_recognizer(tmp_path, TINY)
+    files = list(tmp_path.glob("scene-recognizer-*.pt"))
+    assert [f.name for f in files] == [f"scene-recognizer-{TINY.digest()}.pt"]
+    again = scene_recognizer(tmp_path, TINY)
+    assert again.fingerprint == first.fingerprint and again.train_seconds == first.train_seconds
+    retrained = scene_recognizer(tmp_path, TINY, retrain=True)
+    assert retrained.fingerprint == first.fingerprint  # the same weights from the same recipe
+    assert set(first.accuracy) >= {"digit", "colour", "count", "position", "whole"}
+    found = first(DigitScenes("test", 64).images(range(4)))
+    assert len(found) == 4 and all(isinstance(d, Detection) for image in found for d in image)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, scenes):
+    with pytest.raises(ValueError, match="digit-scenes-v1"):
+        scene_recognizer(tmp_path, replace(TINY, dataset="digit-scenes-v0"))
+    with pytest.raises(ValueError, match="images"):
+        to_input(torch.zeros(2, 4, 32, 32))
+    with pytest.raises(ValueError, match="2 images but 3 prompts"):
+        CompositionalAccuracy(Oracle(scenes)).update(torch.zeros(2, 3, 32, 32), scenes[:3])
+    (tmp_path / "captions.txt").write_text(scenes[0].caption() + "\n")
+    with pytest.raises(ValueError, match="1 captions for 2 images"):
+        captions_file_accuracy(torch.zeros(2, 3, 32, 32), tmp_path / "captions.txt", Oracle(scenes))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        captions_file_accuracy(torch.zeros(1, 3, 32, 32), tmp_path / "none.txt", Oracle(scenes))
+    assert captions_file_accuracy(torch.zeros(1, 3, 32, 32), tmp_path / "captions.txt", Oracle(scenes))["whole"] == 1
+
+
+def test_network_shapes():
+    out = SceneNet(TINY)(torch.zeros(2, 3, 32, 32))
+    assert {key: tuple(value.shape[1:]) for key, value in out.items()} == {
+        "objectness": (1, GRID, GRID), "digit": (10, GRID, GRID), "colour": (8, GRID, GRID),
+        "size": (2, GRID, GRID), "offset": (2, GRID, GRID)}  # fmt: skip
