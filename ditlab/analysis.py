@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ditlab.checkpoint import Bundle, bundle_from_checkpoint
-from ditlab.diffusion.config import SamplingConfig
-from ditlab.diffusion.images import model_function, sample_from_config
+from ditlab.checkpoint import Bundle, bundle_from_checkpoint, sample_bundle, sampling_model  # noqa: F401 (the notebook's names)
 
 
 @dataclass
@@ -62,30 +60,6 @@ def load_run(path: str | Path) -> Run:
 
 
 # ----------------------------------------------------------------------------------- sampling
-def sampling_model(bundle: Bundle, sampling: SamplingConfig):
-    """What ``sampling`` samples: the network, or the cache policy wrapping it (``ditlab.diffusion.images``)."""
-    return model_function(bundle.network, bundle.objective, sampling)
-
-
-def sample_bundle(bundle: Bundle, labels: torch.Tensor, sampling: SamplingConfig | None = None, seed: int = 0,
-                  progress: str | None = None, model=None) -> torch.Tensor:  # fmt: skip
-    """Images in [-1, 1], ``(N, C, H, W)``, of a checkpoint's network for ``labels: (N,)``; sample ``i`` uses noise
-    seed ``seed + i`` whatever the batch size. ``sampling`` (default: the run's own settings) picks the sampler,
-    steps, guidance, time grid, SDE, tolerances and feature cache; latents are decoded by the run's VAE.
-
-    Batches of ``sampling.batch_size`` are sampled and decoded one at a time, so ``progress`` (a description;
-    None for silence) counts images as a bar in a terminal or a line every tenth in a log (``ditlab.progress``).
-    ``model`` is :func:`sampling_model`'s result when the caller wants to read the cache policy afterwards.
-    """
-    from ditlab.data.vae import decode_latents, load_vae
-
-    sampling = sampling if sampling is not None else bundle.sampling
-    vae = load_vae(bundle.vae) if bundle.vae is not None else None
-    decode = (lambda latents: decode_latents(vae, latents, bundle.latent_scale)) if vae is not None else None
-    return sample_from_config(bundle.network, bundle.objective, sampling, labels, seed=seed, model=model,
-                              decode=decode, progress=progress).clamp(-1, 1)  # fmt: skip
-
-
 def sample_run(run: Run, labels: torch.Tensor, seed: int = 0, progress: str | None = None,
                **overrides) -> torch.Tensor:  # fmt: skip
     """Images in [-1, 1], ``(N, C, H, W)``, from the run's EMA network; sample ``i`` uses noise seed ``seed + i``.

@@ -38,15 +38,16 @@ class DiskFull(OSError):
         self.free = free_bytes(self.path.parent)
         self.saved: list[str] = []
         self.hint = "free some space (or write elsewhere) and run it again"
+        self.outcome = "it was not written"
 
     def __str__(self) -> str:
         what = "disk quota exceeded" if self.errno == errno.EDQUOT else "no space left on device"
-        sizes = [f"needs {megabytes(self.needed)}"] if self.needed else []
+        sizes = [f"needs about {megabytes(self.needed)}"] if self.needed else []
         if self.free is not None and self.errno != errno.EDQUOT:
             sizes.append(f"{megabytes(self.free)} free there")
         sizes_text = f" ({', '.join(sizes)})" if sizes else ""
         saved = f"; already saved: {', '.join(self.saved)}" if self.saved else ""
-        return f"{what} writing {self.path}{sizes_text}; it was not written{saved}; {self.hint}"
+        return f"{what} writing {self.path}{sizes_text}; {self.outcome}{saved}; {self.hint}"
 
 
 def megabytes(size: int) -> str:
@@ -87,13 +88,15 @@ def out_of_space(error: BaseException | None) -> OSError | None:
 
 def disk_full(error: BaseException) -> DiskFull | None:
     """``error`` as a :class:`DiskFull` when it comes from running out of space (None otherwise). A plain
-    ``OSError`` (TensorBoard's writer thread, DCP) often has no file name: the innermost frame's ``filename`` or
-    ``path`` local names it."""
+    ``OSError`` comes from a writer that is not atomic (TensorBoard's event thread, a tool's output) and often has
+    no file name: the innermost frame's ``filename`` or ``path`` local names it."""
     found = out_of_space(error)
     if found is None or isinstance(found, DiskFull):
         return found
-    report = DiskFull(found.filename or written_file(found) or "a file of this run", code=found.errno)
+    named = found.filename if isinstance(found.filename, str | bytes | os.PathLike) else None
+    report = DiskFull(os.fsdecode(named) if named else written_file(found) or "a file of this run", code=found.errno)
     report.saved, report.hint = getattr(found, "saved", []), getattr(found, "hint", report.hint)
+    report.outcome = "it may be incomplete"
     return report
 
 

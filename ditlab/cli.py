@@ -271,7 +271,7 @@ def run_command(argv: list[str] | None = None) -> int:
         message = str(error.args[0]) if error.args else type(error).__name__
         mismatch = state_dict_mismatch(message) if isinstance(error, RuntimeError) else None
         if os.environ.get("DITLAB_DEBUG") or not (isinstance(error, USER_ERRORS) or mismatch):
-            if not isinstance(error, USER_ERRORS):
+            if not isinstance(error, USER_ERRORS) and full is None:
                 if hasattr(error, "add_note"):
                     error.add_note(REPORT)  # printed under the traceback (Python >= 3.11)
                 else:

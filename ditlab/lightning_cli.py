@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ditlab.callbacks.eval_options import EvalOptions
 from ditlab.callbacks.interrupt import SaveOnInterrupt
 from ditlab.callbacks.monitor import LineProgress, StepProgressBar, TrainingMonitor
 from ditlab.callbacks.reliability import NaNGuard, ResumeState
@@ -40,6 +41,7 @@ class DitlabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NaNGuard, "nan_guard")  # always on; --nan_guard.max_bad_steps N
+        parser.add_lightning_class_args(EvalOptions, "eval")  # --eval.num_samples N: every FID measurement
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Atomic checkpoint writes (unless the config chose a ``CheckpointIO``) and a progress bar counting steps."""
@@ -78,7 +80,12 @@ class DitlabCLI(LightningCLI):
         check_checkpoint(path)
         if not Path(path).is_file():  # a sharded folder, "last", or a missing file that the resume reports
             return
-        hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
+        checkpoint = read_checkpoint(path)
+        if "pytorch-lightning_version" not in checkpoint:  # a bare torch.save: Lightning's resume fails on KeyError
+            raise ValueError(f"--ckpt_path {path} is not a Lightning checkpoint (a plain torch.save file?); --ckpt_path "
+                             "resumes a run from a .ckpt that `ditlab fit` wrote (runs/<name>/version_N/checkpoints/"
+                             "last.ckpt)")  # fmt: skip
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if "_class_path" not in hparams:
             return

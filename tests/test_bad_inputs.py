@@ -75,6 +75,8 @@ CASES = [
      "truncated.ckpt is truncated or corrupt"),
     ("garbage --ckpt_path", lambda f: ["fit", "--config", DIT, *TINY, "--ckpt_path", str(f["garbage"])],
      "garbage.ckpt is truncated or corrupt"),
+    ("plain torch.save --ckpt_path", lambda f: ["fit", "--config", DIT, *TINY, "--ckpt_path", str(f["foreign"])],
+     "foreign.ckpt is not a Lightning checkpoint (a plain torch.save file?); --ckpt_path resumes a run"),
     ("other width --ckpt_path", lambda f: ["fit", "--config", DIT, *TINY, "--ckpt_path", str(f["wide_bare"])],
      "network.pos_embed: [1, 16, 48] in the checkpoint vs [1, 16, 32] here"),
     ("pruned student as the full model", lambda f: ["fit", "--config", DIT, *TINY, "--model.init_args.network.depth",

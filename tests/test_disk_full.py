@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ditlab import atomic
 from ditlab.atomic import DiskFull, save_bytes, save_json, save_torch
+from ditlab.callbacks.interrupt import newest_checkpoint
 from ditlab.callbacks.samples import SampleGrid
 from ditlab.callbacks.summary import RunSummary
 from ditlab.checkpoint import read_checkpoint
@@ -101,18 +102,18 @@ def test_a_full_disk_keeps_the_old_file_names_the_sizes_and_leaves_no_temporary(
     with pytest.raises(DiskFull) as caught:
         save_torch({"step": 2, "w": torch.zeros(100_000)}, path)
     text = one_line(caught.value)
-    assert text.startswith(f"no space left on device writing {path} (needs 0.4 MiB, ")
+    assert text.startswith(f"no space left on device writing {path} (needs about 0.4 MiB, ")
     assert "free there); it was not written" in text
     assert torch.load(path, weights_only=True)["step"] == 1
     assert not leftovers(tmp_path)
-    with pytest.raises(DiskFull, match="needs 0.0 MiB"):
+    with pytest.raises(DiskFull, match="needs about 0.0 MiB"):
         save_bytes(b"x" * 2000, tmp_path / "new.bin")
     assert not (tmp_path / "new.bin").exists() and not leftovers(tmp_path)
 
 
 def test_a_full_quota_says_so(tmp_path, small_volume):
     small_volume(capacity=10, code=errno.EDQUOT)
-    with pytest.raises(DiskFull, match=r"^disk quota exceeded writing .*meta\.json \(needs 0\.0 MiB\)"):
+    with pytest.raises(DiskFull, match=r"^disk quota exceeded writing .*meta\.json \(needs about 0\.0 MiB\)"):
         save_json({"a": "b" * 100}, tmp_path / "meta.json")
     assert not leftovers(tmp_path)
 
@@ -157,9 +158,19 @@ def test_teacher_cache_keeps_the_trained_teacher(tmp_path, small_volume):
     with pytest.raises(DiskFull) as caught:
         build_from_recipe(config)
     text = one_line(caught.value)
-    assert f"writing {recipe_target(config)} (needs 0.0 MiB" in text
+    assert f"writing {recipe_target(config)} (needs about 0.0 MiB" in text
     assert f"already saved: the trained teacher {final}; free some space and rerun" in text
     assert not recipe_target(config).exists() and not leftovers(tmp_path)
+
+
+def test_teacher_build_that_ran_out_of_space_is_one_line_too(tmp_path, monkeypatch):
+    """The child ``ditlab fit`` printed its one line and exited 2; the main job adds one line, not a traceback."""
+    from ditlab.methods import teacher
+
+    monkeypatch.setattr(teacher, "run_child", lambda command, pass_fds: 2)
+    config = TeacherConfig(recipe=str(ROOT / "configs" / "dit.yaml"), cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"dit\.yaml stopped on the error above; fix it and rerun \(its partial"):
+        build_from_recipe(config)
 
 
 class Extractor:
@@ -180,7 +191,7 @@ def test_reference_statistics(tmp_path, small_volume):
 
 def test_self_trained_network_cache(tmp_path, small_volume):
     small_volume(capacity=100)
-    with pytest.raises(DiskFull, match=r"writing .*net\.pt \(needs 0\.4 MiB"):
+    with pytest.raises(DiskFull, match=r"writing .*net\.pt \(needs about 0\.4 MiB"):
         cached_training(tmp_path / "net.pt", lambda: {"weights": torch.ones(100_000)})
     assert not list(tmp_path.iterdir())
 
@@ -211,6 +222,18 @@ def test_sharded_checkpoint_folder_is_swapped_in_whole_or_not_at_all(tmp_path, m
 
 
 # ------------------------------------------------------------------------------------------------ ditlab fit
+def test_the_checkpoint_to_resume_is_this_runs_newest_else_the_one_it_resumed_from(tmp_path):
+    earlier = save_bytes(b"ckpt", tmp_path / "version_0" / "checkpoints" / "epoch=0-step=10.ckpt")
+    trainer = SimpleNamespace(checkpoint_callbacks=[], loggers=[], default_root_dir=str(tmp_path / "version_1"),
+                              ckpt_path=str(earlier))  # fmt: skip
+    assert newest_checkpoint(trainer) == earlier
+    first = save_bytes(b"ckpt", tmp_path / "version_1" / "checkpoints" / "epoch=0-step=20.ckpt")
+    assert newest_checkpoint(trainer) == first
+    os.utime(first, ns=(0, 0))
+    second = save_bytes(b"ckpt", tmp_path / "version_1" / "checkpoints" / "last.ckpt")
+    assert newest_checkpoint(trainer) == second
+
+
 TINY = ["--config", str(ROOT / "configs" / "dit.yaml"), "--model.init_args.network.hidden_size", "32",
         "--model.init_args.network.depth", "2", "--model.init_args.network.num_heads", "2",
         "--model.init_args.sampling.steps", "3", "--data.init_args.batch_size", "16",
@@ -287,4 +310,5 @@ def test_fit_out_of_space_in_tensorboard_events(tmp_path, monkeypatch, capsys):
     line = error_line(capsys)
     events = next(run.glob("events.out.tfevents.*"))
     assert line.startswith(f"ditlab: error: no space left on device writing {events} (")
+    assert "); it may be incomplete; already saved: " in line  # append-only: the events before it are kept
     assert "(the newest complete checkpoint)" in line and str(run / "summary.json") in line

@@ -14,7 +14,10 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
+from ditlab.callbacks.evaluation import sample_with_progress
+from ditlab.callbacks.monitor import live_bar, progress_label
 from ditlab.distributed import gathered, is_sharded
+from ditlab.progress import TaskProgress, hosted_by
 
 
 class CompressionReport(L.Callback):
@@ -38,19 +41,23 @@ class CompressionReport(L.Callback):
                           if v is not None}  # fmt: skip
 
     @torch.no_grad()
-    def measure(self, pl_module, network) -> dict:
-        """Size, sampling speed and sample quality of one network."""
+    def measure(self, trainer: L.Trainer, pl_module, network, name: str) -> dict:
+        """Size, sampling speed and sample quality of one network, with a progress line over its images."""
         from ditlab.metrics.fid import evaluate_images
 
         report = pl_module.describe(network)
         num_classes = network.num_classes
         labels = torch.arange(self.throughput_batch) % num_classes
-        start = time.perf_counter()
-        pl_module.sample(labels, seed=self.seed, network=network, batch_size=self.throughput_batch, **self.overrides)
-        report["sampling_images_per_s"] = self.throughput_batch / (time.perf_counter() - start)
+        total = self.throughput_batch + self.num_samples
+        with TaskProgress(progress_label(trainer, f"compression report, {name}") or "", total) as bar:
+            start = time.perf_counter()
+            pl_module.sample(labels, seed=self.seed, network=network, batch_size=self.throughput_batch, **self.overrides)
+            report["sampling_images_per_s"] = self.throughput_batch / (time.perf_counter() - start)
+            bar.advance(self.throughput_batch)
+            if self.num_samples:
+                labels = torch.arange(self.num_samples) % num_classes
+                images = sample_with_progress(pl_module, labels, bar, seed=self.seed, network=network, **self.overrides)
         if self.num_samples:
-            labels = torch.arange(self.num_samples) % num_classes
-            images = pl_module.sample(labels, seed=self.seed, network=network, show_progress=True, **self.overrides)
             metrics = evaluate_images(images, reference=self.reference, features=self.features)
             report.update({key: metrics[key] for key in ("fid", "fid_features", "num_samples") if key in metrics})
         return report
@@ -61,8 +68,9 @@ class CompressionReport(L.Callback):
             student_network = gathered(student_network)
         if not trainer.is_global_zero:
             return
-        teacher = self.measure(pl_module, pl_module.teacher)
-        student = self.measure(pl_module, student_network)
+        with hosted_by(live_bar(trainer)):  # in a terminal, the tasks join the fit's step bar
+            teacher = self.measure(trainer, pl_module, pl_module.teacher, "teacher")
+            student = self.measure(trainer, pl_module, student_network, "student")
         ratios = {f"{key}_ratio": student[key] / teacher[key]
                   for key in ("parameters", "activated_parameters", "ffn_activated_parameters", "flops_per_image",
                               "sampling_images_per_s", "fid")

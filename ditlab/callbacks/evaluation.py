@@ -16,18 +16,33 @@ share and the sums are reduced, so it too is the same for any number of processe
 from __future__ import annotations
 
 import math
-import sys
 
 import lightning as L
 import torch
 
-from ditlab.callbacks.monitor import live_bar
+from ditlab.callbacks.monitor import live_bar, progress_label
 from ditlab.distributed import is_sharded
 from ditlab.metrics.features import FeatureExtractor, feature_extractor
 from ditlab.metrics.fid import compute_metrics
 from ditlab.metrics.reference import ReferenceStats, reference_stats
 from ditlab.metrics.text_eval import caption_prompts, clip_score_of, is_text_conditioned
 from ditlab.progress import TaskProgress, hosted_by
+
+
+def sample_with_progress(pl_module, labels: torch.Tensor | list[str], bar: TaskProgress, *, seed: int = 0,
+                         start: int = 0, **options) -> torch.Tensor:  # fmt: skip
+    """``pl_module.sample`` of ``labels`` batch by batch (``sampling.batch_size``), advancing ``bar``, so a long
+    measurement shows progress; sample ``i`` still uses seed ``seed + start + i``. A feature cache is planned (and
+    maybe calibrated) per call, so with one all ``labels`` go in a single call."""
+    sampling = getattr(pl_module, "sampling", None)
+    cached = getattr(getattr(sampling, "cache", None), "policy", "none") != "none"
+    batch_size = len(labels) if cached else getattr(sampling, "batch_size", None) or len(labels)
+    chunks = []
+    for offset in range(0, len(labels), batch_size):
+        part = labels[offset : offset + batch_size]
+        chunks.append(pl_module.sample(part, seed=seed, start=start + offset, **options))
+        bar.advance(len(part))
+    return torch.cat(chunks)
 
 
 class Evaluation(L.Callback):
@@ -112,29 +127,11 @@ class Evaluation(L.Callback):
         with hosted_by(live_bar(trainer)):
             return self._evaluate(trainer, pl_module)
 
-    def describe(self, trainer: L.Trainer, what: str) -> str | None:
-        """``[run] what`` for rank 0's progress lines (None on the other ranks: silent)."""
-        if not trainer.is_global_zero:
-            return None
-        name = getattr(trainer.logger, "name", None) if trainer.logger is not None else None
-        return f"[{name}] {what}" if name and not sys.stdout.isatty() else what
-
     def sample_share(self, trainer: L.Trainer, pl_module, labels: torch.Tensor | list[str], start: int) -> torch.Tensor:
-        """``pl_module.sample`` of ``labels`` (global indices from ``start``) batch by batch, with progress; sample
-        ``i`` still uses seed ``seed + start + i``. A feature cache is planned (and maybe calibrated) per call,
-        so with one the share is sampled in a single call."""
-        sampling = getattr(pl_module, "sampling", None)
-        cached = getattr(getattr(sampling, "cache", None), "policy", "none") != "none"
-        batch_size = getattr(sampling, "batch_size", None) or len(labels)
-        batch_size = len(labels) if cached else batch_size
-        description = self.describe(trainer, f"evaluation sampling at step {trainer.global_step}")
-        chunks = []
+        """This rank's ``labels`` (global indices from ``start``), with progress on rank 0."""
+        description = progress_label(trainer, f"evaluation sampling at step {trainer.global_step}")
         with TaskProgress(description or "", len(labels), enabled=description is not None) as bar:
-            for offset in range(0, len(labels), batch_size):
-                part = labels[offset : offset + batch_size]
-                chunks.append(pl_module.sample(part, seed=self.seed, start=start + offset, **self.overrides))
-                bar.advance(len(part))
-        return torch.cat(chunks)
+            return sample_with_progress(pl_module, labels, bar, seed=self.seed, start=start, **self.overrides)
 
     def _evaluate(self, trainer: L.Trainer, pl_module) -> dict:
         extractor = self.extractor(trainer).to(pl_module.device)

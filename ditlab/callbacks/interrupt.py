@@ -80,9 +80,10 @@ class SaveOnInterrupt(L.Callback):
 
 
 def newest_checkpoint(trainer: L.Trainer) -> Path | None:
-    """The most recently written checkpoint (file or sharded folder) of this run, or None."""
+    """The most recently written checkpoint (file or sharded folder) of this run, else the one it resumed from."""
     folders = {Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)}
     if run_dir(trainer):
         folders.add(run_dir(trainer) / "checkpoints")
     found = [path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")]
-    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+    resumed = Path(trainer.ckpt_path) if trainer.ckpt_path and Path(trainer.ckpt_path).exists() else None
+    return max(found, key=lambda path: path.stat().st_mtime_ns, default=resumed)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 
@@ -154,6 +155,15 @@ def live_bar(trainer: L.Trainer | None):
     such as in-loop evaluation to join (``ditlab.progress.hosted_by``)."""
     bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
     return getattr(bar, "progress", None) if isinstance(bar, RichProgressBar) else None
+
+
+def progress_label(trainer: L.Trainer, what: str) -> str | None:
+    """``[run] what`` for a task's progress lines in a log (``what`` in a terminal), as :class:`LineProgress` prefixes
+    its own; None on the other ranks, which stay silent."""
+    if not trainer.is_global_zero:
+        return None
+    name = getattr(trainer.logger, "name", None) if trainer.logger is not None else None
+    return f"[{name}] {what}" if name and not sys.stdout.isatty() else what
 
 
 class StepProgressBar(RichProgressBar):

@@ -61,6 +61,15 @@ class ProgressiveDistillation(L.Callback):
         if not hasattr(pl_module, "shrink"):
             raise ValueError("ProgressiveDistillation needs a compression module (ditlab.methods.compress.module.DicompModule)")
 
+    def stage_starts(self, pl_module) -> list[tuple[int, str]]:
+        """``(step, stage)`` of each stage still to run, for ``DicompModule``'s warning about a run cut short."""
+        starts, depth = [], pl_module.network.depth
+        for step, blocks in sorted(self.schedule.items()):
+            if step not in self.applied:
+                starts.append((step, f"progressive stage {depth} -> {blocks} blocks"))
+                depth = blocks
+        return starts
+
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         """The starting depth, so TensorBoard's ``dicomp/blocks`` curve steps down at each stage."""
         for logger in trainer.loggers:

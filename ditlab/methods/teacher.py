@@ -35,7 +35,7 @@ from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.frozen import FrozenNetwork
 from ditlab.metrics.features import cache_root
 from ditlab.models.dit import DiT
-from ditlab.models.loading import load_network
+from ditlab.models.loading import ditlab_entry, load_network
 
 
 @dataclass
@@ -210,6 +210,14 @@ class FromTeacher:
     def teacher(self) -> DiT:
         """The frozen teacher on this module's device (read from its file on first use; never trained here)."""
         return self._teacher.get(self.device)
+
+    def sampled_entry(self) -> dict:
+        """The checkpoint's ``ditlab`` entry of a run that samples through its teacher (a router, a feedback block):
+        the teacher's architecture, the run's objective and sampling settings, the module that rebuilds the sampler
+        (``sampled_by``) and the teacher file, so ``ditlab sample --ckpt RUN.ckpt`` needs nothing else."""
+        entry = ditlab_entry(self.teacher.config, self.objective_config, self.sampling, self.vae_path, self.latent_scale)
+        return {**entry, "sampled_by": f"{type(self).__module__}.{type(self).__qualname__}",
+                "teacher": str(teacher_path(self.teacher_config).resolve())}
 
     def check_teacher(self, loaded: Teacher) -> None:
         """Refuse a teacher this method cannot start from (one-line ``ValueError``); any teacher by default."""

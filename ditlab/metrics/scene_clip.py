@@ -47,7 +47,7 @@ class SceneCLIPRecipe:
     text_heads: int = 2
     context_length: int = 32
     embed_dim: int = 64
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -200,6 +200,13 @@ def train_scene_clip(recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> tuple[Scene
     return model.requires_grad_(False), scores
 
 
+def scene_clip_path(cache_dir: str | Path | None = None, recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> Path:
+    """``<cache>/scene-clip-<hash of recipe and the digit scenes' name>.pt``."""
+    from ditlab.data.scenes import SCENES_NAME
+
+    return cache_root(cache_dir) / f"scene-clip-{recipe.digest(SCENES_NAME)}.pt"
+
+
 def scene_clip(cache_dir: str | Path | None = None, recipe: SceneCLIPRecipe = SceneCLIPRecipe(),
                retrain: bool = False) -> SceneCLIP:  # fmt: skip
     """The scene CLIP, trained once per recipe and dataset, then loaded from ``<cache>/scene-clip-<hash>.pt``.
@@ -208,8 +215,7 @@ def scene_clip(cache_dir: str | Path | None = None, recipe: SceneCLIPRecipe = Sc
     """
     from ditlab.data.scenes import SCENES_NAME
 
-    digest = recipe.digest(SCENES_NAME)
-    path = cache_root(cache_dir) / f"scene-clip-{digest}.pt"
+    path = scene_clip_path(cache_dir, recipe)
 
     def train() -> dict:
         model, scores = train_scene_clip(recipe)
@@ -220,7 +226,7 @@ def scene_clip(cache_dir: str | Path | None = None, recipe: SceneCLIPRecipe = Sc
         model = SceneCLIP(recipe, entry["state_dict"]["vocabulary"])
     model.load_state_dict(entry["state_dict"])
     model.scores, model.train_seconds = entry["scores"], entry.get("train_seconds")
-    model.fingerprint = f"scene-clip-{digest}"
+    model.fingerprint = path.stem
     return model.requires_grad_(False).eval()
 
 

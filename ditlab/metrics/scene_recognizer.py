@@ -1,16 +1,20 @@
-"""The scene recognizer: a small CNN that finds the digits in a digit scene and reads each one's identity, colour,
+"""The scene recognizer: small CNNs that find the digits in a digit scene and read each one's identity, colour,
 size and centre, so compositional accuracy can check generated images against their prompts.
 
 GenEval (Ghosh et al., 2023, "GenEval: An Object-Focused Framework for Evaluating Text-to-Image Alignment") checks
-prompts with an off-the-shelf detector; on digit scenes no such detector exists, so ditlab trains its own, once,
-on the scenes' own attributes (train-split glyphs only), deterministically, and caches it under ``$DITLAB_CACHE``
-keyed by a hash of its recipe (which names the dataset version), like the digits classifier
-(``ditlab.metrics.features``).
+prompts with an off-the-shelf detector and a colour classifier on the detected crops; digit scenes have no such
+detector, so ditlab trains its own, once, on the scenes' own attributes (train-split glyphs only),
+deterministically, and caches it under ``$DITLAB_CACHE`` keyed by a hash of its recipe (which names the dataset
+version), like the digits classifier (``ditlab.metrics.features``). Two stages, as GenEval's:
 
-It is a CenterNet-style detector (Zhou et al., 2019, "Objects as Points"): a stride-4 map over the 32x32 scene
-(8x8 cells) predicts per cell whether a digit's centre lies there, its digit, colour and size, and the centre's
-offset within the cell. Decoding keeps cells above ``threshold`` that are maxima of their 3x3 neighbourhood; two
-scene digits never share a neighbourhood (their boxes do not overlap, so centres are at least 10 px apart).
+- a CenterNet-style detector (Zhou et al., 2019, "Objects as Points"): a stride-4 map over the 32x32 scene (8x8
+  cells) says per cell whether a digit's centre lies there, with the digit's size and the centre's offset from
+  the cell (those two trained on the 3x3 cells around each centre, so a peak one cell off still reads them).
+  Decoding keeps cells above ``threshold`` that are maxima of their 3x3 neighbourhood; two scene digits never
+  share one (their boxes do not overlap, so centres are at least 10 px apart);
+- a crop classifier: a 16x16 crop around each found digit (``torchvision.ops.roi_align``, box from the found size
+  and centre) -> digit and colour. It trains on ground-truth crops jittered by up to ``jitter`` pixels, the
+  detector's typical error.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from ditlab.data.scene_grammar import COLOURS, SIZES, SceneAttributes
 from ditlab.metrics.features import cache_root, cached_training, one_cycle_adamw, reproducible_training
 
 GRID = 8  # cells per side on the 32x32 input (stride 4)
 INPUT = 32
+CROP = 16
+SIZE_PIXELS = (10, 14)  # per SIZES, at 32x32 (ditlab.data.scenes)
 
 
 @dataclass(frozen=True)
@@ -38,14 +45,17 @@ class RecognizerRecipe:
     dataset: str = "digit-scenes-v1"
     num_train: int = 10_000
     num_eval: int = 1_000
-    widths: tuple[int, int, int] = (16, 32, 64)
+    widths: tuple[int, int, int] = (16, 32, 32)
+    crop_widths: tuple[int, int] = (32, 64)
     epochs: int = 5
+    crop_epochs: int = 6
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
     noise: float = 0.05
+    jitter: float = 1.0
     seed: int = 0
-    version: int = 1
+    version: int = 2
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -63,7 +73,8 @@ class Detection:
 
 
 class SceneNet(nn.Module):
-    """Five 3x3 convs over three scales (32 -> 16 -> 8, receptive field 30 px) and a 1x1 head: objectness, 10 digits, colours, sizes, 2 offsets."""
+    """The detector: five 3x3 convs over three scales (32 -> 16 -> 8, receptive field 30 px) and a 1x1 head
+    (objectness, sizes, 2 offsets)."""
 
     def __init__(self, recipe: RecognizerRecipe) -> None:
         super().__init__()
@@ -73,12 +84,28 @@ class SceneNet(nn.Module):
             nn.Conv2d(a, b, 3, padding=1), nn.SiLU(), nn.Conv2d(b, b, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
             nn.Conv2d(b, c, 3, padding=1), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
         )  # fmt: skip
-        self.head = nn.Conv2d(c, 1 + 10 + len(COLOURS) + len(SIZES) + 2, 1)
+        self.head = nn.Conv2d(c, 1 + len(SIZES) + 2, 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self.body(images))
-        parts = out.split([1, 10, len(COLOURS), len(SIZES), 2], dim=1)
-        return dict(zip(("objectness", "digit", "colour", "size", "offset"), parts))
+        parts = self.head(self.body(images)).split([1, len(SIZES), 2], dim=1)
+        return dict(zip(("objectness", "size", "offset"), parts))
+
+
+class CropNet(nn.Module):
+    """The crop classifier: conv-conv-pool twice on a 16x16 crop, then digit and colour logits."""
+
+    def __init__(self, recipe: RecognizerRecipe) -> None:
+        super().__init__()
+        a, b = recipe.crop_widths
+        self.body = nn.Sequential(
+            nn.Conv2d(3, a, 3, padding=1), nn.SiLU(), nn.Conv2d(a, a, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Conv2d(a, b, 3, padding=1), nn.SiLU(), nn.Conv2d(b, b, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(b * 16, 128), nn.SiLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(128, 10 + len(COLOURS))
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.body(crops)).split([10, len(COLOURS)], dim=1)
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -93,58 +120,65 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def crops(images: torch.Tensor, owners: torch.Tensor, centres: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """``(K, 3, 16, 16)`` crops of ``images[owners]`` around ``centres`` (``(K, 2)`` in [0, 1]), each a square of
+    its digit's side (pixels at 32x32) plus a 2-pixel margin."""
+    half = (sides.float() / 2 + 2)[:, None]
+    centre = centres.float() * INPUT
+    boxes = torch.cat([owners.float()[:, None], centre - half, centre + half], dim=1)
+    return roi_align(images, boxes.to(images.dtype), output_size=CROP, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
 def targets(attributes: list[SceneAttributes]) -> dict[str, torch.Tensor]:
-    """Per-cell training targets of scenes: objectness ``(N, 8, 8)``, class indices (-1 off centre), offsets."""
+    """Detector targets: objectness ``(N, 8, 8)`` (1 at each digit's centre cell) and, at the 3x3 cells around it
+    (each cell to its nearest centre), the size index (-1 elsewhere) and the centre's offset from the cell."""
     n = len(attributes)
     objectness = torch.zeros(n, GRID, GRID)
-    labels = {key: torch.full((n, GRID, GRID), -1, dtype=torch.long) for key in ("digit", "colour", "size")}
+    size = torch.full((n, GRID, GRID), -1, dtype=torch.long)
     offset = torch.zeros(n, 2, GRID, GRID)
+    nearest = torch.full((n, GRID, GRID), float("inf"))
     for i, scene in enumerate(attributes):
-        for digit, colour, size, (x, y) in zip(scene.digits, scene.colours, scene.sizes, scene.positions):
+        for name, (x, y) in zip(scene.sizes, scene.positions):
             col, row = min(int(x * GRID), GRID - 1), min(int(y * GRID), GRID - 1)
             objectness[i, row, col] = 1.0
-            labels["digit"][i, row, col] = digit
-            labels["colour"][i, row, col] = COLOURS.index(colour)
-            labels["size"][i, row, col] = SIZES.index(size)
-            offset[i, :, row, col] = torch.tensor([x * GRID - col, y * GRID - row])
-    return {"objectness": objectness, **labels, "offset": offset}
+            for r in range(max(row - 1, 0), min(row + 2, GRID)):
+                for c in range(max(col - 1, 0), min(col + 2, GRID)):
+                    distance = (x * GRID - c - 0.5) ** 2 + (y * GRID - r - 0.5) ** 2
+                    if distance < nearest[i, r, c]:
+                        nearest[i, r, c], size[i, r, c] = distance, SIZES.index(name)
+                        offset[i, :, r, c] = torch.tensor([x * GRID - c, y * GRID - r])
+    return {"objectness": objectness, "size": size, "offset": offset}
 
 
 def detection_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Objectness BCE over all cells, cross-entropies and offset L1 at the centre cells."""
+    """Objectness BCE over all cells; size cross-entropy and offset L1 around the centres."""
     loss = F.binary_cross_entropy_with_logits(out["objectness"][:, 0], target["objectness"], pos_weight=torch.tensor(4.0))
-    centres = target["digit"] >= 0
-    for key in ("digit", "colour", "size"):
-        loss = loss + F.cross_entropy(out[key].permute(0, 2, 3, 1)[centres], target[key][centres])
-    offsets = torch.sigmoid(out["offset"]).permute(0, 2, 3, 1)[centres]
-    return loss + 4.0 * F.l1_loss(offsets, target["offset"].permute(0, 2, 3, 1)[centres])
+    near = target["size"] >= 0
+    loss = loss + F.cross_entropy(out["size"].permute(0, 2, 3, 1)[near], target["size"][near])
+    return loss + F.l1_loss(out["offset"].permute(0, 2, 3, 1)[near], target["offset"].permute(0, 2, 3, 1)[near])
 
 
 @torch.no_grad()
-def decode(out: dict[str, torch.Tensor], threshold: float = 0.5) -> list[list[Detection]]:
-    """Detections per image: cells above ``threshold`` that are 3x3 local maxima of objectness."""
+def peaks(out: dict[str, torch.Tensor], threshold: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """Found digits: ``(owners, centres (K, 2) in [0, 1], size indices, scores)`` from the detector's output."""
     probability = torch.sigmoid(out["objectness"][:, 0])
-    peaks = (probability >= threshold) & (probability == F.max_pool2d(probability[:, None], 3, 1, 1)[:, 0])
-    offsets = torch.sigmoid(out["offset"])
-    found: list[list[Detection]] = [[] for _ in range(len(probability))]
-    for i, row, col in peaks.nonzero().tolist():
-        x = (col + offsets[i, 0, row, col].item()) / GRID
-        y = (row + offsets[i, 1, row, col].item()) / GRID
-        found[i].append(Detection(digit=int(out["digit"][i, :, row, col].argmax()),
-                                  colour=COLOURS[int(out["colour"][i, :, row, col].argmax())],
-                                  size=SIZES[int(out["size"][i, :, row, col].argmax())], position=(x, y),
-                                  score=probability[i, row, col].item()))  # fmt: skip
-    return found
+    keep = (probability >= threshold) & (probability == F.max_pool2d(probability[:, None], 3, 1, 1)[:, 0])
+    owners, rows, cols = keep.nonzero(as_tuple=True)
+    offsets = out["offset"][owners, :, rows, cols]
+    centres = torch.stack([cols + offsets[:, 0], rows + offsets[:, 1]], dim=1).clamp(0, GRID) / GRID
+    sizes = out["size"][owners, :, rows, cols].argmax(1)
+    return owners, centres, sizes, probability[owners, rows, cols]
 
 
 class SceneRecognizer(nn.Module):
-    """A frozen :class:`SceneNet`: ``recognizer(images) -> list of detections per image``."""
+    """The frozen detector and crop classifier: ``recognizer(images) -> list of detections per image``."""
 
-    def __init__(self, network: SceneNet, recipe: RecognizerRecipe, accuracy: dict, fingerprint: str,
-                 threshold: float = 0.5, batch_size: int = 256) -> None:  # fmt: skip
+    def __init__(self, detector: SceneNet, classifier: CropNet, recipe: RecognizerRecipe, accuracy: dict,
+                 fingerprint: str, threshold: float = 0.5, batch_size: int = 256) -> None:  # fmt: skip
         super().__init__()
-        self.network, self.recipe, self.accuracy = network.eval().requires_grad_(False), recipe, accuracy
-        self.fingerprint, self.threshold, self.batch_size = fingerprint, threshold, batch_size
+        self.detector, self.classifier = detector.eval().requires_grad_(False), classifier.eval().requires_grad_(False)
+        self.recipe, self.accuracy, self.fingerprint = recipe, accuracy, fingerprint
+        self.threshold, self.batch_size = threshold, batch_size
         self.train_seconds: float | None = None
 
     def train(self, mode: bool = True) -> SceneRecognizer:
@@ -152,11 +186,28 @@ class SceneRecognizer(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[list[Detection]]:
-        device = next(self.network.parameters()).device
+        device = next(self.detector.parameters()).device
         found: list[list[Detection]] = []
         for chunk in to_input(images).split(self.batch_size):
-            found += decode(self.network(chunk.to(device)), self.threshold)
+            found += detect(self.detector, self.classifier, chunk.to(device), self.threshold)
         return found
+
+
+@torch.no_grad()
+def detect(detector: SceneNet, classifier: CropNet, images: torch.Tensor, threshold: float = 0.5
+           ) -> list[list[Detection]]:  # fmt: skip
+    """Detections per image of 32x32 scenes in [-1, 1]."""
+    owners, centres, sizes, scores = peaks(detector(images), threshold)
+    found: list[list[Detection]] = [[] for _ in range(len(images))]
+    if len(owners) == 0:
+        return found
+    sides = torch.tensor(SIZE_PIXELS, device=images.device)[sizes]
+    digit_logits, colour_logits = classifier(crops(images, owners, centres, sides))
+    rows = zip(owners.tolist(), centres.tolist(), sizes.tolist(), scores.tolist(), digit_logits.argmax(1).tolist(),
+               colour_logits.argmax(1).tolist())  # fmt: skip
+    for owner, (x, y), size, score, digit, colour in rows:
+        found[owner].append(Detection(digit, COLOURS[colour], SIZES[size], (x, y), score))
+    return found
 
 
 def _scene_tensors(split: str, num: int) -> tuple[torch.Tensor, list[SceneAttributes]]:
@@ -169,41 +220,67 @@ def _scene_tensors(split: str, num: int) -> tuple[torch.Tensor, list[SceneAttrib
     return images, [item["attributes"] for item in items]
 
 
-def train_recognizer(recipe: RecognizerRecipe = RecognizerRecipe()) -> tuple[SceneNet, dict]:
-    """Train on train-split scenes; returns the network and its accuracy on validation-split scenes (held-out
-    glyphs), as :func:`ditlab.metrics.compositional.compositional_accuracy` measures it."""
+def _fit(network: nn.Module, num_items: int, epochs: int, recipe: RecognizerRecipe, generator: torch.Generator,
+         loss_of, label: str) -> None:  # fmt: skip
+    """One-cycle AdamW over shuffled batches of ``range(num_items)``; ``loss_of(index)`` gives a batch's loss."""
+    from ditlab.progress import TaskProgress
+
+    steps = epochs * (num_items // recipe.batch_size)
+    optimizer, schedule = one_cycle_adamw(network, recipe.lr, recipe.weight_decay, steps)
+    network.train()
+    with TaskProgress(f"scene recognizer {label} (first use; cached after)", epochs, unit="epochs") as bar:
+        for _ in range(epochs):
+            permutation = torch.randperm(num_items, generator=generator)
+            for start in range(0, num_items - recipe.batch_size + 1, recipe.batch_size):
+                loss = loss_of(permutation[start : start + recipe.batch_size])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            bar.advance()
+    network.eval()
+
+
+def train_recognizer(recipe: RecognizerRecipe = RecognizerRecipe()) -> tuple[SceneNet, CropNet, dict]:
+    """Train both stages on train-split scenes; returns them and their accuracy on validation-split scenes
+    (held-out glyphs), as :func:`ditlab.metrics.compositional.compositional_accuracy` measures it."""
     from ditlab.data.scenes import SCENES_NAME
     from ditlab.metrics.compositional import score_detections
-    from ditlab.progress import TaskProgress
 
     if recipe.dataset != SCENES_NAME:
         raise ValueError(f"recognizer recipe is for {recipe.dataset}, but this ditlab generates {SCENES_NAME}; "
                          f"use RecognizerRecipe(dataset={SCENES_NAME!r})")  # fmt: skip
     images, attributes = _scene_tensors("train", recipe.num_train)
     target = targets(attributes)
-    with reproducible_training(recipe.seed, recipe.num_train, 0.0) as (generator, train, _):
-        network = SceneNet(recipe)
-        steps = recipe.epochs * (len(train) // recipe.batch_size)
-        optimizer, schedule = one_cycle_adamw(network, recipe.lr, recipe.weight_decay, steps)
-        network.train()
-        with TaskProgress("scene recognizer (first use; cached after)", recipe.epochs, unit="epochs") as bar:
-            for _ in range(recipe.epochs):
-                permutation = train[torch.randperm(len(train), generator=generator)]
-                for start in range(0, len(permutation) - recipe.batch_size + 1, recipe.batch_size):
-                    index = permutation[start : start + recipe.batch_size]
-                    batch = images[index].float() / 127.5 - 1.0
-                    batch = batch + recipe.noise * torch.randn(batch.shape, generator=generator)
-                    loss = detection_loss(network(batch), {key: value[index] for key, value in target.items()})
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                bar.advance()
-        network.eval()
+    # every digit of every scene, for the crop classifier: its scene, centre, side, digit and colour
+    owners = torch.tensor([i for i, s in enumerate(attributes) for _ in s.digits])
+    centres = torch.tensor([p for s in attributes for p in s.positions])
+    sides = torch.tensor([SIZE_PIXELS[SIZES.index(size)] for s in attributes for size in s.sizes])
+    digits = torch.tensor([d for s in attributes for d in s.digits])
+    colours = torch.tensor([COLOURS.index(c) for s in attributes for c in s.colours])
+    with reproducible_training(recipe.seed, recipe.num_train, 0.0) as (generator, _, _):
+        detector, classifier = SceneNet(recipe), CropNet(recipe)
+
+        def pixels(index: torch.Tensor) -> torch.Tensor:
+            batch = images[index].float() / 127.5 - 1.0
+            return batch + recipe.noise * torch.randn(batch.shape, generator=generator)
+
+        def detector_loss(index: torch.Tensor) -> torch.Tensor:
+            return detection_loss(detector(pixels(index)), {key: value[index] for key, value in target.items()})
+
+        def classifier_loss(index: torch.Tensor) -> torch.Tensor:
+            shift = (torch.rand(len(index), 2, generator=generator) * 2 - 1) * recipe.jitter / INPUT
+            scene = pixels(owners[index])
+            batch = crops(scene, torch.arange(len(index)), centres[index] + shift, sides[index])
+            digit_logits, colour_logits = classifier(batch)
+            return F.cross_entropy(digit_logits, digits[index]) + F.cross_entropy(colour_logits, colours[index])
+
+        _fit(detector, recipe.num_train, recipe.epochs, recipe, generator, detector_loss, "detector")
+        _fit(classifier, len(owners), recipe.crop_epochs, recipe, generator, classifier_loss, "crop classifier")
         held_images, held_attributes = _scene_tensors("validation", recipe.num_eval)
-        with torch.no_grad():
-            found = decode(network(held_images.float() / 127.5 - 1.0))
-    return network.requires_grad_(False), score_detections(found, held_attributes)
+        found = detect(detector, classifier, held_images.float() / 127.5 - 1.0)
+    accuracy = score_detections(found, held_attributes)
+    return detector.requires_grad_(False), classifier.requires_grad_(False), accuracy
 
 
 def scene_recognizer(cache_dir: str | Path | None = None, recipe: RecognizerRecipe = RecognizerRecipe(),
@@ -212,14 +289,17 @@ def scene_recognizer(cache_dir: str | Path | None = None, recipe: RecognizerReci
     path = cache_root(cache_dir) / f"scene-recognizer-{recipe.digest()}.pt"
 
     def train() -> dict:
-        network, accuracy = train_recognizer(recipe)
-        return {"state_dict": network.state_dict(), "accuracy": accuracy, "recipe": asdict(recipe)}
+        detector, classifier, accuracy = train_recognizer(recipe)
+        return {"detector": detector.state_dict(), "classifier": classifier.state_dict(), "accuracy": accuracy,
+                "recipe": asdict(recipe)}  # fmt: skip
 
     entry = cached_training(path, train, retrain)
     with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten; keep the caller's RNG as it was
-        network = SceneNet(recipe)
-    network.load_state_dict(entry["state_dict"])
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in entry["state_dict"].values())).hexdigest()[:12]
-    recognizer = SceneRecognizer(network, recipe, entry["accuracy"], f"scene-recognizer-{digest}")
+        detector, classifier = SceneNet(recipe), CropNet(recipe)
+    detector.load_state_dict(entry["detector"])
+    classifier.load_state_dict(entry["classifier"])
+    weights = [*entry["detector"].values(), *entry["classifier"].values()]
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in weights)).hexdigest()[:12]
+    recognizer = SceneRecognizer(detector, classifier, recipe, entry["accuracy"], f"scene-recognizer-{digest}")
     recognizer.train_seconds = entry.get("train_seconds")
     return recognizer

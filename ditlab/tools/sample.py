@@ -7,6 +7,7 @@ so the same command gives the same images on any machine and batch size. Samplin
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,23 @@ from ditlab.diffusion.config import SamplingConfig
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8, the ADM evaluator's layout."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def describe_sampling(sampling: SamplingConfig, bundle) -> str:
+    """``ddim, 20 steps, cfg_scale 2.0 (the checkpoint's; changed: steps)``: what a sampling run uses, in one line."""
+    sampler = sampling.sampler or bundle.objective.default_sampler
+    steps = "adaptive steps" if sampling.steps is None else f"{sampling.steps} steps"
+    parts = [sampler, steps, f"cfg_scale {sampling.cfg_scale:g}"]
+    if sampling.cache.policy != "none":
+        parts.append(f"cache {sampling.cache.policy}")
+    if sampling.time_grid is not None:
+        parts.append(f"time_grid {sampling.time_grid}")
+    if sampling.guidance_interval is not None:
+        parts.append(f"guidance_interval {list(sampling.guidance_interval)}")
+    recorded = bundle.sampling
+    changed = [item.name for item in fields(SamplingConfig) if item.name != "batch_size"
+               and getattr(sampling, item.name) != getattr(recorded, item.name)]  # fmt: skip
+    return ", ".join(parts) + (f" (the checkpoint's, except {', '.join(changed)})" if changed else " (the checkpoint's)")
 
 
 def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: int = 0, ema: bool = True,
@@ -37,8 +55,7 @@ def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: i
         ema: sample the EMA network; ``--no-ema`` samples the raw network.
         sampling: sampler, steps, guidance, time grid, SDE, tolerances and feature cache (default: the run's).
     """
-    from ditlab.analysis import sample_bundle, sampling_model
-    from ditlab.checkpoint import bundle_from_checkpoint
+    from ditlab.checkpoint import bundle_from_checkpoint, sample_bundle, sampling_model
 
     if num < 1:
         raise ValueError(f"--num {num}: ask for at least one image")
@@ -48,11 +65,12 @@ def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: i
         raise ValueError(f"--class {label} is out of range; this model has classes 0..{num_classes - 1}")
     labels = torch.full((num,), label) if label is not None else torch.arange(num) % num_classes
     sampling = sampling if sampling is not None else bundle.sampling
+    print(f"sampling {num} image(s) from {bundle.source}: {describe_sampling(sampling, bundle)}", flush=True)
     model = sampling_model(bundle, sampling)
     images = to_uint8(sample_bundle(bundle, labels, sampling, seed, progress="sampling", model=model))
     share = getattr(model, "computed_share", None) if model is not bundle.network else None
     if share is not None:  # a policy that counts its work
-        print(f"cache {sampling.cache.policy}: the last batch computed {share:.0%} of the network's block work")
+        print(f"cache {getattr(model, 'name', '') or sampling.cache.policy}: the last batch computed {share:.0%} of the network's block work")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):

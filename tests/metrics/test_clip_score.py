@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ditlab.metrics.clip_score import CLIPScore, pair_scores
 from ditlab.metrics.text_eval import caption_prompts, clip_score_of
-
-HERE = Path(__file__).resolve().parent
 
 
 def score(images: torch.Tensor, texts: torch.Tensor) -> float:
@@ -57,15 +54,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
-    sys.path.insert(0, str(HERE))
-    from clip_score_ddp_run import embeddings
+def embeddings(count: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(count, 16, generator=generator), torch.randn(count, 16, generator=generator)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, str(HERE / "clip_score_ddp_run.py"), str(rank), "2", str(port),
-                               str(tmp_path)], env=env) for rank in range(2)]  # fmt: skip
-    assert [process.wait(timeout=120) for process in ranks] == [0, 0]
+
+def score_share(rank: int, world: int, port: int, out: Path) -> None:
+    """One gloo rank: score its contiguous share (rank 1 gets one pair fewer), write the reduced score."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    images, texts = embeddings()
+    per_rank = -(-len(images) // world)
+    share = slice(rank * per_rank, (rank + 1) * per_rank)
+    metric = CLIPScore()
+    metric.update(images[share], texts[share])
+    result = {"score": float(metric.compute()), "pairs": len(images[share])}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    """Forked ranks (the imports are inherited, so this takes a second) reduce to the single-process score."""
+    port, context = free_port(), multiprocessing.get_context("fork")
+    ranks = [context.Process(target=score_share, args=(rank, 2, port, tmp_path)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    assert [process.exitcode for process in ranks] == [0, 0]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [r["pairs"] for r in results] == [19, 18]
     single = score(*embeddings())

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ditlab.data.scene_grammar import SIZES
 from ditlab.data.scenes import DigitScenes, SceneAttributes
 from ditlab.metrics.compositional import (
     CompositionalAccuracy,
@@ -16,17 +17,22 @@ from ditlab.metrics.compositional import (
     score_prompt,
 )
 from ditlab.metrics.scene_recognizer import (
+    CROP,
     GRID,
+    SIZE_PIXELS,
+    CropNet,
     Detection,
     RecognizerRecipe,
     SceneNet,
-    decode,
+    crops,
+    peaks,
     scene_recognizer,
     targets,
     to_input,
 )
 
-TINY = RecognizerRecipe(num_train=96, num_eval=16, widths=(4, 8, 8), epochs=1, batch_size=32)
+TINY = RecognizerRecipe(num_train=96, num_eval=16, widths=(4, 8, 8), crop_widths=(4, 8), epochs=1, crop_epochs=1,
+                        batch_size=32)
 
 
 def truth(attributes: SceneAttributes) -> list[Detection]:
@@ -117,34 +123,45 @@ def test_states_sum_across_processes(scenes):
     asked = [replace(s, colours=s.colours[::-1]) if i % 3 == 0 else s for i, s in enumerate(scenes)]
     single = CompositionalAccuracy(Oracle(scenes))
     single.update(images, asked)
-    other = {}
+    other = []
 
-    def gather(tensor, group=None):
-        return [tensor, other[id(tensor)]]
+    def gather(tensor, group=None):  # states are gathered one by one in registration order
+        return [tensor, other.pop(0)]
 
     first = CompositionalAccuracy(Oracle(scenes[:25]), dist_sync_fn=gather, distributed_available_fn=lambda: True)
     second = CompositionalAccuracy(Oracle(scenes[25:]))
     first.update(images[:25], asked[:25])
     second.update(images[25:], asked[25:])
-    other.update({id(getattr(first, key)): getattr(second, key) for key in first._defaults})
-    assert first.compute() == single.compute()
-    first.sync(dist_sync_fn=gather, distributed_available=lambda: True)
-    assert first.whole.item() < 40 and first.prompts.item() == 40
+    other.extend(getattr(second, key) for key in first._reductions)
+    assert first.compute() == single.compute() and not other
+    assert single.whole.item() < single.prompts.item() == 40  # a non-trivial case
+    assert first.prompts.item() == 25  # after compute, each process keeps its own counts
 
 
-def test_targets_decode_back_to_the_attributes(scenes):
-    """Logits that are the targets themselves decode to the scenes' own digits, colours, sizes and centres."""
+def test_targets_decode_back_to_the_centres_and_sizes(scenes):
+    """Detector outputs that are the targets themselves decode to the scenes' own centres and sizes."""
     target = targets(scenes)
-    logits = {"objectness": (target["objectness"] * 20 - 10)[:, None],
-              "offset": torch.logit(target["offset"].clamp(1e-4, 1 - 1e-4))}  # fmt: skip
-    for key, classes in (("digit", 10), ("colour", 8), ("size", 2)):
-        logits[key] = torch.nn.functional.one_hot(target[key].clamp(min=0), classes).permute(0, 3, 1, 2).float()
-    found = decode(logits)
-    for detections, scene in zip(found, scenes):
-        assert score_prompt(detections, scene)["whole"] == 1
-        for detection, position in zip(sorted(detections, key=lambda d: d.position), sorted(scene.positions)):
-            assert detection.position == pytest.approx(position, abs=1e-3)
-    assert target["objectness"].shape == (40, GRID, GRID)
+    out = {"objectness": (target["objectness"] * 20 - 10)[:, None], "offset": target["offset"],
+           "size": torch.nn.functional.one_hot(target["size"].clamp(min=0), 2).permute(0, 3, 1, 2).float()}  # fmt: skip
+    owners, centres, sizes, _ = peaks(out)
+    for i, scene in enumerate(scenes):
+        mine = owners == i
+        found = sorted(zip(map(tuple, centres[mine].tolist()), sizes[mine].tolist()))
+        expected = sorted(zip(scene.positions, [SIZES.index(size) for size in scene.sizes]))
+        assert [size for _, size in found] == [size for _, size in expected]
+        assert [c for c, _ in found] == [pytest.approx(c, abs=1e-5) for c, _ in expected]
+    assert target["objectness"].shape == (40, GRID, GRID) and target["objectness"].sum() == sum(s.count for s in scenes)
+
+
+def test_crops_are_centred_on_the_digit():
+    """A crop around a scene's digit holds that digit: the brightest pixels sit in its middle."""
+    item = DigitScenes("validation")[1]
+    scene = item["attributes"]
+    sides = torch.tensor([SIZE_PIXELS[SIZES.index(s)] for s in scene.sizes])
+    cut = crops(item["image"][None], torch.zeros(scene.count, dtype=torch.long), torch.tensor(scene.positions), sides)
+    assert cut.shape == (scene.count, 3, CROP, CROP)
+    ink = cut.amax(1) - cut.amin(1) > 0.5  # coloured ink against a grey or dark background
+    assert ink[:, 2:-2, 2:-2].float().mean() > 5 * ink[:, :1].float().mean().clamp(min=0.01)
 
 
 def test_tiny_recognizer_is_cached_by_recipe_and_reproducible(tmp_path):
@@ -178,5 +195,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path, scenes):
 def test_network_shapes():
     out = SceneNet(TINY)(torch.zeros(2, 3, 32, 32))
     assert {key: tuple(value.shape[1:]) for key, value in out.items()} == {
-        "objectness": (1, GRID, GRID), "digit": (10, GRID, GRID), "colour": (8, GRID, GRID),
-        "size": (2, GRID, GRID), "offset": (2, GRID, GRID)}  # fmt: skip
+        "objectness": (1, GRID, GRID), "size": (2, GRID, GRID), "offset": (2, GRID, GRID)}  # fmt: skip
+    digit, colour = CropNet(TINY)(torch.zeros(5, 3, CROP, CROP))
+    assert digit.shape == (5, 10) and colour.shape == (5, 8)

@@ -20,8 +20,9 @@ latents; the cost is one token (under 0.5% FLOPs at 256 tokens).
   a separate class-token scale). The plane needs ``F <= H * W`` (digits-vit: 64 <= 256; DINOv2-B on 32x32
   latents: 768 <= 1024);
 - the class-token embedding and output map are part of the generator, so they have their own EMA copy
-  (``token_ema``) that sampling uses; a REG run samples through this module (its ``.ckpt``), and the tools
-  that read a network alone (``ditlab sample``/``eval``/``convert``/``analyze``) refuse its checkpoint in one line;
+  (``token_ema``) that sampling uses; a REG checkpoint records this module (``sampled_by``), whose
+  ``checkpoint_bundle`` lets ``ditlab sample``/``eval`` sample it; the tools that read a network alone
+  (``convert``, ``analyze``) refuse it in one line;
 - REG has no termination step (the class token is denoised for the whole run), so ``AlignmentTermination``
   is idle for it.
 """
@@ -29,11 +30,13 @@ latents; the cost is one token (under 0.5% FLOPs at 256 tokens).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from jsonargparse import lazy_instance
 from torch import nn
 
+from ditlab.checkpoint import Bundle, network_bundle
 from ditlab.diffusion.cache import as_cache_config
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.gaussian import mean_flat
@@ -230,11 +233,6 @@ class REGModule(AlignModule):
         dit = network if network is not None else self.sampling_network
         path = self.token_ema if network is None and self.ema is not None else self.token_path
 
-        def entangled(network: DiT, objective, cache=None, **options) -> EntangledModel:
-            if as_cache_config(cache).policy != "none":
-                raise ValueError("REG samples with its class token; feature caching (sampling.cache) is not supported")
-            return EntangledModel(network, path)
-
         def decode(state: torch.Tensor) -> torch.Tensor:
             return self.decode(state[:, :channels].to(self.device)).clamp(-1, 1).cpu()
 
@@ -243,7 +241,34 @@ class REGModule(AlignModule):
         path.eval()
         try:
             return sample_from_config(dit, self.objective, self.sampling, labels, seed=seed, start=start,
-                                      factory=entangled, decode=decode, shape=(channels + 1, size, size),
+                                      factory=entangled_factory(path), decode=decode, shape=(channels + 1, size, size),
                                       progress="sampling" if show_progress else None, **overrides)  # fmt: skip
         finally:
             path.train(was_training)
+
+    @classmethod
+    def checkpoint_bundle(cls, checkpoint: dict, use_ema: bool = True) -> Bundle:
+        """What ``ditlab sample --ckpt REG.ckpt`` samples: the DiT and its class-token path (EMA copies unless
+        ``use_ema=False``), the class token a plane of the sampled state (see the module notes)."""
+        bundle = network_bundle(checkpoint, use_ema)
+        state = checkpoint["state_dict"]
+        prefix = "token_ema." if use_ema and any(key.startswith("token_ema.") for key in state) else "token_path."
+        weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        dit = bundle.network
+        path = ClassTokenPath(weights["embed.weight"].shape[1], dit.config.hidden_size)
+        path.load_state_dict(weights)
+        shape = (dit.config.in_channels + 1, dit.config.input_size, dit.config.input_size)
+        return replace(bundle, factory=entangled_factory(path.eval()), shape=shape,
+                       source=f"{bundle.source} with its class-token path")  # fmt: skip
+
+
+def entangled_factory(path: ClassTokenPath):
+    """``factory(network, objective, **sampling options) -> EntangledModel``: the DiT with ``path``; REG samples with
+    its class token, so a feature cache on top is refused."""
+
+    def entangled(network: DiT, objective, cache=None, **options) -> EntangledModel:
+        if as_cache_config(cache).policy != "none":
+            raise ValueError("REG samples with its class token; feature caching (sampling.cache) is not supported")
+        return EntangledModel(network, path)
+
+    return entangled

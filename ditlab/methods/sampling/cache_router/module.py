@@ -26,22 +26,24 @@ Loss terms, the router as an image (step x unit) and the share of units computed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from ditlab.checkpoint import Bundle, through_teacher
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.global_batch import draw_rows
 from ditlab.diffusion.trajectory import Trajectory, trajectory_options
 from ditlab.distributed import data_parallel_split
 from ditlab.methods.base import DiffusionModule
+from ditlab.methods.sampling.cache_router.export import plan_factory, plan_from_checkpoint
 from ditlab.methods.sampling.cache_router.proxy import image_error_proxy, loss_weights
 from ditlab.methods.sampling.cache_router.routed import Cache, routed_call
 from ditlab.methods.sampling.cache_router.router import StepUnitRouter
-from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
+from ditlab.methods.sampling.caches.plan import StaticPlan
 from ditlab.methods.sampling.schedule import check_schedule, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
 from ditlab.models.dit import DiT
@@ -300,15 +302,22 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
     def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
                network: DiT | None = None, threshold: float | None = None, **overrides) -> torch.Tensor:  # fmt: skip
         """Images sampled by the teacher through the exported plan (the schedule it was trained for; another is
-        refused in one line). ``sampling.cache`` is not read: the plan is the cache."""
-        plan = self.export(threshold)
+        refused in one line). ``sampling.cache`` must be none: the plan is the cache."""
+        return super().sample(labels, seed, start, show_progress, network, factory=plan_factory(self.export(threshold)),
+                              **overrides)  # fmt: skip
 
-        def through_plan(network: DiT, objective, cache=None, **options) -> Plan:
-            model = Plan(network, schedule_times(objective, **options), plan=plan)
-            model.check_sampling(options["sampler"] or self.sampler, options["steps"])
-            return model
-
-        return super().sample(labels, seed, start, show_progress, network, factory=through_plan, **overrides)
+    @classmethod
+    def checkpoint_bundle(cls, checkpoint: dict, use_ema: bool = True) -> Bundle:
+        """What ``ditlab sample --ckpt ROUTER.ckpt`` samples: the recorded teacher through the router's plan, with the
+        schedule and guidance the router was trained for (``use_ema``: a router has no EMA copy)."""
+        plan = plan_from_checkpoint(checkpoint)
+        what = f"its {plan.meta['mode']} router's plan ({plan.computed_fraction:.0%} of the units computed)"
+        bundle = through_teacher(checkpoint, plan_factory(plan), what)
+        if "ditlab" not in checkpoint:  # written before routers recorded their settings: the schedule it saved
+            saved = checkpoint["cache_router"]
+            sampling = replace(bundle.sampling, sampler=saved["sampler"], steps=saved["steps"], cfg_scale=saved["cfg_scale"])
+            bundle = replace(bundle, sampling=sampling)
+        return bundle
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -317,6 +326,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         if self.rollout is not None and not self.rollout.done:
             rollout = {"x": self.rollout.x, "labels": self.rollout.labels, "index": self.rollout.index,
                        "cache": [[block, kind, value] for (block, kind), value in self.rollout_cache.items()]}  # fmt: skip
+        checkpoint["ditlab"] = self.sampled_entry()
         checkpoint["cache_router"] = {
             "mode": self.router_config.mode, "sampler": self.sampler, "steps": self.sampling.steps,
             "times": self.schedule().tolist(), "depth": self.teacher.depth,

@@ -15,12 +15,14 @@ at sampling (``FeedbackPolicy``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from ditlab.checkpoint import Bundle, network_bundle, through_teacher
+from ditlab.diffusion.cache import as_cache_config
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.global_batch import draw_rows
 from ditlab.diffusion.trajectory import Trajectory, trajectory_options
@@ -139,6 +141,36 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         return FeedbackPolicy(self.teacher, self.schedule(), self.feedback, source=config.source,
                               reentry=config.reentry, interval=config.interval, warmup=config.warmup)  # fmt: skip
 
+    def schedule_entry(self) -> dict:
+        """The schedule and wiring the block was trained for (saved in checkpoints; sampling checks it)."""
+        config = self.feedback_config
+        return {"sampler": self.sampler, "steps": self.sampling.steps, "times": self.schedule().tolist(),
+                "source": config.source, "reentry": self.reentry, "interval": config.interval, "warmup": config.warmup}
+
+    def sample(self, labels: torch.Tensor, seed: int = 0, start: int = 0, show_progress: bool = False,
+               network: DiT | None = None, **overrides) -> torch.Tensor:  # fmt: skip
+        """Images sampled by the teacher with the feedback block (the schedule it was trained for)."""
+        factory = feedback_factory(self.feedback, self.schedule_entry())
+        return super().sample(labels, seed, start, show_progress, network, factory=factory, **overrides)
+
+    @classmethod
+    def checkpoint_bundle(cls, checkpoint: dict, use_ema: bool = True) -> Bundle:
+        """What ``ditlab sample --ckpt ILF.ckpt`` samples: the recorded teacher (or the one inside an export,
+        ``feedback/export.py``) with the saved feedback block, on the schedule it was trained for (``use_ema``: the
+        block has no EMA copy)."""
+        saved = checkpoint["feedback"]
+        weights = {key[len("feedback."):]: value for key, value in checkpoint["state_dict"].items()
+                   if key.startswith("feedback.")}  # fmt: skip
+        what = f"its feedback block (block {saved['source']} fed back, a full call every {saved['interval']})"
+        if any(key.startswith("network.") for key in checkpoint["state_dict"]):  # an export: the teacher inside
+            bundle = network_bundle(checkpoint)
+            bundle = replace(bundle, source=f"the teacher inside the export through {what}")
+        else:
+            bundle = through_teacher(checkpoint, None, what)
+        block = FeedbackBlock(bundle.network.blocks[saved["source"]])
+        block.load_state_dict(weights)
+        return replace(bundle, factory=feedback_factory(block.requires_grad_(False).eval(), saved))
+
     def new_trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
         """A trajectory of the schedule and guidance the block trains for, from ``noise`` (``train_cfg_scale``)."""
         scale = self.feedback_config.train_cfg_scale
@@ -212,10 +244,8 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         if trajectory is not None and not trajectory.done:
             state = {"x": trajectory.x, "labels": trajectory.labels, "hidden": self.hidden,
                      "index": trajectory.index}  # fmt: skip
-        checkpoint["feedback"] = {"sampler": self.sampler, "steps": self.sampling.steps, "times": self.schedule().tolist(),
-                                  "source": self.feedback_config.source, "reentry": self.reentry,
-                                  "interval": self.feedback_config.interval, "warmup": self.feedback_config.warmup,
-                                  "trajectory": state,
+        checkpoint["ditlab"] = self.sampled_entry()
+        checkpoint["feedback"] = {**self.schedule_entry(), "trajectory": state,
                                   "training_draws": self._draws.get_state() if self._draws is not None else None}  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -231,3 +261,21 @@ class FeedbackModule(FromTeacher, DiffusionModule):
             self.trajectory = self.new_trajectory(x, state["labels"].to(self.device))
             self.trajectory.x, self.trajectory.index = x, state["index"]
             self.hidden = state["hidden"].to(self.device) if state["hidden"] is not None else None
+
+
+def feedback_factory(block: FeedbackBlock, saved: dict):
+    """``factory(network, objective, **sampling options) -> FeedbackPolicy``: the network with ``block`` wired as
+    ``saved`` records (source, re-entry, interval, warm-up); another schedule or a feature cache on top is refused."""
+
+    def with_feedback(network: DiT, objective, cache=None, **options) -> FeedbackPolicy:
+        policy = as_cache_config(cache).policy
+        if policy != "none":
+            raise ValueError(f"an ILF run samples through its feedback block; --cache {policy} does not apply (sample "
+                             "its teacher's checkpoint to try another cache)")  # fmt: skip
+        times = schedule_times(objective, **options)
+        sampler = options.get("sampler") or objective.default_sampler
+        check_schedule(saved, sampler, options.get("steps"), times.tolist(), what="this feedback block")
+        return FeedbackPolicy(network, times, block, source=saved["source"], reentry=saved["reentry"],
+                              interval=saved["interval"], warmup=saved["warmup"])  # fmt: skip
+
+    return with_feedback

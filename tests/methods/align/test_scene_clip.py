@@ -1,0 +1,97 @@
+"""The scene CLIP: a tiny recipe trains deterministically and its loss falls, the cache is reused, and its views
+(alignment encoder, text-encoder kind, FID features, CLIP score) hand out what their slots promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditlab.metrics.scene_clip as scene_clip_module
+from ditlab.methods.align.encoders import encoder_info, load_encoder
+from ditlab.methods.align.encoders.scene_clip import SceneCLIPEncoder, SceneCLIPText
+from ditlab.metrics.scene_clip import SceneCLIPFeatures, SceneCLIPRecipe, scene_clip, train_scene_clip
+
+TINY = SceneCLIPRecipe(width=32, layers=2, head_width=16, text_width=32, text_layers=1, text_heads=2, embed_dim=16,
+                       steps=24, batch_size=32, lr=3e-3, holdout=64)  # fmt: skip
+CAPTIONS = ["a small red 3 on a black background", "a large blue 7 left of a small white 1 on a grey background", ""]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny recipe trained once into a fresh cache folder: ``(model, cache folder)``."""
+    folder = tmp_path_factory.mktemp("cache")
+    return scene_clip(folder, TINY), folder
+
+
+def test_tiny_recipe_trains_and_its_loss_falls(tiny):
+    model, _ = tiny
+    scores = model.scores
+    assert scores["last_loss"] < scores["first_loss"] - 0.3, scores
+    assert scores["image_to_text_top5"] > 5 / 64 and model.train_seconds > 0  # better than chance among 64
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_cache_is_reused_and_training_is_deterministic(tiny, monkeypatch):
+    model, folder = tiny
+    assert len(list(folder.glob("scene-clip-*.pt"))) == 1
+    monkeypatch.setattr(scene_clip_module, "train_scene_clip", lambda recipe: pytest.fail("retrained"))
+    again = scene_clip(folder, TINY)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert again.fingerprint == model.fingerprint and again.scores == model.scores
+    monkeypatch.undo()
+    rng = torch.get_rng_state()
+    rebuilt, _ = train_scene_clip(TINY)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
+
+
+def test_alignment_encoder_view(tiny):
+    model, _ = tiny
+    encoder = SceneCLIPEncoder(model)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    output = encoder(images, grid=8, attention=[1])
+    assert output.features.shape == (2, 64, 32) and output.class_token.shape == (2, 32)
+    assert output.attention[1].shape == (2, 2, 64, 64)
+    torch.testing.assert_close(output.attention[1].sum(-1), torch.ones(2, 2, 64))
+    assert encoder(torch.nn.functional.interpolate(images, size=64), grid=4).features.shape == (2, 16, 32)
+    with pytest.raises(ValueError, match="pixels"):
+        encoder(torch.zeros(2, 1, 32, 32), grid=8)
+    assert encoder_info("scene-clip").feature_dim == SceneCLIPRecipe().width
+
+
+def test_load_encoder_names_scene_clip(tiny, monkeypatch):
+    import ditlab.methods.align.encoders.scene_clip as view
+
+    monkeypatch.setattr(view, "scene_clip", lambda cache_dir=None: tiny[0])
+    assert isinstance(load_encoder("scene-clip"), SceneCLIPEncoder)
+
+
+def test_text_encoder_kind(tiny, monkeypatch):
+    import ditlab.methods.align.encoders.scene_clip as view
+    from ditlab.models.text import build_text_encoder
+
+    monkeypatch.setattr(view, "scene_clip", lambda cache_dir=None: tiny[0])
+    encoder = build_text_encoder("scene-clip")
+    assert isinstance(encoder, SceneCLIPText)
+    features = encoder(CAPTIONS)
+    assert features.tokens.shape == (3, 32, 32) and features.pooled.shape == (3, 16)
+    assert features.mask.sum(1).tolist()[2] == 2  # the null caption: start and end of text
+    torch.testing.assert_close(torch.nn.functional.normalize(features.pooled, dim=-1),
+                               tiny[0].encode_captions(CAPTIONS))  # fmt: skip
+    off_grammar = encoder(["a photo of a cat"])  # unknown words still encode (as the unknown token)
+    assert torch.isfinite(off_grammar.tokens).all()
+
+
+def test_fid_features_and_clip_score(tiny, monkeypatch):
+    from ditlab.data.scenes import DigitScenes
+    from ditlab.metrics import text_eval
+
+    model, _ = tiny
+    scenes = DigitScenes("validation", length=16)
+    images, captions = scenes.images(range(16)), scenes.captions(range(16))
+    features, logits = SceneCLIPFeatures(model).features_and_logits(images)
+    assert features.shape == (16, 16) and logits.shape == (16, 0)
+    monkeypatch.setattr(text_eval, "_scene_clip", lambda cache_dir: model)
+    real = text_eval.clip_score_of(images, captions)
+    assert real["clip_features"] == "scene-clip" and 0 <= real["clip_score"] <= 100
+    assert real["clip_score"] > text_eval.clip_score_of(images, captions[1:] + captions[:1])["clip_score"]
