@@ -28,7 +28,7 @@ class CompressionReport(L.Callback):
         reference: reference statistics for FID (``digits`` or an ADM-style ``.npz``).
         features: feature network for FID (``digits-classifier`` or ``inception-v3``).
         seed: first noise seed.
-        throughput_batch: batch size used to time sampling.
+        throughput_batch: batch size used to time sampling (at most ``num_samples`` when FID is measured).
         sampler, steps, cfg_scale: override the module's sampling settings (the same for both networks).
     """
 
@@ -40,6 +40,10 @@ class CompressionReport(L.Callback):
         self.overrides = {k: v for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}.items()
                           if v is not None}  # fmt: skip
 
+    def timed_images(self) -> int:
+        """Images sampled in one batch to time sampling: ``throughput_batch``, or fewer for a quick look."""
+        return min(self.throughput_batch, self.num_samples or self.throughput_batch)
+
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module, network, name: str) -> dict:
         """Size, sampling speed and sample quality of one network, with a progress line over its images."""
@@ -47,13 +51,13 @@ class CompressionReport(L.Callback):
 
         report = pl_module.describe(network)
         num_classes = network.num_classes
-        labels = torch.arange(self.throughput_batch) % num_classes
-        total = self.throughput_batch + self.num_samples
-        with TaskProgress(progress_label(trainer, f"compression report, {name}") or "", total) as bar:
+        timed = self.timed_images()
+        labels = torch.arange(timed) % num_classes
+        with TaskProgress(progress_label(trainer, f"compression report, {name}") or "", timed + self.num_samples) as bar:
             start = time.perf_counter()
-            pl_module.sample(labels, seed=self.seed, network=network, batch_size=self.throughput_batch, **self.overrides)
-            report["sampling_images_per_s"] = self.throughput_batch / (time.perf_counter() - start)
-            bar.advance(self.throughput_batch)
+            pl_module.sample(labels, seed=self.seed, network=network, batch_size=timed, **self.overrides)
+            report["sampling_images_per_s"] = timed / (time.perf_counter() - start)
+            bar.advance(timed)
             if self.num_samples:
                 labels = torch.arange(self.num_samples) % num_classes
                 images = sample_with_progress(pl_module, labels, bar, seed=self.seed, network=network, **self.overrides)
@@ -68,6 +72,10 @@ class CompressionReport(L.Callback):
             student_network = gathered(student_network)
         if not trainer.is_global_zero:
             return
+        steps = self.overrides.get("steps", pl_module.sampling.steps)
+        print(f"{progress_label(trainer, 'compression report')}: teacher and student, {self.timed_images()} images "
+              f"timed + {self.num_samples} for FID each, {steps} steps (a quick look: --eval.num_samples N, "
+              "--eval.steps N)", flush=True)  # fmt: skip
         with hosted_by(live_bar(trainer)):  # in a terminal, the tasks join the fit's step bar
             teacher = self.measure(trainer, pl_module, pl_module.teacher, "teacher")
             student = self.measure(trainer, pl_module, student_network, "student")
@@ -75,7 +83,8 @@ class CompressionReport(L.Callback):
                   for key in ("parameters", "activated_parameters", "ffn_activated_parameters", "flops_per_image",
                               "sampling_images_per_s", "fid")
                   if key in student and teacher.get(key)}  # fmt: skip
-        protocol = {"num_samples": self.num_samples, "seed": self.seed, **asdict(pl_module.sampling), **self.overrides}
+        protocol = {"num_samples": self.num_samples, "timed_images": self.timed_images(), "seed": self.seed,
+                    **asdict(pl_module.sampling), **self.overrides}  # fmt: skip
         pl_module.summary.update({"teacher": teacher, "student": student, "student_vs_teacher": ratios,
                                   "comparison_protocol": protocol})  # fmt: skip
         for logger in trainer.loggers:

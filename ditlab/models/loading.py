@@ -5,7 +5,10 @@ safetensors export (``.safetensors`` + ``.json``, or its folder), a public faceb
 (``.pt``/``.pth``/``.bin`` or a bare ``.safetensors`` state dict; architecture read off the tensors) and a
 diffusers ``DiTTransformer2DModel`` (or pipeline) folder. ditlab checkpoints and exports carry their
 :class:`~ditlab.models.config.DiTConfig`, so any architecture the config describes (pruned widths, other
-attention or MLP components) rebuilds; the component kinds they name must be registered (imported) first.
+attention or MLP components, block and trunk kinds) rebuilds; a kind not yet registered is found by importing the
+installed families (``ditlab.plugins``). The layout of a ditlab checkpoint is written and read here only
+(:func:`ditlab_entry`, :func:`network_from_checkpoint`); files an earlier version wrote are brought to it by
+:func:`upgrade_layout`.
 
 Checkpoints are files people pass around, and unpickling one runs whatever callables its pickle names. So
 every read here is plain-data only: ``torch.load(weights_only=True)`` (tensors, numbers, strings,

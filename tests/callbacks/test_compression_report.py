@@ -54,6 +54,7 @@ def test_eval_options_reach_the_report_and_evaluation_which_log_progress_to_a_fi
     assert summary["evaluation"]["num_samples"] == 8 and summary["evaluation"]["steps"] == 2
     assert summary["student"]["num_samples"] == 8 == summary["metrics"]["eval/num_samples"]
     text = log.read_text()
+    assert "[dicomp] compression report: teacher and student, 4 images timed + 8 for FID each, 2 steps" in text
     for network in ("teacher", "student"):  # 4 timed + 8 measured images each
         assert re.search(rf"^\[dicomp\] compression report, {network}: done, 12 images in \d+s$", text, re.M), text
     assert re.search(r"^\[dicomp\] evaluation sampling at step 2: done, 8 images in \d+s$", text, re.M), text

@@ -44,3 +44,15 @@ def check_schedule(saved: dict, sampler: str, steps: int | None, times: list[flo
             asked += " at other call times (another time grid or SDE end)"
         raise ValueError(f"{what} was trained for {trained}, not {asked}; sample with {trained} or train for "
                          "this schedule")  # fmt: skip
+
+
+def check_teacher_sampler(objective, sampler: str | None, teacher: str) -> None:
+    """One line when the configured ``sampler`` does not fit the teacher's objective (a DDIM router on a flow teacher):
+    the teacher is named as the mismatch, since the run's sampler was set for the other kind."""
+    if sampler is None or sampler in objective.samplers:
+        return
+    flow = "flow" in type(objective).__name__.lower()
+    kind, other = ("a flow (SiT)", "a DDPM (DiT)") if flow else ("a DDPM (DiT)", "a flow (SiT)")
+    raise ValueError(f"the teacher {teacher} is {kind} model, and the run's sampler {sampler!r} "
+                     f"(model.init_args.sampling.sampler) is for {other} one; give {other} teacher "
+                     f"(model.init_args.teacher.checkpoint) or a sampler of the teacher's: {list(objective.samplers)}")

@@ -44,7 +44,7 @@ from ditlab.methods.sampling.cache_router.proxy import image_error_proxy, loss_w
 from ditlab.methods.sampling.cache_router.routed import Cache, routed_call
 from ditlab.methods.sampling.cache_router.router import StepUnitRouter
 from ditlab.methods.sampling.caches.plan import StaticPlan
-from ditlab.methods.sampling.schedule import check_schedule, schedule_times
+from ditlab.methods.sampling.schedule import check_schedule, check_teacher_sampler, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
 from ditlab.models.dit import DiT
 
@@ -137,6 +137,8 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
             return
         teacher = self.teacher
         self.objective = self.objective_config.build(teacher.learn_sigma)
+        given = self.teacher_config
+        check_teacher_sampler(self.objective, self.sampling.sampler, given.checkpoint or f"built from {given.recipe}")
         calls = len(self.schedule())
         mode = self.router_config.mode
         if calls < 2:

@@ -29,7 +29,7 @@ from ditlab.diffusion.trajectory import Trajectory, trajectory_options
 from ditlab.distributed import data_parallel_split
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.sampling.feedback.predictor import FeedbackBlock, FeedbackPolicy, check_wiring
-from ditlab.methods.sampling.schedule import check_schedule, schedule_times
+from ditlab.methods.sampling.schedule import check_schedule, check_teacher_sampler, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_block_range, run_blocks
@@ -115,6 +115,8 @@ class FeedbackModule(FromTeacher, DiffusionModule):
             return
         teacher, config = self.teacher, self.feedback_config
         self.objective = self.objective_config.build(teacher.learn_sigma)
+        given = self.teacher_config
+        check_teacher_sampler(self.objective, self.sampling.sampler, given.checkpoint or f"built from {given.recipe}")
         check_wiring(config.source, config.reentry, teacher.depth)
         self.feedback = FeedbackBlock(teacher.blocks[config.source], config.gamma, config.init).to(self.device)
 
