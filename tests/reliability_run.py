@@ -7,6 +7,7 @@ import sys
 import lightning as L
 
 from ditlab import cli
+from ditlab import lightning_cli as fit_cli
 
 
 class PrintStep(L.Callback):
@@ -15,7 +16,7 @@ class PrintStep(L.Callback):
 
 
 if __name__ == "__main__":
-    original = cli.build_cli
+    original = fit_cli.build_cli
 
     def build_with_printer(args=None, run=True):
         """The real CLI, plus a step printer the test waits on."""
@@ -31,5 +32,5 @@ if __name__ == "__main__":
         lightning_cli.LightningCLI.instantiate_trainer = instantiate_trainer
         return original(args, run)
 
-    cli.build_cli = build_with_printer
+    fit_cli.build_cli = build_with_printer  # cli.main imports it from ditlab.lightning_cli when fit runs
     sys.exit(cli.main(sys.argv[1:]))

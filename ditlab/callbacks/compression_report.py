@@ -14,8 +14,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
-from ditlab.callbacks.evaluation import sample_with_progress
-from ditlab.callbacks.monitor import live_bar, progress_label
+from ditlab.callbacks.monitor import live_bar, progress_label, sample_with_progress
 from ditlab.distributed import gathered, is_sharded
 from ditlab.progress import TaskProgress, hosted_by
 

@@ -20,30 +20,13 @@ import math
 import lightning as L
 import torch
 
-from ditlab.callbacks.monitor import live_bar, progress_label
+from ditlab.callbacks.monitor import live_bar, progress_label, sample_with_progress
 from ditlab.distributed import is_sharded
 from ditlab.metrics.features import FeatureExtractor, feature_extractor
 from ditlab.metrics.fid import compute_metrics
 from ditlab.metrics.reference import ReferenceStats, reference_stats
 from ditlab.metrics.text_eval import caption_prompts, clip_score_of, is_text_conditioned
 from ditlab.progress import TaskProgress, hosted_by
-
-
-def sample_with_progress(pl_module, labels: torch.Tensor | list[str], bar: TaskProgress, *, seed: int = 0,
-                         start: int = 0, **options) -> torch.Tensor:  # fmt: skip
-    """``pl_module.sample`` of ``labels`` in about ``bar.lines`` batches (at most ``sampling.batch_size`` images),
-    advancing ``bar``, so a long measurement shows progress; sample ``i`` still uses seed ``seed + start + i``,
-    whatever the batch. A feature cache is planned (and maybe calibrated) per call, so with one, one call."""
-    sampling = getattr(pl_module, "sampling", None)
-    cached = getattr(getattr(sampling, "cache", None), "policy", "none") != "none"
-    batch_size = min(getattr(sampling, "batch_size", None) or len(labels), math.ceil(len(labels) / bar.lines))
-    batch_size = max(1, len(labels) if cached else batch_size)
-    chunks = []
-    for offset in range(0, len(labels), batch_size):
-        part = labels[offset : offset + batch_size]
-        chunks.append(pl_module.sample(part, seed=seed, start=start + offset, **options))
-        bar.advance(len(part))
-    return torch.cat(chunks)
 
 
 class Evaluation(L.Callback):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 from ditlab.distributed import is_sharded, local
-from ditlab.progress import duration
+from ditlab.progress import TaskProgress, duration
 
 HPARAM_METRICS = ("val/loss", "eval/fid", "train/loss", "train/images_per_s")
 
@@ -164,6 +165,23 @@ def progress_label(trainer: L.Trainer, what: str) -> str | None:
         return None
     name = getattr(trainer.logger, "name", None) if trainer.logger is not None else None
     return f"[{name}] {what}" if name and not sys.stdout.isatty() else what
+
+
+def sample_with_progress(pl_module, labels: torch.Tensor | list[str], bar: TaskProgress, *, seed: int = 0,
+                         start: int = 0, **options) -> torch.Tensor:  # fmt: skip
+    """``pl_module.sample`` of ``labels`` in about ``bar.lines`` batches (at most ``sampling.batch_size`` images),
+    advancing ``bar``, so a long measurement shows progress; sample ``i`` still uses seed ``seed + start + i``,
+    whatever the batch. A feature cache is planned (and maybe calibrated) per call, so with one, one call."""
+    sampling = getattr(pl_module, "sampling", None)
+    cached = getattr(getattr(sampling, "cache", None), "policy", "none") != "none"
+    batch_size = min(getattr(sampling, "batch_size", None) or len(labels), math.ceil(len(labels) / bar.lines))
+    batch_size = max(1, len(labels) if cached else batch_size)
+    chunks = []
+    for offset in range(0, len(labels), batch_size):
+        part = labels[offset : offset + batch_size]
+        chunks.append(pl_module.sample(part, seed=seed, start=start + offset, **options))
+        bar.advance(len(part))
+    return torch.cat(chunks)
 
 
 class StepProgressBar(RichProgressBar):

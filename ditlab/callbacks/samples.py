@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from ditlab.atomic import save_image_file
+from ditlab.callbacks.monitor import live_bar, progress_label, sample_with_progress
 from ditlab.callbacks.run_dir import run_dir
+from ditlab.progress import TaskProgress, hosted_by
 
 
 class SampleGrid(L.Callback):
@@ -30,11 +32,13 @@ class SampleGrid(L.Callback):
         self.overrides = {k: v for k, v in {"steps": steps, "cfg_scale": cfg_scale}.items() if v is not None}
         self.last_path: Path | None = None
 
-    def grid(self, pl_module) -> torch.Tensor:
-        """``(3, H', W')`` grid in [0, 1]: row ``r`` holds class ``classes[r]``."""
+    def grid(self, trainer: L.Trainer, pl_module) -> torch.Tensor:
+        """``(3, H', W')`` grid in [0, 1]: row ``r`` holds class ``classes[r]``; sampled with a progress line."""
         classes = self.classes if self.classes is not None else list(range(min(pl_module.network.num_classes, 10)))
         labels = torch.tensor(classes).repeat_interleave(self.per_class)
-        images = pl_module.sample(labels, seed=self.seed, **self.overrides)
+        description = progress_label(trainer, f"sample grid at step {trainer.global_step}")
+        with hosted_by(live_bar(trainer)), TaskProgress(description or "", len(labels), enabled=bool(description)) as bar:
+            images = sample_with_progress(pl_module, labels, bar, seed=self.seed, **self.overrides)
         if images.shape[-1] < 48:  # small images (digits) are upscaled so the grid is readable
             images = F.interpolate(images, scale_factor=48 // images.shape[-1], mode="nearest")
         return make_grid((images + 1) / 2, nrow=self.per_class, padding=1, pad_value=1.0)
@@ -42,7 +46,7 @@ class SampleGrid(L.Callback):
     def log_grid(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        grid = self.grid(pl_module)
+        grid = self.grid(trainer, pl_module)
         if not trainer.is_global_zero:
             return
         step = trainer.global_step

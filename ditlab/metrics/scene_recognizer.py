@@ -13,8 +13,8 @@ version), like the digits classifier (``ditlab.metrics.features``). Two stages, 
   Decoding keeps cells above ``threshold`` that are maxima of their 3x3 neighbourhood; two scene digits never
   share one (their boxes do not overlap, so centres are at least 10 px apart);
 - a crop classifier: a 16x16 crop around each found digit (``torchvision.ops.roi_align``, box from the found size
-  and centre) -> digit and colour. It trains on ground-truth crops jittered by up to ``jitter`` pixels, the
-  detector's typical error.
+  and centre) -> digit and colour. It trains on ground-truth crops shifted by up to ``jitter`` pixels and scaled by up to
+  ``scale_jitter``, the detector's typical errors.
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ class RecognizerRecipe:
     dataset: str = "digit-scenes-v1"
     num_train: int = 10_000
     num_eval: int = 1_000
-    widths: tuple[int, int, int] = (16, 32, 32)
-    crop_widths: tuple[int, int] = (32, 64)
-    epochs: int = 5
-    crop_epochs: int = 6
+    widths: tuple[int, int, int] = (16, 32, 48)
+    crop_widths: tuple[int, int] = (24, 48)
+    epochs: int = 8
+    crop_epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
     noise: float = 0.05
-    jitter: float = 1.0
+    jitter: float = 1.5
+    scale_jitter: float = 0.1
     seed: int = 0
     version: int = 2
 
@@ -270,8 +271,9 @@ def train_recognizer(recipe: RecognizerRecipe = RecognizerRecipe()) -> tuple[Sce
 
         def classifier_loss(index: torch.Tensor) -> torch.Tensor:
             shift = (torch.rand(len(index), 2, generator=generator) * 2 - 1) * recipe.jitter / INPUT
+            scale = 1 + (torch.rand(len(index), generator=generator) * 2 - 1) * recipe.scale_jitter
             scene = pixels(owners[index])
-            batch = crops(scene, torch.arange(len(index)), centres[index] + shift, sides[index])
+            batch = crops(scene, torch.arange(len(index)), centres[index] + shift, sides[index] * scale)
             digit_logits, colour_logits = classifier(batch)
             return F.cross_entropy(digit_logits, digits[index]) + F.cross_entropy(colour_logits, colours[index])
 
