@@ -41,7 +41,7 @@ class DitlabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NaNGuard, "nan_guard")  # always on; --nan_guard.max_bad_steps N
-        parser.add_lightning_class_args(EvalOptions, "eval")  # --eval.num_samples N: every FID measurement
+        parser.add_lightning_class_args(EvalOptions, "eval")  # a quick look: --eval.num_samples N --eval.steps N
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Atomic checkpoint writes (unless the config chose a ``CheckpointIO``) and a progress bar counting steps."""

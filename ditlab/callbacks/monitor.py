@@ -168,13 +168,14 @@ def progress_label(trainer: L.Trainer, what: str) -> str | None:
 
 
 def sample_with_progress(pl_module, labels: torch.Tensor | list[str], bar: TaskProgress, *, seed: int = 0,
-                         start: int = 0, **options) -> torch.Tensor:  # fmt: skip
-    """``pl_module.sample`` of ``labels`` in about ``bar.lines`` batches (at most ``sampling.batch_size`` images),
-    advancing ``bar``, so a long measurement shows progress; sample ``i`` still uses seed ``seed + start + i``,
+                         start: int = 0, min_batch: int = 16, **options) -> torch.Tensor:  # fmt: skip
+    """``pl_module.sample`` of ``labels`` in about ``bar.lines`` batches (of ``min_batch`` to ``sampling.batch_size``
+    images), advancing ``bar``, so a long measurement shows progress; sample ``i`` still uses seed ``seed + start + i``,
     whatever the batch. A feature cache is planned (and maybe calibrated) per call, so with one, one call."""
     sampling = getattr(pl_module, "sampling", None)
     cached = getattr(getattr(sampling, "cache", None), "policy", "none") != "none"
-    batch_size = min(getattr(sampling, "batch_size", None) or len(labels), math.ceil(len(labels) / bar.lines))
+    batch_size = max(min_batch, math.ceil(len(labels) / bar.lines))
+    batch_size = min(getattr(sampling, "batch_size", None) or len(labels), batch_size)
     batch_size = max(1, len(labels) if cached else batch_size)
     chunks = []
     for offset in range(0, len(labels), batch_size):

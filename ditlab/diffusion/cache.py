@@ -164,7 +164,9 @@ class CacheConfig:
 
 def as_cache_config(cache: Any) -> CacheConfig:
     """A ``CacheConfig`` from itself, a policy name, None (no cache) or a dict: ``{policy, options}`` or the flat
-    form written before policies owned their knobs (``{policy: fora, interval: 3, threshold: null, ...}``)."""
+    form written before policies owned their knobs (``{policy: fora, interval: 3, threshold: null, ...}``). The flat
+    form also takes the policy's ``Options.legacy`` knobs, which pin the plan it sampled with before a policy
+    moved to its paper's schedule (fora: ``align: start``), so old checkpoints sample bitwise as before."""
     if cache is None:
         return CacheConfig()
     if isinstance(cache, CacheConfig):
@@ -172,8 +174,11 @@ def as_cache_config(cache: Any) -> CacheConfig:
     if isinstance(cache, str):
         return CacheConfig(policy=cache)
     if isinstance(cache, Mapping):
+        policy = cache.get("policy") or "none"
         flat = {key: value for key, value in cache.items() if key not in ("policy", "options") and value is not None}
-        return CacheConfig(cache.get("policy") or "none", {**(cache.get("options") or {}), **flat})
+        if len(cache.keys() - {"policy", "options"}):  # the old flat form: pin the plan it sampled with
+            flat = {**getattr(cache_policy(policy).options, "legacy", {}), **flat}
+        return CacheConfig(policy, {**(cache.get("options") or {}), **flat})
     raise TypeError(f"a cache is a CacheConfig, a dict of its fields or a policy name, not {type(cache).__name__}")
 
 

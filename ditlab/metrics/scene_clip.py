@@ -8,7 +8,10 @@ digit scenes. The towers are open_clip's own (``CustomTextCLIP``: a ViT image to
 transformer), configured tiny: patch 4 on 32x32 (an 8x8 grid, the token grid of a patch-4 DiT), and a text
 tower over the few CLIP-BPE tokens the scene grammar uses (every other token reads as one unknown token, so
 any prompt still encodes). Training is CLIP's symmetric contrastive loss over a stream of distinct training
-scenes, deterministic (``reproducible_training``: fixed seeds, one thread, deterministic kernels), and the
+scenes, each image also contrasted with a caption one edit away from its own (a digit, a colour, the relation or a
+size changed: NegCLIP's hard negatives, Yuksekgonul et al., 2023, "When and Why Vision-Language Models Behave like
+Bags-of-Words"), without which the towers match colours and backgrounds and never learn which digit is there.
+Training is deterministic (``reproducible_training``: fixed seeds, one thread, deterministic kernels), and the
 weights land in ``<cache>/scene-clip-<hash of recipe and dataset name>.pt`` with held-out retrieval scores.
 """
 
@@ -52,6 +55,7 @@ class SceneCLIPRecipe:
     lr: float = 2e-3
     weight_decay: float = 0.1
     holdout: int = 1000
+    hard_negatives: bool = True
     seed: int = 0
     version: int = 1
 
@@ -134,11 +138,36 @@ class SceneCLIP(nn.Module):
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         return F.normalize(self.text_tokens(captions)[0], dim=-1)
 
-    def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """CLIP's symmetric cross-entropy over the batch's image-caption similarities."""
-        logits = self.clip.logit_scale.exp() * self.encode_images(images) @ self.encode_captions(captions).T
-        labels = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    def loss(self, images: torch.Tensor, captions: list[str], negatives: list[str] = ()) -> torch.Tensor:
+        """CLIP's symmetric cross-entropy over the batch's image-caption similarities; ``negatives`` are extra
+        captions every image is contrasted with (image->text only, as NegCLIP)."""
+        texts = self.encode_captions(list(captions) + list(negatives))
+        logits = self.clip.logit_scale.exp() * self.encode_images(images) @ texts.T
+        labels = torch.arange(len(images), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(images)].T, labels)) / 2
+
+
+def hard_negative(attributes, generator: torch.Generator) -> str:
+    """A caption one edit from ``attributes``' own: one digit changed (half the time), else one colour changed, else
+    the relation flipped (two digits) or one size flipped."""
+    from dataclasses import replace
+
+    from ditlab.data.scene_grammar import COLOURS
+
+    def draw(count: int) -> int:
+        return int(torch.randint(count, (1,), generator=generator))
+
+    digits, colours, sizes = list(attributes.digits), list(attributes.colours), list(attributes.sizes)
+    which, kind, relation = draw(attributes.count), draw(4), attributes.relation
+    if kind < 2:
+        digits[which] = (digits[which] + 1 + draw(9)) % 10
+    elif kind == 2:
+        colours[which] = COLOURS[(COLOURS.index(colours[which]) + 1 + draw(len(COLOURS) - 1)) % len(COLOURS)]
+    elif relation is not None:
+        relation = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
+    else:
+        sizes[which] = "large" if sizes[which] == "small" else "small"
+    return replace(attributes, digits=digits, colours=colours, sizes=sizes, relation=relation).caption()
 
 
 def retrieval(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
@@ -177,7 +206,7 @@ def train_scene_clip(recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> tuple[Scene
     from ditlab.progress import TaskProgress
 
     scenes = DigitScenes("train", size=recipe.image_size, length=recipe.steps * recipe.batch_size)
-    with reproducible_training(recipe.seed, 0, 0.0):
+    with reproducible_training(recipe.seed, 0, 0.0) as (generator, _, _):
         model = SceneCLIP(recipe, grammar_vocabulary(Tokenizer(recipe.context_length)))
         optimizer, schedule = one_cycle_adamw(model, recipe.lr, recipe.weight_decay, recipe.steps)
         losses = []
@@ -185,7 +214,9 @@ def train_scene_clip(recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> tuple[Scene
         with TaskProgress("scene CLIP (first use; cached after)", recipe.steps, unit="steps") as bar:
             for step in range(recipe.steps):
                 items = [scenes[i] for i in range(step * recipe.batch_size, (step + 1) * recipe.batch_size)]
-                loss = model.loss(torch.stack([item["image"] for item in items]), [item["caption"] for item in items])
+                negatives = [hard_negative(item["attributes"], generator) for item in items] if recipe.hard_negatives else []
+                loss = model.loss(torch.stack([item["image"] for item in items]), [item["caption"] for item in items],
+                                  negatives)  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

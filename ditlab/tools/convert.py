@@ -2,61 +2,114 @@
 
 Exports a run's sampled (EMA) network without Lightning: ``safetensors`` writes ``DIR/dit.safetensors``
 and ``DIR/dit.json`` (DiT config, objective, sampling settings; ``ditlab.models.interop.load_safetensors``
-rebuilds it); ``diffusers`` writes a ``DiTPipeline`` folder (transformer, scheduler matching the run's
-sampler, and the run's VAE when it trained on latents) for the diffusers port of Peebles & Xie's DiT.
+rebuilds it); ``diffusers`` writes a pipeline folder that ``diffusers.DiffusionPipeline.from_pretrained`` loads and
+calls with no ditlab installed: the transformer, a scheduler configured as the run samples, the run's VAE when it
+trained on latents, and ``pipeline.py`` (``DitlabDiTPipeline``: the run's null class, no VAE in pixel space).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
-from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
+from ditlab.checkpoint import known_fields, network_from_checkpoint, read_checkpoint
 from ditlab.diffusion.config import ObjectiveConfig
+from ditlab.diffusion.grids import DIFFUSERS_SPACINGS
 from ditlab.models.dit import sincos_2d
 from ditlab.models.interop import save_safetensors, to_diffusers
 
 FORMATS = ("safetensors", "diffusers")
 
 
-def pipeline_scheduler(objective: dict, sampler: str | None):
-    """The diffusers scheduler ``DiTPipeline`` should step with: the run's sampler, fixed variance
-    (the pipeline drops a learned-sigma network's variance channels)."""
+def pipeline_scheduler(objective: dict, sampling: dict):
+    """The diffusers scheduler the pipeline steps with, configured as the run samples (its sampler, and its time grid
+    where it is one of diffusers' spacings), and what it cannot reproduce (None when it reproduces the run). The
+    variance is fixed: the pipeline drops a learned-sigma network's variance channels, as ``DiTPipeline`` does."""
     if objective["kind"] != "gaussian":
-        raise ValueError("a diffusers export (--format diffusers) needs a DDPM-trained (objective.kind gaussian) run: DiTPipeline "
-                         "feeds integer DDPM timesteps and has no flow sampler; use --format safetensors")  # fmt: skip
-    known = {k: v for k, v in objective.items() if k in ObjectiveConfig.__dataclass_fields__}
-    objective = ObjectiveConfig(**known).build(learn_sigma=False)  # learn_sigma False: DDPM's fixed variance
-    return objective.scheduler(sampler if sampler in objective.samplers else "ddpm")
+        raise ValueError("a diffusers export (--format diffusers) needs a DDPM-trained (objective.kind gaussian) run: "
+                         "DiTPipeline feeds integer DDPM timesteps and has no flow sampler; use --format safetensors")  # fmt: skip
+    built = ObjectiveConfig(**known_fields(ObjectiveConfig, objective)).build(learn_sigma=False)
+    sampler, grid = sampling.get("sampler") or "ddpm", sampling.get("time_grid")
+    spacing = grid if grid in DIFFUSERS_SPACINGS else None
+    scheduler = built.scheduler(sampler, spacing=spacing, alpha_to_one=bool(sampling.get("ddim_alpha_to_one")))
+    gaps = []
+    if grid is not None and spacing is None:
+        gaps.append(f"the run's time grid {grid!r} (the pipeline uses diffusers' {scheduler.config.timestep_spacing!r})")
+    if sampler == "ddpm":
+        gaps.append("DDPM's learned variance (the pipeline's is fixed) and its per-image ancestral noise")
+    return scheduler, "; ".join(gaps) or None
 
 
-def export_diffusers(network, meta: dict, out: Path) -> None:
-    """A ``DiTPipeline`` folder; pixel-space runs get ``vae: null`` (pass ``vae=`` to ``from_pretrained``)."""
-    from diffusers import DiTPipeline
+def pipeline_readme(meta: dict, gaps: str | None, classes: int) -> str:
+    """The folder's README: how a diffusers user loads and calls it, and what it needs."""
+    sampling = meta["sampling"]
+    needs = ("`vae/` is the run's VAE; the pipeline decodes with it." if meta.get("vae") else
+             "This is a **pixel-space** run: there is no VAE. `pipeline.py` (`DitlabDiTPipeline`, diffusers code only) "
+             "returns the sampled pixels themselves; diffusers' stock `DiTPipeline` cannot load this folder (it "
+             "requires a VAE).")  # fmt: skip
+    same = ("The pipeline reproduces `ditlab sample` on the same noise up to float rounding." if gaps is None else
+            f"Not reproduced: {gaps}; DDIM on diffusers' spacings reproduces `ditlab sample` on the same noise.")  # fmt: skip
+    return f"""# A ditlab run as a diffusers pipeline
+
+Written by `ditlab convert --format diffusers` from `{meta.get('source', 'a ditlab checkpoint')}`.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER", trust_remote_code=True)   # runs pipeline.py: DitlabDiTPipeline
+generators = [torch.Generator().manual_seed(i) for i in range(8)]   # image i from seed i, as `ditlab sample`
+images = pipe(class_labels=[i % {classes} for i in range(8)], guidance_scale={sampling.get('cfg_scale')},
+              num_inference_steps={sampling.get('steps')}, generator=generators).images
+```
+
+- {needs}
+- The run samples with sampler `{sampling.get('sampler') or 'ddpm'}`, {sampling.get('steps')} steps, guidance
+  {sampling.get('cfg_scale')}; `scheduler/` is configured so. Classes 0..{classes - 1}; the guidance null class is
+  {classes} (`DitlabDiTPipeline` reads it from the transformer; `DiTPipeline` would use 1000).
+- {same}
+"""
+
+
+def export_diffusers(network, meta: dict, out: Path) -> str | None:
+    """A pipeline folder: ``transformer/``, ``scheduler/`` (configured as the run samples), ``vae/`` for a latent
+    run, ``pipeline.py`` (``DitlabDiTPipeline``), ``model_index.json`` naming it, and a README; returns what the
+    pipeline does not reproduce (None: nothing)."""
+    import diffusers
 
     standard = torch.from_numpy(sincos_2d(network.pos_embed.shape[-1], network.x_embedder.grid_size)).float()
     if not torch.allclose(network.pos_embed.detach()[0], standard, atol=1e-6):
         raise ValueError("this network's pos_embed is not DiT's fixed sin-cos table, which diffusers regenerates "
                          "on load; export it with --format safetensors")  # fmt: skip
-    transformer = to_diffusers(network)
-    scheduler = pipeline_scheduler(meta["objective"], meta["sampling"].get("sampler"))
-    vae = None
+    scheduler, gaps = pipeline_scheduler(meta["objective"], meta["sampling"])
+    to_diffusers(network).save_pretrained(out / "transformer")
+    scheduler.save_pretrained(out / "scheduler")
+    vae = ["diffusers", "AutoencoderKL"] if meta.get("vae") else [None, None]
     if meta.get("vae"):
         from ditlab.data.vae import load_vae
 
-        vae = load_vae(meta["vae"])
-        vae.register_to_config(scaling_factor=float(meta.get("latent_scale", vae.config.scaling_factor)))
-    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(out)
+        model = load_vae(meta["vae"])
+        model.register_to_config(scaling_factor=float(meta.get("latent_scale", model.config.scaling_factor)))
+        model.save_pretrained(out / "vae")
+    shutil.copyfile(Path(__file__).parents[1] / "models" / "diffusers_pipeline.py", out / "pipeline.py")
+    index = {"_class_name": ["pipeline", "DitlabDiTPipeline"], "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", type(scheduler).__name__], "transformer": ["diffusers", "DiTTransformer2DModel"],
+             "vae": vae}  # fmt: skip
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    (out / "README.md").write_text(pipeline_readme(meta, gaps, network.num_classes))
+    return gaps
 
 
 def convert(ckpt: str, out: str, format: str = "safetensors", ema: bool = True) -> int:
-    """Export a run's network without Lightning: safetensors + JSON, or a diffusers DiTPipeline folder.
+    """Export a run's network without Lightning: safetensors + JSON, or a diffusers pipeline folder.
 
     ``safetensors`` writes ``OUT/dit.safetensors`` and ``OUT/dit.json`` (config, objective, sampling settings;
-    ``ditlab.models.interop.load_safetensors`` rebuilds it); ``diffusers`` writes a ``DiTPipeline`` folder
-    (transformer, a scheduler matching the run's sampler, and the run's VAE when it trained on latents).
+    ``ditlab.models.interop.load_safetensors`` rebuilds it); ``diffusers`` writes a folder that
+    ``DiffusionPipeline.from_pretrained`` loads and calls (transformer, a scheduler configured as the run samples,
+    the run's VAE for a latent run, ``pipeline.py``; its README says what a pixel-space run's pipeline needs).
 
     Args:
         ckpt: a ditlab checkpoint (a .ckpt file or a sharded checkpoint folder).
@@ -70,7 +123,7 @@ def convert(ckpt: str, out: str, format: str = "safetensors", ema: bool = True) 
     network = network_from_checkpoint(checkpoint, use_ema=ema)
     meta = checkpoint["ditlab"]
     if format == "diffusers":  # refuse a flow run before writing anything
-        pipeline_scheduler(meta["objective"], meta["sampling"].get("sampler"))
+        pipeline_scheduler(meta["objective"], meta["sampling"])
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     has_ema = any(key.startswith("ema.") for key in checkpoint["state_dict"])
@@ -82,13 +135,14 @@ def convert(ckpt: str, out: str, format: str = "safetensors", ema: bool = True) 
         print(f"wrote {path} and {path.with_suffix('.json').name} ({weights} weights, "
               f"{sum(p.numel() for p in network.parameters()):,} parameters)")  # fmt: skip
         return 0
-    export_diffusers(network, meta, folder)
+    gaps = export_diffusers(network, {**meta, "source": str(ckpt)}, folder)
     (folder / "ditlab.json").write_text(json.dumps({"weights": weights, "source": str(ckpt)}, indent=2))
-    if network.num_classes != 1000:
-        print(f"note: DiTPipeline hard-codes the null class to 1000; with this {network.num_classes}-class model "
-              "call it with guidance_scale=1")  # fmt: skip
-    print(f"wrote a DiTPipeline folder {folder} ({weights} weights{'' if meta.get('vae') else ', no VAE: pixel-space run'}); "
-          "load it with ditlab.models.interop.load_diffusers for bit-exact timesteps")  # fmt: skip
+    needs = ("with the run's VAE" if meta.get("vae") else
+             "pixel space, no VAE: its pipeline.py (DitlabDiTPipeline) returns the pixels; stock DiTPipeline cannot load it")
+    print(f"wrote a diffusers pipeline {folder} ({weights} weights, {needs}); load it with "
+          f"DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True) (it runs the folder's pipeline.py), "
+          "see its README.md"
+          + (f"; not reproduced: {gaps}" if gaps else ""))  # fmt: skip
     return 0
 
 

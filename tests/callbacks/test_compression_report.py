@@ -1,10 +1,11 @@
-"""End-of-run measurements: ``--eval.*`` reaches every measuring callback in a config's list, and the teacher and
-student sampling of the compression report shows progress lines in a log file."""
+"""End-of-run sampling: ``--eval.*`` reaches every measuring (and sampling) callback in a config's list, and the
+compression report's teacher and student sampling and the final evaluation show progress lines in a log file."""
 
 from __future__ import annotations
 
 import json
 import re
+import types
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -64,3 +65,20 @@ def test_eval_options_reach_the_report_and_evaluation_which_log_progress_to_a_fi
 def test_eval_options_are_checked(capsys):
     assert main(["fit", "--config", str(ROOT / "configs" / "dit.yaml"), "--eval.num_samples", "2"]) == 2
     assert "eval.num_samples=2 is too few" in capsys.readouterr().err
+
+
+def test_eval_options_set_every_measuring_and_sampling_callback():
+    from ditlab.callbacks.compression_report import CompressionReport
+    from ditlab.callbacks.eval_options import EvalOptions
+    from ditlab.callbacks.evaluation import Evaluation
+    from ditlab.callbacks.progressive import ProgressiveDistillation
+    from ditlab.callbacks.samples import SampleGrid
+
+    callbacks = [Evaluation(), CompressionReport(steps=50), SampleGrid(cfg_scale=2.0), ProgressiveDistillation([9], [1])]
+    options = EvalOptions(num_samples=16, steps=3)
+    options.setup(types.SimpleNamespace(callbacks=[*callbacks, options]), None, "fit")
+    evaluation, report, grid, _ = callbacks
+    assert evaluation.num_samples == report.num_samples == 16
+    assert evaluation.overrides == report.overrides == {"steps": 3} and grid.overrides == {"steps": 3, "cfg_scale": 2.0}
+    EvalOptions().setup(types.SimpleNamespace(callbacks=callbacks), None, "fit")  # the defaults change nothing
+    assert report.num_samples == 16 and grid.overrides["steps"] == 3

@@ -25,8 +25,8 @@ def test_cut_short_run_names_each_unreached_stage_once(teacher_file, capsys):
     module.build_student(torch.zeros(8, 1, 8, 8), torch.arange(8))
     stages = ProgressiveDistillation(at_steps=[20, 500], blocks=[2, 1])
     assert started(module, 40, [stages], capsys) == [
-        "warning: trainer.max_steps=40 ends the run before model.phases[1] (from step 300); "
-        "model.distill (from step 400); progressive stage 2 -> 1 blocks (from step 500)"
+        "warning: trainer.max_steps=40 ends the run before phase model.phases[1] (from step 300); "
+        "phase model.distill (from step 400); progressive stage 2 -> 1 blocks (from step 500)"
     ]  # the stage at step 20 runs: not named
     assert started(module, 500, [stages], capsys) == [
         "warning: trainer.max_steps=500 ends the run before progressive stage 2 -> 1 blocks (from step 500)"

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+)
 
 from ditlab.checkpoint import network_from_checkpoint, read_checkpoint
 from ditlab.cli import main
@@ -272,14 +279,12 @@ def test_convert_exports_both_formats_that_reload_to_the_same_network(trained_ch
         assert (transformer(x, t, y).sample - expected).abs().max() <= 1e-5
     back = from_diffusers(transformer)
     assert all(torch.equal(value, back.state_dict()[name]) for name, value in ema.state_dict().items())
-    # DiTPipeline loads the folder (a pixel-space run has no VAE: pass one) and samples with the run's DDIM
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(8,), norm_num_groups=8,
-                        layers_per_block=1)  # fmt: skip
-    pipe = DiTPipeline.from_pretrained(tmp_path / "hf", vae=vae)
-    assert isinstance(pipe.scheduler, DDIMScheduler)
+    # the folder's own pipeline (pipeline.py, diffusers code) loads a pixel-space run with no VAE and samples with the
+    # run's DDIM and its null class (tests/tools/test_diffusers_pipeline.py compares it with ditlab sample)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.vae is None
     pipe.set_progress_bar_config(disable=True)
-    # guidance_scale 1: DiTPipeline's null class is hard-coded to 1000 and this model has 10 classes
-    images = pipe([1, 2], guidance_scale=1.0, num_inference_steps=2, output_type="pt").images
+    images = pipe([1, 2], guidance_scale=2.0, num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 1, 16, 16)
 
     assert (
@@ -310,5 +315,6 @@ def test_convert_errors_are_one_line(trained_checkpoint, tmp_path, capsys):
 def test_ddpm_scheduler_of_the_pipeline_export_has_fixed_variance():
     from ditlab.tools.convert import pipeline_scheduler
 
-    scheduler = pipeline_scheduler({"kind": "gaussian", "num_timesteps": 1000}, "ddpm")
+    scheduler, gaps = pipeline_scheduler({"kind": "gaussian", "num_timesteps": 1000}, {"sampler": "ddpm"})
+    assert "learned variance" in gaps
     assert isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "fixed_small"

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditlab.models.text import TEXT_ENCODERS, TextFeatures, Tokenizer, build_text_encoder, register_text_encoder
+from ditlab.models.text import (
+    TEXT_ENCODERS,
+    TextFeatures,
+    Tokenizer,
+    build_text_encoder,
+    register_text_encoder,
+)
 from ditlab.models.text.features import TextEncoder
 
 transformers = pytest.importorskip("transformers")

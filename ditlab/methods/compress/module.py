@@ -271,9 +271,9 @@ class DicompModule(FromTeacher, DiffusionModule):
         starts, step = [], 0
         for index, phase in enumerate(self.phases):
             if index:
-                starts.append((step, f"model.phases[{index}]"))
+                starts.append((step, f"phase model.phases[{index}]"))
             step += phase.steps
-        return [*starts, (step, "model.distill")] if self.phases else starts
+        return [*starts, (step, "phase model.distill")] if self.phases else starts
 
     def on_fit_start(self) -> None:
         """One line naming every stage (phase, progressive cut) that ``trainer.max_steps`` ends the run before, so a

@@ -14,8 +14,16 @@ depend on ``t`` only, :func:`~ditlab.methods.dynamic.export.export` stores them 
 sampling reads the pattern instead of running the width routers. Rows of a batch that share ``t`` (both CFG
 halves included) share one slice.
 
-[interp] The token router reads the MLP branch's modulated input (the ``Branch`` the block hands out) rather
-than the unnormalised post-attention tokens.
+As the reference does, MLP channel groups mask ``fc1``'s output before the GELU (the straight-through gradient
+into the group routers depends on where), the token router reads the residual stream after attention (the
+unnormalised ``h + g1 * attn``; ``token_input: modulated`` reads the MLP's modulated input instead, what ditlab's
+earlier trunk did and what routers it trained expect), and the FLOPs ratio divides by attention plus MLP (the
+adaLN linear is in neither numerator nor denominator).
+
+Checked against the authors' release, read through the kawgit/DyDiT fork at the authors' commit
+0ddc5097d2bc38c9b68b6c32ac6b53adadc1f865 (``DyDiT/models.py``, ``dynamic_model.py``, ``loss.py``, ``train.py``):
+outputs, router gradients, FLOPs ratio, token decisions and lambda recorded from it in
+``tests/methods/dynamic/data/dydit_reference.json`` (``tests/methods/dynamic/test_dydit_reference.py``).
 """
 
 from __future__ import annotations
@@ -47,11 +55,13 @@ class DyDiTTrunk(DynamicTrunk):
         token_bias: initial bias of the token routers' last layer (+35: every token kept).
         token_reduction: the token router's hidden width is ``hidden_size // token_reduction``.
         table_steps: rows of the exported per-timestep width table (0: no table, the routers decide).
+        token_input: what the token router reads: ``residual`` (DyDiT: the tokens after attention) or
+            ``modulated`` (the MLP's normalised, modulated input: ditlab's earlier trunk).
     """
 
     def __init__(self, config: DiTConfig, groups: int | None = None, token_routing: bool = True,
                  temperature: float = 5.0, width_bias: float = 15.0, token_bias: float = 35.0,
-                 token_reduction: int = 16, table_steps: int = 0) -> None:  # fmt: skip
+                 token_reduction: int = 16, table_steps: int = 0, token_input: str = "residual") -> None:  # fmt: skip
         super().__init__()
         heads, width, dim = config.num_heads, config.mlp_width, config.hidden_size
         groups = groups or heads
@@ -60,6 +70,9 @@ class DyDiTTrunk(DynamicTrunk):
                              f"of {width} (default: num_heads={heads})")  # fmt: skip
         if temperature <= 0:
             raise ValueError(f"trunk_options.temperature={temperature} must be positive (DyDiT: 5)")
+        if token_input not in ("residual", "modulated"):
+            raise ValueError(f"trunk_options.token_input={token_input!r}; choices: residual (DyDiT), modulated")
+        self.token_input = token_input
         self.num_heads, self.groups, self.mlp_width = heads, groups, width
         self.temperature, self.token_routing = float(temperature), bool(token_routing)
         self.head_routers = nn.ModuleList(nn.Linear(dim, heads - 1) for _ in range(config.depth))
@@ -109,34 +122,57 @@ class DyDiTTrunk(DynamicTrunk):
         for index, block in enumerate(dit.blocks):
             ops.check_plain_components(block, index, "DyDiT")
             kept: list[torch.Tensor] = []
-            hook = (self.sliced_hook if sliced else self.masked_hook)(block, heads[:, index], groups[:, index], kept)
+            hook = (self.sliced_hook if sliced else self.masked_hook)(block, heads[:, index], groups[:, index], kept,
+                                                                      tokens)  # fmt: skip
             tokens = block(tokens, cond, branches=hook, index=index)
             attn_macs, mlp_macs = block.attn.macs(num_tokens), block.mlp.macs(num_tokens)
             token_share = kept[0].mean(1)
             saved = saved + attn_macs * (1 - heads[:, index].mean(1))
             saved = saved + mlp_macs * (1 - groups[:, index].mean(1) * token_share)
             kept_fraction.append(token_share)
-        self.last = Decisions(saved, self.dense_block_macs(dit, num_tokens), {
+        dense = float(sum(block.attn.macs(num_tokens) + block.mlp.macs(num_tokens) for block in dit.blocks))
+        self.last = Decisions(saved, dense, {
             "heads": heads.detach().sum(-1), "groups": groups.detach().sum(-1),
             "tokens": torch.stack(kept_fraction, 1).detach()})  # fmt: skip
         return tokens
 
-    def masked_hook(self, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, kept: list):
+    def routed_tokens(self, tokens: torch.Tensor, kept: list):
+        """``(after_attention, route)``: a hook records the attention branch's output in ``after_attention`` and
+        ``route(branch, inputs)`` gives the MLP branch's token mask from what ``token_input`` names; the residual
+        is the block's own expression, so it is bitwise the tokens the MLP branch is added to."""
+        residual: list[torch.Tensor] = []
+
+        def after_attention(branch: Branch, out: torch.Tensor) -> torch.Tensor:
+            if self.token_input == "residual":
+                residual.append(tokens + branch.gate.unsqueeze(1) * out)
+            return out
+
+        def route(branch: Branch, inputs: torch.Tensor) -> torch.Tensor:
+            keep = self.token_mask(branch.block, residual.pop() if residual else inputs)
+            kept.append(keep)
+            return keep
+
+        return after_attention, route
+
+    def masked_hook(self, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, kept: list,
+                    tokens: torch.Tensor):  # fmt: skip
         """Every head, channel and token computed; the switched-off ones multiplied by 0 (training, reference)."""
+        after_attention, route = self.routed_tokens(tokens, kept)
 
         def hook(branch: Branch) -> torch.Tensor:
             inputs = branch.inputs()
             if branch.kind == "attention":
-                return ops.attention(block.attn, inputs, heads)
-            keep = self.token_mask(branch.block, inputs)
-            kept.append(keep)
-            out = ops.mlp(block.mlp, inputs, ops.expand_groups(groups, self.mlp_width))
+                return after_attention(branch, ops.attention(block.attn, inputs, heads))
+            keep = route(branch, inputs)
+            out = ops.mlp(block.mlp, inputs, ops.expand_groups(groups, self.mlp_width), before_act=True)
             return out * keep.unsqueeze(-1).to(out.dtype)
 
         return hook
 
-    def sliced_hook(self, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, kept: list):
+    def sliced_hook(self, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, kept: list,
+                    tokens: torch.Tensor):  # fmt: skip
         """Only the kept heads, channel groups and tokens computed; rows sharing a pattern share one slice."""
+        after_attention, route = self.routed_tokens(tokens, kept)
         rows_pattern = torch.cat([heads, groups], 1).bool()
         if bool((rows_pattern == rows_pattern[:1]).all()):  # one timestep in the batch (sampling): one slice
             patterns, inverse = rows_pattern[:1], None
@@ -159,9 +195,8 @@ class DyDiTTrunk(DynamicTrunk):
         def hook(branch: Branch) -> torch.Tensor:
             inputs = branch.inputs()
             if branch.kind == "attention":
-                return per_pattern(inputs, "attention")
-            keep = self.token_mask(branch.block, inputs).bool()
-            kept.append(keep.to(inputs.dtype))
+                return after_attention(branch, per_pattern(inputs, "attention"))
+            keep = route(branch, inputs).bool()
             return per_pattern(inputs, "mlp", keep)
 
         return hook

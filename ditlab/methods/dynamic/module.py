@@ -6,7 +6,8 @@ group, token and block is on. One batch gives, as configured:
 
 - the diffusion loss of the dynamic network (hard straight-through masks);
 - the FLOPs-target loss ``w (mean_batch r - lambda(step))^2`` with ``r`` the block FLOPs ratio the trunk measured
-  from the components' own ``macs`` (DyDiT: ``w = 2``); ``lambda`` holds at 1, then falls linearly to the target;
+  from the components' own ``macs`` (DyDiT: ``w = 2``); ``lambda = 1 - (1 - target) step / warmup`` from step 0,
+  held at 1 before ``target_hold_steps`` and at the target after the warm-up (DyDiT's ``train.py``);
 - the complete-model loss: the same ``x_t`` through every block (DyDiT's stage 1), for ``complete_model_steps``;
 - Elastic-DiT's budget losses: ``(mean_l p - tau(t))^2`` with ``tau`` linear in the noise level, and
   ``(rho_bar - rho*)^2`` over the open blocks;
@@ -45,8 +46,9 @@ class DynamicConfig:
         init: ``teacher`` copies the teacher's weights (fine-tuning, upcycling); ``scratch`` only its architecture.
         flops_target: the FLOPs ratio lambda in (0, 1] the FLOPs loss pulls towards (DyDiT: 0.7 or 0.5).
         flops_weight: weight of the FLOPs loss (DyDiT: 2; 0 turns it off).
-        target_hold_steps: steps at lambda = 1 before it falls (DyDiT: 100).
-        target_warmup_steps: steps over which lambda falls linearly from 1 to ``flops_target`` (DyDiT: 5000).
+        target_hold_steps: steps held at lambda = 1 (DyDiT: 100); the fall is still counted from step 0.
+        target_warmup_steps: lambda reaches ``flops_target`` at this step, linearly from 1 at step 0 (DyDiT's
+            lambda-0.7 recipe: 5000; its lambda-0.5 recipe leaves ``--warmup_step`` at its default, 1000).
         complete_model_steps: steps with the complete-model loss (None: all; 0: never; DyDiT lambda 0.5: stage 1).
         strata: stratified timesteps over this many equal ranges (DyDiT: 4; 1 turns it off).
         keep_high, keep_low: Elastic-DiT's open-block targets at the data end and the noise end.
@@ -64,7 +66,7 @@ class DynamicConfig:
     flops_target: float = 0.5
     flops_weight: float = 2.0
     target_hold_steps: int = 100
-    target_warmup_steps: int = 500
+    target_warmup_steps: int = 5000
     complete_model_steps: int | None = None
     strata: int = 4
     keep_high: float = 1.0
@@ -90,11 +92,12 @@ class DynamicConfig:
         self.trunk_options = dict(self.trunk_options)
 
     def target_at(self, step: int) -> float:
-        """lambda at optimiser step ``step``: 1 for ``target_hold_steps``, then linear down to ``flops_target``."""
+        """lambda at optimiser step ``step``: ``1 - (1 - target) step / warmup`` (the fall counted from step 0, as
+        DyDiT computes it), 1 before ``target_hold_steps``, ``flops_target`` after the warm-up."""
         if step < self.target_hold_steps:
             return 1.0
-        progress = min(1.0, (step - self.target_hold_steps) / max(1, self.target_warmup_steps))
-        return 1.0 + (self.flops_target - 1.0) * progress
+        progress = min(1.0, step / max(1, self.target_warmup_steps))
+        return 1.0 - (1.0 - self.flops_target) * progress
 
 
 class DynamicModule(FromTeacher, DiffusionModule):

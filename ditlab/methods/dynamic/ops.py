@@ -42,10 +42,17 @@ def attention(attn: Attention, tokens: torch.Tensor, head_mask: torch.Tensor | N
     return attn.proj(out)
 
 
-def mlp(module: DenseMLP, tokens: torch.Tensor, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``DenseMLP.forward`` with the hidden activations multiplied by ``channel_mask: (B, hidden)``."""
-    hidden = module.act(module.fc1(tokens))
-    if channel_mask is not None:
+def mlp(module: DenseMLP, tokens: torch.Tensor, channel_mask: torch.Tensor | None = None,
+        before_act: bool = False) -> torch.Tensor:  # fmt: skip
+    """``DenseMLP.forward`` with the hidden units multiplied by ``channel_mask: (B, hidden)``: after the activation,
+    or on ``fc1``'s output before it (``before_act``, DyDiT's reference). The forward values agree (the activation
+    is 0 at 0), the straight-through gradient into the mask does not: ``act'(0) h`` or ``act'(h) h`` against
+    ``act(h)``."""
+    hidden = module.fc1(tokens)
+    if channel_mask is not None and before_act:
+        hidden = hidden * channel_mask[:, None, :].to(hidden.dtype)
+    hidden = module.act(hidden)
+    if channel_mask is not None and not before_act:
         hidden = hidden * channel_mask[:, None, :].to(hidden.dtype)
     return module.fc2(hidden)
 

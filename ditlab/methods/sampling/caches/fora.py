@@ -3,13 +3,21 @@ Acceleration", arXiv 2407.01425; public code prathebaselva/FORA).
 
 Every block's attention and MLP outputs, taken before their gates, are computed on the first call and then
 every ``interval`` calls, and reused in between; the adaLN gates and the norms are recomputed from the current
-condition and tokens at every call, so a reused branch is re-weighted for the current step. The plan is static:
-call ``k`` computes when ``k < warmup`` or ``(k - warmup) % interval == 0``. ``interval: 1`` is the network.
+condition and tokens at every call, so a reused branch is re-weighted for the current step. The plan is static.
+With ``align: end`` (the reference) call ``k`` of ``K`` computes when it is the first, one of the ``warmup`` calls,
+or its step index counted down, ``K - 1 - k``, is divisible by ``interval`` (so the last call always computes);
+``align: start`` is ditlab's earlier plan, ``k < warmup`` or ``(k - warmup) % interval == 0``, kept because its
+gaps are even from the first call, and it is what checkpoints written before ``align`` existed sample with.
+``interval: 1`` is the network.
+
+Checked against prathebaselva/FORA at acde628eb1c9605015542c91040c401919369487 (``src/models.py``,
+``boost_infer_static``): the full calls of ``tests/methods/sampling/caches/test_reference_schedules.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,6 +33,7 @@ class BranchCache(CachePolicy):
         self.cache: dict[int, torch.Tensor] = {}  # by unit (subclasses that keep more than one value per unit)
 
     def full_call(self, call: int) -> bool:
+        """Full calls from the start of the schedule: the warm-up, then every ``interval`` calls."""
         return call < self.warmup or (call - self.warmup) % self.interval == 0
 
     def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
@@ -51,10 +60,16 @@ class ForaOptions:
     Args:
         interval: compute every branch every this many model calls (1: the network).
         warmup: model calls at the start that always compute.
+        align: ``end`` (FORA: full calls where the steps left are a multiple of ``interval``, the last call
+            included) or ``start`` (ditlab's earlier plan: every ``interval`` calls from the first after warm-up).
     """
 
     interval: int = knob(3, low=1)
     warmup: int = knob(0, low=0)
+    align: str = "end"
+
+    legacy: ClassVar[dict[str, Any]] = {"align": "start"}
+    """What a config written before ``align`` existed meant (read by ``ditlab.diffusion.cache``)."""
 
 
 @register_policy
@@ -64,6 +79,17 @@ class Fora(BranchCache):
     name = "fora"
     Options = ForaOptions
     routed_trunks = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.align not in ("end", "start"):
+            raise ValueError(f"cache.options.align={self.align!r} is not an alignment of the fora policy; choices: "
+                             "end (FORA), start")  # fmt: skip
+
+    def full_call(self, call: int) -> bool:
+        if self.align == "start":
+            return super().full_call(call)
+        return call < max(1, self.warmup) or (self.num_calls - 1 - call) % self.interval == 0
 
     def cached(self, branch: Branch) -> torch.Tensor:
         reused = self.recall(branch)  # None for images a routed trunk had not run this block on

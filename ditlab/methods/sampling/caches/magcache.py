@@ -4,15 +4,22 @@ with Magnitude-Aware Cache", arXiv 2506.09045; public code Zehong-Ma/MagCache, a
 The ratio of the residual's magnitude (``h_L - h_0``, mean per-token norm ratio) between consecutive calls is
 calibrated once, on one sample, for the model and schedule. After the first ``warmup`` calls, each call
 multiplies the running ratio by its calibrated value and adds ``|1 - running ratio|`` to a running error; while
-that error stays below ``threshold`` and at most ``max_skip`` calls in a row were reused, the call adds the last
+that error stays at or below ``threshold`` (``<=``, as the reference for FLUX and HunyuanVideo and diffusers;
+``strict: true`` is ditlab's earlier ``<``, which configs written before ``strict`` existed keep, and the
+reference's Wan 2.1 script uses) and at most ``max_skip`` calls in a row were reused, the call adds the last
 computed residual to the fresh embedding, otherwise it computes every block and the running values restart.
-The decisions depend on the calibration only, so they are the same for every row. The comparison is strict
-(diffusers uses ``<=``), so ``threshold: 0`` is the network.
+The warm-up default rounds ``0.2 * calls`` where the reference truncates it ([interp]; equal at 10 or 50 calls,
+one more warm-up call at 8). The decisions depend on the
+calibration only, so they are the same for every row. ``threshold: 0`` is the network.
+
+Checked against Zehong-Ma/MagCache at df81cb181776c2c61477c08e1d21f87fda1cd938 (``MagCache4FLUX/magcache_flux.py``,
+without its FLUX-only forced step): the full calls of ``tests/methods/sampling/caches/test_reference_schedules.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,12 +37,17 @@ class MagCacheOptions:
         max_skip: most consecutive reused calls.
         warmup: model calls at the start that always compute; None: a fifth of them (MagCache's retention ratio).
         magnitudes: residual magnitude ratio of every call; None calibrates it on one sample.
+        strict: reuse only while the error is below ``threshold`` (``<``) rather than at most it (MagCache: ``<=``).
     """
 
     threshold: float = knob(0.06, low=0.0)
     max_skip: int = knob(3, low=1)
     warmup: int | None = knob(None, low=0)
     magnitudes: list[float] | None = None
+    strict: bool = False
+
+    legacy: ClassVar[dict[str, Any]] = {"strict": True}
+    """What a config written before ``strict`` existed meant (read by ``ditlab.diffusion.cache``)."""
 
 
 @register_policy
@@ -49,7 +61,7 @@ class MagCache(CachePolicy):
 
     def validate(self) -> None:
         if self.warmup is None:
-            self.warmup = int(0.2 * self.num_calls + 0.5)  # MagCache's retention ratio 0.2
+            self.warmup = int(0.2 * self.num_calls + 0.5)  # MagCache's retention ratio 0.2 (it truncates: [interp])
         super().validate()
         if self.magnitudes is not None and len(self.magnitudes) != self.num_calls:
             raise ValueError(f"cache.options.magnitudes has {len(self.magnitudes)} entries but this sampler makes "
@@ -76,7 +88,8 @@ class MagCache(CachePolicy):
         self.ratio *= self.magnitudes[call]
         self.skipped += 1
         self.error += abs(1.0 - self.ratio)
-        if self.error < self.threshold and self.skipped <= self.max_skip:
+        within = self.error < self.threshold if self.strict else self.error <= self.threshold
+        if within and self.skipped <= self.max_skip:
             return True
         self.ratio, self.error, self.skipped = 1.0, 0.0, 0
         return False

@@ -97,8 +97,13 @@ def plan(cache: dict, calls: int, depth: int, rows: int, tokens: int) -> dict[st
     """The (row, token) evaluations of each branch kind, from the knobs alone (the specs' analytic counts)."""
     policy, options = cache["policy"], cache["options"]
     if policy in ("fora", "taylorseer", "toca"):
-        warmup = options.get("warmup", 0)
-        full = sum(1 for k in range(calls) if k < warmup or (k - warmup) % options["interval"] == 0)
+        warmup, interval = options.get("warmup", 0), options["interval"]
+        if policy == "fora":  # FORA: the first call, the warm-up and every interval-th call counted from the last
+            full = sum(1 for k in range(calls) if k < max(1, warmup) or (calls - 1 - k) % interval == 0)
+        elif policy == "taylorseer":  # TaylorSeer: the interval counted from the last warm-up call
+            full = sum(1 for k in range(calls) if k < max(1, warmup) or (k - max(1, warmup) + 1) % interval == 0)
+        else:
+            full = sum(1 for k in range(calls) if k < warmup or (k - warmup) % interval == 0)
         attention = full * depth * rows * tokens
         mlp = attention + (calls - full) * depth * rows * round(options.get("ratio", 0) * tokens)
         return {"attention": attention, "mlp": mlp}
@@ -251,10 +256,12 @@ def test_delta_dit_computes_the_first_call_of_each_stage(dit, make_policy):
 
 
 def test_order_zero_forecast_and_zero_token_ratio_are_fora(dit, make_policy, settings):
+    """On one plan (FORA's from the start, TaylorSeer's counted after warm-up, ToCa's)."""
     objective, sampler = settings["ddim"]
-    fora = make_policy(dit, {"policy": "fora", "options": {"interval": 3, "warmup": 2}})
+    fora = make_policy(dit, {"policy": "fora", "options": {"interval": 3, "warmup": 2, "align": "start"}})
     fora = sample_images(fora, objective, LABELS, steps=8, sampler=sampler, seed=4)
-    for cache in ({"policy": "taylorseer", "options": {"interval": 3, "order": 0, "warmup": 2}},
+    for cache in ({"policy": "taylorseer", "options": {"interval": 3, "order": 0, "warmup": 2,
+                                                       "count_from": "after_warmup"}},
                   {"policy": "toca", "options": {"interval": 3, "ratio": 0.0, "warmup": 2}}):  # fmt: skip
         other = sample_images(make_policy(dit, cache), objective, LABELS, steps=8, sampler=sampler, seed=4)
         assert torch.equal(other, fora), cache

@@ -65,7 +65,8 @@ def test_knobs_left_out_or_null_take_the_policys_defaults():
 
 
 def test_the_old_flat_form_converts_to_the_same_policy_and_samples_the_same(dit, settings):
-    new = CacheConfig("fora", {"interval": 2})
+    """The old form keeps the plan it sampled with (fora's ``align: start``), not the paper's that new configs get."""
+    new = CacheConfig("fora", {"interval": 2, "align": "start"})
     sampling = SamplingConfig(sampler="ddim", steps=6, cache=new)
     assert SamplingConfig(**{**asdict(sampling), "cache": OLD_FLAT}) == sampling  # an old checkpoint's entry
     assert SamplingConfig(cache={"policy": "fora", "interval": 2}).cache == new  # an old config
@@ -93,7 +94,8 @@ def test_an_old_pickled_cache_config_loads_as_the_new_form(tmp_path, monkeypatch
         patch.setattr(config, "CacheConfig", CacheConfigBefore)
         torch.save({"hyper_parameters": {"cache": old}}, tmp_path / "old.ckpt")
     loaded = load_plain(tmp_path / "old.ckpt", "old checkpoint")["hyper_parameters"]["cache"]
-    assert type(loaded) is CacheConfig and vars(loaded) == {"policy": "fora", "options": {"interval": 2}}
+    assert type(loaded) is CacheConfig
+    assert vars(loaded) == {"policy": "fora", "options": {"interval": 2, "align": "start"}}
 
 
 def test_a_policy_registered_outside_ditlab_is_selectable(scaled_policy, dit):
@@ -105,12 +107,13 @@ def test_a_policy_registered_outside_ditlab_is_selectable(scaled_policy, dit):
     assert cache_model_function(dit, None, CacheConfig(), sampler="ddim", steps=4) is dit
 
 
-@pytest.mark.parametrize("text", ["sampling: {cache: {policy: fora, options: {interval: 2}}}",
-                                  "sampling: {cache: {policy: fora, interval: 2}}"])  # fmt: skip
-def test_a_config_file_reads_the_new_and_the_old_flat_form(text):
+@pytest.mark.parametrize(("text", "options"), [
+    ("sampling: {cache: {policy: fora, options: {interval: 2}}}", {"interval": 2}),
+    ("sampling: {cache: {policy: fora, interval: 2}}", {"interval": 2, "align": "start"})])  # fmt: skip
+def test_a_config_file_reads_the_new_and_the_old_flat_form(text, options):
     """What LightningCLI does with ``model.init_args.sampling`` in a config written before or after."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(SamplingConfig, "sampling")
-    assert parser.instantiate(parser.parse_string(text)).sampling.cache == CacheConfig("fora", {"interval": 2})
+    assert parser.instantiate(parser.parse_string(text)).sampling.cache == CacheConfig("fora", options)
