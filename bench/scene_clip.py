@@ -48,9 +48,10 @@ def targets(scenes: DigitScenes, count: int) -> dict[str, torch.Tensor]:
 
     attributes = scenes.attributes(range(count))
     cell = [min(int(a.positions[0][1] * 3), 2) * 3 + min(int(a.positions[0][0] * 3), 2) for a in attributes]
+    single = torch.tensor([a.count == 1 for a in attributes])
     return {"digit": torch.tensor([a.digits[0] for a in attributes]),
             "colour": torch.tensor([COLOURS.index(a.colours[0]) for a in attributes]),
-            "position": torch.tensor(cell)}  # fmt: skip
+            "position": torch.tensor(cell), "single": single}  # fmt: skip
 
 
 @torch.no_grad()
@@ -109,12 +110,16 @@ def main() -> None:
     probes = {}
     for space in train_features:
         probes[space] = {"dim": train_features[space].shape[1]}
-        for task in train_targets:
+        for task in ("digit", "colour", "position"):
             probes[space][task] = _probe_accuracy(train_features[space], train_targets[task], test_features[space],
                                                   test_targets[task])  # fmt: skip
+        train_single, test_single = train_targets["single"], test_targets["single"]
+        probes[space]["digit_single_digit_scenes"] = _probe_accuracy(
+            train_features[space][train_single], train_targets["digit"][train_single],
+            test_features[space][test_single], test_targets["digit"][test_single])  # fmt: skip
         print("probe", space, json.dumps(probes[space]))
     result["linear_probe"] = {"train_scenes": args.probe_train, "validation_scenes": args.eval,
-                              "tasks": "first digit's identity (10), colour (8), position (3x3 cell)", **probes}  # fmt: skip
+                              "tasks": "first digit's identity (10), colour (8), position (3x3 cell); the digit on single-digit scenes", **probes}  # fmt: skip
     result["loadavg_end"] = load()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

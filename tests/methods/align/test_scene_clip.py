@@ -9,7 +9,13 @@ import torch
 import ditlab.metrics.scene_clip as scene_clip_module
 from ditlab.methods.align.encoders import encoder_info, load_encoder
 from ditlab.methods.align.encoders.scene_clip import SceneCLIPEncoder, SceneCLIPText
-from ditlab.metrics.scene_clip import SceneCLIPFeatures, SceneCLIPRecipe, scene_clip, train_scene_clip
+from ditlab.metrics.scene_clip import (
+    SceneCLIPFeatures,
+    SceneCLIPRecipe,
+    hard_negative,
+    scene_clip,
+    train_scene_clip,
+)
 
 TINY = SceneCLIPRecipe(width=32, layers=2, head_width=16, text_width=32, text_layers=1, text_heads=2, embed_dim=16,
                        steps=24, batch_size=32, lr=3e-3, holdout=64)  # fmt: skip
@@ -29,6 +35,19 @@ def test_tiny_recipe_trains_and_its_loss_falls(tiny):
     assert scores["last_loss"] < scores["first_loss"] - 0.3, scores
     assert scores["image_to_text_top5"] > 5 / 64 and model.train_seconds > 0  # better than chance among 64
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_hard_negatives_change_one_attribute():
+    from ditlab.data.scene_grammar import parse_caption
+    from ditlab.data.scenes import DigitScenes
+
+    generator = torch.Generator().manual_seed(0)
+    for attributes in DigitScenes("train", length=40).attributes(range(40)):
+        negative = parse_caption(hard_negative(attributes, generator))
+        truth = attributes.described()
+        changed = [negative.digits != truth.digits, negative.colours != truth.colours,
+                   negative.sizes != truth.sizes, negative.relation != truth.relation]  # fmt: skip
+        assert sum(changed) == 1 and negative.background == truth.background
 
 
 def test_cache_is_reused_and_training_is_deterministic(tiny, monkeypatch):

@@ -104,7 +104,8 @@ def test_the_earlier_token_input_is_a_named_option():
 
 @pytest.mark.parametrize(("target", "warmup", "key"), [(0.7, 5000, "lambda_0.7"), (0.5, 1000, "lambda_0.5_w1000")])
 def test_lambda_falls_from_step_zero_as_the_reference_computes_it(target, warmup, key):
-    """Before: the fall started at step 100 (lambda 0.99406 at step 2500 of the 0.7 recipe; the reference: 0.85)."""
+    """Before: the fall started at step 100 (0.7 recipe: lambda 1.0 at step 100 and 0.856 at 2500; the reference:
+    0.994 and 0.85), and the default warm-up was 500 steps."""
     config = DynamicConfig(flops_target=target, target_warmup_steps=warmup)
     assert [config.target_at(step) for step in REFERENCE["lambda_steps"]] == pytest.approx(REFERENCE[key])
     assert DynamicConfig().target_warmup_steps == 5000  # the docstring's (and the 0.7 recipe's) number
