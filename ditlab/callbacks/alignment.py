@@ -44,6 +44,10 @@ class AlignmentTermination(L.Callback):
             print(f"alignment: {type(pl_module).__name__} has no termination step here (REG, Self-Transcendence phase "
                   "1); the callback is idle")  # fmt: skip
 
+    def stage_starts(self, pl_module) -> list[tuple[int, str]]:
+        """The termination step while alignment is still on, for the module's warning about a run cut short."""
+        return [(self.step, "alignment termination")] if self.enabled and pl_module.alignment_active else []
+
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         """Runs before the module's own ``on_fit_start``, so a run resumed past the step never loads the target."""
         self.on_train_batch_start(trainer, pl_module, None, 0)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 DIGIT_WORDS: tuple[str, ...] = tuple(str(digit) for digit in range(10))
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan", "white", "orange")
 SIZES: tuple[str, ...] = ("small", "large")
+SIZE_PIXELS: dict[str, int] = {"small": 10, "large": 14}  # a digit's box side on the 32x32 canvas
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 BACKGROUNDS: tuple[str, ...] = ("black", "grey", "brown", "navy", "striped", "checkered", "speckled")
 

@@ -46,6 +46,7 @@ from ditlab.data.scene_grammar import (
     COLOURS,
     DIGIT_WORDS,
     RELATIONS,
+    SIZE_PIXELS,
     SIZES,
     SceneAttributes,
     parse_caption,
@@ -61,7 +62,6 @@ SEED = 20231
 SPLITS = ("train", "validation", "test")
 DEFAULT_LENGTHS = {"train": 100_000, "validation": 5_000, "test": 5_000}
 COUNT_PROBABILITIES = (0.25, 0.5, 0.25)
-SIZE_PIXELS = {"small": 10, "large": 14}  # at 32x32
 BASE = 32
 RGB = {"red": (230, 40, 40), "green": (40, 190, 40), "blue": (50, 90, 245), "yellow": (240, 220, 40),
        "purple": (165, 60, 205), "cyan": (40, 215, 225), "white": (245, 245, 245), "orange": (250, 140, 20)}  # fmt: skip

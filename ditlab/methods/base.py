@@ -224,6 +224,24 @@ class DiffusionModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def stage_starts(self) -> list[tuple[int, str]]:
+        """``(step, stage)`` where each later stage of this method starts (none here; dicomp lists its phases)."""
+        return []
+
+    def on_fit_start(self) -> None:
+        """One line naming every stage (a method's phase, a callback's: progressive cuts, alignment termination) that
+        ``trainer.max_steps`` ends the run before, so a cut-short run (a quick look, a test) does not skip them
+        without a word."""
+        trainer = self.trainer
+        if trainer.max_steps < 0 or not trainer.is_global_zero:
+            return
+        starts = [*self.stage_starts(), *(start for callback in trainer.callbacks if hasattr(callback, "stage_starts")
+                                          for start in callback.stage_starts(self))]  # fmt: skip
+        missed = sorted(start for start in starts if start[0] >= trainer.max_steps)
+        if missed:
+            print(f"warning: trainer.max_steps={trainer.max_steps} ends the run before "
+                  + "; ".join(f"{stage} (from step {step})" for step, stage in missed), flush=True)  # fmt: skip
+
     # ----------------------------------------------------------------------------------- sampling
     @property
     def sampling_network(self) -> DiT:

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from ditlab.data.scene_grammar import COLOURS, SIZES, SceneAttributes
+from ditlab.data.scene_grammar import COLOURS, SIZE_PIXELS, SIZES, SceneAttributes
 from ditlab.metrics.features import cache_root, cached_training, one_cycle_adamw, reproducible_training
 
 GRID = 8  # cells per side on the 32x32 input (stride 4)
 INPUT = 32
 CROP = 16
-SIZE_PIXELS = (10, 14)  # per SIZES, at 32x32 (ditlab.data.scenes)
+SIDES = tuple(SIZE_PIXELS[size] for size in SIZES)  # box side per size index, at 32x32
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def detect(detector: SceneNet, classifier: CropNet, images: torch.Tensor, thresh
     found: list[list[Detection]] = [[] for _ in range(len(images))]
     if len(owners) == 0:
         return found
-    sides = torch.tensor(SIZE_PIXELS, device=images.device)[sizes]
+    sides = torch.tensor(SIDES, device=images.device)[sizes]
     digit_logits, colour_logits = classifier(crops(images, owners, centres, sides))
     rows = zip(owners.tolist(), centres.tolist(), sizes.tolist(), scores.tolist(), digit_logits.argmax(1).tolist(),
                colour_logits.argmax(1).tolist())  # fmt: skip
@@ -272,7 +272,7 @@ def train_recognizer(recipe: RecognizerRecipe = RecognizerRecipe()) -> tuple[Sce
     # every digit of every scene, for the crop classifier: its scene, centre, side, digit and colour
     owners = torch.tensor([i for i, s in enumerate(attributes) for _ in s.digits])
     centres = torch.tensor([p for s in attributes for p in s.positions])
-    sides = torch.tensor([SIZE_PIXELS[SIZES.index(size)] for s in attributes for size in s.sizes])
+    sides = torch.tensor([SIDES[SIZES.index(size)] for s in attributes for size in s.sizes])
     digits = torch.tensor([d for s in attributes for d in s.digits])
     colours = torch.tensor([COLOURS.index(c) for s in attributes for c in s.colours])
     with reproducible_training(recipe.seed, recipe.num_train, 0.0) as (generator, _, _):

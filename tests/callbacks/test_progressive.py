@@ -37,3 +37,15 @@ def test_cut_short_run_names_each_unreached_stage_once(teacher_file, capsys):
     module._trainer = None
     module.shrink(2)
     assert started(module, 40, [stages], capsys)[0].endswith("progressive stage 2 -> 1 blocks (from step 500)")
+
+
+def test_alignment_termination_is_a_stage_a_cut_short_run_is_warned_about():
+    from types import SimpleNamespace
+
+    from ditlab.callbacks.alignment import AlignmentTermination
+
+    callback = AlignmentTermination(200)
+    assert callback.stage_starts(SimpleNamespace(alignment_active=True)) == [(200, "alignment termination")]
+    assert callback.stage_starts(SimpleNamespace(alignment_active=False)) == []  # already terminated (a resume)
+    callback.enabled = False  # a module without a termination step (REG)
+    assert callback.stage_starts(SimpleNamespace(alignment_active=True)) == []

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ditlab.data.scene_grammar import SIZES
+from ditlab.data.scene_grammar import SIZE_PIXELS, SIZES
 from ditlab.data.scenes import DigitScenes, SceneAttributes
 from ditlab.metrics.compositional import (
     CompositionalAccuracy,
@@ -19,7 +19,6 @@ from ditlab.metrics.compositional import (
 from ditlab.metrics.scene_recognizer import (
     CROP,
     GRID,
-    SIZE_PIXELS,
     CropNet,
     Detection,
     RecognizerRecipe,
@@ -157,7 +156,7 @@ def test_crops_are_centred_on_the_digit():
     """A crop around a scene's digit holds that digit: the brightest pixels sit in its middle."""
     item = DigitScenes("validation")[1]
     scene = item["attributes"]
-    sides = torch.tensor([SIZE_PIXELS[SIZES.index(s)] for s in scene.sizes])
+    sides = torch.tensor([SIZE_PIXELS[s] for s in scene.sizes])
     cut = crops(item["image"][None], torch.zeros(scene.count, dtype=torch.long), torch.tensor(scene.positions), sides)
     assert cut.shape == (scene.count, 3, CROP, CROP)
     ink = cut.amax(1) - cut.amin(1) > 0.5  # coloured ink against a grey or dark background

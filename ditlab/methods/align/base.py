@@ -75,6 +75,7 @@ class AlignmentBase(DiffusionModule):
 
     def on_fit_start(self) -> None:
         """Load the target before the first step (errors surface early; step 0's time stays a step's time)."""
+        super().on_fit_start()
         if self.alignment_active and self.uses_target:
             self.target_network  # noqa: B018 - loads it
 

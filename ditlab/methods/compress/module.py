@@ -275,20 +275,6 @@ class DicompModule(FromTeacher, DiffusionModule):
             step += phase.steps
         return [*starts, (step, "phase model.distill")] if self.phases else starts
 
-    def on_fit_start(self) -> None:
-        """One line naming every stage (phase, progressive cut) that ``trainer.max_steps`` ends the run before, so a
-        cut-short run (a quick look, a test) does not skip them without a word."""
-        super().on_fit_start()
-        trainer = self.trainer
-        if trainer.max_steps < 0 or not trainer.is_global_zero:
-            return
-        starts = [*self.stage_starts(), *(start for callback in trainer.callbacks if hasattr(callback, "stage_starts")
-                                          for start in callback.stage_starts(self))]  # fmt: skip
-        missed = sorted(start for start in starts if start[0] >= trainer.max_steps)
-        if missed:
-            print(f"warning: trainer.max_steps={trainer.max_steps} ends the run before "
-                  + "; ".join(f"{stage} (from step {step})" for step, stage in missed), flush=True)  # fmt: skip
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every student parameter any phase trains (the frozen position embedding aside): phases freeze by
         ``requires_grad``, and AdamW skips parameters without a gradient, so one optimiser serves all phases."""

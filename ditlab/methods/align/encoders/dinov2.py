@@ -3,10 +3,19 @@
 The model is built by ``torch.hub.load(<local clone>, "dinov2_vitb14", source="local", pretrained=False)``
 and its weights read from a local file; nothing is downloaded. Missing files end in one-line
 ``FileNotFoundError``s that name the file, the config key and the environment variable to set.
+
+The absolute position table (37x37 patches at 518 px) is resampled to the target grid once, bicubic with
+antialiasing, as REPA, HASTE and REG do at load (``timm.layers.pos_embed.resample_abs_pos_embed`` with its
+defaults), so DINOv2 then uses it as it is; left to itself, DINOv2 would interpolate at every call without
+antialiasing (and with its 0.1 offset), giving other targets. The grid is the one ``encode`` is asked for, so the
+table is resampled on the first call at a grid (from the loaded table, never from an earlier resampling).
+Checked against sihyun-yu/REPA at 67f714503e3892f993844aab088ffc5791c92613 (``utils.py``), through timm 1.0.31:
+``tests/methods/align/test_dinov2_positions.py``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +37,20 @@ DINOV2 = {  # name -> (hub entry point, EncoderInfo)
 }
 DINOV2.update({f"{name}_reg": (f"{hub}_reg", info) for name, (hub, info) in list(DINOV2.items())})
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+
+def resample_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(1, 1 + s*s, D) -> (1, 1 + grid*grid, D)``: the class position kept, the patch positions resampled on
+    their 2-D grid, bicubic with antialiasing (in float32, back to the table's dtype), as REPA does at load."""
+    side = math.isqrt(table.shape[1] - 1)
+    if side * side != table.shape[1] - 1:
+        raise ValueError(f"a position table of {table.shape[1]} entries is not a class token plus a square grid")
+    if side == grid:
+        return table
+    patches = table[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(table.dtype)
+    return torch.cat([table[:, :1], patches], dim=1)
 
 
 def dinov2_weight_file(name: str) -> str:
@@ -89,6 +112,16 @@ class DINOv2Encoder(FrozenEncoder):
         self.info = DINOV2[name][1]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        table = getattr(model, "pos_embed", None)
+        self.register_buffer("loaded_positions", None if table is None else table.detach().clone(), persistent=False)
+        self.positions_grid: int | None = None
+
+    def fit_positions(self, grid: int) -> None:
+        """Resample the position table to ``grid`` (once per grid, from the loaded table)."""
+        if self.loaded_positions is None or self.positions_grid == grid:
+            return
+        self.model.pos_embed.data = resample_positions(self.loaded_positions, grid)
+        self.positions_grid = grid
 
     @staticmethod
     def block_logits(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -106,6 +139,7 @@ class DINOv2Encoder(FrozenEncoder):
         pixels = (pixels - self.mean) / self.std
         side = grid * self.model.patch_size
         pixels = F.interpolate(pixels, size=(side, side), mode="bicubic", align_corners=False)
+        self.fit_positions(grid)
         tokens = self.model.prepare_tokens_with_masks(pixels)
         skip = 1 + getattr(self.model, "num_register_tokens", 0)
         maps = {}
