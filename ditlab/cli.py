@@ -143,6 +143,7 @@ def top_help() -> str:
     lines = ["usage: ditlab COMMAND [options]   (ditlab COMMAND --help lists a command's options)", "",
              "commands:", *(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()), "",
              "global options:", "  --verbose    show every Lightning notice and warning (also DITLAB_DEBUG=1)",
+             "  --version    the installed ditlab version",
              "  --print_completion bash|zsh|tcsh   a shell completion script (needs shtab; see ditlab.tools.completion)"]  # fmt: skip
     return "\n".join(lines)
 
@@ -230,6 +231,11 @@ def run_command(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(top_help())
             return 0 if argv else 2
+        if argv[0] in ("-V", "--version"):
+            from importlib.metadata import version
+
+            print(f"ditlab {version('ditlab')}")
+            return 0
         if argv[0] in TOOLS:
             from ditlab.tools.command import run_tool
 
@@ -280,8 +286,38 @@ def run_command(argv: list[str] | None = None) -> int:
         if "Problems parsing config" in message and "--config" in argv:  # name the file YAML could not read
             configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
             message = f"{message.splitlines()[0]} (in {', '.join(configs)}); check its YAML syntax"
-        print(f"ditlab: error: {mismatch or condense(message, getattr(error, 'command', 'ditlab fit'))}", file=sys.stderr)
+        line = mismatch or condense(message, getattr(error, "command", "ditlab fit"))
+        print(f"ditlab: error: {line}{config_file_of(line, argv)}", file=sys.stderr)
         return 2
+
+
+def config_file_of(line: str, argv: list[str]) -> str:
+    """`` (in FILE, at model.init_args.lrr)`` when the key a one-line error names was set in a ``--config`` file."""
+    import yaml
+
+    named = re.search(r"Option '([^']+)' is not accepted", line)
+    if named is None:
+        return ""
+    key = named.group(1).split(".")[-1]
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    files += [arg.partition("=")[2] for arg in argv if arg.startswith("--config=")]
+
+    def find(node, path: list[str]) -> str | None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                found = ".".join([*path, str(name)]) if name == key else find(value, [*path, str(name)])
+                if found:
+                    return found
+        return None
+
+    for path in files:
+        try:
+            found = find(yaml.safe_load(Path(path).read_text()), [])
+        except (OSError, yaml.YAMLError):
+            continue
+        if found:
+            return f" (in {path}, at {found})"
+    return ""
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ DEFAULT_SAVE_DIR = "runs"  # the default logger's save_dir; it follows --trainer
 
 
 class DitlabArgumentParser(LightningArgumentParser):
-    """Reports errors as one line instead of a usage dump."""
+    """Reports errors as one line instead of a usage dump, and takes options spelt in full only (argparse would read
+    ``--trainer.max_step 20`` as ``--trainer.max_steps 20``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str, ex: Exception | None = None):  # noqa: D401
         raise UsageError(message)

@@ -38,7 +38,11 @@ SAMPLING_NOTE = ("Sampling options (sampler, steps, guidance, time grid, SDE, fe
 
 
 class ToolParser(ArgumentParser):
-    """Parse errors become a :class:`ditlab.cli.UsageError` (one line), not a usage dump and ``exit(2)``."""
+    """Parse errors become a :class:`ditlab.cli.UsageError` (one line), not a usage dump and ``exit(2)``; an option
+    must be spelt in full (``--step`` is not taken for ``--steps``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str, ex: Exception | None = None):  # noqa: D401
         from ditlab.cli import UsageError

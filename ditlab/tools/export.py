@@ -103,8 +103,8 @@ def export(ckpt: str, out: str, threshold: float | None = None, sampler: str | N
         return 0
     trunk = checkpoint.get("ditlab", {}).get("dit_config", {}).get("trunk", "blocks")
     if trunk == "blocks":
-        raise ValueError(f"{ckpt} is neither a cache-router, an ILF nor a dynamic-compute run, so it has nothing to "
-                         f"export; `ditlab sample --ckpt {ckpt}` samples it and `ditlab convert` writes its network "
+        raise ValueError(f"{ckpt} is neither a cache-router run nor a dynamic-compute run nor an ILF run, so it has "
+                         f"nothing to export; `ditlab sample --ckpt {ckpt}` samples it and `ditlab convert` writes its network "
                          "for other libraries")  # fmt: skip
     if given:
         raise ValueError(f"--{given[0]} applies to cache-router runs; {ckpt} is a dynamic-compute ({trunk}) run")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from ditlab.checkpoint import sample_checkpoint
@@ -27,6 +28,7 @@ USER_SCRIPT = """
 """
 
 
+@pytest.mark.slow  # ~40 s: the user's script is a fresh Python process
 def test_a_diffusers_user_samples_the_exported_pipeline_as_ditlab_sample_does(tmp_path, teacher_file, capsys):
     """The tiny teacher samples with DDIM, 4 steps, guidance 2 (pixel space, 10 classes, learned sigma)."""
     folder = tmp_path / "pipeline"

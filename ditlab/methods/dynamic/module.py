@@ -17,6 +17,10 @@ Timesteps are stratified (the batch split evenly over ``strata`` ranges of the n
 one optimiser step per update (Lightning's; gradient clipping is ``trainer.gradient_clip_val``): DyDiT's released
 ``train.py`` steps twice (before and after clipping). Sampling, the ``Evaluation`` callback and checkpoints use
 the exported, sliced form (:func:`~ditlab.methods.dynamic.export.export`).
+
+DyDiT's lambda schedule and FLOPs ratio were checked against the authors' release (kawgit/DyDiT at the authors'
+commit 0ddc5097d2bc38c9b68b6c32ac6b53adadc1f865, ``train.py`` and ``loss.py``): ``tests/methods/dynamic/
+test_dydit_reference.py``.
 """
 
 from __future__ import annotations

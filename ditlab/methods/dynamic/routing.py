@@ -46,7 +46,8 @@ class Decisions:
     """``(B,)`` multiply-accumulates the plain network would have spent and this call did not (differentiable in
     training, through the straight-through masks)."""
     dense_macs: float
-    """What the blocks of the plain network spend per image (the denominator of the FLOPs ratio)."""
+    """The denominator of the FLOPs ratio, per image: what the plain network's attention and MLPs spend (DyDiT,
+    as its reference) or its whole blocks (the other trunks, whose decisions skip the adaLN linear too)."""
     details: dict[str, torch.Tensor] = field(default_factory=dict)
     """Method-specific decisions for logging (active heads per block, kept tokens, open blocks, ...)."""
 

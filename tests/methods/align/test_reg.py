@@ -163,3 +163,16 @@ def test_tools_that_read_the_network_alone_refuse_a_reg_checkpoint(tmp_path):
     plain.on_save_checkpoint(checkpoint)
     assert "sampled_by" not in checkpoint["ditlab"]
     assert network_from_checkpoint(checkpoint, use_ema=False).depth == 4
+
+
+def test_ditlab_sample_samples_a_reg_checkpoint_as_its_module_does(tmp_path):
+    from ditlab.checkpoint import sample_checkpoint
+
+    module = reg()
+    with torch.no_grad():
+        module.token_path.out.weight.normal_(std=0.1)  # the class token's velocity matters to the images
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "reg.ckpt")
+    labels = torch.arange(3)
+    assert torch.equal(sample_checkpoint(tmp_path / "reg.ckpt", labels), module.sample(labels))

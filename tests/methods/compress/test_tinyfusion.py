@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,10 @@ from ditlab.data.digits import digits_tensors
 from ditlab.diffusion import GaussianDiffusion
 from ditlab.methods.compress.analysis import select_blocks
 from ditlab.methods.compress.tinyfusion import LayerMask, masked_forward, nm_patterns
+from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "tinyfusion_reference.json").read_text())
 
 
 def test_nm_patterns_list_every_way_to_keep_n_of_m():
@@ -25,9 +30,9 @@ def test_nm_patterns_list_every_way_to_keep_n_of_m():
 def test_sampled_masks_keep_n_per_group_and_pass_gradients_to_the_logits():
     mask = LayerMask(depth=6, num_keep=3, group_size=2)
     generator = torch.Generator().manual_seed(0)
-    sample = mask.sample(tau=1.0, generator=generator)
-    assert sample.shape == (6,) and torch.equal(sample.detach().reshape(3, 2).sum(1), torch.ones(3))
-    assert set(sample.detach().tolist()) <= {0.0, 1.0}
+    sample = mask.sample(tau=1.0, generator=generator, batch=5)
+    assert sample.shape == (5, 6) and torch.equal(sample.detach().reshape(5, 3, 2).sum(2), torch.ones(5, 3))
+    assert set(sample.detach().flatten().tolist()) <= {0.0, 1.0}
     (sample * torch.arange(6.0)).sum().backward()
     assert mask.logits.grad is not None and mask.logits.grad.abs().sum() > 0
     assert torch.allclose(mask.keep_probability(), torch.full((6,), 0.5))
@@ -57,3 +62,38 @@ def test_learned_mask_is_deterministic_leaves_the_network_alone_and_moves_its_ga
     assert torch.equal(first.table["logits"], second.table["logits"]) and first.table["logits"].abs().sum() > 0
     assert len(first.table["losses"]) == 6
     assert all(torch.equal(before[key], value) for key, value in dit.state_dict().items())
+
+
+def test_per_sample_masks_and_gate_gradients_match_the_reference():
+    """The reference's forward on the same weights and Gumbel noise: a pattern per sample (before: one per batch,
+    3 of 4 samples on another pattern, the gate gradient 99% off)."""
+    network = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10,
+                  class_dropout_prob=0.0)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in sorted(network.named_parameters()):
+            if name != "pos_embed":
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    mask = LayerMask(depth=4, num_keep=2, group_size=2)
+    with torch.no_grad():
+        mask.logits.copy_(torch.tensor([[0.3, -0.2], [-0.1, 0.4]]))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    t, y = torch.tensor([10.0, 300.0, 600.0, 950.0]), torch.tensor([3, 5, 0, 9])
+    sampled = mask.sample(1.5, 2.0, torch.Generator().manual_seed(3), batch=4)
+    assert sampled.tolist() == REFERENCE["masks"]
+    loss = (masked_forward(network.train(), sampled, x, t, y) * w).sum()
+    loss.backward()
+    assert float(loss) == pytest.approx(REFERENCE["output_sum_w"], rel=1e-5)
+    torch.testing.assert_close(mask.logits.grad, torch.tensor(REFERENCE["gate_grad"]), rtol=1e-4, atol=1e-3)
+
+
+def test_the_kept_blocks_come_from_the_ema_of_the_gate_logits(tiny_dit):
+    """``prune_by_learning.py``: EMA 0.999 of the gates from their start (0 here), argmax of the EMA decides."""
+    images, labels = digits_tensors(image_size=8)
+    dit = tiny_dit(std=0.2)
+    selection = select_blocks(dit, GaussianDiffusion(), images[:16], labels[:16], "tinyfusion", 3, steps=1,
+                              batch_size=8, seed=1)  # fmt: skip
+    logits, ema = selection.table["logits"], selection.table["ema_logits"]
+    torch.testing.assert_close(ema, 0.001 * logits)
+    assert selection.keep == LayerMask(6, 3, 2).keep(ema)

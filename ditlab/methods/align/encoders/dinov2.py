@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditlab.metrics.features import explicit_weight_file, weight_file_candidates
 from ditlab.methods.align.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder, patch_attention
+from ditlab.metrics.features import explicit_weight_file, weight_file_candidates
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
