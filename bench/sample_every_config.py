@@ -27,9 +27,10 @@ OFFLINE_ONLY = {"dit_imagenet256": "needs ImageNet latents, the SD-VAE and 8 GPU
 """Configs that cannot run on a fresh clone offline, with the reason the table gives."""
 
 
-def shrink(config: dict, steps: int, teacher: str) -> dict:
-    """The config cut to a quick look: ``steps`` training steps, reports on 8 images at 5 steps, one-row grids,
-    validation on one batch, the given teacher file instead of the recipe."""
+def shrink(config: dict, steps: int, teacher: str, path: Path) -> dict:
+    """The config (to be written at ``path``) cut to a quick look: ``steps`` training steps, reports on 8 images at 5
+    steps, one-row grids, validation on one batch, the given teacher file instead of the ``configs/dit.yaml`` recipe
+    (a teacher built from the config itself, Self-Transcendence's phase 1, is built from the cut config)."""
     trainer = config.setdefault("trainer", {})
     trainer.update(max_steps=steps, limit_val_batches=1)
     if trainer.get("val_check_interval"):
@@ -43,8 +44,13 @@ def shrink(config: dict, steps: int, teacher: str) -> dict:
         if "samples" in options:  # HarmoniCa's image-error proxy
             options["samples"] = 1
     model = config.get("model", {}).get("init_args", {})
-    if isinstance(model.get("teacher"), dict):
-        model["teacher"]["checkpoint"] = teacher
+    entry = model.get("teacher")
+    if isinstance(entry, dict) and entry.get("recipe", "configs/dit.yaml") == "configs/dit.yaml":
+        entry["checkpoint"] = teacher
+    elif isinstance(entry, dict):
+        entry["recipe"] = str(path)
+        if "steps" in entry:
+            entry["steps"] = steps
     return config
 
 
@@ -69,7 +75,8 @@ def check_config(name: str, args: argparse.Namespace) -> list[dict]:
     ckpt = final_checkpoint(work / "runs")
     rows = []
     if ckpt is None:
-        config = shrink(yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()), args.steps, args.teacher)
+        config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        config = shrink(config, args.steps, args.teacher, work / "config.yaml")
         (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         command = ["ditlab", "fit", "--config", str(work / "config.yaml"), "--trainer.default_root_dir",
                    str(work / "runs"), "--trainer.logger.init_args.save_dir", str(work / "runs")]  # fmt: skip

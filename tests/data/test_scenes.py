@@ -128,3 +128,17 @@ def test_bad_dataset_arguments_are_refused():
         DigitScenes(size=16)
     with pytest.raises(IndexError):
         DigitScenes("test", length=4)[4]
+
+
+def test_class_conditional_config_trains_on_scenes(tiny_args):
+    """``configs/dit.yaml`` + ``configs/data/scenes.yaml`` (and 3 input channels) builds and takes a finite step."""
+    from ditlab.cli import build_cli
+
+    cli = build_cli([*tiny_args, "--config", str(ROOT / "configs" / "data" / "scenes.yaml"),
+                     "--model.init_args.network.in_channels", "3", "--model.init_args.network.patch_size", "4",
+                     "--data.init_args.train_length", "64", "--data.init_args.val_length", "16"], run=False)  # fmt: skip
+    assert isinstance(cli.datamodule, ScenesDataModule) and cli.datamodule.image_size == 32
+    cli.datamodule.setup("fit")
+    images, labels = next(iter(cli.datamodule.train_dataloader()))
+    loss = cli.model.training_step((images, labels), 0)
+    assert images.shape[1:] == (3, 32, 32) and torch.isfinite(loss)

@@ -197,3 +197,22 @@ def test_network_shapes():
         "objectness": (1, GRID, GRID), "size": (2, GRID, GRID), "offset": (2, GRID, GRID)}  # fmt: skip
     digit, colour = CropNet(TINY)(torch.zeros(5, 3, CROP, CROP))
     assert digit.shape == (5, 10) and colour.shape == (5, 8)
+
+
+def test_cached_default_recognizer_scores_real_scenes_high_and_wrong_prompts_low():
+    """End to end on the default recognizer when it is already built (building it takes minutes on 2 cores:
+    ``python bench/compositional.py``); skipped otherwise."""
+    from ditlab.metrics.features import cache_root
+
+    if not (cache_root() / f"scene-recognizer-{RecognizerRecipe().digest()}.pt").is_file():
+        pytest.skip("the default scene recognizer is not cached; build it with python bench/compositional.py")
+    recognizer = scene_recognizer()
+    scenes = DigitScenes("validation", 32, 200)
+    images, asked = scenes.images(range(200)), scenes.attributes(range(200))
+    assert compositional_accuracy(images, asked, recognizer)["whole"] >= 0.9
+    several = [i for i, s in enumerate(asked) if len(set(s.digits)) > 1]  # distinct digits: a swap is a real error
+    swapped = [replace(asked[i], colours=asked[i].colours[1:] + asked[i].colours[:1]) for i in several]
+    result = compositional_accuracy(images[several], swapped, recognizer)
+    assert result["colour"] < 0.1 and result["whole"] < 0.05 and result["digit"] >= 0.9
+    shuffled = compositional_accuracy(images, asked[1:] + asked[:1], recognizer)
+    assert shuffled["whole"] < 0.05

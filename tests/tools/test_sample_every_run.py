@@ -51,7 +51,10 @@ def test_a_router_run_samples_through_its_plan_and_export_prints_working_command
         assert np.array_equal(sampled(command, tmp_path / f"printed{index}"), images)
     labels = torch.arange(3) % 10
     assert np.array_equal(to_uint8(sample_checkpoint(router, labels)), images)  # the README's one call
+    capsys.readouterr()
     plain = sampled(["sample", "--ckpt", str(teacher_file), "--cfg_scale", "3"], tmp_path / "teacher")
+    said = capsys.readouterr().out  # the one line that says what was sampled, and how
+    assert "sampling 3 image(s) from the network: ddim, 4 steps, cfg_scale 3 (the checkpoint's, except cfg_scale)" in said
     assert np.array_equal(to_uint8(sample_checkpoint(teacher_file, labels, cfg_scale=3.0)), plain)
 
 

@@ -61,7 +61,7 @@ OPTIONS: dict[str, dict[str, object]] = {
     "ppcl": {"batch_size": 256, "max_span": 8, "tau": 2.0, "tau_unit": "block", "ridge": 1e-3,
              "max_tokens": 4096, "holdout": 0.25, "representative": "middle", "order": "cost", "absorb": True},
     "tinyfusion": {"group_size": 2, "steps": 100, "batch_size": 32, "lr": 1e-4, "gate_lr_factor": 10.0,
-                   "tau": (4.0, 0.1), "scaling": 100.0, "update_weights": True},
+                   "tau": (4.0, 0.1), "scaling": 100.0, "update_weights": True, "clip_norm": 1.0, "ema_decay": 0.999},
 }  # fmt: skip
 AGGREGATES = ("max", "mean", "quantile")
 CHOICES = {
