@@ -5,7 +5,10 @@ Why: CLIP score (Hessel et al., 2021, "CLIPScore: A Reference-free Evaluation Me
 text conditioning, scene FID and alignment targets all need an image-text model that knows digits, colours,
 sizes and layouts on 32x32 canvases, and a public CLIP cannot be downloaded on a compute node nor sees 32x32
 digit scenes. The towers are open_clip's own (``CustomTextCLIP``: a ViT image tower and a causal text
-transformer), configured tiny: patch 4 on 32x32 (an 8x8 grid, the token grid of a patch-4 DiT), and a text
+transformer), configured tiny: patch 4 on 32x32 (an 8x8 grid, the token grid of a patch-4 DiT) with the patch
+embedding replaced by two stride-2 3x3 convolutions (a convolutional stem: Xiao et al., 2021, "Early Convolutions
+Help Transformers See Better"; glyphs sit anywhere on the canvas and a ViT this small learns their shapes slowly
+from a linear patch embedding), and a text
 tower over the few CLIP-BPE tokens the scene grammar uses (every other token reads as one unknown token, so
 any prompt still encodes). Training is CLIP's symmetric contrastive loss over a stream of distinct training
 scenes, each image also contrasted with a caption one edit away from its own (a digit, a colour, the relation or a
@@ -45,6 +48,7 @@ class SceneCLIPRecipe:
     width: int = 64
     layers: int = 4
     head_width: int = 32
+    conv_stem: int = 32
     text_width: int = 64
     text_layers: int = 3
     text_heads: int = 2
@@ -107,6 +111,13 @@ class SceneCLIP(nn.Module):
                            width=recipe.text_width, heads=recipe.text_heads, layers=recipe.text_layers,
                            pool_type="eos", eos_id=int(lookup[self.tokenizer.eot_id]), output_tokens=True)  # fmt: skip
         self.clip = CustomTextCLIP(recipe.embed_dim, vision, text)
+        if recipe.conv_stem:  # open_clip's ViT calls conv1 once: (B, 3, H, W) -> (B, width, grid, grid)
+            if recipe.patch_size != 4:
+                raise ValueError(f"conv_stem needs patch_size 4 (two stride-2 convolutions); got {recipe.patch_size}")
+            self.clip.visual.conv1 = nn.Sequential(
+                nn.Conv2d(3, recipe.conv_stem, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(recipe.conv_stem, recipe.width, 3, stride=2, padding=1),
+            )  # fmt: skip
 
     @property
     def grid(self) -> int:

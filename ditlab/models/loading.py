@@ -240,9 +240,10 @@ def network_from_checkpoint(checkpoint: dict | str | Path, use_ema: bool = True)
                          "with ditlab.models.interop.load_dit_checkpoint")  # fmt: skip
     module = checkpoint["ditlab"].get("sampled_by")
     if module:
-        raise ValueError(f"this checkpoint's samples need its training module {module} (more than the DiT, e.g. REG's "
-                         f"class-token path); load it with {module.rsplit('.', 1)[-1]}.load_from_checkpoint(path) "
-                         "and call .sample(labels)")  # fmt: skip
+        raise ValueError(f"this checkpoint samples through more than a network (its module {module}: a router's plan "
+                         "or a feedback block over a teacher, REG's class-token path), so a tool that needs the network "
+                         "alone cannot take it; `ditlab sample`/`ditlab eval` (ditlab.checkpoint.sample_checkpoint) "
+                         "sample it")  # fmt: skip
     network = DiT(DiTConfig.from_dict(checkpoint["ditlab"]["dit_config"]))
     state_dict = checkpoint["state_dict"]
     weights = _prefixed(state_dict, "ema.") if use_ema else {}

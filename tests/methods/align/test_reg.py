@@ -155,7 +155,7 @@ def test_tools_that_read_the_network_alone_refuse_a_reg_checkpoint(tmp_path):
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["ditlab"]["sampled_by"] == "ditlab.methods.align.reg.REGModule"
-    with pytest.raises(ValueError, match=r"need its training module .*REGModule.load_from_checkpoint"):
+    with pytest.raises(ValueError, match=r"samples through more than a network \(its module .*REGModule.*`ditlab sample`"):
         network_from_checkpoint(checkpoint)
     plain = AlignModule(network=NETWORK, objective=FLOW, ema_decay=None, encoder=module.encoder_config,
                         feature=FeatureAlignConfig(blocks=[2]))  # fmt: skip
