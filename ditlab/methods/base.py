@@ -104,7 +104,8 @@ class DiffusionModule(L.LightningModule):
 
     network_samples_alone = True
     """False where sampling needs more than the network (REG's class-token path): the checkpoint then records
-    the module, and the tools that read a network alone (sample, eval, convert, analyze) refuse it in one line."""
+    the module (``sampled_by``), whose ``checkpoint_bundle`` lets ``ditlab sample``/``eval`` sample it
+    (``ditlab.checkpoint``); ``ditlab convert``, which exports a network alone, refuses it in one line."""
 
     def attach(self, network: DiT, ema: DiT | None = None) -> None:
         """Train ``network``: builds the objective that fits it and its EMA copy (``ema`` or a fresh copy)."""

@@ -2,6 +2,8 @@
 
 - ``"digits"``: all 1,797 scikit-learn digits (the train and val splits together) at a given image size,
   pushed through the chosen feature network; cached on disk per network fingerprint and image size.
+- ``"scenes"``: the first 10,000 training digit scenes (``ditlab.data.scenes``, RGB) at a given image size, through
+  the chosen network (``scene-clip`` features: FID on the scene CLIP's image embeddings); cached like ``digits``.
 - ``PATH.npz``: an ADM-style reference batch (``VIRTUAL_imagenet256_labeled.npz``): its ``mu``/``sigma``
   when they fit the network's feature size, otherwise its ``arr_0`` images (uint8, NHWC).
 - ``"cleanfid:NAME"``: a clean-fid statistics file (Parmar et al., 2022) already on disk, e.g.
@@ -67,6 +69,28 @@ def _digits(extractor: FeatureExtractor, image_size: int, cache_dir: str | Path 
     return stats
 
 
+SCENES_REFERENCE = 10_000
+
+
+def _scenes(extractor: FeatureExtractor, image_size: int, cache_dir: str | Path | None,
+            progress: bool) -> ReferenceStats:  # fmt: skip
+    from ditlab.data.scenes import SCENES_NAME, DigitScenes
+
+    if image_size not in (32, 64):
+        raise ValueError(f"the scenes reference is drawn at 32 or 64 px; the samples are {image_size} px")
+    path = cache_root(cache_dir) / f"reference-{SCENES_NAME}-{image_size}-{extractor.fingerprint}.pt"
+    if path.is_file():
+        try:
+            return ReferenceStats(**torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # rebuilt below
+            pass
+    images = DigitScenes("train", size=image_size, length=SCENES_REFERENCE).images(range(SCENES_REFERENCE))
+    described = f"reference statistics ({SCENES_NAME} at {image_size}px, first time; cached after)" if progress else None
+    stats = _from_features("scenes", extractor.features_and_logits(images, progress=described)[0].cpu())
+    save_torch(vars(stats), path)
+    return stats
+
+
 def _from_npz(path: Path, extractor: FeatureExtractor, progress: bool) -> ReferenceStats:
     with np.load(path) as batch:
         keys = set(batch.files)
@@ -114,6 +138,8 @@ def reference_stats(reference: str, extractor: FeatureExtractor, image_size: int
         return _MEMORY[key]
     if reference == "digits":
         stats = _digits(extractor, image_size, cache_dir, progress)
+    elif reference == "scenes":
+        stats = _scenes(extractor, image_size, cache_dir, progress)
     elif reference.startswith("cleanfid:"):
         stats = _cleanfid(reference.split(":", 1)[1], extractor)
     elif reference.endswith(".npz"):
@@ -124,7 +150,7 @@ def reference_stats(reference: str, extractor: FeatureExtractor, image_size: int
         stats = _from_npz(path, extractor, progress)
     else:
         raise ValueError(
-            f"unknown reference {reference!r}; use 'digits', a PATH.npz reference batch, or cleanfid:NAME"
+            f"unknown reference {reference!r}; use 'digits', 'scenes', a PATH.npz reference batch, or cleanfid:NAME"
         )
     _MEMORY[key] = stats
     return stats

@@ -21,8 +21,8 @@ latents; the cost is one token (under 0.5% FLOPs at 256 tokens).
   latents: 768 <= 1024);
 - the class-token embedding and output map are part of the generator, so they have their own EMA copy
   (``token_ema``) that sampling uses; a REG checkpoint records this module (``sampled_by``), whose
-  ``checkpoint_bundle`` lets ``ditlab sample``/``eval`` sample it; the tools that read a network alone
-  (``convert``, ``analyze``) refuse it in one line;
+  ``checkpoint_bundle`` lets ``ditlab sample``/``eval`` sample it; ``ditlab convert``, which exports a network
+  alone, refuses it in one line;
 - REG has no termination step (the class token is denoised for the whole run), so ``AlignmentTermination``
   is idle for it.
 """
