@@ -58,10 +58,10 @@ from ditlab.methods.align import (
     REGModule,
     SelfTranscendenceModule,
 )
+from ditlab.methods.align.encoders import digits_vit
 from ditlab.methods.base import DiffusionModule
 from ditlab.metrics.features import cache_root
 from ditlab.models.config import DiTConfig
-from ditlab.methods.align.encoders import digits_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moe import StepTimer  # noqa: E402 - wall seconds of every training step

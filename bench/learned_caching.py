@@ -34,9 +34,9 @@ from caching import RESULTS, Run, knob_text, load_average, row_of, timed  # noqa
 from ditlab.checkpoint import bundle_from_checkpoint  # noqa: E402
 from ditlab.data.digits import DigitsDataModule  # noqa: E402
 from ditlab.diffusion.config import SamplingConfig  # noqa: E402
+from ditlab.methods.sampling.cache_router import CacheRouterModule, ImageErrorProxy, RouterConfig  # noqa: E402
 from ditlab.methods.sampling.caches import build_policy  # noqa: E402
 from ditlab.methods.sampling.caches.plan import Plan  # noqa: E402
-from ditlab.methods.sampling.cache_router import CacheRouterModule, ImageErrorProxy, RouterConfig  # noqa: E402
 from ditlab.methods.sampling.feedback import FeedbackConfig, FeedbackModule  # noqa: E402
 from ditlab.methods.teacher import TeacherConfig  # noqa: E402
 from ditlab.metrics.features import feature_extractor  # noqa: E402

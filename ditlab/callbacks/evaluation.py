@@ -35,8 +35,8 @@ class Evaluation(L.Callback):
     Args:
         every_n_steps: evaluate every this many optimiser steps (0: only at the end of fit).
         num_samples: images per evaluation (in-loop FID is a tracking number; papers use 50K).
-        reference: ``digits``, an ADM reference batch ``PATH.npz`` or ``cleanfid:NAME``.
-        features: ``digits-classifier`` or ``inception-v3``.
+        reference: ``digits``, ``scenes`` (digit scenes), an ADM reference batch ``PATH.npz`` or ``cleanfid:NAME``.
+        features: ``digits-classifier``, ``inception-v3`` or ``scene-clip`` (FID on the scene CLIP, with ``scenes``).
         sampler, steps, cfg_scale: override the module's sampling settings for evaluation.
         seed: seed base; sample ``i`` uses ``seed + i``.
         weights: a local Inception-v3 weight file (``inception-v3`` features only).

@@ -233,8 +233,8 @@ class DiffusionModule(L.LightningModule):
         """One line naming every stage (a method's phase, a callback's: progressive cuts, alignment termination) that
         ``trainer.max_steps`` ends the run before, so a cut-short run (a quick look, a test) does not skip them
         without a word."""
-        trainer = self.trainer
-        if trainer.max_steps < 0 or not trainer.is_global_zero:
+        trainer = self._trainer  # None when a test or notebook calls the hook by hand
+        if trainer is None or trainer.max_steps < 0 or not trainer.is_global_zero:
             return
         starts = [*self.stage_starts(), *(start for callback in trainer.callbacks if hasattr(callback, "stage_starts")
                                           for start in callback.stage_starts(self))]  # fmt: skip

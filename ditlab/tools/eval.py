@@ -70,8 +70,8 @@ def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 100
         ckpt: a ditlab checkpoint to sample (give this or ``--samples``).
         samples: an existing batch (.npz with uint8 NHWC ``arr_0``) to score instead of sampling.
         num: number of images to sample (1000+ for a meaningful FID; papers use 50000).
-        ref: reference statistics: ``digits``, an ADM reference batch ``PATH.npz`` or ``cleanfid:NAME``.
-        features: ``digits-classifier`` or ``inception-v3``.
+        ref: reference statistics: ``digits``, ``scenes``, an ADM reference batch ``PATH.npz`` or ``cleanfid:NAME``.
+        features: ``digits-classifier``, ``inception-v3`` or ``scene-clip`` (digit scenes: with ``--ref scenes``).
         inception_weights: local ``weights-inception-2015-12-05-6726825d.pth`` (or set DITLAB_INCEPTION_WEIGHTS).
         out: output folder (default: ``eval/`` in the run folder, or the batch's folder).
         seed: noise seed of the first image.

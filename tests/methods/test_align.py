@@ -31,10 +31,10 @@ from ditlab.methods.align import (
     PhaseOneTeacherConfig,
     SelfTranscendenceModule,
 )
+from ditlab.methods.align.encoders import DigitsViTRecipe, digits_vit, dinov2, load_encoder
 from ditlab.methods.align.losses import attention_loss, guided, negative_cosine, velocity_to_x0
 from ditlab.methods.base import DiffusionModule
 from ditlab.models.config import DiTConfig
-from ditlab.methods.align.encoders import DigitsViTRecipe, digits_vit, dinov2, load_encoder
 from ditlab.models.taps import run_blocks
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,9 +28,9 @@ from jsonargparse import lazy_instance
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.align.base import AlignmentBase
 from ditlab.methods.align.config import AttentionAlignConfig, EncoderConfig, FeatureAlignConfig
+from ditlab.methods.align.encoders import EncoderOutput, FrozenEncoder, encoder_info, load_encoder
 from ditlab.methods.align.losses import attention_loss, negative_cosine, projector, spatial_normalize
 from ditlab.models.config import DiTConfig
-from ditlab.methods.align.encoders import EncoderOutput, FrozenEncoder, encoder_info, load_encoder
 from ditlab.models.taps import run_blocks
 
 

@@ -30,7 +30,6 @@ from ditlab.methods.compress.module import DicompModule, DistillConfig, PruneCon
 from ditlab.methods.moe.blocks import MixtureOfBlocks, mixture_of_blocks
 from ditlab.methods.teacher import TeacherConfig
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
-from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
 

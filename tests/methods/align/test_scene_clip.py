@@ -103,13 +103,17 @@ def test_text_encoder_kind(tiny, monkeypatch):
 
 def test_fid_features_and_clip_score(tiny, monkeypatch):
     from ditlab.data.scenes import DigitScenes
-    from ditlab.metrics import text_eval
+    from ditlab.metrics import reference, text_eval
 
     model, _ = tiny
     scenes = DigitScenes("validation", length=16)
     images, captions = scenes.images(range(16)), scenes.captions(range(16))
     features, logits = SceneCLIPFeatures(model).features_and_logits(images)
     assert features.shape == (16, 16) and logits.shape == (16, 0)
+    monkeypatch.setattr(reference, "SCENES_REFERENCE", 32)
+    stats = reference.reference_stats("scenes", SceneCLIPFeatures(model), image_size=32, cache_dir=tiny[1])
+    assert stats.name == "scenes" and stats.mu.shape == (16,) and stats.num_samples == 32
+    assert len(list(tiny[1].glob("reference-digit-scenes-v1-32-scene-clip-*.pt"))) == 1
     monkeypatch.setattr(text_eval, "_scene_clip", lambda cache_dir: model)
     real = text_eval.clip_score_of(images, captions)
     assert real["clip_features"] == "scene-clip" and 0 <= real["clip_score"] <= 100

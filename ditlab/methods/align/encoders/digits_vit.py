@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditlab.methods.align.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder
 from ditlab.metrics.features import (
     cache_root,
     cached_training,
@@ -27,7 +28,6 @@ from ditlab.metrics.features import (
 )
 from ditlab.models.attention import Attention
 from ditlab.models.dit import sincos_2d
-from ditlab.methods.align.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder
 
 
 @dataclass(frozen=True)
