@@ -1,7 +1,7 @@
 """Look at the digit scenes: a captioned grid of 64 validation scenes and attribute histograms of a split.
 
-Writes ``bench/results/scenes_grid.png`` (8x8 scenes, each upscaled 4x with its caption under it) and
-``bench/results/scenes_attributes.json`` (counts of digit count, digits, colours, sizes, relations, backgrounds
+Writes ``bench/results/scenes.png`` (8x8 scenes, each upscaled 4x with its caption under it) and
+``bench/results/scenes.json`` (counts of digit count, digits, colours, sizes, relations, backgrounds
 and a 4x4 histogram of digit centres over ``--num`` scenes of ``--split``).
 
     python bench/scenes.py [--split train] [--num 5000] [--size 32]
@@ -68,10 +68,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    grid(DigitScenes("validation", args.size), list(range(64))).save(RESULTS / "scenes_grid.png")
-    report = {"dataset": SCENES_NAME, "split": args.split, "num_scenes": args.num,
+    load_average = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]  # counts only: no timing here
+    grid(DigitScenes("validation", args.size), list(range(64))).save(RESULTS / "scenes.png")
+    report = {"dataset": SCENES_NAME, "split": args.split, "num_scenes": args.num, "load_average_start": load_average,
               **histograms(DigitScenes(args.split, args.size), args.num)}  # fmt: skip
-    (RESULTS / "scenes_attributes.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / "scenes.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
 
 
