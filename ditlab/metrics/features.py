@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,13 @@ def cache_root(path: str | Path | None = None) -> Path:
     if path is None:
         path = os.environ.get("DITLAB_CACHE") or Path.home() / ".cache" / "ditlab"
     return Path(path).expanduser()
+
+
+def recipe_digest(recipe: Any, **extra: Any) -> str:
+    """The short hash that names a self-trained network's cache file: every field of its recipe (a dataclass) and
+    ``extra`` (what else determines the weights, e.g. the dataset), so a changed recipe trains anew."""
+    text = json.dumps({**asdict(recipe), **extra}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def cached_training(path: Path, train: Callable[[], dict], retrain: bool = False) -> dict:
@@ -231,7 +239,7 @@ class ClassifierRecipe:
     version: int = 1
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return recipe_digest(self)
 
 
 class DigitsNet(nn.Module):

@@ -20,8 +20,6 @@ weights land in ``<cache>/scene-clip-<hash of recipe and dataset name>.pt`` with
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from ditlab.metrics.features import (
     cache_root,
     cached_training,
     one_cycle_adamw,
+    recipe_digest,
     reproducible_training,
 )
 from ditlab.models.text.tokenizer import Tokenizer
@@ -64,8 +63,7 @@ class SceneCLIPRecipe:
     version: int = 1
 
     def digest(self, dataset: str) -> str:
-        text = json.dumps({**asdict(self), "dataset": dataset}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_digest(self, dataset=dataset)
 
 
 def grammar_vocabulary(tokenizer: Tokenizer) -> torch.Tensor:

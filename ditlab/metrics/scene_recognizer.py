@@ -20,7 +20,6 @@ version), like the digits classifier (``ditlab.metrics.features``). Two stages, 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +29,13 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from ditlab.data.scene_grammar import COLOURS, SIZE_PIXELS, SIZES, SceneAttributes
-from ditlab.metrics.features import cache_root, cached_training, one_cycle_adamw, reproducible_training
+from ditlab.metrics.features import (
+    cache_root,
+    cached_training,
+    one_cycle_adamw,
+    recipe_digest,
+    reproducible_training,
+)
 
 GRID = 8  # cells per side on the 32x32 input (stride 4)
 INPUT = 32
@@ -61,7 +66,7 @@ class RecognizerRecipe:
     version: int = 2
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return recipe_digest(self)
 
 
 @dataclass

@@ -8,8 +8,6 @@ by a hash of its recipe; about 25 s of one CPU core.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from ditlab.metrics.features import (
     cache_root,
     cached_training,
     one_cycle_adamw,
+    recipe_digest,
     reproducible_training,
     resize_to,
 )
@@ -51,7 +50,7 @@ class DigitsViTRecipe:
     version: int = 1
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return recipe_digest(self)
 
     @property
     def grid(self) -> int:
