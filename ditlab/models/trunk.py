@@ -108,23 +108,23 @@ class BlockLoop(Trunk):
 
     def forward(self, dit: nn.Module, tokens: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
                 branches: BranchHook | None = None, hidden: dict[int, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
-        if hidden is None:
-            return run_blocks_in_order(dit, tokens, cond, range(len(dit.blocks)), branches)
-        for index in range(len(dit.blocks)):
-            tokens = hidden[index] = run_blocks_in_order(dit, tokens, cond, [index], branches)
-        return tokens
+        return run_blocks_in_order(dit, tokens, cond, range(len(dit.blocks)), branches, hidden)
 
 
 def run_blocks_in_order(dit: nn.Module, tokens: torch.Tensor, cond: torch.Tensor, blocks,
-                        branches: BranchHook | None = None) -> torch.Tensor:  # fmt: skip
-    """Tokens through the blocks at ``blocks`` (positions, in order); ``branches`` sees global unit numbers."""
-    if branches is None:
-        for index in blocks:
-            tokens = dit.blocks[index](tokens, cond)
-        return tokens
-    offsets = unit_offsets(dit.blocks)
+                        branches: BranchHook | None = None,
+                        hidden: dict[int, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """Tokens through the blocks at ``blocks`` (positions, in order); ``branches`` sees global unit numbers and
+    ``hidden``, when given, receives the tokens after each block."""
+    offsets = unit_offsets(dit.blocks) if branches is not None else None
     for index in blocks:
-        tokens = dit.blocks[index](tokens, cond, branches=offset_hook(branches, offsets[index]), index=index)
+        block = dit.blocks[index]
+        if branches is None:
+            tokens = block(tokens, cond)
+        else:
+            tokens = block(tokens, cond, branches=offset_hook(branches, offsets[index]), index=index)
+        if hidden is not None:
+            hidden[index] = tokens
     return tokens
 
 
