@@ -64,8 +64,8 @@ def test_load_network_gives_the_old_outputs(name):
     with np.load(LEGACY / f"{name}.forward.npz") as saved:
         x, t, y, expected = (torch.from_numpy(saved[key]) for key in ("x", "t", "y", "out"))
     network = load_network(LEGACY / f"{name}.ckpt")
-    with torch.no_grad():
-        assert torch.equal(network(x, t, y), expected)
+    with torch.no_grad():  # equal to float rounding: the recorded outputs came from another CPU's kernels
+        torch.testing.assert_close(network(x, t, y), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_router_exports_the_old_plan(tmp_path):

@@ -12,12 +12,20 @@ from dataclasses import dataclass
 import torch
 
 ModelFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EMPTY_CAPTION = "empty caption"
+"""The null condition of text-conditioned model functions: each row's ``TextFeatures.null`` (the encoder's ``""``)."""
 
 
-def guidance_rows(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                  null_label: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The ``[cond; uncond]`` inputs of one guided model call: every row twice, the second copy on the null class."""
-    return torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, torch.cat([y, torch.full_like(y, null_label)])
+def guidance_rows(x: torch.Tensor, t: torch.Tensor, y, null_label: int | str) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The ``[cond; uncond]`` inputs of one guided model call: every row twice, the second copy on the null class
+    (labels) or the empty caption (``TextFeatures``, with ``null_label`` :data:`EMPTY_CAPTION`)."""
+    if null_label == EMPTY_CAPTION:
+        if not hasattr(y, "null_rows"):
+            raise ValueError("guidance with the empty caption needs text features as the condition, got labels")
+        uncond = type(y).cat([y, y.null_rows()])
+    else:
+        uncond = torch.cat([y, torch.full_like(y, null_label)])
+    return torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, uncond
 
 
 def combine(both: torch.Tensor, channels: int, cfg_scale: float, cfg_channels: int | None = None) -> torch.Tensor:
@@ -48,7 +56,7 @@ class Guidance:
 
     scale: float = 1.0
     channels: int | None = None
-    null_label: int | None = None
+    null_label: int | str | None = None
     interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:

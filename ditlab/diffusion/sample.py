@@ -27,7 +27,7 @@ import torch
 from rich.progress import Progress
 
 from ditlab.diffusion.grids import TimeGrid
-from ditlab.diffusion.guidance import Guidance, ModelFunction
+from ditlab.diffusion.guidance import EMPTY_CAPTION, Guidance, ModelFunction
 from ditlab.diffusion.ode import integrate_adaptive
 from ditlab.diffusion.sde import SDEConfig
 from ditlab.diffusion.trajectory import (
@@ -48,9 +48,12 @@ def seeded_noise(shape: tuple[int, ...], seed: int, start: int = 0) -> torch.Ten
     )
 
 
-def null_label_of(model: ModelFunction) -> int | None:
-    """The guidance null class of a DiT-like model function (its ``config.num_classes``), else None."""
+def null_label_of(model: ModelFunction) -> int | str | None:
+    """The guidance null condition of a DiT-like model function: its ``config.num_classes`` (the null class), or
+    :data:`~ditlab.diffusion.guidance.EMPTY_CAPTION` for a text-conditioned network; else None."""
     config = getattr(model, "config", None)
+    if getattr(config, "text_conditioned", False):
+        return EMPTY_CAPTION
     return getattr(config, "num_classes", None)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ditlab.models.components import register_attention
 from ditlab.models.config import DiTConfig
+from ditlab.models.positions import rotary_positions
 
 
 class AttentionOperator(Protocol):
@@ -57,12 +58,13 @@ class Attention(nn.Module):
 
     The inner width is ``num_heads * head_dim`` (``qkv: (3 H Dh, D)``, ``proj: (D, H Dh)``); ``head_dim``
     defaults to ``dim // num_heads``. A different inner width is what width pruning (dropping heads) leaves.
-    ``qk_norm`` puts a LayerNorm over each head's queries and keys (as timm's attention, which SiT/REPA use);
-    off, there are no norm parameters at all, so state dicts stay those of DiT.
+    ``qk_norm`` puts a LayerNorm (``True``/``"layer"``, as timm's attention, which SiT/REPA use) or an RMSNorm
+    (``"rms"``, SD3.5/FLUX) over each head's queries and keys; off, there are no norm parameters at all, so state
+    dicts stay those of DiT. ``rope`` (``ditlab.models.positions``) rotates queries and keys after the norm (FLUX).
     """
 
     def __init__(self, dim: int, num_heads: int, operator: AttentionOperator = full_attention,
-                 head_dim: int | None = None, qk_norm: bool = False) -> None:  # fmt: skip
+                 head_dim: int | None = None, qk_norm: bool | str = False, rope: nn.Module | None = None) -> None:  # fmt: skip
         super().__init__()
         if head_dim is None and dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
@@ -74,25 +76,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner)
         self.proj = nn.Linear(inner, dim)
         self.operator = operator
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = head_norm(qk_norm, self.head_dim), head_norm(qk_norm, self.head_dim)
+        self.rope = rope
 
     @classmethod
     def from_config(cls, config: DiTConfig, operator: AttentionOperator = full_attention) -> Attention:
-        return cls(config.hidden_size, config.num_heads, operator, config.head_dim, config.qk_norm)
+        return cls(config.hidden_size, config.num_heads, operator, config.head_dim, config.qk_norm,
+                   rotary_positions(config))  # fmt: skip
 
-    @property
-    def operator_name(self) -> str:
-        return getattr(self.operator, "name", type(self.operator).__name__)
-
-    def forward(
-        self, tokens: torch.Tensor, return_map: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``tokens: (B, N, D)`` -> ``(out: (B, N, D), map: (B, H, N, N) or None)``."""
+    def heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tokens (B, N, D)`` -> normalised ``q, k, v (B, H, N, Dh)`` (not yet rotated)."""
         batch, length, _ = tokens.shape
         qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            return_map: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Rotate (when the network uses rotary positions) and mix heads ``(B, H, S, Dh)`` with the operator;
+        returns ``(B, S, H Dh)`` before the output projection and the map when asked for."""
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
         if return_map:
             if not hasattr(self.operator, "map"):
                 raise ValueError(f"the {self.operator_name!r} attention operator gives no attention maps; align maps "
@@ -102,8 +106,18 @@ class Attention(nn.Module):
         else:
             weights = None
             mixed = self.operator(q, k, v)
-        out = mixed.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.proj(out), weights
+        return mixed.transpose(1, 2).flatten(2), weights
+
+    @property
+    def operator_name(self) -> str:
+        return getattr(self.operator, "name", type(self.operator).__name__)
+
+    def forward(
+        self, tokens: torch.Tensor, return_map: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``tokens: (B, N, D)`` -> ``(out: (B, N, D), map: (B, H, N, N) or None)``."""
+        mixed, weights = self.mix(*self.heads(tokens), return_map)
+        return self.proj(mixed), weights
 
     def macs(self, num_tokens: int) -> int:
         """Projections plus the operator's mixing, per image."""
@@ -113,6 +127,15 @@ class Attention(nn.Module):
                              "give it a macs(num_tokens, num_heads, head_dim) method")  # fmt: skip
         projections = num_tokens * (self.qkv.weight.numel() + self.proj.weight.numel())
         return projections + int(operator_macs(num_tokens, self.num_heads, self.head_dim))
+
+
+def head_norm(kind: bool | str, head_dim: int) -> nn.Module:
+    """The per-head query/key norm ``qk_norm`` names (Identity when off)."""
+    if kind in (True, "layer"):
+        return nn.LayerNorm(head_dim, eps=1e-6)
+    if kind == "rms":
+        return nn.RMSNorm(head_dim, eps=1e-6)
+    return nn.Identity()
 
 
 @register_attention("full")

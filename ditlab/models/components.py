@@ -40,7 +40,8 @@ ATTENTION: dict[str, Builder] = {}
 MLP: dict[str, Builder] = {}
 BLOCK: dict[str, Builder] = {}
 TRUNK: dict[str, Builder] = {}
-_SLOTS = {"attention": ATTENTION, "mlp": MLP, "block": BLOCK, "trunk": TRUNK}
+CONDITION: dict[str, Builder] = {}
+_SLOTS = {"attention": ATTENTION, "mlp": MLP, "block": BLOCK, "trunk": TRUNK, "condition": CONDITION}
 
 
 def _register(slot: str, name: str) -> Callable[[Builder], Builder]:
@@ -81,8 +82,15 @@ def register_trunk(name: str) -> Callable[[Builder], Builder]:
     return _register("trunk", name)
 
 
+def register_condition(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(config) -> module`` becomes the condition kind ``name`` (``class``, ``text``): the
+    network's ``y_embedder``, whose ``condition(t_emb, y, force_drop_ids) -> cond`` turns the timestep embedding and
+    the condition input into what the blocks and the head read (``ditlab.models.condition``)."""
+    return _register("condition", name)
+
+
 def build_component(slot: str, config: DiTConfig, block: int | None = None) -> nn.Module:
-    """The ``slot`` (``attention``, ``mlp``, ``block`` or ``trunk``) component ``config`` names, for block ``block``.
+    """The ``slot`` (``attention``, ``mlp``, ``block``, ``trunk`` or ``condition``) component ``config`` names, for block ``block``.
     An unknown name loads the installed families once (``ditlab.plugins``) before it is refused, so a config or
     checkpoint naming a method's kind builds without its caller importing the method first."""
     name = getattr(config, slot)

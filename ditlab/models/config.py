@@ -61,8 +61,9 @@ class DiTConfig:
         learn_sigma: output the variance too (2 x in_channels outputs).
         freq_shift: timestep frequency shift (1 reproduces diffusers' port of DiT).
         mlp_norm_eps: eps of the LayerNorm before the MLP (1e-5 reproduces diffusers' port).
-        qk_norm: LayerNorm over each head's queries and keys before attention (SiT/REPA option, on in
-            Self-Transcendence); off reproduces DiT and every public checkpoint exactly.
+        qk_norm: normalise each head's queries and keys before attention: ``True``/``"layer"`` a LayerNorm (SiT/REPA
+            option, on in Self-Transcendence), ``"rms"`` an RMSNorm with a learned scale (SD3.5, FLUX); off
+            reproduces DiT and every public class-conditional checkpoint exactly.
         attention: the attention component, by registry name (``full``: softmax attention over all tokens).
         attention_options: keyword options of the attention component.
         mlp: the feed-forward component, by registry name (``dense``: DiT's GELU MLP).
@@ -74,6 +75,13 @@ class DiTConfig:
         trunk: how the blocks run between ``embed`` and ``head``, by registry name (``blocks``: every block on
             every token; a dynamic-compute kind routes tokens, samples or widths around them).
         trunk_options: keyword options of the trunk.
+        condition: what the network is conditioned on, by registry name: ``class`` (labels with a null class, DiT)
+            or ``text`` (a text encoder's token embeddings, pooled vector and mask: ``ditlab.models.condition``).
+        condition_options: keyword options of the condition (for ``text``: the encoder and its widths).
+        positions: how tokens know where they are: ``sincos`` (DiT's fixed 2-D table added to the patches), ``rope``
+            (rotary positions inside attention, FLUX) or ``none``.
+        position_options: ``sincos``: ``base_size``, ``interpolation_scale``, ``max_size`` (PixArt/SD3 tables);
+            ``rope``: ``theta``, ``axes_dims`` (FLUX).
     """
 
     preset: str | None = field(default=None, compare=False)
@@ -89,7 +97,7 @@ class DiTConfig:
     learn_sigma: bool = True
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
-    qk_norm: bool = False
+    qk_norm: bool | str = False
     attention: str = "full"
     attention_options: dict[str, Any] = field(default_factory=dict)
     mlp: str = "dense"
@@ -100,6 +108,10 @@ class DiTConfig:
     mlp_hidden: int | None = None
     trunk: str = "blocks"
     trunk_options: dict[str, Any] = field(default_factory=dict)
+    condition: str = "class"
+    condition_options: dict[str, Any] = field(default_factory=dict)
+    positions: str = "sincos"
+    position_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sized = {**DEFAULTS, **(preset_values(self.preset) if self.preset else {})}
@@ -125,6 +137,11 @@ class DiTConfig:
         self.attention_options, self.mlp_options = dict(self.attention_options), dict(self.mlp_options)
         self.trunk_options = dict(self.trunk_options)
         self.block_options = dict(self.block_options)
+        self.condition_options, self.position_options = dict(self.condition_options), dict(self.position_options)
+        if self.qk_norm not in (False, True, "layer", "rms"):
+            raise ValueError(f"qk_norm={self.qk_norm!r} must be false, true (= 'layer') or 'rms'")
+        if self.positions not in ("sincos", "rope", "none"):
+            raise ValueError(f"positions={self.positions!r} must be 'sincos', 'rope' or 'none'")
 
     # ----------------------------------------------------------------------------------- derived sizes
     @property
@@ -142,6 +159,10 @@ class DiTConfig:
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.condition == "text"
 
     @property
     def mlp_width(self) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,8 +26,10 @@ import ditlab.models.attention  # noqa: F401 - registers the "full" attention ki
 import ditlab.models.mlp  # noqa: F401 - registers the "dense" MLP kind
 from ditlab.diffusion.guidance import guided_output
 from ditlab.models.branch import Branch, BranchHook, compute_branch
-from ditlab.models.components import build_component, component_macs, register_block
+from ditlab.models.components import build_component, component_macs, register_block, register_condition
+from ditlab.models.condition import TextCondition, condition_vector
 from ditlab.models.config import DiTConfig
+from ditlab.models.positions import position_table, sincos_1d, sincos_2d  # noqa: F401 - re-exported
 from ditlab.models.trunk import Trunk
 
 
@@ -91,6 +92,18 @@ class LabelEmbedder(nn.Module):
         if (self.training and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.drop(labels, force_drop_ids=force_drop_ids)
         return self.embedding_table(labels)
+
+    def condition(self, t_emb: torch.Tensor, labels: torch.Tensor,
+                  force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The ``(B, D)`` vector the blocks read: timestep embedding plus label embedding."""
+        return t_emb + self(labels, force_drop_ids)
+
+
+@register_condition("class")
+def class_condition(config: DiTConfig) -> LabelEmbedder:
+    if config.condition_options:
+        raise ValueError(f"the class condition takes no condition_options (got {sorted(config.condition_options)})")
+    return LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
 
 
 class DiTBlock(nn.Module):
@@ -160,16 +173,28 @@ register_block("dit")(DiTBlock)
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map from tokens to patches."""
+    """adaLN-modulated LayerNorm and a linear map from tokens to patches.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+    ``table=True`` is PixArt's adaLN-single head: shift and scale are a learned ``(2, D)`` table plus the timestep
+    embedding itself (no linear), where DiT (and SD3/FLUX, whose ``AdaLayerNormContinuous`` differs only in the
+    order of its halves) apply ``Linear(SiLU(c))``.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, table: bool = False) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        if table:
+            self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | TextCondition) -> torch.Tensor:
+        vector = condition_vector(cond)
+        if hasattr(self, "scale_shift_table"):
+            shift, scale = (self.scale_shift_table[None] + vector[:, None]).unbind(1)
+        else:
+            shift, scale = self.adaLN_modulation(vector).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(tokens), shift, scale))
 
 
@@ -184,20 +209,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(images).flatten(2).transpose(1, 2)
-
-
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """``(M,)`` positions -> ``(M, dim)`` as ``[sin(pos w), cos(pos w)]``, ``w_i = 10^4^(-i / (dim/2))``."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    angles = np.outer(positions.reshape(-1), omega)
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-
-def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
-    """The fixed DiT position embedding ``(grid^2, dim)``: first half columns (x), second half rows (y)."""
-    coords = np.arange(grid_size, dtype=np.float32)
-    grid_w, grid_h = np.meshgrid(coords, coords)
-    return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=1)
 
 
 class DiT(nn.Module):
@@ -216,10 +227,12 @@ class DiT(nn.Module):
         hidden_size = config.hidden_size
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.freq_shift)
-        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.y_embedder = build_component("condition", config)
+        if config.positions == "sincos":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(build_component("block", config, index) for index in range(config.depth))
-        self.final_layer = FinalLayer(hidden_size, config.patch_size, config.out_channels)
+        table = config.text_conditioned and config.condition_options.get("adaln") == "single"
+        self.final_layer = FinalLayer(hidden_size, config.patch_size, config.out_channels, table=table)
         self.initialize_weights()
         # the trunk runs the blocks (ditlab.models.trunk); built after the DiT initialisation so a routing trunk's
         # own initialisation stands
@@ -254,19 +267,26 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(xavier)
-        pos = sincos_2d(self.pos_embed.shape[-1], self.x_embedder.grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        if hasattr(self, "pos_embed"):
+            self.pos_embed.data.copy_(position_table(self.pos_embed.shape[-1], self.x_embedder.grid_size,
+                                                     self._config.position_options))  # fmt: skip
         kernel = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(kernel.data.view(kernel.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if isinstance(self.y_embedder, LabelEmbedder):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         blocks = [module for module in self.blocks.modules() if isinstance(module, DiTBlock)]  # also inside block kinds
-        for layer in [*(block.adaLN_modulation[-1] for block in blocks), self.final_layer.adaLN_modulation[-1],
+        final = getattr(self.final_layer, "adaLN_modulation", None)
+        for layer in [*(block.adaLN_modulation[-1] for block in blocks), *([final[-1]] if final else []),
                       self.final_layer.linear]:  # fmt: skip
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # components with their own initialisation (text blocks, the text path) apply it over the DiT defaults
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "initialize", None)):
+                module.initialize()
 
     @property
     def depth(self) -> int:
@@ -279,22 +299,37 @@ class DiT(nn.Module):
             if module is not self and callable(getattr(module, "reset", None)):
                 module.reset()
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-              force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """``x: (B, C, H, W)``, ``t: (B,)``, ``y: (B,)`` -> ``tokens: (B, N, D)``, ``cond: (B, D)``.
+    @property
+    def text_stream(self) -> bool:
+        """True when the text tokens travel with the image tokens as a prefix ``[text; image]`` (MM-DiT, FLUX blocks:
+        ``joint_text`` block kinds); False when blocks read text from the condition (PixArt) or there is none."""
+        return bool(len(self.blocks)) and getattr(self.blocks[0], "joint_text", False)
 
-        ``force_drop_ids: (B,)`` (1 = null class) replaces the random label drop-out of training mode.
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y,
+              force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | TextCondition]:  # fmt: skip
+        """``x: (B, C, H, W)``, ``t: (B,)``, ``y`` -> ``tokens: (B, N, D)``, ``cond``.
+
+        ``y`` is the condition input: labels ``(B,)`` (``cond`` is then ``(B, D)``) or, for a text-conditioned
+        network, ``TextFeatures`` (``cond`` a :class:`~ditlab.models.condition.TextCondition`; a network whose blocks
+        carry a text stream gets ``tokens = [text; image]``, ``(B, L + N, D)``). ``force_drop_ids: (B,)`` (1 = null
+        class / empty caption) replaces the random drop-out of training mode.
         """
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs got {tuple(x.shape[-2:])}")
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = self.x_embedder(x)
+        if hasattr(self, "pos_embed"):
+            tokens = tokens + self.pos_embed
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        cond = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        cond = self.y_embedder.condition(self.t_embedder(t), y, force_drop_ids)
+        if self.text_stream:
+            tokens = torch.cat([cond.tokens, tokens], dim=1)
         return tokens, cond
 
-    def head(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``tokens: (B, N, D)`` -> ``(B, out_channels, H, W)``."""
+    def head(self, tokens: torch.Tensor, cond: torch.Tensor | TextCondition) -> torch.Tensor:
+        """``tokens: (B, N, D)`` (or ``[text; image]``, whose image part is read) -> ``(B, out_channels, H, W)``."""
+        if self.text_stream:
+            tokens = tokens[:, -self.x_embedder.num_patches :]
         return self.unpatchify(self.final_layer(tokens, cond))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

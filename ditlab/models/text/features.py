@@ -23,6 +23,9 @@ class TextFeatures:
     tokens: torch.Tensor
     pooled: torch.Tensor
     mask: torch.Tensor
+    null: TextFeatures | None = None
+    """The empty caption's features ``(1, L, D)`` from the same encoder: the unconditional rows of classifier-free
+    guidance and of caption drop-out (set by :meth:`TextEncoder.forward`, kept by indexing, ``to`` and ``cat``)."""
 
     def __post_init__(self) -> None:
         batch, length = self.tokens.shape[:2] if self.tokens.dim() == 3 else (-1, -1)
@@ -40,12 +43,31 @@ class TextFeatures:
         """Rows ``index`` (an int keeps the batch dimension), e.g. one process's share of a batch."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
-        return TextFeatures(self.tokens[index], self.pooled[index], self.mask[index])
+        return TextFeatures(self.tokens[index], self.pooled[index], self.mask[index], self.null)
+
+    def null_rows(self, batch: int | None = None) -> TextFeatures:
+        """``batch`` (default: as many as these) rows of the empty caption; refused when the encoder gave none."""
+        if self.null is None:
+            raise ValueError("these text features carry no empty-caption features for guidance or caption drop-out; "
+                             "encode them with a ditlab TextEncoder (it adds them) or set TextFeatures.null")  # fmt: skip
+        count = len(self) if batch is None else batch
+        null = self.null
+        return TextFeatures(null.tokens.expand(count, -1, -1), null.pooled.expand(count, -1),
+                            null.mask.expand(count, -1), null)  # fmt: skip
+
+    def where(self, drop: torch.Tensor) -> TextFeatures:
+        """Rows where ``drop: (B,)`` is true replaced by the empty caption (caption drop-out, forced null rows)."""
+        null = self.null_rows()
+        keep = ~drop.to(self.tokens.device).bool()
+        return TextFeatures(torch.where(keep[:, None, None], self.tokens, null.tokens.to(self.tokens)),
+                            torch.where(keep[:, None], self.pooled, null.pooled.to(self.pooled)),
+                            torch.where(keep[:, None], self.mask, null.mask.to(self.mask.device)), self.null)  # fmt: skip
 
     def to(self, *args, **kwargs) -> TextFeatures:
         """Tokens and pooled as ``Tensor.to(*args, **kwargs)``; the mask moves device only and stays bool."""
         tokens, pooled = self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs)
-        return TextFeatures(tokens, pooled, self.mask.to(tokens.device))
+        null = self.null.to(*args, **kwargs) if self.null is not None else None
+        return TextFeatures(tokens, pooled, self.mask.to(tokens.device), null)
 
     @staticmethod
     def cat(parts: Sequence[TextFeatures]) -> TextFeatures:
@@ -56,7 +78,7 @@ class TextFeatures:
         if len(lengths) != 1:
             raise ValueError(f"cannot stack text features of different shapes {sorted(lengths)}; encode them together")
         return TextFeatures(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]),
-                            torch.cat([p.mask for p in parts]))  # fmt: skip
+                            torch.cat([p.mask for p in parts]), parts[0].null)  # fmt: skip
 
 
 class TextEncoder(nn.Module):
@@ -89,7 +111,14 @@ class TextEncoder(nn.Module):
         bad = [type(c).__name__ for c in captions if not isinstance(c, str)]
         if bad:
             raise ValueError(f"text encoder {self.name} takes captions as str; got {bad[0]}")
-        return self.encode(captions)
+        features = self.encode(captions)
+        if features.null is None:
+            if self._null is None or self._null.tokens.device != features.tokens.device:
+                self._null = self.encode([""])
+            features.null = self._null
+        return features
+
+    _null: TextFeatures | None = None
 
     def null(self, batch: int = 1) -> TextFeatures:
         """The guidance null condition: ``batch`` empty captions."""
