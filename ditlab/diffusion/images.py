@@ -19,6 +19,7 @@ import torch
 from ditlab.diffusion.cache import cache_model_function
 from ditlab.diffusion.guidance import ModelFunction
 from ditlab.diffusion.sample import model_device, null_label_of, sample_images, sample_shape
+from ditlab.models.text.prompts import condition_input
 from ditlab.progress import TaskProgress
 
 ModelFactory = Callable[..., ModelFunction]
@@ -65,7 +66,8 @@ def sample_from_config(network: torch.nn.Module, objective, sampling, labels: to
         chunks = []
         with TaskProgress(progress or "sampling", len(labels), enabled=progress is not None) as bar:
             for offset in range(0, len(labels), batch_size):
-                chunk = sample_images(model, objective, labels[offset : offset + batch_size], seed=seed,
+                condition = condition_input(getattr(network, "config", None), labels[offset : offset + batch_size], device)
+                chunk = sample_images(model, objective, condition, seed=seed,
                                       start=start + offset, batch_size=batch_size, shape=shape, device=device,
                                       null_label=null_label_of(network), **options)  # fmt: skip
                 chunks.append(decode(chunk) if decode is not None else chunk)

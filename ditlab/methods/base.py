@@ -130,7 +130,7 @@ class DiffusionModule(L.LightningModule):
         dropout = self.network.y_embedder.dropout_prob
         if not (self.network.training and dropout > 0):
             return noised, None
-        draws = draw_rows(lambda n: torch.rand(n, device=labels.device, generator=generator), len(labels), rank,
+        draws = draw_rows(lambda n: torch.rand(n, device=images.device, generator=generator), len(labels), rank,
                           world_size)  # fmt: skip
         return noised, (draws < dropout).long()
 
@@ -151,8 +151,32 @@ class DiffusionModule(L.LightningModule):
             self._pending_draws = None
         return self._draws
 
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether the trained network reads captions (``DiTConfig.condition: text``)."""
+        return self.network is not None and self.network.config.text_conditioned
+
+    def condition_input(self, labels):
+        """A condition as the network takes it: captions encoded by the network's frozen text encoder (on this
+        module's device, never saved), labels and encoded ``TextFeatures`` as they are."""
+        from ditlab.models.text.prompts import condition_input
+
+        return condition_input(self.network.config, labels, self.device)
+
+    def unpack_batch(self, batch) -> tuple[torch.Tensor, object]:
+        """``(images, condition)`` of a loader batch: ``(images, labels)``, or ``(images, labels, captions)`` (the
+        digit scenes with captions), whose captions a text-conditioned network reads and a class-conditional one
+        ignores."""
+        images, labels = batch[0], batch[1]
+        if self.text_conditioned:
+            if len(batch) < 3 and not isinstance(labels, (list, tuple)) and not hasattr(labels, "null_rows"):
+                raise ValueError("a text-conditioned network needs captions in its batches: set data.init_args.captions"
+                                 " true (digit scenes) or give a datamodule whose batches carry captions")  # fmt: skip
+            labels = batch[2] if len(batch) > 2 else labels
+        return images, self.condition_input(labels)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+        images, labels = self.unpack_batch(batch)
         terms = self.training_losses(images, labels)
         auxiliary = pop_aux_losses(self.network)  # e.g. a router's balance loss, left by a block component
         if auxiliary:
@@ -165,7 +189,7 @@ class DiffusionModule(L.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels = batch
+        images, labels = self.unpack_batch(batch)
         generator = torch.Generator(device=images.device).manual_seed(1234 + batch_idx)
         noised = self.objective.prepare(images, generator=generator)
         network = self.ema if self.ema is not None else self.network

@@ -1,6 +1,7 @@
 """``ditlab sample --ckpt PATH --num N --out DIR``: PNGs and an ``.npz`` batch from a run's EMA network.
 
-Labels cycle through the classes (or are fixed with ``--class``); sample ``i`` uses noise seed ``seed + i``,
+Labels cycle through the classes (or are fixed with ``--class``); a text-conditioned run samples ``--prompt "..."``
+(every image) or ``--prompts FILE`` (one caption a line, cycled). Sample ``i`` uses noise seed ``seed + i``,
 so the same command gives the same images on any machine and batch size. Sampling options (``--steps``,
 ``--time_grid``, ``--guidance_interval``, ``--cache``, ...) are the run's :class:`SamplingConfig`, overridden.
 """
@@ -40,8 +41,9 @@ def describe_sampling(sampling: SamplingConfig, bundle) -> str:
 
 
 def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: int = 0, ema: bool = True,
-           sampling: SamplingConfig | None = None) -> int:  # fmt: skip
-    """Draw images from a checkpoint: one PNG each and ``samples.npz`` (uint8 NHWC ``arr_0`` and ``labels``).
+           sampling: SamplingConfig | None = None, prompt: str | None = None, prompts: str | None = None) -> int:  # fmt: skip
+    """Draw images from a checkpoint: one PNG each and ``samples.npz`` (uint8 NHWC ``arr_0`` and ``labels``, or
+    ``captions`` for a text-conditioned run, also written to ``captions.txt``).
 
     Labels cycle through the classes (or are all ``--class``); sample ``i`` uses noise seed ``seed + i``, so the
     same command gives the same images on any machine and batch size.
@@ -54,16 +56,31 @@ def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: i
         seed: noise seed of the first image.
         ema: sample the EMA network; ``--no-ema`` samples the raw network.
         sampling: sampler, steps, guidance, time grid, SDE, tolerances and feature cache (default: the run's).
+        prompt: the caption of every image (text-conditioned runs).
+        prompts: a text file of captions, one a line, cycled (text-conditioned runs; default: the digit scenes'
+            validation captions).
     """
     from ditlab.checkpoint import bundle_from_checkpoint, sample_bundle, sampling_model
 
     if num < 1:
         raise ValueError(f"--num {num}: ask for at least one image")
+    if prompt is not None and prompts is not None:
+        raise ValueError("give --prompt or --prompts, not both")
     bundle = bundle_from_checkpoint(ckpt, use_ema=ema)
-    num_classes = bundle.network.num_classes
-    if label is not None and not 0 <= label < num_classes:
-        raise ValueError(f"--class {label} is out of range; this model has classes 0..{num_classes - 1}")
-    labels = torch.full((num,), label) if label is not None else torch.arange(num) % num_classes
+    text = bundle.network.config.text_conditioned
+    if text:
+        if label is not None:
+            raise ValueError("--class: this run is text-conditioned; give --prompt \"...\" or --prompts FILE")
+        from ditlab.metrics.text_eval import caption_prompts
+
+        labels = [prompt] * num if prompt is not None else caption_prompts(prompts or "validation", num)
+    else:
+        if prompt is not None or prompts is not None:
+            raise ValueError("--prompt/--prompts: this run is class-conditional; give --class N (or nothing)")
+        num_classes = bundle.network.num_classes
+        if label is not None and not 0 <= label < num_classes:
+            raise ValueError(f"--class {label} is out of range; this model has classes 0..{num_classes - 1}")
+        labels = torch.full((num,), label) if label is not None else torch.arange(num) % num_classes
     sampling = sampling if sampling is not None else bundle.sampling
     print(f"sampling {num} image(s) from {bundle.source}: {describe_sampling(sampling, bundle)}", flush=True)
     model = sampling_model(bundle, sampling)
@@ -75,7 +92,11 @@ def sample(ckpt: str, out: str, num: int = 64, label: int | None = None, seed: i
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(folder / f"{index:06d}.png")
-    np.savez(folder / "samples.npz", arr_0=images, labels=labels.numpy())
+    if text:
+        np.savez(folder / "samples.npz", arr_0=images, captions=np.array(labels))
+        (folder / "captions.txt").write_text("".join(f"{caption}\n" for caption in labels))
+    else:
+        np.savez(folder / "samples.npz", arr_0=images, labels=labels.numpy())
     print(f"wrote {len(images)} images to {folder} (and samples.npz)")
     return 0
 
