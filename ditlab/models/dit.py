@@ -257,6 +257,7 @@ class DiT(nn.Module):
     out_channels = property(lambda self: self._config.out_channels)
     learn_sigma = property(lambda self: self._config.learn_sigma)
     num_classes = property(lambda self: self._config.num_classes)
+    text_conditioned = property(lambda self: self._config.text_conditioned)
 
     def initialize_weights(self) -> None:
         """The DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output."""

@@ -290,6 +290,10 @@ def load_network(source: str | Path | dict, use_ema: bool = True, **overrides) -
         if (path / ".metadata").is_file():
             return network_from_checkpoint(read_checkpoint(path), use_ema)
         if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
+            from ditlab.models import diffusers_t2i
+
+            if diffusers_t2i.folder_class(path) in diffusers_t2i.CONVERTERS:
+                return diffusers_t2i.load_folder(path)
             return interop.from_diffusers(interop.load_diffusers(path), **overrides)
         if (path / "dit.safetensors").is_file():
             return interop.load_safetensors(path)

@@ -79,9 +79,9 @@ class RotaryPositions(nn.Module):
         rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
         image = [rows.reshape(-1), cols.reshape(-1)]
         image = ([np.zeros(grid_size**2)] if len(axes_dims) == 3 else []) + image
-        cos, sin = self._angles(np.stack(image, axis=1))
-        self.register_buffer("image_cos", cos, persistent=False)
-        self.register_buffer("image_sin", sin, persistent=False)
+        # plain tensors, not buffers: recomputed by nothing, so a network rebuilt on the meta device and materialised
+        # with to_empty (FSDP2's gathered copy) keeps them; moved to the input's device on use
+        self.image_cos, self.image_sin = self._angles(np.stack(image, axis=1))
 
     def _angles(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids (S, axes)`` -> ``cos, sin (S, head_dim)``, each angle repeated for its channel pair (float64 math)."""
@@ -97,8 +97,10 @@ class RotaryPositions(nn.Module):
         if length < image:
             raise ValueError(f"rotary positions for a {self.grid_size}x{self.grid_size} grid got {length} tokens")
         text = length - image
-        cos = torch.cat([torch.ones(text, self.head_dim, device=x.device), self.image_cos.to(x.device)])
-        sin = torch.cat([torch.zeros(text, self.head_dim, device=x.device), self.image_sin.to(x.device)])
+        if self.image_cos.device != x.device:
+            self.image_cos, self.image_sin = self.image_cos.to(x.device), self.image_sin.to(x.device)
+        cos = torch.cat([torch.ones(text, self.head_dim, device=x.device), self.image_cos])
+        sin = torch.cat([torch.zeros(text, self.head_dim, device=x.device), self.image_sin])
         pairs = x.float().reshape(*x.shape[:-1], -1, 2)
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
         return (x.float() * cos + rotated * sin).to(x.dtype)

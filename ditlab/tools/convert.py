@@ -103,6 +103,30 @@ def export_diffusers(network, meta: dict, out: Path) -> str | None:
     return gaps
 
 
+def weights_of(checkpoint: dict, ema: bool) -> str:
+    """Which weights an export holds: ``ema`` when asked for and present, else ``network``."""
+    has_ema = any(key.startswith("ema.") for key in checkpoint["state_dict"])
+    return "ema" if has_ema and ema else "network"
+
+
+def export_text_transformer(network, folder: Path, weights: str, source: str) -> int:
+    """A text-conditioned run's transformer as the diffusers class its blocks are (PixArt, SD3, FLUX) in
+    ``folder/transformer``, which ``<Class>.from_pretrained`` loads and ``ditlab.models.loading.load_network`` reads
+    back exactly. Its text encoder is the run's (``condition_options.encoder``), not a diffusers component, so no
+    pipeline is written."""
+    from ditlab.models.diffusers_t2i import to_model
+
+    model = to_model(network)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder / "transformer")
+    encoder = network.config.condition_options.get("encoder")
+    (folder / "ditlab.json").write_text(json.dumps({"weights": weights, "source": source, "text_encoder": encoder},
+                                                   indent=2))  # fmt: skip
+    print(f"wrote {folder / 'transformer'} ({type(model).__name__}, {weights} weights); its text encoder is the run's "
+          f"{encoder!r}, which a diffusers pipeline does not hold: pass its features as prompt_embeds")  # fmt: skip
+    return 0
+
+
 def convert(ckpt: str, out: str, format: str = "safetensors", ema: bool = True) -> int:
     """Export a run's network without Lightning: safetensors + JSON, or a diffusers pipeline folder.
 
@@ -122,12 +146,13 @@ def convert(ckpt: str, out: str, format: str = "safetensors", ema: bool = True) 
     checkpoint = read_checkpoint(ckpt)
     network = network_from_checkpoint(checkpoint, use_ema=ema)
     meta = checkpoint["ditlab"]
+    if format == "diffusers" and network.config.text_conditioned:
+        return export_text_transformer(network, Path(out), weights_of(checkpoint, ema), str(ckpt))
     if format == "diffusers":  # refuse a flow run before writing anything
         pipeline_scheduler(meta["objective"], meta["sampling"])
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    has_ema = any(key.startswith("ema.") for key in checkpoint["state_dict"])
-    weights = "ema" if has_ema and ema else "network"
+    weights = weights_of(checkpoint, ema)
     if format == "safetensors":
         extra = {key: meta.get(key) for key in ("objective", "sampling", "vae", "latent_scale")}
         extra.update(weights=weights, source=str(ckpt))
