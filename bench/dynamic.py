@@ -13,6 +13,13 @@ skipped samples), so the speed is the one a user gets. Reported per method and t
 - depth pruning at the same FLOPs: the teacher cut to ``round(depth x ratio)`` blocks (dicomp, LAPTOP
   criterion) and distilled for the same number of steps.
 
+DyDiT's FLOPs target follows ``DynamicConfig.target_at`` as DyDiT's ``train.py`` computes it (checked against the
+authors' release, kawgit/DyDiT at 0ddc5097d2bc38c9b68b6c32ac6b53adadc1f865): ``lambda = 1 - (1 - target) step / W``
+counted from step 0, held at 1 before step ``H``; here ``W = steps // 2`` (the target is reached half-way, then
+held) and ``H = steps // 8`` (:func:`lambda_schedule`). Reports written before this (``bench/results/dynamic.*`` up
+to the fix) ran the old meaning: 1 until ``H``, then a fall over ``W`` more steps, reaching the target at
+``H + W = 5/8`` of the steps.
+
 Writes ``bench/results/dynamic.json`` and ``bench/results/dynamic.md``.
 
     python bench/dynamic.py [--steps 200] [--seeds 0 1 2] [--samples 250] [--sampling-steps 25]
@@ -42,6 +49,8 @@ RESULTS = Path(__file__).parent / "results"
 TEACHER = Path(os.environ.get("DITLAB_CACHE", "~/.cache/ditlab")).expanduser() / "teachers"
 
 FAST_DYDIT = {"groups": 4, "width_bias": 2.0, "token_bias": 2.0}  # on at init, yet reachable in ~100 steps
+DCDIT = {"ratio_weight": 0.03, "ratio_group": 16, "strata": 1, "complete_model_steps": 0,
+         "freeze": ["t_embedder", "y_embedder"]}  # DC-DiT's (configs/dcdit.yaml): paper weight, uniform t, upcycling
 METHODS = {
     "dydit-0.7": DynamicConfig(trunk="dydit", trunk_options=FAST_DYDIT, flops_target=0.7),
     "dydit-0.5": DynamicConfig(trunk="dydit", trunk_options=FAST_DYDIT, flops_target=0.5),
@@ -49,10 +58,10 @@ METHODS = {
                                keep_high=1.0, keep_low=0.6, width_target=0.75, complete_model_steps=0),
     "elastic-b": DynamicConfig(trunk="elastic", trunk_options={"router_hidden": 32}, flops_weight=0.0,
                                keep_high=0.9, keep_low=0.4, width_target=0.5, complete_model_steps=0),
-    "dcdit-2x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
-                              chunk_target=2.0, ratio_weight=1.0, complete_model_steps=0),
-    "dcdit-3x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
-                              chunk_target=3.0, ratio_weight=1.0, complete_model_steps=0),
+    "dcdit-2x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
+                              chunk_target=2.0),
+    "dcdit-3x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
+                              chunk_target=3.0),
 }  # fmt: skip
 
 
@@ -76,13 +85,24 @@ def fit(module, steps: int, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def train_dynamic(teacher: Path, config: DynamicConfig, seed: int, args: argparse.Namespace) -> DynamicModule:
-    L.seed_everything(seed, verbose=False)
-    schedule = {"target_hold_steps": args.steps // 8, "target_warmup_steps": args.steps // 2,
-                "router_lr_scale": args.router_lr_scale}
+def lambda_schedule(steps: int) -> dict[str, int]:
+    """DyDiT's FLOPs-target schedule for a fine-tune of ``steps`` steps, in ``DynamicConfig``'s meaning:
+    ``target_warmup_steps`` is the step at which lambda reaches the target (the fall counted from step 0, as DyDiT's
+    ``train.py``), ``target_hold_steps`` the steps held at 1 before it (DyDiT: 100 of a 1000- or 5000-step fall)."""
+    return {"target_hold_steps": steps // 8, "target_warmup_steps": steps // 2}
+
+
+def method_config(config: DynamicConfig, args: argparse.Namespace) -> DynamicConfig:
+    """``config`` with the bench's schedule for ``args.steps``: lambda, router learning rate, DyDiT's stage 1."""
+    schedule = {**lambda_schedule(args.steps), "router_lr_scale": args.router_lr_scale}
     if config.complete_model_steps is None:
         schedule["complete_model_steps"] = args.steps // 2  # DyDiT stage 1, then without the complete model
-    config = DynamicConfig(**{**config.__dict__, **schedule})
+    return DynamicConfig(**{**config.__dict__, **schedule})
+
+
+def train_dynamic(teacher: Path, config: DynamicConfig, seed: int, args: argparse.Namespace) -> DynamicModule:
+    L.seed_everything(seed, verbose=False)
+    config = method_config(config, args)
     module = DynamicModule(teacher=TeacherConfig(checkpoint=str(teacher)), dynamic=config, lr=args.lr,
                            warmup_steps=10, ema_decay=args.ema_decay)  # fmt: skip
     module.train_seconds = fit(module, args.steps, args.batch_size)
@@ -246,7 +266,10 @@ def main() -> None:
                 module = train_depth(teacher_path, blocks, seed, args)
                 rows.append(measure(f"depth-{blocks}/{teacher.depth} (~{name})", seed, module,
                                     module.sampling_network, teacher, teacher_flops, args))  # fmt: skip
+        schedule = lambda_schedule(args.steps)
         report = {"setup": f"teacher {teacher_path}, {args.steps} fine-tuning steps, batch {args.batch_size}, "
+                           f"DyDiT lambda = 1 - (1 - target) step/{schedule['target_warmup_steps']} from step 0, "
+                           f"held at 1 before step {schedule['target_hold_steps']}, "
                            f"{args.samples} samples x {len(args.sampling_seeds)} sampling seeds per FID, "
                            f"{args.sampling_steps} {teacher_module.sampling.sampler} steps, cfg "
                            f"{teacher_module.sampling.cfg_scale}, one CPU thread",

@@ -14,6 +14,16 @@ Sequences of different lengths run padded to the longest kept length with padded
 CPU fallback of the paper's flash-attn varlen packing (no packed kernel here). [interp] The router works on the
 embedded tokens of the DiT's own patch embedding, where DC-DiT uses patch size 1 and conv encoder/decoder stages,
 so a plain DiT checkpoint can be upcycled; multi-budget tail dropping and Lite-CFG are not implemented.
+
+Read against the paper (arXiv 2603.06351 v2, Sec. 3 and Table 6) and the authors' code, AMD-AGI/DynamicChunkingDiT
+at b939538ba4839fb58cf4ea4abd4fa882ec114efa (``hnet/hnet/modules/dc.py``, ``hnet/utils/train.py``, ``train.py``,
+``config.py``; the later commits add only repository files): the ratio loss and its groups of 16
+(``load_balancing_loss``), weight 0.03, smoothing sigma 1, uniform timesteps, one AdamW group at 1e-4. Upcycling
+(v2 Sec. 4.4, Z-Image; v1 upcycled DiT-XL/2 the same way over 50K steps) keeps the pretrained blocks, freezes the
+timestep and condition embedders (here ``DynamicConfig.freeze: [t_embedder, y_embedder]``), adds a LayerNorm
+adaptor to the conv stages' conditioning (no conv stages here) and starts with 5K steps of grafting-style
+distillation towards the frozen model, which is not implemented here. The code has no upcycling path, and no
+output of it was recorded against this trunk (its model needs flash-attn).
 """
 
 from __future__ import annotations

@@ -48,13 +48,18 @@ class DynamicConfig:
         trunk: ``dydit``, ``elastic`` or ``chunking``.
         trunk_options: options of the trunk (groups, temperature, widths, router_bias, smoothing, ...).
         init: ``teacher`` copies the teacher's weights (fine-tuning, upcycling); ``scratch`` only its architecture.
+        freeze: parameter-name prefixes of the network kept as they start (no gradient, not in the optimiser);
+            DC-DiT's upcycling freezes the timestep and class embedders: ``[t_embedder, y_embedder]``.
         flops_target: the FLOPs ratio lambda in (0, 1] the FLOPs loss pulls towards (DyDiT: 0.7 or 0.5).
         flops_weight: weight of the FLOPs loss (DyDiT: 2; 0 turns it off).
         target_hold_steps: steps held at lambda = 1 (DyDiT: 100); the fall is still counted from step 0.
         target_warmup_steps: lambda reaches ``flops_target`` at this step, linearly from 1 at step 0 (DyDiT's
             lambda-0.7 recipe: 5000; its lambda-0.5 recipe leaves ``--warmup_step`` at its default, 1000).
         complete_model_steps: steps with the complete-model loss (None: all; 0: never; DyDiT lambda 0.5: stage 1).
-        strata: stratified timesteps over this many equal ranges (DyDiT: 4; 1 turns it off).
+        strata: stratified timesteps over this many equal ranges (DyDiT: 4; 1 turns it off). Row ``i`` of ``B``
+            falls in range ``i * strata // B``, so with DC-DiT's ratio loss (groups of ``ratio_group`` consecutive
+            rows) each group sees one range and the ratio is enforced per range, which DC-DiT's uniform timesteps
+            (its ``train.py``) do not do: DC-DiT uses 1.
         keep_high, keep_low: Elastic-DiT's open-block targets at the data end and the noise end.
         width_target: Elastic-DiT's target mean MLP width of open blocks (rho*).
         budget_weight: weight of Elastic-DiT's budget losses (0 turns them off).
@@ -67,6 +72,7 @@ class DynamicConfig:
     trunk: str = "dydit"
     trunk_options: dict[str, Any] = field(default_factory=dict)
     init: str = "teacher"
+    freeze: list[str] = field(default_factory=list)
     flops_target: float = 0.5
     flops_weight: float = 2.0
     target_hold_steps: int = 100
@@ -94,6 +100,7 @@ class DynamicConfig:
         if self.strata < 1:
             raise ValueError(f"model.dynamic.strata={self.strata} must be >= 1 (1: plain uniform timesteps)")
         self.trunk_options = dict(self.trunk_options)
+        self.freeze = list(self.freeze)
 
     def target_at(self, step: int) -> float:
         """lambda at optimiser step ``step``: ``1 - (1 - target) step / warmup`` (the fall counted from step 0, as
@@ -145,6 +152,13 @@ class DynamicModule(FromTeacher, DiffusionModule):
             if unexpected or any(not key.startswith("trunk.") for key in missing):
                 raise ValueError(f"teacher weights do not fit the dynamic network: missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}")  # fmt: skip
+        for prefix in self.dynamic.freeze:
+            named = [p for name, p in network.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+            if not named:
+                raise ValueError(f"model.dynamic.freeze names {prefix!r}, which is no module of the network; e.g. "
+                                 "t_embedder, y_embedder, blocks.0")  # fmt: skip
+            for parameter in named:
+                parameter.requires_grad_(False)
         return network
 
     def trainable_parameters(self) -> list:

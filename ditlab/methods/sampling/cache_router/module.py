@@ -22,6 +22,13 @@ sampler's trajectory (``ditlab.diffusion.trajectory``), so a router trains on an
 interval the sampler takes. The router (and so the plan exported from it) belongs to one schedule (sampler, step
 count, call times), recorded in the checkpoint; another is refused (``ditlab.methods.sampling.schedule``).
 Loss terms, the router as an image (step x unit) and the share of units computed go to TensorBoard.
+
+Class labels are dropped to the null class while training as each reference does (``RouterConfig.label_dropout``):
+L2C's ``train_router.py`` runs its DiT in train mode and ``router_training_losses`` draws one drop-out mask per
+sample (probability 0.1) that the full step and both calls of the pair share; HarmoniCa's ``train_router.py`` runs
+its DiT in eval mode with ``label_for_dropout=None``, so it drops none. Read against horseee/learning-to-cache
+d6cc7817842e1353b8d902af263bab030b8478da (``DiT/train_router.py``, ``DiT/diffusion/gaussian_diffusion.py``) and
+ModelTC/HarmoniCa 5d7f78d8019122b3d2c53620543ea79d24fa81f6 (``train_router.py``, ``models/router_models.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
 from ditlab.models.dit import DiT
 
 PAIR_SAMPLERS = ("ddim", "euler", "sde")
+LABEL_DROPOUT = {"l2c": 0.1, "harmonica": 0.0}
+"""Each mode's reference label drop-out while training (``RouterConfig.label_dropout: null`` takes it)."""
 """Samplers whose step from call ``k - 1`` needs nothing but that call (L2C builds each pair from one full step)."""
 
 
@@ -66,6 +75,10 @@ class RouterConfig:
         init_value: theta everywhere for ``init: constant``.
         seed: seed of the normal initialisation.
         train_cfg_scale: guidance while training (HarmoniCa: 1.5); None uses ``sampling.cfg_scale``.
+        label_dropout: probability that a training sample's class is replaced by the null class (one draw per
+            sample from the training draws; an L2C pair keeps it for its full step and both calls, a HarmoniCa
+            trajectory for all its calls). None takes the mode's reference: L2C 0.1 (its DiT trains in train mode,
+            ``dropout_prob=0.1``), HarmoniCa 0 (its DiT trains in eval mode). 0 draws nothing.
     """
 
     mode: Literal["harmonica", "l2c"] = "harmonica"
@@ -76,6 +89,12 @@ class RouterConfig:
     init_value: float = 0.0
     seed: int = 0
     train_cfg_scale: float | None = None
+    label_dropout: float | None = None
+
+    @property
+    def label_dropout_rate(self) -> float:
+        """``label_dropout``, or the mode's reference when it is None."""
+        return LABEL_DROPOUT[self.mode] if self.label_dropout is None else float(self.label_dropout)
 
 
 class CacheRouterModule(FromTeacher, DiffusionModule):
@@ -113,6 +132,9 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         if router.sparsity < 0 or router.clamp <= 0:
             raise ValueError(f"model.router.sparsity={router.sparsity} must be >= 0 and model.router.clamp="
                              f"{router.clamp} > 0")  # fmt: skip
+        if not 0.0 <= router.label_dropout_rate < 1.0:
+            raise ValueError(f"model.router.label_dropout={router.label_dropout} must be in [0, 1) (L2C: 0.1; "
+                             "null: the mode's reference)")  # fmt: skip
         super().__init__(objective=objective, sampling=sampling or SamplingConfig(), lr=lr, weight_decay=weight_decay,
                          betas=betas, warmup_steps=warmup_steps, ema_decay=None)  # fmt: skip
         self.automatic_optimization = False
@@ -146,8 +168,13 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         if mode == "l2c" and self.sampler not in PAIR_SAMPLERS:
             raise ValueError(f"router mode l2c builds each pair from one full step, which {self.sampler} cannot "
                              f"take alone; use sampling.sampler {' or '.join(PAIR_SAMPLERS)}, or mode harmonica")  # fmt: skip
-        frozen = list(range(0, calls, 2)) if mode == "l2c" else [0]
         config = self.router_config
+        table = getattr(teacher.y_embedder, "embedding_table", None)
+        if config.label_dropout_rate > 0 and table is not None and table.num_embeddings <= teacher.num_classes:
+            raise ValueError(f"model.router.label_dropout={config.label_dropout_rate} drops labels to the null class, "
+                             "which this teacher lacks (trained without class drop-out); set "
+                             "model.router.label_dropout 0")  # fmt: skip
+        frozen = list(range(0, calls, 2)) if mode == "l2c" else [0]
         self.router = StepUnitRouter(calls, teacher.depth, frozen, config.clamp, config.init, config.init_value,
                                      config.seed).to(self.device)  # fmt: skip
         self.weights = torch.ones(calls)
@@ -226,8 +253,20 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
                           world_size)  # fmt: skip
         labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
                            batch_size, rank, world_size)  # fmt: skip
+        labels = self.drop_labels(labels, generator, rank, world_size)
         self.rollout, self.rollout_cache = self.new_trajectory(noise, labels), {}
         self.advance_in_full(self.rollout, self.rollout_cache)
+
+    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator, rank: int = 0,
+                    world_size: int = 1) -> torch.Tensor:  # fmt: skip
+        """``labels`` with each replaced by the null class with probability ``label_dropout`` (this process's rows
+        of one global draw, so the process count does not change which are dropped); no draw when it is 0."""
+        rate = self.router_config.label_dropout_rate
+        if rate == 0:
+            return labels
+        draws = draw_rows(lambda n: torch.rand(n, device=labels.device, generator=generator), len(labels), rank,
+                          world_size)  # fmt: skip
+        return torch.where(draws < rate, torch.full_like(labels, self.teacher.num_classes), labels)
 
     @torch.no_grad()
     def advance_in_full(self, trajectory: Trajectory, cache: Cache) -> None:
@@ -242,6 +281,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         cached_calls = torch.arange(1, self.router.calls, 2)
         pick = torch.randint(len(cached_calls), (1,), generator=generator, device=self.device)
         index = int(cached_calls[int(pick)])
+        labels = self.drop_labels(labels, generator, rank, world_size)  # L2C: drawn before the noise, for the pair
         noise = draw_rows(lambda n: torch.randn(n, *images.shape[1:], device=self.device, generator=generator),
                           len(images), rank, world_size)  # fmt: skip
         trajectory, cache = self.new_trajectory(noise, labels), {}
