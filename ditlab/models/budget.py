@@ -4,7 +4,9 @@ FLOPs are ``2 x`` the multiply-accumulates of every matrix product, counted by a
 component (:mod:`ditlab.models.components`), so a new attention or MLP kind is counted by its own
 ``macs(num_tokens)``. Counted: the patch-embedding convolution, the timestep MLP, every block's adaLN
 linear and components (for full attention: qkv, ``q k^T`` and ``attn v`` as ``2 N^2 H Dh``, proj; for the
-dense MLP: fc1 and fc2), and the final layer's adaLN and linear. Not counted (elementwise, ``O(N D)``):
+dense MLP: fc1 and fc2), and the final layer's adaLN and linear; for a text-conditioned network also the caption
+projection over ``condition_options.text_length`` tokens, the pooled projection and PixArt's shared adaLN-single
+linear (text blocks count their cross-attention or text stream themselves). Not counted (elementwise, ``O(N D)``):
 biases, LayerNorm, softmax, GELU/SiLU, modulation, residual adds, the position embedding and the label
 lookup. For the dense DiT this is what ``torch.utils.flop_counter.FlopCounterMode`` counts (it misses
 fused CPU attention kernels), and half of it is the DiT paper's "Gflops" (fvcore counts MACs).
@@ -53,6 +55,8 @@ def flops_per_image(dit: DiT) -> int:
     macs += sum(m.weight.numel() for m in dit.t_embedder.mlp if isinstance(m, nn.Linear))
     macs += dit.trunk.per_image([block.macs(tokens, config) for block in dit.blocks])
     macs += dit.trunk.macs(tokens)  # a routing trunk's routers (its savings depend on the input)
+    macs += int(getattr(dit.y_embedder, "macs", lambda: 0)())  # the text path (caption projection, pooled, adaLN-single)
     final = dit.final_layer
-    macs += final.adaLN_modulation[-1].weight.numel() + tokens * final.linear.weight.numel()
+    modulation = getattr(final, "adaLN_modulation", None)  # PixArt's table head has no linear
+    macs += (modulation[-1].weight.numel() if modulation is not None else 0) + tokens * final.linear.weight.numel()
     return 2 * macs

@@ -95,6 +95,8 @@ def build_component(slot: str, config: DiTConfig, block: int | None = None) -> n
     checkpoint naming a method's kind builds without its caller importing the method first."""
     name = getattr(config, slot)
     registry = _SLOTS[slot]
+    if name not in registry and slot == "block":
+        import ditlab.models.blocks  # noqa: F401 - the core's text-conditioned block kinds
     if name not in registry:
         from ditlab.plugins import load_plugins
 

@@ -126,6 +126,15 @@ class TextEmbedder(nn.Module):
         return TextCondition(vector, self.caption_projection(text.tokens.to(dtype)), text.mask.to(t_emb.device),
                              modulation)  # fmt: skip
 
+    def macs(self) -> int:
+        """Multiply-accumulates per image of the text path: the caption projection over ``text_length`` tokens, the
+        pooled projection and the shared adaLN-single linear (the frozen text encoder is not counted)."""
+        def linears(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+        return self.text_length * linears(self.caption_projection) + linears(self.pooled_projection) + linears(
+            self.t_block)
+
     @property
     def caption_projection_dtype(self) -> torch.dtype:
         return next(self.caption_projection.parameters()).dtype

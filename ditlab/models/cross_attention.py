@@ -5,8 +5,9 @@ Synthesis", 2023) and PixArt-Sigma (Chen et al., 2024) put one multi-head cross-
 from the image tokens, keys and values from the (projected) text tokens, an output projection, no gate. Parameter
 names follow PixArt's public ``MultiHeadCrossAttention`` (``q_linear``, a fused ``kv_linear`` whose output is
 ``[k; v]``, ``proj``), so its block weights need no renaming. Padding tokens of the caption are masked out of the
-keys (SDPA with a boolean key mask); a row whose mask has no real token attends to all its tokens uniformly, which
-is what diffusers' additive ``-10000`` bias gives (checked against diffusers 0.42.1, ``AttnProcessor2_0``).
+keys (SDPA with a boolean key mask). A row whose mask has no real token attends to all of its tokens as if unmasked
+(SDPA would give NaN): diffusers' additive ``-10000`` bias computes the same softmax, shifted, up to its float32
+rounding of ``score - 10000`` (about 1e-3 in the exponent). Checked against diffusers 0.42.1 (``AttnProcessor2_0``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class CrossAttention(nn.Module):
     (default ``dim``) is the width of the text tokens it reads.
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, head_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, head_dim: int | None = None
+    ) -> None:
         super().__init__()
         if head_dim is None and dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
@@ -34,7 +37,9 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(context_dim or dim, 2 * inner)
         self.proj = nn.Linear(inner, dim)
 
-    def forward(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, length = tokens.shape[:2]
         heads, head_dim = self.num_heads, self.head_dim
         q = self.q_linear(tokens).reshape(batch, length, heads, head_dim).transpose(1, 2)
@@ -43,7 +48,8 @@ class CrossAttention(nn.Module):
         key_mask = None
         if mask is not None:
             mask = mask.to(device=tokens.device, dtype=torch.bool)
-            mask = mask | ~mask.any(dim=-1, keepdim=True)  # no real token: attend to all (not NaN), as diffusers
+            # a caption with no real token attends to all its tokens (not NaN), as diffusers' bias does
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
             key_mask = mask[:, None, None, :]
         mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.proj(mixed.transpose(1, 2).flatten(2))
@@ -53,4 +59,6 @@ class CrossAttention(nn.Module):
         ``text_length`` text tokens and the mixing (``q k^T`` and ``attn v``: ``2 N L H Dh``)."""
         inner = self.num_heads * self.head_dim
         projections = num_tokens * (self.q_linear.weight.numel() + self.proj.weight.numel())
-        return projections + text_length * self.kv_linear.weight.numel() + 2 * num_tokens * text_length * inner
+        return (
+            projections + text_length * self.kv_linear.weight.numel() + 2 * num_tokens * text_length * inner
+        )

@@ -62,11 +62,13 @@ def test_router_gradients_match_the_reference(trained_pass):
     def grads(kind: str, suffix: str = "weight") -> torch.Tensor:
         return torch.cat([params[f"trunk.{kind}.{i}.{suffix}"].grad.flatten() for i in range(DEPTH)])
 
-    assert float((out * w).sum()) == pytest.approx(REFERENCE["output_sum_w"], rel=1e-5)
-    assert relative_error(grads("group_routers"), REFERENCE["grad_group_routers"]) < 1e-3
-    assert relative_error(grads("head_routers"), REFERENCE["grad_head_routers"]) < 1e-3
-    assert relative_error(grads("token_routers", "0.weight"), REFERENCE["grad_token_routers"]) < 1e-3
-    assert relative_error(params["t_embedder.mlp.2.bias"].grad, REFERENCE["grad_t_embedder_2_bias"]) < 1e-3
+    # the record's float32 kernels differ from some CPUs' by up to ~1e-3 relative in this sum and ~1% in the router
+    # gradients (float64 here: -242.0004; the record: -242.036); the deviations this test guards were >= 100%
+    assert float((out * w).sum()) == pytest.approx(REFERENCE["output_sum_w"], rel=1e-3)
+    assert relative_error(grads("group_routers"), REFERENCE["grad_group_routers"]) < 2e-2
+    assert relative_error(grads("head_routers"), REFERENCE["grad_head_routers"]) < 2e-2
+    assert relative_error(grads("token_routers", "0.weight"), REFERENCE["grad_token_routers"]) < 2e-2
+    assert relative_error(params["t_embedder.mlp.2.bias"].grad, REFERENCE["grad_t_embedder_2_bias"]) < 2e-2
     norms = [float(params[f"t_embedder.mlp.{j}.weight"].grad.norm()) for j in (0, 2)]
     assert norms == pytest.approx(REFERENCE["grad_t_embedder_norm"], rel=2e-2)
 
