@@ -73,7 +73,7 @@ class SampleGrid(L.Callback):
         if run_dir(trainer):
             self.last_path = save_image_file(grid, run_dir(trainer) / "samples" / f"step_{step:07d}.png")
             if text:
-                save_text(self.last_path.with_suffix(".txt"), "".join(f"{c}\n" for c in self.rows))
+                save_text("".join(f"{c}\n" for c in self.rows), self.last_path.with_suffix(".txt"))
             pl_module.summary["last_sample_grid"] = str(self.last_path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -6,6 +6,10 @@ images with dataset indices ``[k * shard_size, (k + 1) * shard_size)`` that coul
 
 - ``mean``, ``std``: ``(n, C, h, w)`` posterior moments (mode ``moments``), or ``latents`` (mode ``sample``);
 - ``flip_mean``, ``flip_std`` / ``flip_latents``: the same for the horizontally flipped image, when asked;
+- ``pixels``: ``(n, C, S, S)`` images in [-1, 1] instead, for a source trained in pixel space (``--vae none``,
+  mode ``pixels``: ``meta.json``'s ``vae`` is null and ``latent_shape`` the image's);
+- ``text_tokens``, ``text_pooled``, ``text_mask``: each row's caption features, when encoded with ``--text_encoder``
+  (plus ``text-null.safetensors`` and ``meta.json``'s ``text``: :mod:`ditlab.data.text_shards`);
 - ``labels``, ``indices``: ``(n,)`` int64; the safetensors metadata lists the skipped indices and files.
 
 A shard is written atomically (:mod:`ditlab.atomic`: a temporary sibling moved into place), so a shard file that
@@ -29,7 +33,8 @@ FORMAT = "ditlab-latents/1"
 META = "meta.json"
 # meta.json keys a resumed run must agree on (besides the VAE), and the options that set them
 MATCHED = {"image_size": "--image-size", "mode": "--mode", "flip": "--flip", "dtype": "--dtype",
-           "shard_size": "--shard-size", "source": "SOURCE", "num_images": "SOURCE", "seed": "--seed"}  # fmt: skip
+           "shard_size": "--shard-size", "source": "SOURCE", "num_images": "SOURCE", "seed": "--seed",
+           "text": "--text_encoder/--text_encoder_options"}  # fmt: skip
 
 
 def shard_path(folder: str | Path, index: int) -> Path:
@@ -51,13 +56,16 @@ def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
 def fingerprint(meta: dict) -> str:
     """Hash of everything that makes shards interchangeable (the VAE's path on this machine excluded)."""
     content = {key: value for key, value in meta.items() if key != "fingerprint"}
-    content["vae"] = {key: value for key, value in meta["vae"].items() if key != "path"}
+    if meta["vae"] is not None:  # None: pixels (``--vae none``)
+        content["vae"] = {key: value for key, value in meta["vae"].items() if key != "path"}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_vae(meta: dict) -> str:
     vae = meta["vae"]
     shape = "x".join(str(size) for size in meta["latent_shape"])
+    if vae is None:
+        return f"no VAE (pixels {shape}, --vae none)"
     return f"VAE {vae['path']} (config {vae['config_hash']}, weights {vae['weights_hash']}, latents {shape})"
 
 
@@ -76,6 +84,8 @@ def read_meta(folder: str | Path) -> dict | None:
 def same_vae(first: dict, second: dict) -> bool:
     """Same VAE config, weights and latent shape (the folder path may differ between machines)."""
     keys = ("config_hash", "weights_hash")
+    if first["vae"] is None or second["vae"] is None:  # pixels: the same only as other pixels of that shape
+        return first["vae"] is second["vae"] and first["latent_shape"] == second["latent_shape"]
     return first["latent_shape"] == second["latent_shape"] and all(
         first["vae"][k] == second["vae"][k] for k in keys
     )

@@ -1,4 +1,4 @@
-"""``ditlab encode SOURCE --out DIR``: pre-extract VAE latents of an image folder (or the digits) to shards.
+"""``ditlab encode SOURCE --out DIR``: pre-extract VAE latents (or pixels) and caption features to shards.
 
 Stores the posterior mean and std (REPA/edm2) or one sample, optionally the flipped image's latents too,
 in ``shard-KKKKK.safetensors`` files of ``--shard-size`` images plus a ``meta.json`` (fast-DiT-style
@@ -6,6 +6,14 @@ pre-extraction, made resumable and multi-process). Rerunning the same command re
 are kept, a shard cut off mid-write is redone. Several processes split the shards by rank:
 
     torchrun --nproc_per_node 8 -m ditlab encode /data/imagenet/train --out /data/in256-latents --flip
+
+``--text_encoder NAME`` (a registered text-encoder kind, ``--text_encoder_options`` its keyword options as JSON) also
+stores each image's caption features and, once, the empty caption's (:mod:`ditlab.data.text_shards`), so a
+text-conditioned network trains on them without running its frozen encoder. Captions come from the digit scenes
+(SOURCE ``scenes[:SPLIT[:COUNT]]``) or, for an image folder, from a ``IMAGE.txt`` file beside each image.
+``--vae none`` stores the images themselves (pixel-space training, as the scene configs do):
+
+    ditlab encode scenes:train:20000 --out /data/scenes-text --vae none --image-size 32 --text_encoder scene-clip
 
 Ctrl-C or SIGTERM stop it cleanly (exit code 130 / 143, one line): the shards finished so far are kept, the
 DataLoader workers are shut down, and rerunning the command finishes the rest. Killed outright, it takes its
@@ -25,7 +33,7 @@ from typing import Literal
 import torch
 
 from ditlab.child_process import RECEIVED
-from ditlab.data.latents import digits_source, encode_to_shards, folder_source
+from ditlab.data.latents import encode_to_shards, open_source
 
 
 class Terminated(Exception):
@@ -50,21 +58,23 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def encode(source: str, out: str, vae: str = "stabilityai/sd-vae-ft-ema", image_size: int = 256,
+def encode(source: str, out: str, vae: str | None = "stabilityai/sd-vae-ft-ema", image_size: int = 256,
            shard_size: int = 1024, batch_size: int = 64, mode: Literal["moments", "sample"] = "moments",
            flip: bool = False, dtype: Literal["float32", "float16", "bfloat16"] = "float32", seed: int = 0,
            rank: int | None = None, world_size: int | None = None, device: str = "auto", num_workers: int = 4,
-           progress: bool = True) -> int:  # fmt: skip
-    """Pre-extract VAE latents of an image folder (or the digits) into resumable shards for latent training.
+           progress: bool = True, text_encoder: str | None = None,
+           text_encoder_options: dict | None = None) -> int:  # fmt: skip
+    """Pre-extract VAE latents (or pixels), and optionally caption features, into resumable shards for training.
 
     Rerunning the same command resumes; several processes (``torchrun``) split the shards by rank. SOURCE may be
     given first, without ``--source``.
 
     Args:
-        source: an ImageNet-layout folder (SOURCE/<class>/<image>) or ``digits``.
+        source: an ImageNet-layout folder (SOURCE/<class>/<image>, captions in <image>.txt beside each image),
+            ``digits``, or the digit scenes ``scenes[:SPLIT[:COUNT]]`` (e.g. ``scenes:validation:500``).
         out: shard folder (created; an existing one is resumed).
-        vae: a local diffusers AutoencoderKL folder.
-        image_size: ADM centre crop to this size.
+        vae: a local diffusers AutoencoderKL folder; ``none`` stores the images (pixel space, mode ``pixels``).
+        image_size: ADM centre crop to this size (scenes: rendered at 32 or 64).
         shard_size: images per shard file.
         batch_size: images per VAE forward.
         mode: moments: posterior mean and std (resampled in training); sample: one fixed sample.
@@ -76,18 +86,22 @@ def encode(source: str, out: str, vae: str = "stabilityai/sd-vae-ft-ema", image_
         device: auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK when there is a GPU).
         num_workers: DataLoader workers decoding images.
         progress: report progress (a bar in a terminal, lines in a log); ``--no-progress`` is silent.
+        text_encoder: also store caption features from this text-encoder kind (scene-clip, clip-l, t5, ...).
+        text_encoder_options: its keyword options, a JSON object (e.g. ``{"path": "/models/t5", "max_length": 120}``).
     """
     rank = rank if rank is not None else int(os.environ.get("RANK", 0))
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    images = digits_source(image_size) if source == "digits" else folder_source(source, image_size)
+    if vae is not None and vae.strip().lower() in ("none", "null", "pixels", ""):
+        vae = None
+    images = open_source(source, image_size)
     try:
         with sigterm_raises():
             report = encode_to_shards(
                 images, out, vae, image_size, shard_size=shard_size, batch_size=batch_size, mode=mode, flip=flip,
                 dtype=dtype, seed=seed, rank=rank, world_size=world_size, device=device, num_workers=num_workers,
-                progress=progress,
+                progress=progress, text_encoder=text_encoder, text_encoder_options=text_encoder_options,
             )  # fmt: skip
     except (KeyboardInterrupt, Terminated) as stop:
         if isinstance(stop, KeyboardInterrupt) and signal.SIGINT not in RECEIVED:  # raised by code, not a user
