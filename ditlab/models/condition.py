@@ -110,7 +110,12 @@ class TextEmbedder(nn.Module):
     def condition(self, t_emb: torch.Tensor, text: TextFeatures,
                   force_drop_ids: torch.Tensor | None = None) -> TextCondition:  # fmt: skip
         """The condition of ``text`` at timestep embedding ``t_emb (B, D)``; ``force_drop_ids (B,)`` (1 = empty
-        caption) or, in training mode, drop-out at ``dropout_prob`` replaces captions by the empty one."""
+        caption) or, in training mode, drop-out at ``dropout_prob`` replaces captions by the empty one. Runs through
+        ``forward``, so a sharded (FSDP2) embedder gathers its weights."""
+        return self(t_emb, text, force_drop_ids)
+
+    def forward(self, t_emb: torch.Tensor, text: TextFeatures,
+                force_drop_ids: torch.Tensor | None = None) -> TextCondition:  # fmt: skip
         if not isinstance(text, TextFeatures):
             raise ValueError(f"this network is text-conditioned: pass TextFeatures (its text encoder's output), not "
                              f"{type(text).__name__}")  # fmt: skip
