@@ -101,7 +101,7 @@ class RotaryPositions(nn.Module):
             self.image_cos, self.image_sin = self.image_cos.to(x.device), self.image_sin.to(x.device)
         cos = torch.cat([torch.ones(text, self.head_dim, device=x.device), self.image_cos])
         sin = torch.cat([torch.zeros(text, self.head_dim, device=x.device), self.image_sin])
-        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        pairs = x.float().reshape(*x.shape[:-1], self.head_dim // 2, 2)
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
         return (x.float() * cos + rotated * sin).to(x.dtype)
 

@@ -22,6 +22,7 @@ from torch import nn
 from ditlab.models.branch import BranchHook, offset_hook, rows_hook
 from ditlab.models.components import register_trunk
 from ditlab.models.config import DiTConfig
+from ditlab.models.condition import condition_vector
 from ditlab.models.dit import DiT
 from ditlab.models.trunk import Trunk, unit_offsets
 
@@ -36,8 +37,8 @@ class GroupRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_groups, group_size, 2 * dim))
         self.bias = nn.Parameter(torch.zeros(num_groups, group_size))
 
-    def forward(self, group: int, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        features = torch.cat([tokens.mean(1), cond], dim=-1)
+    def forward(self, group: int, tokens: torch.Tensor, cond) -> torch.Tensor:
+        features = torch.cat([tokens.mean(1), condition_vector(cond)], dim=-1)
         return features @ self.weight[group].to(features.dtype).t() + self.bias[group].to(features.dtype)
 
 

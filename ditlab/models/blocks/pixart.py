@@ -91,7 +91,7 @@ class PixArtBlock(nn.Module):
         if not isinstance(cond, TextCondition) or cond.modulation is None:
             raise ValueError("the 'pixart' block needs a TextCondition with PixArt's adaLN-single modulation (a "
                              "network with condition: text and condition_options.adaln: single)")  # fmt: skip
-        table = self.scale_shift_table[None] + cond.modulation.reshape(len(tokens), 6, -1)
+        table = self.scale_shift_table[None] + cond.modulation.reshape(len(tokens), 6, self.scale_shift_table.shape[-1])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.unbind(1)
         text, mask = cond.tokens, cond.mask
         weights = None

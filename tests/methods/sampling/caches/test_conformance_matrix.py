@@ -16,7 +16,10 @@ from ditlab.methods.sampling.caches import build_policy
 from ditlab.methods.sampling.caches.plan import StaticPlan
 from ditlab.models.components import BLOCK, TRUNK
 from ditlab.models.config import DiTConfig
+from ditlab.models.text.features import TextFeatures
 from ditlab.plugins import load_plugins
+
+import ditlab.models.blocks  # noqa: E402,F401 - the core's text-conditioned block kinds
 
 load_plugins()  # every family's kinds, as a config or checkpoint naming them would find them
 TOY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10)
@@ -32,6 +35,25 @@ IDENTITY = {
 }
 """Each built-in policy's setting that must reproduce the network (``plan``: a plan computing every unit)."""
 TRUNK_OPTIONS = {"mixture-of-blocks": {"group_size": 2, "active": 1}}
+TEXT = {"text_dim": 12, "text_length": 5}
+TEXT_KINDS = {  # text-to-image block kinds: the condition and positions each is built for
+    "pixart": {"condition_options": {**TEXT, "adaln": "single"}},
+    "mmdit": {"condition_options": {**TEXT, "pooled_dim": 6, "projection": "linear"}, "qk_norm": "rms"},
+    "flux": {"condition_options": {**TEXT, "pooled_dim": 6, "projection": "linear"}, "qk_norm": "rms",
+             "positions": "rope", "block_options": {"double": 2}},
+    "flux-single": {"condition_options": {**TEXT, "pooled_dim": 6, "projection": "linear"}, "qk_norm": "rms",
+                    "positions": "rope"},
+}  # fmt: skip
+
+
+def captions(batch: int = 3) -> TextFeatures:
+    """Encoded captions with padding, and the empty caption's features (guidance's null rows)."""
+    generator = torch.Generator().manual_seed(7)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])[:batch]
+    null = TextFeatures(torch.randn(1, 5, 12, generator=generator), torch.randn(1, 6, generator=generator),
+                        torch.tensor([[True, True, False, False, False]]))  # fmt: skip
+    return TextFeatures(torch.randn(batch, 5, 12, generator=generator), torch.randn(batch, 6, generator=generator),
+                        mask, null)  # fmt: skip
 OBJECTIVE, SAMPLER, STEPS = GaussianDiffusion(learn_sigma=True), "ddim", 5
 LABELS = torch.tensor([3, 1, 4])
 BUILT_IN = sorted(name for name, entry in cache_policies().items() if entry.options.__module__.startswith("ditlab."))
@@ -49,8 +71,9 @@ def randomised(network: torch.nn.Module) -> torch.nn.Module:
 
 def network_of(block: str, trunk: str) -> torch.nn.Module:
     """The toy network with ``block`` blocks under the ``trunk`` kind (a one-line ValueError if they do not mix)."""
+    text = {"condition": "text", **TEXT_KINDS[block]} if block in TEXT_KINDS else {}
     config = TOY.replace(block=block, depth=TOY.depth // 2 if block == "parallel-pair" else TOY.depth, trunk=trunk,
-                         trunk_options=TRUNK_OPTIONS.get(trunk, {}))  # fmt: skip
+                         trunk_options=TRUNK_OPTIONS.get(trunk, {}), **text)  # fmt: skip
     return randomised(config.build())
 
 
@@ -64,7 +87,10 @@ def identity_cache(policy: str, network, tmp_path) -> dict:
 
 
 def sample(model) -> torch.Tensor:
-    return sample_images(model, OBJECTIVE, LABELS, seed=5, sampler=SAMPLER, steps=STEPS, cfg_scale=2.0)
+    text = getattr(getattr(model, "config", None) or getattr(getattr(model, "network", None), "config", None),
+                   "text_conditioned", False)  # fmt: skip
+    return sample_images(model, OBJECTIVE, captions() if text else LABELS, seed=5, sampler=SAMPLER, steps=STEPS,
+                         cfg_scale=2.0)  # fmt: skip
 
 
 def test_every_builtin_policy_has_an_identity_setting():
@@ -77,7 +103,7 @@ def test_identity_settings_sample_the_network_or_refuse_in_one_line(block, trunk
     try:
         network = network_of(block, trunk)
     except ValueError as error:  # a block kind the trunk cannot route
-        assert "\n" not in str(error) and "use block: dit" in str(error)  # refused before any policy is asked
+        assert "\n" not in str(error) and ("use block: dit" in str(error) or block in TEXT_KINDS), str(error)
         return
     plain = sample(network)
     outcome = {}
