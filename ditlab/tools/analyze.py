@@ -1,7 +1,7 @@
 """``ditlab analyze --ckpt PATH``: per-block importance of a run's EMA network and the blocks to keep.
 
-Calibration images are the embedded digits (a 1-channel network; any size, resized), noised at
-``--num-timesteps`` levels. Writes ``analysis.json`` (per criterion: keep list, scores and details),
+Calibration images are the embedded digits (a 1-channel network; any size, resized), or the digit scenes with
+their captions for a text-conditioned network, noised at ``--num-timesteps`` levels. Writes ``analysis.json`` (per criterion: keep list, scores and details),
 ``importance.md`` and ``importance.png`` to ``--out`` (default: ``analysis/`` in the run folder).
 
 ``--redundancy`` instead samples ``--num-images`` images (default 8) uncached with the run's sampling settings
@@ -39,8 +39,29 @@ def json_safe(value):
     return value
 
 
+def scene_calibration(network, num_images: int, seed: int):
+    """``num_images`` seeded digit scenes ``(B, 3, S, S)`` and their captions encoded by the network's text encoder."""
+    from ditlab.data.scenes import DigitScenes
+    from ditlab.models.text.prompts import encode_prompts
+
+    if network.in_channels != 3:
+        raise ValueError(f"ditlab analyze calibrates text-conditioned networks on the digit scenes (RGB), but this "
+                         f"network takes {network.in_channels} channels; call "
+                         "ditlab.methods.compress.analysis.select_blocks with its images")  # fmt: skip
+    scenes = DigitScenes("train")
+    if not 1 <= num_images <= len(scenes):
+        raise ValueError(f"cannot calibrate on {num_images} images (--num-images); the scenes have 1..{len(scenes)}")
+    order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
+    images = torch.nn.functional.interpolate(scenes.images(order), size=network.input_size, mode="bilinear",
+                                             antialias=True, align_corners=False)  # fmt: skip
+    return images, encode_prompts(network.config, scenes.captions(order))
+
+
 def calibration_images(network, num_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_images`` seeded digits ``(B, 1, S, S)`` and labels, or a one-line error for other networks."""
+    """``num_images`` seeded digits ``(B, 1, S, S)`` and labels (digit scenes and encoded captions for a
+    text-conditioned network), or a one-line error for other networks."""
+    if network.config.text_conditioned:
+        return scene_calibration(network, num_images, seed)
     if network.in_channels != 1 or network.num_classes < 10:
         shape = f"{network.in_channels} channels and {network.num_classes} classes"
         raise ValueError(
