@@ -18,6 +18,9 @@ both ends included):
 - ``sit``: SiT's ``torch.linspace(0, 1, N)`` in SiT's time (``transport/integrators.py``), i.e. ``1 - k/(N-1)``
   here. As in SiT, ``N`` counts grid *points*: Euler takes ``N - 1`` steps. The SDE's grid stops at the last
   step size ``d`` (SiT's ``linspace(0, 1 - d, N)``) and its last step jumps from ``d`` to 0.
+- ``shift:S`` (e.g. ``shift:3.0``): SD3's shifted grid (Esser et al., 2024: ``t' = S t / (1 + (S - 1) t)``, more
+  steps at high noise), built by diffusers' ``FlowMatchEulerDiscreteScheduler(shift=S)`` itself, so ditlab samples
+  what the SD3 pipeline samples; ``shift:1`` is the default grid.
 - a list of floats: those times, strictly decreasing from at most 1 down to exactly 0.
 
 ``None`` keeps each diffusers scheduler's own grid (DDPM/DDIM ``leading``, DPM-Solver++ ``linspace``, flow Euler
@@ -67,13 +70,27 @@ def check_time_grid(time_grid: TimeGrid) -> None:
     if time_grid is None:
         return
     if isinstance(time_grid, str):
+        if time_grid.startswith("shift:"):
+            time_shift(time_grid)
+            return
         if time_grid not in (*GAUSSIAN_GRIDS, *FLOW_GRIDS):
             raise ValueError(f"unknown time_grid {time_grid!r}; choices: {[*GAUSSIAN_GRIDS, *FLOW_GRIDS]} "
-                             "or a list of times from noise to data")  # fmt: skip
+                             "'shift:S' (flow) or a list of times from noise to data")  # fmt: skip
         return
     values = list(time_grid)
     if len(values) < 1 or any(later >= earlier for earlier, later in zip(values, values[1:])):
         raise ValueError(f"time_grid {values} must be strictly decreasing (noise first, data last)")
+
+
+def time_shift(time_grid: str) -> float:
+    """``S`` of a ``shift:S`` grid name (one line unless a positive number)."""
+    try:
+        value = float(time_grid.removeprefix("shift:"))
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"time_grid {time_grid!r}: the shift must be a positive number, e.g. shift:3.0 (SD3)")
+    return value
 
 
 def gaussian_grid(time_grid: TimeGrid, steps: int | None, num_timesteps: int) -> list[int] | None:
@@ -101,6 +118,14 @@ def flow_grid(time_grid: TimeGrid, steps: int | None, end: float = 0.0) -> torch
     ``end`` > 0 makes the ``sit`` grid stop there (SiT's SDE stops at its last step size) and appends 0.
     """
     check_time_grid(time_grid)
+    if isinstance(time_grid, str) and time_grid.startswith("shift:"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if steps is None or steps < 1:
+            raise ValueError(f"time_grid {time_grid!r} needs a step count (steps={steps})")
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=time_shift(time_grid))
+        scheduler.set_timesteps(steps)
+        return scheduler.sigmas.double()
     if isinstance(time_grid, str):
         if time_grid not in FLOW_GRIDS:
             raise ValueError(f"time_grid {time_grid!r} is for the Gaussian objective; the flow objective takes "

@@ -10,9 +10,8 @@ negative prompt embeddings, which is exactly what ditlab's text guidance uses as
 Settings, scheduler -> ditlab:
 
 - SD3, ``FlowMatchEulerDiscreteScheduler(shift=s)`` -> ``FlowMatching(path="linear", t_scale=1000)``, sampler
-  ``euler``; ``shift=1``: ``steps=N`` on ditlab's default grid; ``shift=s``: ditlab has no shift option, so the
-  shifted grid goes in as a list, ``time_grid=sd3_grid(N, s)`` (below: SD3's own formula, shifted twice at its
-  low end as diffusers does).
+  ``euler``; ``shift=1``: ``steps=N`` on ditlab's default grid; ``shift=s``: ``time_grid="shift:s"``, ``steps=N``
+  (checked against SD3's own formula, ``sd3_grid`` below, shifted twice at its low end as diffusers does).
 - PixArt, ``DDIMScheduler(linear betas 1e-4..0.02, clip_sample=False, set_alpha_to_one=a)`` ->
   ``GaussianDiffusion()``, sampler ``ddim``, ``steps=N``, ``ddim_alpha_to_one=a``; the pipeline's default
   ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")`` -> sampler ``dpm++``, ``steps=N``.
@@ -36,6 +35,7 @@ from diffusers import (
 
 from ditlab.diffusion.flow import FlowMatching
 from ditlab.diffusion.gaussian import GaussianDiffusion
+from ditlab.diffusion.grids import flow_grid
 from ditlab.diffusion.sample import denoise, model_call_times
 from ditlab.models.diffusers_t2i import from_model
 from ditlab.models.text.features import TextFeatures
@@ -103,12 +103,13 @@ def test_sd3_pipeline_and_ditlab_euler_sample_the_same_latents(shift):
                       guidance_scale=GUIDANCE, output_type="latent").images  # fmt: skip
 
     objective = FlowMatching(path="linear", t_scale=1000)
-    grid = None if shift == 1.0 else sd3_grid(STEPS, shift)
-    steps = STEPS if grid is None else None
+    grid = None if shift == 1.0 else f"shift:{shift}"  # ditlab's named shifted grid (SD3's)
+    steps = STEPS
     # the same time points, and the same network times (SD3's timesteps, sigma * 1000), as the pipeline's scheduler
     if grid is not None:
-        grid_sigmas = torch.tensor(grid, dtype=torch.float64)
-        assert torch.allclose(grid_sigmas, pipeline.scheduler.sigmas.double(), atol=1e-6, rtol=0)
+        assert torch.allclose(flow_grid(grid, STEPS), torch.tensor(sd3_grid(STEPS, shift), dtype=torch.float64),
+                              atol=1e-6, rtol=0)  # SD3's formula, written out below  # fmt: skip
+        assert torch.allclose(flow_grid(grid, STEPS), pipeline.scheduler.sigmas.double(), atol=1e-6, rtol=0)
     times = model_call_times(objective, "euler", steps, grid)
     assert torch.allclose(times.float(), pipeline.scheduler.timesteps, atol=1e-3, rtol=0)
 
