@@ -265,7 +265,7 @@ def test_self_transcendence_runs_distributed(tmp_path):
 
 
 TEXT = ["--model.init_args.network.condition_options.encoder", "random-words",
-        "--trainer.callbacks.init_args.per_class", "1", "--data.init_args.train_length", "256",
+        "--trainer.callbacks", "[]", "--data.init_args.train_length", "256",
         "--data.init_args.val_length", "16"]  # fmt: skip
 
 
