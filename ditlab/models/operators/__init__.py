@@ -16,5 +16,6 @@ attention, which is how a partly grafted network (Grafting's "50%") is one confi
 import ditlab.models.operators.block_sparse  # noqa: F401
 import ditlab.models.operators.hierarchical  # noqa: F401
 import ditlab.models.operators.hyena  # noqa: F401
+import ditlab.models.operators.kv_compress  # noqa: F401
 import ditlab.models.operators.local  # noqa: F401
 import ditlab.models.operators.window  # noqa: F401
