@@ -11,7 +11,7 @@ class ImageErrorProxy(L.Callback):
     Args:
         every_n_steps: C (HarmoniCa on DiT-XL/2: 500).
         samples: trajectories the proxy averages over (fixed seed, the same on every process).
-        seed: their noise and classes.
+        seed: their noise and classes (captions of digit scenes, for a text-conditioned teacher).
     """
 
     def __init__(self, every_n_steps: int = 100, samples: int = 8, seed: int = 0) -> None:

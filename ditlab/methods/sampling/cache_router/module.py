@@ -23,6 +23,13 @@ interval the sampler takes. The router (and so the plan exported from it) belong
 count, call times), recorded in the checkpoint; another is refused (``ditlab.methods.sampling.schedule``).
 Loss terms, the router as an image (step x unit) and the share of units computed go to TensorBoard.
 
+Text-conditioned teachers (PixArt, MM-DiT; HarmoniCa was measured on PixArt-alpha) train the same way on captions
+(``ditlab.methods.sampling.conditions``): HarmoniCa's trajectories start from the captions of random digit-scene
+training scenes, L2C's pairs take the images and captions of the batches (the digit scenes with captions), both
+encoded by the teacher's frozen text encoder, with the empty caption as the null condition of guidance and drop-out.
+The router's columns are the teacher's units (three per PixArt block: self-attention, cross-attention, MLP; per
+MM-DiT block the joint attention and the two-stream MLP, each unit both streams, so text and image are cached alike).
+
 Class labels are dropped to the null class while training as each reference does (``RouterConfig.label_dropout``):
 L2C's ``train_router.py`` runs its DiT in train mode and ``router_training_losses`` draws one drop-out mask per
 sample (probability 0.1) that the full step and both calls of the pair share; HarmoniCa's ``train_router.py`` runs
@@ -43,6 +50,7 @@ import torch.nn.functional as F
 from ditlab.checkpoint import Bundle, through_teacher
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.global_batch import draw_rows
+from ditlab.diffusion.sample import null_label_of
 from ditlab.diffusion.trajectory import Trajectory, trajectory_options
 from ditlab.distributed import data_parallel_split
 from ditlab.methods.base import DiffusionModule
@@ -51,6 +59,14 @@ from ditlab.methods.sampling.cache_router.proxy import image_error_proxy, loss_w
 from ditlab.methods.sampling.cache_router.routed import Cache, routed_call
 from ditlab.methods.sampling.cache_router.router import StepUnitRouter
 from ditlab.methods.sampling.caches.plan import StaticPlan
+from ditlab.methods.sampling.conditions import (
+    batch_conditions,
+    draw_conditions,
+    drop_conditions,
+    encode_conditions,
+    loaded_conditions,
+    saved_conditions,
+)
 from ditlab.methods.sampling.schedule import check_schedule, check_teacher_sampler, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig, teacher_path
 from ditlab.models.dit import DiT
@@ -75,7 +91,8 @@ class RouterConfig:
         init_value: theta everywhere for ``init: constant``.
         seed: seed of the normal initialisation.
         train_cfg_scale: guidance while training (HarmoniCa: 1.5); None uses ``sampling.cfg_scale``.
-        label_dropout: probability that a training sample's class is replaced by the null class (one draw per
+        label_dropout: probability that a training sample's class is replaced by the null class (its caption by the
+            empty caption, for a text-conditioned teacher) (one draw per
             sample from the training draws; an L2C pair keeps it for its full step and both calls, a HarmoniCa
             trajectory for all its calls). None takes the mode's reference: L2C 0.1 (its DiT trains in train mode,
             ``dropout_prob=0.1``), HarmoniCa 0 (its DiT trains in eval mode). 0 draws nothing.
@@ -147,6 +164,8 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         self.rollout: Trajectory | None = None
         """The HarmoniCa training trajectory in progress (this process's rows) and the cache it carries."""
         self.rollout_cache: Cache = {}
+        self.rollout_labels = None
+        """The rollout's conditions as drawn (labels, or captions before encoding: what a checkpoint stores)."""
 
     # ----------------------------------------------------------------------------------- building
     @property
@@ -176,19 +195,21 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
                              "model.router.label_dropout 0")  # fmt: skip
         frozen = list(range(0, calls, 2)) if mode == "l2c" else [0]
         self.router = StepUnitRouter(calls, teacher.depth, frozen, config.clamp, config.init, config.init_value,
-                                     config.seed).to(self.device)  # fmt: skip
+                                     config.seed, units=len(teacher.units())).to(self.device)  # fmt: skip
         self.weights = torch.ones(calls)
 
     def schedule(self) -> torch.Tensor:
         """Network time of every model call of the trajectory the router is trained for."""
         return schedule_times(self.objective, **trajectory_options(self.sampling))
 
-    def new_trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
-        """A trajectory of the schedule and guidance the router trains for, from ``noise`` (``train_cfg_scale``)."""
+    def new_trajectory(self, noise: torch.Tensor, labels) -> Trajectory:
+        """A trajectory of the schedule and guidance the router trains for, from ``noise`` (``train_cfg_scale``), for
+        ``labels`` (class labels, captions, encoded here by the teacher's text encoder, or ``TextFeatures``)."""
         scale = self.router_config.train_cfg_scale
         scale = self.sampling.cfg_scale if scale is None else scale
-        return Trajectory(self.objective, noise, labels, null_label=self.teacher.num_classes,
-                          **trajectory_options(self.sampling, cfg_scale=scale))  # fmt: skip
+        teacher = self.teacher
+        return Trajectory(self.objective, noise, encode_conditions(teacher, labels, self.device),
+                          null_label=null_label_of(teacher), **trajectory_options(self.sampling, cfg_scale=scale))  # fmt: skip
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.router.theta]
@@ -203,18 +224,18 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
 
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+        images = batch[0]
         if self.router_config.mode == "l2c":
-            terms, index = self.pair_terms(images, labels)
+            terms, index = self.pair_terms(images, batch_conditions(self.teacher, batch, "Learning-to-Cache"))
         else:
-            terms, index = self.rollout_terms(len(labels))
+            terms, index = self.rollout_terms(len(images))
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(terms["loss"])
         optimizer.step()
         schedule.step()
         self.router.clamp_()
-        self.log_terms(terms, index, len(labels))
+        self.log_terms(terms, index, len(images))
         return terms["loss"].detach()
 
     def draws(self) -> torch.Generator:
@@ -245,28 +266,29 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
 
     @torch.no_grad()
     def start_rollout(self, batch_size: int) -> None:
-        """Noise and random classes (this process's rows of the global draw), then call 0 in full (fills the cache)."""
+        """Noise and random classes or training captions (this process's rows of the global draw), then call 0 in full
+        (fills the cache)."""
         teacher, generator = self.teacher, self.draws()
         rank, world_size = data_parallel_split(self._trainer)
         shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
         noise = draw_rows(lambda n: torch.randn(n, *shape, device=self.device, generator=generator), batch_size, rank,
                           world_size)  # fmt: skip
-        labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
-                           batch_size, rank, world_size)  # fmt: skip
+        labels = draw_conditions(teacher, generator, batch_size, self.device, rank, world_size)
         labels = self.drop_labels(labels, generator, rank, world_size)
         self.rollout, self.rollout_cache = self.new_trajectory(noise, labels), {}
+        self.rollout_labels = labels
         self.advance_in_full(self.rollout, self.rollout_cache)
 
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator, rank: int = 0,
-                    world_size: int = 1) -> torch.Tensor:  # fmt: skip
+    def drop_labels(self, labels, generator: torch.Generator, rank: int = 0, world_size: int = 1):
         """``labels`` with each replaced by the null class with probability ``label_dropout`` (this process's rows
         of one global draw, so the process count does not change which are dropped); no draw when it is 0."""
         rate = self.router_config.label_dropout_rate
         if rate == 0:
             return labels
-        draws = draw_rows(lambda n: torch.rand(n, device=labels.device, generator=generator), len(labels), rank,
+        device = labels.device if isinstance(labels, torch.Tensor) else self.device
+        draws = draw_rows(lambda n: torch.rand(n, device=device, generator=generator), len(labels), rank,
                           world_size)  # fmt: skip
-        return torch.where(draws < rate, torch.full_like(labels, self.teacher.num_classes), labels)
+        return drop_conditions(labels, draws < rate, self.teacher.num_classes)
 
     @torch.no_grad()
     def advance_in_full(self, trajectory: Trajectory, cache: Cache) -> None:
@@ -274,8 +296,9 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         scores = self.router.scores()[trajectory.index]
         trajectory.step(routed_call(self.teacher, *trajectory.inputs(), scores, cache, 0.0))
 
-    def pair_terms(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        """L2C: a real image noised to the full call before a random cached call, one full step, then the pair."""
+    def pair_terms(self, images: torch.Tensor, labels) -> tuple[dict[str, torch.Tensor], int]:
+        """L2C: a real image noised to the full call before a random cached call, one full step, then the pair
+        (``labels``: the images' classes, or their captions for a text-conditioned teacher)."""
         generator = self.draws()
         rank, world_size = data_parallel_split(self._trainer)
         cached_calls = torch.arange(1, self.router.calls, 2)
@@ -303,7 +326,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         generator = torch.Generator().manual_seed(seed)
         shape = (samples, teacher.in_channels, teacher.input_size, teacher.input_size)
         noise = torch.randn(shape, generator=generator).to(self.device)
-        labels = torch.randint(teacher.num_classes, (samples,), generator=generator).to(self.device)
+        labels = encode_conditions(teacher, draw_conditions(teacher, generator, samples, "cpu"), self.device)
         proxy = image_error_proxy(teacher, self.new_trajectory, self.router.scores().detach(), noise, labels,
                                   self.router_config.threshold)  # fmt: skip
         self.weights = loss_weights(proxy.cpu(), ~self.router.frozen.cpu())
@@ -366,7 +389,7 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         """The router alone in ``state_dict``; the schedule it belongs to and the training state beside it."""
         rollout = None
         if self.rollout is not None and not self.rollout.done:
-            rollout = {"x": self.rollout.x, "labels": self.rollout.labels, "index": self.rollout.index,
+            rollout = {"x": self.rollout.x, "labels": saved_conditions(self.rollout_labels), "index": self.rollout.index,
                        "cache": [[block, kind, value] for (block, kind), value in self.rollout_cache.items()]}  # fmt: skip
         checkpoint["ditlab"] = self.sampled_entry()
         checkpoint["cache_router"] = {
@@ -389,8 +412,8 @@ class CacheRouterModule(FromTeacher, DiffusionModule):
         self.rollout, self.rollout_cache = None, {}
         if saved["rollout"] is not None:
             state = saved["rollout"]
-            x = state["x"].to(self.device)
-            self.rollout = self.new_trajectory(x, state["labels"].to(self.device))
+            x, labels = state["x"].to(self.device), loaded_conditions(state["labels"], self.device)
+            self.rollout, self.rollout_labels = self.new_trajectory(x, labels), labels
             self.rollout.x, self.rollout.index = x, state["index"]
             self.rollout_cache = {(block, kind): value.to(self.device) for block, kind, value in state["cache"]}
 

@@ -16,10 +16,12 @@ import torch
 
 from ditlab.diffusion.trajectory import Trajectory
 from ditlab.methods.sampling.cache_router.routed import routed_call
+from ditlab.methods.sampling.conditions import repeat_conditions
 from ditlab.models.dit import DiT
 
 Start = Callable[[torch.Tensor, torch.Tensor], Trajectory]
-"""``start(noise, labels)``: a trajectory of the schedule and guidance the router is trained for."""
+"""``start(noise, labels)``: a trajectory of the schedule and guidance the router is trained for (``labels``: class
+labels or encoded ``TextFeatures``)."""
 
 
 def prefix_scores(scores: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -44,7 +46,7 @@ def image_error_proxy(dit: DiT, start: Start, scores: torch.Tensor, noise: torch
     """``lambda: [steps]`` (``lambda_0 = 0``: nothing precedes step 0), every prefix batched in one trajectory."""
     steps, batch = len(scores), len(noise)
     groups = [prefix_scores(scores, prefix)[:, None, :].expand(steps, batch, scores.shape[1]) for prefix in range(1, steps + 1)]
-    finals = final_samples(dit, start, noise.repeat(steps, *[1] * (noise.ndim - 1)), labels.repeat(steps),
+    finals = final_samples(dit, start, noise.repeat(steps, *[1] * (noise.ndim - 1)), repeat_conditions(labels, steps),
                            torch.cat(groups, dim=1), threshold).view(steps, *noise.shape)  # fmt: skip
     change = (finals[1:] - finals[:-1]).square().flatten(1).mean(1)
     return torch.cat([change.new_zeros(1), change])

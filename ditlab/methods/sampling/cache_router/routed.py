@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ditlab.methods.sampling.caches.plan import unit_index
 from ditlab.models.dit import DiT
 from ditlab.models.taps import Branch, run_block_range
 
@@ -25,7 +24,9 @@ Cache = dict[tuple[int, str], torch.Tensor]
 def routed_call(dit: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, cache: Cache,
                 threshold: float) -> torch.Tensor:  # fmt: skip
     """The network output with every branch blended by ``scores`` (``(units,)`` or one row per input row
-    ``(rows, units)``) against ``cache``, which is refreshed in place (see the module notes)."""
+    ``(rows, units)``, columns in the network's unit numbering, ``branch.unit``) against ``cache``, which is refreshed
+    in place (see the module notes). ``y`` is the network's condition input (labels or ``TextFeatures``); on an
+    MM-DiT a unit's entry holds both streams of ``[text; image]``, blended and refreshed together."""
     if any(len(value) != len(x) for value in cache.values()):
         cache.clear()  # guidance switched on or off: no cached row fits the new layout
 
@@ -36,7 +37,7 @@ def routed_call(dit: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, sco
         if cached is None:
             cache[key] = fresh.detach()
             return fresh
-        score = scores[..., unit_index(*key)]
+        score = scores[..., branch.unit]
         score = score.reshape(-1, 1, 1) if score.ndim else score
         cache[key] = torch.where(score > threshold, fresh, cached).detach()
         return score * fresh + (1 - score) * cached

@@ -5,7 +5,9 @@ ModelTC/HarmoniCa) give every sampling step its own input-independent score per 
 ``s = sigmoid(theta)``. Here all steps live in one parameter, so every training step touches the same tensor and
 DDP needs no unused-parameter search. Rows that must always compute (HarmoniCa's first step, L2C's full steps) are
 *frozen*: their score is exactly 1, they get no gradient, and :meth:`StepUnitRouter.clamp_` pins them at the
-clamp value. Columns are units ``2 * block + (0 attention, 1 MLP)`` (``ditlab.methods.sampling.caches.plan.unit_index``).
+clamp value. Columns are the network's units in the trunk's global numbering (``DiT.units()``, ``branch.unit``): a
+DiT block's attention then MLP, ``2 * block + (0 attention, 1 MLP)``; a PixArt block's self-attention,
+cross-attention and MLP (three per block); an MM-DiT block's joint attention and two-stream MLP.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 
 class StepUnitRouter(nn.Module):
-    """Scores ``[calls, 2 * depth]``; ``frozen`` rows always compute.
+    """Scores ``[calls, units]``; ``frozen`` rows always compute.
 
     Args:
         calls: model calls per trajectory (the sampler's schedule).
@@ -25,15 +27,17 @@ class StepUnitRouter(nn.Module):
         init: ``normal`` (L2C: N(0, 1)) or ``constant`` (``init_value`` everywhere).
         init_value: the constant for ``init: constant``.
         seed: the normal initialisation's seed.
+        units: the network's units (``len(dit.units())``); None: ``2 * depth``, a DiT's.
     """
 
     def __init__(self, calls: int, depth: int, frozen: list[int], clamp: float = 5.0, init: str = "normal",
-                 init_value: float = 0.0, seed: int = 0) -> None:  # fmt: skip
+                 init_value: float = 0.0, seed: int = 0, units: int | None = None) -> None:  # fmt: skip
         super().__init__()
+        width = 2 * depth if units is None else int(units)
         if init == "normal":
-            theta = torch.randn(calls, 2 * depth, generator=torch.Generator().manual_seed(seed))
+            theta = torch.randn(calls, width, generator=torch.Generator().manual_seed(seed))
         elif init == "constant":
-            theta = torch.full((calls, 2 * depth), float(init_value))
+            theta = torch.full((calls, width), float(init_value))
         else:
             raise ValueError(f"model.router.init={init!r}; choices: normal, constant")
         self.clamp_value = float(clamp)

@@ -10,7 +10,9 @@ reference's Wan 2.1 script uses) and at most ``max_skip`` calls in a row were re
 computed residual to the fresh embedding, otherwise it computes every block and the running values restart.
 The warm-up default rounds ``0.2 * calls`` where the reference truncates it ([interp]; equal at 10 or 50 calls,
 one more warm-up call at 8). The decisions depend on the
-calibration only, so they are the same for every row. ``threshold: 0`` is the network.
+calibration only, so they are the same for every row. ``threshold: 0`` is the network. On an MM-DiT / FLUX network
+the magnitudes are those of the image rows of the residual, as MagCache4FLUX calibrates them, and the residual reused
+covers ``[text; image]``, so both streams come from the same computed call (``caches/calibration.py``).
 
 Checked against Zehong-Ma/MagCache at df81cb181776c2c61477c08e1d21f87fda1cd938 (``MagCache4FLUX/magcache_flux.py``,
 without its FLUX-only forced step): the full calls of ``tests/methods/sampling/caches/test_reference_schedules.py``.

@@ -4,7 +4,9 @@ at which call; every other branch reuses its last computed output (gates recompu
 Learned routers (Learning-to-Cache, Ma et al., NeurIPS 2024, horseee/learning-to-cache; HarmoniCa, Huang et al.,
 ICML 2025, ModelTC/HarmoniCa) decide per sampling step and per attention / MLP branch what to recompute; once
 trained, a router at a threshold is exactly such a table (``ditlab.methods.sampling.cache_router`` exports it). Units are
-indexed ``2 * block + (0 attention, 1 MLP)``. A plan is tied to the sampler and step count it was trained for (its
+the trunk's global numbering (``DiT.units()``): ``2 * block + (0 attention, 1 MLP)`` on DiT blocks, three per PixArt
+block (self-attention, cross-attention, MLP), and per MM-DiT block its joint attention and two-stream MLP, each
+holding both streams, so a plan reuses the text and image rows of a unit together. A plan is tied to the sampler and step count it was trained for (its
 rows are those calls), so it records them and refuses any other schedule in one line.
 
     ditlab sample --ckpt teacher.ckpt --sampler ddim --steps 20 --cache plan:router_plan.json
@@ -26,7 +28,7 @@ from ditlab.models.taps import Branch
 
 
 def unit_index(block: int, kind: str) -> int:
-    """The column of a branch in a ``[calls, 2 * depth]`` plan or router."""
+    """The column of a DiT block's branch in a ``[calls, 2 * depth]`` plan or router (other block kinds: ``branch.unit``)."""
     return 2 * block + (kind == "mlp")
 
 

@@ -9,6 +9,10 @@ row, so each CFG branch and each sample is kept apart. The paper's argument that
 to the model rather than to the input is the cross-input coefficient of variation: the mean over (block, step)
 of ``std / mean`` of the change across samples. Unlike the public tool (a running mean that drops the first
 prompt, and attention only), every sample counts and the MLP and block units are measured too.
+
+On the text-to-image blocks PixArt's cross-attention is a unit of its own (``cross_attention``), and an MM-DiT's keys
+and values are those of its joint attention, both streams' projections over ``[text; image]``; samples are conditioned
+as every calibration is (``ditlab.models.text.prompts.sample_conditions``: classes, or encoded validation captions).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditlab.methods.sampling.caches.calibration import calibration_conditions
 from ditlab.methods.sampling.caches.policy import CachePolicy
 from ditlab.models.taps import Branch
 
 UNITS = ("key", "value", "attention", "mlp", "block")
+"""The units of a DiT block; PixArt blocks add ``cross_attention`` (:data:`ALL_UNITS`)."""
+ALL_UNITS = ("key", "value", "attention", "cross_attention", "mlp", "block")
 
 
 def step_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +38,20 @@ def step_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, 
     return absolute, absolute / before.abs().double().mean(dims).clamp_min(1e-12)
 
 
+def attention_keys_values(attention, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Keys and values an attention component computes from ``inputs``: ditlab's attention (its ``qkv``), or an
+    MM-DiT's joint attention (each stream's projection, ``(B, H, L + N, Dh)``); None for other components."""
+    if hasattr(attention, "context_heads") and hasattr(attention, "image"):
+        length = inputs.shape[1] - attention.num_tokens
+        pairs = zip(attention.context_heads(inputs[:, :length]), attention.image.heads(inputs[:, length:]))
+        _, key, value = (torch.cat(pair, dim=2) for pair in pairs)
+        return key, value
+    if hasattr(attention, "qkv"):
+        _, key, value = attention.qkv(inputs).chunk(3, dim=-1)
+        return key, value
+    return None
+
+
 class RedundancyProbe(CachePolicy):
     """A full-compute model function that records every unit's change from the previous call."""
 
@@ -38,7 +59,7 @@ class RedundancyProbe(CachePolicy):
 
     def start(self) -> None:
         self.previous: dict[tuple[str, int], torch.Tensor] = {}
-        self.changes: dict[str, list[dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {unit: [] for unit in UNITS}
+        self.changes: dict[str, list[dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {unit: [] for unit in ALL_UNITS}
 
     def record(self, unit: str, block: int, value: torch.Tensor) -> None:
         before = self.previous.get((unit, block))
@@ -50,20 +71,19 @@ class RedundancyProbe(CachePolicy):
         inputs = branch.inputs()
         output = branch.fn(inputs)
         self.counted(len(output), 1)
-        if branch.kind == "mlp":
-            self.record("mlp", branch.block, output)
+        if branch.kind in ("mlp", "cross_attention"):
+            self.record(branch.kind, branch.block, output)
             return output
-        attention = self.dit.blocks[branch.block].attn
-        if hasattr(attention, "qkv"):  # the projections of ditlab's attention; other components skip K and V
-            _, key, value = attention.qkv(inputs).chunk(3, dim=-1)
-            self.record("key", branch.block, key)
-            self.record("value", branch.block, value)
+        keys_values = attention_keys_values(self.dit.blocks[branch.block].attn, inputs)
+        if keys_values is not None:  # the projections of ditlab's attention; other components skip K and V
+            self.record("key", branch.block, keys_values[0])
+            self.record("value", branch.block, keys_values[1])
         self.record("attention", branch.block, output)
         return output
 
     def compute(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
         if call:
-            for unit in UNITS:
+            for unit in ALL_UNITS:
                 self.changes[unit].append({})
         tokens, cond = self.dit.embed(x, t, y)
         for index in range(self.depth):
@@ -113,7 +133,8 @@ def summarise(tables: dict[str, dict[str, np.ndarray]], branches: list[str]) -> 
 @torch.no_grad()
 def redundancy_profile(dit, objective, sampler: str | None, steps: int, cfg_scale: float = 1.0,
                        num_samples: int = 8, seed: int = 0) -> dict:  # fmt: skip
-    """Sample ``num_samples`` images (classes ``0, 1, ...``, seeds ``seed + i``) uncached, recording every unit.
+    """Sample ``num_samples`` images (``sample_conditions``: classes ``0, 1, ...`` or validation captions, seeds
+    ``seed + i``) uncached, recording every unit.
 
     Returns ``{"sampler", "steps", "cfg_scale", "num_samples", "times", "branches", "units": summarise(...)}``;
     ``times`` are the network times of the calls, so column ``k`` of a table is the change from call ``k`` to
@@ -131,7 +152,7 @@ def redundancy_profile(dit, objective, sampler: str | None, steps: int, cfg_scal
     if len(schedule) < 2:
         raise ValueError(f"the redundancy probe needs at least 2 model calls; {sampler} at {steps} steps makes one")
     probe = RedundancyProbe(dit, schedule)
-    labels = torch.arange(num_samples) % dit.num_classes
+    labels = calibration_conditions(dit, num_samples)
     was_training = dit.training
     dit.eval()
     sample_images(probe, objective, labels, seed=seed, sampler=sampler, steps=steps, cfg_scale=cfg_scale,

@@ -9,6 +9,9 @@ on this model (``ditlab.methods.sampling.caches.calibration``), never copied fro
 input range it was fitted on [interp]; estimates below zero count as zero, so ``threshold: 0`` is the network.
 The decision is taken per row (sample and CFG branch), not for the whole batch as in the public code [interp]:
 rows that compute are gathered into a smaller batch, so a batch samples what its samples sample one by one.
+On PixArt the indicator is block 0's self-attention input under its adaLN-single table; on an MM-DiT / FLUX network
+(tokens ``[text; image]``) it is the image stream's modulated input of the first double-stream block, as
+TeaCache4FLUX reads it, while the stored residual covers both streams (``caches/calibration.py``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ paper does not say which]. Only the feedback block and its scale are trained and
 sampler's trajectory (``ditlab.diffusion.trajectory``), so any time grid, SDE and guidance interval works; when a
 guidance interval changes the rows of a call, the kept features no longer fit and that call runs in full, as it does
 at sampling (``FeedbackPolicy``).
+
+A text-conditioned teacher (PixArt, MM-DiT; ILF was measured on PixArt and FLUX) is rolled out on the captions of
+random digit-scene training scenes encoded by its frozen text encoder, guided against the empty caption
+(``ditlab.methods.sampling.conditions``). The feedback block is a copy of the teacher's source block of whatever kind
+(an MM-DiT block predicts both streams of ``[text; image]``, the feature loss covering both).
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ from ditlab.checkpoint import Bundle, network_bundle, through_teacher
 from ditlab.diffusion.cache import as_cache_config
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.diffusion.global_batch import draw_rows
+from ditlab.diffusion.sample import null_label_of
 from ditlab.diffusion.trajectory import Trajectory, trajectory_options
 from ditlab.distributed import data_parallel_split
 from ditlab.methods.base import DiffusionModule
+from ditlab.methods.sampling.conditions import (
+    draw_conditions,
+    encode_conditions,
+    loaded_conditions,
+    saved_conditions,
+)
 from ditlab.methods.sampling.feedback.predictor import FeedbackBlock, FeedbackPolicy, check_wiring
 from ditlab.methods.sampling.schedule import check_schedule, check_teacher_sampler, schedule_times
 from ditlab.methods.teacher import FromTeacher, TeacherConfig
@@ -100,6 +112,8 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         """The training trajectory in progress (this process's rows)."""
         self.hidden: torch.Tensor | None = None
         """The source block's output at its last call (a full call's, or the last prediction)."""
+        self.trajectory_labels = None
+        """The trajectory's conditions as drawn (labels, or captions before encoding: what a checkpoint stores)."""
 
     @property
     def sampler(self) -> str:
@@ -173,16 +187,18 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         block.load_state_dict(weights)
         return replace(bundle, factory=feedback_factory(block.requires_grad_(False).eval(), saved))
 
-    def new_trajectory(self, noise: torch.Tensor, labels: torch.Tensor) -> Trajectory:
-        """A trajectory of the schedule and guidance the block trains for, from ``noise`` (``train_cfg_scale``)."""
+    def new_trajectory(self, noise: torch.Tensor, labels) -> Trajectory:
+        """A trajectory of the schedule and guidance the block trains for, from ``noise`` (``train_cfg_scale``), for
+        ``labels`` (class labels, captions, encoded here by the teacher's text encoder, or ``TextFeatures``)."""
         scale = self.feedback_config.train_cfg_scale
         scale = self.sampling.cfg_scale if scale is None else scale
-        return Trajectory(self.objective, noise, labels, null_label=self.teacher.num_classes,
-                          **trajectory_options(self.sampling, cfg_scale=scale))  # fmt: skip
+        teacher = self.teacher
+        return Trajectory(self.objective, noise, encode_conditions(teacher, labels, self.device),
+                          null_label=null_label_of(teacher), **trajectory_options(self.sampling, cfg_scale=scale))  # fmt: skip
 
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        terms = self.feedback_terms(len(batch[1]))
+        terms = self.feedback_terms(len(batch[0]))
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(terms["loss"])
@@ -190,7 +206,7 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         schedule.step()
         values = {f"train/{name}": value.detach() for name, value in terms.items()}
         values["train/gamma"] = self.feedback.gamma.detach()
-        self.log_dict(values, on_step=True, on_epoch=False, batch_size=len(batch[1]), sync_dist=True)
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=len(batch[0]), sync_dist=True)
         return terms["loss"].detach()
 
     def feedback_terms(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -225,9 +241,9 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
         noise = draw_rows(lambda n: torch.randn(n, *shape, device=self.device, generator=generator), batch_size, rank,
                           world_size)  # fmt: skip
-        labels = draw_rows(lambda n: torch.randint(teacher.num_classes, (n,), device=self.device, generator=generator),
-                           batch_size, rank, world_size)  # fmt: skip
+        labels = draw_conditions(teacher, generator, batch_size, self.device, rank, world_size)
         self.trajectory, self.hidden = self.new_trajectory(noise, labels), None
+        self.trajectory_labels = labels
 
     @torch.no_grad()
     def full_step(self, trajectory: Trajectory, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -244,7 +260,7 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         trajectory = self.trajectory
         state = None
         if trajectory is not None and not trajectory.done:
-            state = {"x": trajectory.x, "labels": trajectory.labels, "hidden": self.hidden,
+            state = {"x": trajectory.x, "labels": saved_conditions(self.trajectory_labels), "hidden": self.hidden,
                      "index": trajectory.index}  # fmt: skip
         checkpoint["ditlab"] = self.sampled_entry()
         checkpoint["feedback"] = {**self.schedule_entry(), "trajectory": state,
@@ -259,8 +275,8 @@ class FeedbackModule(FromTeacher, DiffusionModule):
         self.trajectory, self.hidden = None, None
         if saved["trajectory"] is not None:
             state = saved["trajectory"]
-            x = state["x"].to(self.device)
-            self.trajectory = self.new_trajectory(x, state["labels"].to(self.device))
+            x, labels = state["x"].to(self.device), loaded_conditions(state["labels"], self.device)
+            self.trajectory, self.trajectory_labels = self.new_trajectory(x, labels), labels
             self.trajectory.x, self.trajectory.index = x, state["index"]
             self.hidden = state["hidden"].to(self.device) if state["hidden"] is not None else None
 

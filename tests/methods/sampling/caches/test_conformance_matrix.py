@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ditlab.models.blocks  # noqa: E402,F401 - the core's text-conditioned block kinds
 from ditlab.diffusion.cache import cache_policies
 from ditlab.diffusion.gaussian import GaussianDiffusion
 from ditlab.diffusion.sample import model_call_times, sample_images
@@ -18,8 +19,6 @@ from ditlab.models.components import BLOCK, TRUNK
 from ditlab.models.config import DiTConfig
 from ditlab.models.text.features import TextFeatures
 from ditlab.plugins import load_plugins
-
-import ditlab.models.blocks  # noqa: E402,F401 - the core's text-conditioned block kinds
 
 load_plugins()  # every family's kinds, as a config or checkpoint naming them would find them
 TOY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10)
