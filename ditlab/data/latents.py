@@ -223,13 +223,14 @@ def encode_to_shards(source, out: str | Path, vae: str | None, image_size: int, 
                      batch_size: int = 64, mode: str = "moments", flip: bool = False, dtype: str = "float32",
                      seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu",
                      num_workers: int = 0, progress: bool = True, text_encoder: str | None = None,
-                     text_encoder_options: dict | None = None) -> EncodeReport:  # fmt: skip
+                     text_encoder_options: dict | None = None, encoder: str | None = None) -> EncodeReport:  # fmt: skip
     """Encode this rank's unfinished shards of ``source`` into ``out``; finished shards are left as they are.
 
     ``source`` has ``len``, ``load(i) -> (C, S, S) | None``, ``name(i)``, ``labels`` (or ``label(i)``),
     ``class_names`` and ``source_name`` (see :func:`open_source`). ``vae`` None stores the images themselves (mode
     ``pixels``). ``text_encoder`` also stores each row's caption features (:func:`read_captions`) and the empty
-    caption's, as :mod:`ditlab.data.text_shards` describes.
+    caption's, as :mod:`ditlab.data.text_shards` describes. ``encoder`` (an RAE folder, :mod:`ditlab.methods.rae`) stores
+    its standardised latents in place of a VAE's: one deterministic sample per image (mode ``sample``), scale 1.
     """
     if mode not in MODES or dtype not in DTYPES:
         raise ValueError(
@@ -242,12 +243,24 @@ def encode_to_shards(source, out: str | Path, vae: str | None, image_size: int, 
     if text_encoder and flip:
         raise ValueError("--flip with --text_encoder: a mirrored image contradicts captions that say left or right "
                          "(the digit scenes' relations); drop --flip")  # fmt: skip
-    if vae is None and flip:
+    if encoder is not None and vae is not None:
+        raise ValueError("--encoder with --vae: an RAE's encoder replaces the VAE; pass one of them")
+    if vae is None and encoder is None and flip:
         raise ValueError("--flip with --vae none: pixels need no stored mirror image (the datamodule mirrors them on "
                          "read); drop --flip")  # fmt: skip
     out = Path(out).expanduser()
     ranges = shards.shard_ranges(len(source), shard_size)
-    if vae is None:
+    rae = None
+    if encoder is not None:
+        from ditlab.methods.rae import load_rae
+
+        rae = load_rae(encoder)
+        if rae.image_size != image_size:
+            raise ValueError(f"the RAE {encoder} encodes {rae.image_size}px images; pass --image-size {rae.image_size}")
+        mode = "sample"  # the encoder is deterministic: its latents are the one sample (std 0)
+        meta = {"format": shards.FORMAT, "vae": rae.identity(), "latent_shape": list(rae.latent_shape),
+                "scaling_factor": 1.0, "shift_factor": None}  # fmt: skip
+    elif vae is None:
         mode, seed, shape = PIXELS, None, [getattr(source, "channels", 3), image_size, image_size]
         meta = {"format": shards.FORMAT, "vae": None, "latent_shape": shape, "scaling_factor": 1.0,
                 "shift_factor": None}  # fmt: skip
@@ -282,7 +295,7 @@ def encode_to_shards(source, out: str | Path, vae: str | None, image_size: int, 
     batches = [(index, list(ranges[index][start : start + batch_size]))
                for index in pending for start in range(0, len(ranges[index]), batch_size)]  # fmt: skip
     if batches:
-        model = load_vae(vae).to(device) if vae is not None else None
+        model = rae.to(device) if rae is not None else load_vae(vae).to(device) if vae is not None else None
         loader = DataLoader(_Indexed(source), batch_sampler=[chunk for _, chunk in batches], collate_fn=_collate,
                             num_workers=num_workers, worker_init_fn=exit_with_parent)  # fmt: skip
         total = sum(len(chunk) for _, chunk in batches)

@@ -6,6 +6,8 @@ images with dataset indices ``[k * shard_size, (k + 1) * shard_size)`` that coul
 
 - ``mean``, ``std``: ``(n, C, h, w)`` posterior moments (mode ``moments``), or ``latents`` (mode ``sample``);
 - ``flip_mean``, ``flip_std`` / ``flip_latents``: the same for the horizontally flipped image, when asked;
+- RAE latents (``--encoder RAE_FOLDER``): ``latents`` (mode ``sample``), the encoder's standardised tokens;
+  ``meta.json``'s ``vae`` is the RAE's identity with ``kind: rae``;
 - ``pixels``: ``(n, C, S, S)`` images in [-1, 1] instead, for a source trained in pixel space (``--vae none``,
   mode ``pixels``: ``meta.json``'s ``vae`` is null and ``latent_shape`` the image's);
 - ``text_tokens``, ``text_pooled``, ``text_mask``: each row's caption features, when encoded with ``--text_encoder``
@@ -66,6 +68,8 @@ def describe_vae(meta: dict) -> str:
     shape = "x".join(str(size) for size in meta["latent_shape"])
     if vae is None:
         return f"no VAE (pixels {shape}, --vae none)"
+    if vae.get("kind") == "rae":
+        return f"RAE {vae['path']} (config {vae['config_hash']}, weights {vae['weights_hash']}, latents {shape})"
     return f"VAE {vae['path']} (config {vae['config_hash']}, weights {vae['weights_hash']}, latents {shape})"
 
 

@@ -30,9 +30,19 @@ def vae_folder(path: str) -> Path:
     return folder
 
 
+loads_rae = True
+"""``load_vae`` reads representation-autoencoder folders (``rae.json``: ``ditlab.methods.rae``) as latent spaces too."""
+
+
 def load_vae(path: str) -> nn.Module:
-    """A frozen ``AutoencoderKL`` from a local diffusers folder (e.g. a copy of stabilityai/sd-vae-ft-ema)."""
+    """A frozen ``AutoencoderKL`` from a local diffusers folder (e.g. a copy of stabilityai/sd-vae-ft-ema), or a
+    representation autoencoder folder written by ``ditlab.methods.rae`` (frozen encoder + trained decoder)."""
     from diffusers import AutoencoderKL
+
+    if (Path(path).expanduser() / "rae.json").is_file():
+        from ditlab.methods.rae import load_rae
+
+        return load_rae(path).requires_grad_(False).eval()
 
     vae = AutoencoderKL.from_pretrained(vae_folder(path), local_files_only=True, low_cpu_mem_usage=False)
     return vae.requires_grad_(False).eval()

@@ -11,7 +11,8 @@ are kept, a shard cut off mid-write is redone. Several processes split the shard
 stores each image's caption features and, once, the empty caption's (:mod:`ditlab.data.text_shards`), so a
 text-conditioned network trains on them without running its frozen encoder. Captions come from the digit scenes
 (SOURCE ``scenes[:SPLIT[:COUNT]]``) or, for an image folder, from a ``IMAGE.txt`` file beside each image.
-``--vae none`` stores the images themselves (pixel-space training, as the scene configs do):
+``--encoder RAE_FOLDER`` stores an RAE's latents (its frozen encoder's standardised tokens, :mod:`ditlab.methods.rae`)
+in place of a VAE's. ``--vae none`` stores the images themselves (pixel-space training, as the scene configs do):
 
     ditlab encode scenes:train:20000 --out /data/scenes-text --vae none --image-size 32 --text_encoder scene-clip
 
@@ -63,7 +64,7 @@ def encode(source: str, out: str, vae: str | None = "stabilityai/sd-vae-ft-ema",
            flip: bool = False, dtype: Literal["float32", "float16", "bfloat16"] = "float32", seed: int = 0,
            rank: int | None = None, world_size: int | None = None, device: str = "auto", num_workers: int = 4,
            progress: bool = True, text_encoder: str | None = None,
-           text_encoder_options: dict | None = None) -> int:  # fmt: skip
+           text_encoder_options: dict | None = None, encoder: str | None = None) -> int:  # fmt: skip
     """Pre-extract VAE latents (or pixels), and optionally caption features, into resumable shards for training.
 
     Rerunning the same command resumes; several processes (``torchrun``) split the shards by rank. SOURCE may be
@@ -88,12 +89,16 @@ def encode(source: str, out: str, vae: str | None = "stabilityai/sd-vae-ft-ema",
         progress: report progress (a bar in a terminal, lines in a log); ``--no-progress`` is silent.
         text_encoder: also store caption features from this text-encoder kind (scene-clip, clip-l, t5, ...).
         text_encoder_options: its keyword options, a JSON object (e.g. ``{"path": "/models/t5", "max_length": 120}``).
+        encoder: an RAE folder (``python -m ditlab.methods.rae.train``): store its encoder's standardised latents in
+            place of a VAE's (``--vae`` is then ignored at its default).
     """
     rank = rank if rank is not None else int(os.environ.get("RANK", 0))
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if vae is not None and vae.strip().lower() in ("none", "null", "pixels", ""):
+        vae = None
+    if encoder is not None and vae == "stabilityai/sd-vae-ft-ema":  # the default: the RAE replaces it
         vae = None
     images = open_source(source, image_size)
     try:
@@ -102,6 +107,7 @@ def encode(source: str, out: str, vae: str | None = "stabilityai/sd-vae-ft-ema",
                 images, out, vae, image_size, shard_size=shard_size, batch_size=batch_size, mode=mode, flip=flip,
                 dtype=dtype, seed=seed, rank=rank, world_size=world_size, device=device, num_workers=num_workers,
                 progress=progress, text_encoder=text_encoder, text_encoder_options=text_encoder_options,
+                encoder=encoder,
             )  # fmt: skip
     except (KeyboardInterrupt, Terminated) as stop:
         if isinstance(stop, KeyboardInterrupt) and signal.SIGINT not in RECEIVED:  # raised by code, not a user
