@@ -135,11 +135,19 @@ class AlignmentBase(DiffusionModule):
                              "set data.init_args.pixels: true (LatentDataModule)")  # fmt: skip
         return images
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def split_batch(self, batch) -> tuple[tuple, torch.Tensor | None]:
+        """``(the batch as DiffusionModule reads it, clean pixels or None)``: a latent batch ``(latents, labels,
+        images)`` hands its images to the encoder; a captioned batch ``(images, labels, captions)`` (a
+        text-conditioned network) keeps its captions for the network and the images are the pixels."""
         images, labels, *extra = batch
-        self._pixels = extra[0] if extra else None
+        if self.text_conditioned:
+            return tuple(batch), None
+        return (images, labels), extra[0] if extra else None
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        batch, self._pixels = self.split_batch(batch)
         try:
-            loss = super().training_step((images, labels), batch_idx)
+            loss = super().training_step(batch, batch_idx)
         finally:
             self._pixels = None
         self.log(
@@ -152,7 +160,7 @@ class AlignmentBase(DiffusionModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        super().validation_step(tuple(batch[:2]), batch_idx)  # latents and labels; clean images are not needed
+        super().validation_step(self.split_batch(batch)[0], batch_idx)  # clean images are not needed
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The network's and the heads' trainable parameters (the EMA and the target are frozen)."""

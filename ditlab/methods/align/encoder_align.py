@@ -18,6 +18,10 @@ only for the aligned blocks (``run_blocks(attention=...)``); every other block u
 iREPA (Singh et al., "What matters for Representation Alignment: Global Information or Spatial Structure?",
 arXiv 2512.10794, End2End-Diffusion/iREPA) is two options of ``feature``: a 3x3 convolution over the token grid
 as the projector (``projector: conv``) and spatial normalisation of the targets (``spatial_norm: gamma``).
+
+Text-conditioned training (PixArt, MM-DiT networks on captioned batches; ``encoder: scene-clip``, the scene CLIP's
+image tower, is the text-to-image encoder): the aligned hidden states and maps are the image part
+(:mod:`ditlab.methods.align.streams`); the captions condition the network and never reach the encoder.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ditlab.methods.align.base import AlignmentBase
 from ditlab.methods.align.config import AttentionAlignConfig, EncoderConfig, FeatureAlignConfig
 from ditlab.methods.align.encoders import EncoderOutput, FrozenEncoder, encoder_info, load_encoder
 from ditlab.methods.align.losses import attention_loss, negative_cosine, projector, spatial_normalize
+from ditlab.methods.align.streams import image_attention, image_tokens
 from ditlab.models.config import DiTConfig
 from ditlab.models.taps import run_blocks
 
@@ -126,12 +131,13 @@ class AlignModule(AlignmentBase):
         align = terms["loss"].new_zeros(())
         if feature is not None:
             features = self.feature_targets(target.features)
-            per_block = [negative_cosine(self.heads[f"block{b}"](tapped.hidden[b - 1]), features)
-                         for b in feature.blocks]  # fmt: skip
+            per_block = [negative_cosine(self.heads[f"block{b}"](image_tokens(self.network, tapped.hidden[b - 1])),
+                                         features) for b in feature.blocks]  # fmt: skip
             terms["loss_align_feature"] = torch.stack(per_block).mean()
             align = align + feature.weight * terms["loss_align_feature"]
         if attention is not None:
-            per_pair = [attention_loss(tapped.attention[s - 1], target.attention[e - 1], attention.loss, attention.heads)
+            per_pair = [attention_loss(image_attention(self.network, tapped.attention[s - 1]), target.attention[e - 1],
+                                       attention.loss, attention.heads)
                         for s, e in zip(attention.blocks, attention.encoder_blocks)]  # fmt: skip
             terms["loss_align_attention"] = torch.stack(per_pair).mean()
             align = align + attention.weight * terms["loss_align_attention"]

@@ -25,6 +25,14 @@ latents; the cost is one token (under 0.5% FLOPs at 256 tokens).
   alone, refuses it in one line;
 - REG has no termination step (the class token is denoised for the whole run), so ``AlignmentTermination``
   is idle for it.
+- text-to-image networks: on PixArt blocks the class token is one more token of the image sequence, as on DiT
+  (it self-attends with the patches and cross-attends to the caption); its output goes through PixArt's table
+  head (the learned shift/scale table plus the timestep embedding). On an MM-DiT, whose blocks carry
+  ``[text; image]`` with a weight set per stream and fix the image stream at the ``N`` patch tokens, it is the
+  last token of the *text* stream, ``[text; class; image]``: it meets the patches in every joint attention
+  (unrotated under RoPE, as REG's zero position embedding) through the text stream's weights, and in a
+  context-pre-only last block (SD3) it leaves the second-last block's state unchanged, as text tokens do. The
+  projector aligns ``[class; patches]`` in both (the caption tokens are not aligned).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from ditlab.methods.align.config import ClassTokenConfig, EncoderConfig, Feature
 from ditlab.methods.align.encoder_align import AlignModule
 from ditlab.methods.align.encoders import encoder_info
 from ditlab.methods.align.losses import negative_cosine
+from ditlab.models.condition import condition_vector
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT, modulate
 
@@ -71,10 +80,14 @@ class ClassTokenPath(nn.Module):
     def token(self, class_token: torch.Tensor) -> torch.Tensor:
         return self.norm(self.embed(class_token)).unsqueeze(1)
 
-    def velocity(self, token: torch.Tensor, cond: torch.Tensor, dit: DiT) -> torch.Tensor:
-        """The class token's output through the DiT final layer's modulated norm, then ``out``."""
-        final = dit.final_layer
-        shift, scale = final.adaLN_modulation(cond).chunk(2, dim=1)
+    def velocity(self, token: torch.Tensor, cond, dit: DiT) -> torch.Tensor:
+        """The class token's output through the DiT final layer's modulated norm, then ``out``; ``cond`` is the
+        blocks' condition (a text network's ``TextCondition`` gives its adaLN vector; PixArt's head is a table)."""
+        final, vector = dit.final_layer, condition_vector(cond)
+        if hasattr(final, "scale_shift_table"):
+            shift, scale = (final.scale_shift_table[None] + vector[:, None]).unbind(1)
+        else:
+            shift, scale = final.adaLN_modulation(vector).chunk(2, dim=1)
         return self.out(modulate(final.norm_final(token.unsqueeze(1)), shift, scale)).squeeze(1)
 
 
@@ -84,16 +97,20 @@ def entangled_forward(dit: DiT, path: ClassTokenPath, x: torch.Tensor, class_tok
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:  # fmt: skip
     """``dit`` on ``[class token; patch tokens]``: ``(output (B, C, H, W), class velocity (B, F), hidden)``.
 
-    ``hidden`` are 0-based block indices whose tokens ``(B, 1 + N, D)`` (class token first) are returned.
+    ``hidden`` are 0-based block indices whose tokens ``(B, 1 + N, D)`` (class token first) are returned. On a
+    text-stream network (MM-DiT) the sequence is ``[text; class token; patch tokens]`` (the module notes) and
+    ``hidden`` holds its ``[class token; patch tokens]`` part.
     """
     tokens, cond = dit.embed(x, t, y, force_drop_ids)
-    tokens = torch.cat([path.token(class_token).to(tokens.dtype), tokens], dim=1)
+    prefix = tokens.shape[1] - dit.x_embedder.num_patches  # the text tokens an MM-DiT carries before the image
+    tokens = torch.cat([tokens[:, :prefix], path.token(class_token).to(tokens.dtype), tokens[:, prefix:]], dim=1)
     wanted, captured = set(hidden), {}
     for index, block in enumerate(dit.blocks):
         tokens = block(tokens, cond)
         if index in wanted:
-            captured[index] = tokens
-    return dit.head(tokens[:, 1:], cond), path.velocity(tokens[:, 0], cond, dit), captured
+            captured[index] = tokens[:, prefix:]
+    others = torch.cat([tokens[:, :prefix], tokens[:, prefix + 1 :]], dim=1)
+    return dit.head(others, cond), path.velocity(tokens[:, prefix], cond, dit), captured
 
 
 class EntangledModel(nn.Module):
@@ -202,9 +219,9 @@ class REGModule(AlignModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """``val/loss``: the sampled (EMA) network's latent flow loss, its class token noised like the latents."""
-        images, labels, *extra = batch
-        self._pixels = extra[0] if extra else None
+        batch, self._pixels = self.split_batch(batch)
         try:
+            images, labels = self.unpack_batch(batch)
             clean = self.encode(images).class_token.float()
         finally:
             self._pixels = None

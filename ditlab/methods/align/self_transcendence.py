@@ -18,7 +18,10 @@ code in ``shared/methods/training.md`` section 5:
 - the phase-1 head's MLP and the phase-2 projector are REPA's three-layer SiLU MLP (as the released code builds
   them); the projector needs the teacher's width to equal the student's (the paper trains the same SiT twice);
 - with no phase-1 checkpoint given, phase 1 is this same config run with ``--model.init_args.phase 1`` for
-  ``teacher.steps`` steps, trained once and cached by a hash of the recipe (``methods/teacher.py``).
+  ``teacher.steps`` steps, trained once and cached by a hash of the recipe (``methods/teacher.py``);
+- text-conditioned networks (PixArt, MM-DiT): the guidance's null condition is the empty caption (the caption
+  drop-out's), the teacher reads the batch's captions, and the clean head and the aligned features are the
+  image tokens (an MM-DiT's ``[text; image]`` cut to its image part, :mod:`ditlab.methods.align.streams`).
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ from ditlab.methods.align.losses import (
     time_mask,
     velocity_to_x0,
 )
+from ditlab.methods.align.streams import image_tokens
 from ditlab.methods.teacher import TeacherConfig, build_from_recipe, teacher_path
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
+from ditlab.models.text.features import TextFeatures
 
 
 class SelfTranscendenceModule(AlignmentBase):
@@ -96,7 +101,10 @@ class SelfTranscendenceModule(AlignmentBase):
         else:
             if not 1 <= guided.block <= depth:
                 raise ValueError(f"model.init_args.guided.block={guided.block} is out of range 1..{depth}")
-            if network.class_dropout_prob <= 0:
+            if network.text_conditioned and network.condition_options.get("dropout_prob", 0.1) <= 0:
+                raise ValueError("phase 2 guides features with the empty caption; the teacher (and this network) need "
+                                 "model.init_args.network.condition_options.dropout_prob > 0")  # fmt: skip
+            if not network.text_conditioned and network.class_dropout_prob <= 0:
                 raise ValueError("phase 2 guides features with the null label; the teacher (and this network) need "
                                  "model.init_args.network.class_dropout_prob > 0")  # fmt: skip
             self.heads["guided"] = mlp(width, guided.hidden, width, layers=guided.layers)
@@ -156,7 +164,10 @@ class SelfTranscendenceModule(AlignmentBase):
         if not 1 <= block <= teacher.depth:
             raise ValueError(f"model.init_args.guided.teacher_block={block} is out of range for the phase-1 "
                              f"teacher of depth {teacher.depth}")  # fmt: skip
-        if teacher.y_embedder.embedding_table.num_embeddings <= teacher.num_classes:
+        if teacher.text_conditioned != self.network_config.text_conditioned:
+            raise ValueError(f"phase-1 teacher {path} is conditioned on {teacher.config.condition!r}, the student on "
+                             f"{self.network_config.condition!r}; train both with the same condition")  # fmt: skip
+        if not teacher.text_conditioned and teacher.y_embedder.embedding_table.num_embeddings <= teacher.num_classes:
             raise ValueError(f"phase-1 teacher {path} has no null class (trained with class_dropout_prob=0)")
         self.summary["alignment"].update(teacher=str(path), teacher_weights=self.teacher_config.weights,
                                          teacher_phase=1)  # fmt: skip
@@ -179,7 +190,7 @@ class SelfTranscendenceModule(AlignmentBase):
         else:
             name, weight = "loss_align_guided", self.guided.weight
             target = self.guided_features(noised.xt, noised.model_t, labels)
-            predicted = self.heads["guided"](tapped.hidden[block])
+            predicted = self.heads["guided"](image_tokens(self.network, tapped.hidden[block]))
             mask = time_mask(noised.t, self.guided.t_range)
             loss = masked_error if self.guided.loss == "mse" else masked_negative_cosine
             terms[name] = loss(predicted, target, mask)
@@ -189,7 +200,7 @@ class SelfTranscendenceModule(AlignmentBase):
 
     def clean_loss(self, tokens: torch.Tensor, images: torch.Tensor, noised) -> torch.Tensor:
         """Phase 1: masked error of the head's velocity (or the ``x0_hat`` it implies) on block tokens ``(B, N, D)``."""
-        velocity = self.network.unpatchify(self.heads["clean"](tokens))
+        velocity = self.network.unpatchify(self.heads["clean"](image_tokens(self.network, tokens)))
         mask = time_mask(noised.t, self.clean.t_range)
         if self.clean.target == "velocity":
             return masked_error(velocity, self.objective.target(images, noised), mask)
@@ -199,10 +210,13 @@ class SelfTranscendenceModule(AlignmentBase):
     def guided_features(self, xt: torch.Tensor, model_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The teacher's CFG-extrapolated block-``k_T`` tokens ``(B, N, D)``, one batched cond + null pass."""
         teacher = self.teacher
-        null = torch.full_like(labels, teacher.num_classes)
-        both = run_blocks(teacher, torch.cat([xt, xt]), torch.cat([model_t, model_t]), torch.cat([labels, null]),
+        if isinstance(labels, TextFeatures):
+            both_labels = TextFeatures.cat([labels, labels.null_rows()])  # the empty caption
+        else:
+            both_labels = torch.cat([labels, torch.full_like(labels, teacher.num_classes)])
+        both = run_blocks(teacher, torch.cat([xt, xt]), torch.cat([model_t, model_t]), both_labels,
                           stop_after=self.guided.teacher_block - 1).output  # fmt: skip
-        conditional, unconditional = both.chunk(2)
+        conditional, unconditional = image_tokens(teacher, both).chunk(2)
         return guided(conditional, unconditional, self.guided.guidance)
 
     # ----------------------------------------------------------------------------------- checkpoints

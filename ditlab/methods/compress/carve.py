@@ -18,6 +18,14 @@ Generation", arXiv 2510.09094; no public code, so the details here are [interp])
 
 *Upcycling* (Komatsuzaki et al., "Sparse Upcycling", 2023; DiT-MoE's upcycle script) copies the whole FFN
 into every expert; with renormalised top-K gates the upcycled layer equals the dense one at the start.
+
+*Text-to-image networks.* Dense2MoE restructures FLUX.1, whose double-stream (MM-DiT) blocks hold an FFN per
+stream. Every FFN of a block is carved (:func:`block_ffns`): ``mlp`` (the image stream; PixArt's and FLUX
+single-stream blocks have only this one) and, in ``mmdit`` / ``flux`` double blocks, ``context_mlp`` (the text
+stream), each from its own calibration (importance on the text stream's tokens for ``context_mlp``; the
+calibration of :func:`calibrate_ffns` keeps it in ``FFNCalibration.context``). [interp] Both streams get the
+same expert layout (the network's one ``mlp_options``); the paper does not say how it treats FLUX's text FFNs.
+A context-pre-only last block (SD3) has no text FFN, so only its image FFN is carved.
 """
 
 from __future__ import annotations
@@ -107,6 +115,15 @@ class CarveConfig:
                 "z_loss_weight": self.z_loss_weight, "blocks": self.blocks}  # fmt: skip
 
 
+FFN_NAMES = ("mlp", "context_mlp")
+"""The feed-forward networks a block may hold: its (image-stream) MLP and an MM-DiT block's text-stream MLP."""
+
+
+def block_ffns(block: nn.Module) -> list[str]:
+    """Names of the FFNs ``block`` holds (``mlp``, then ``context_mlp`` where an MM-DiT block has one)."""
+    return [name for name in FFN_NAMES if getattr(block, name, None) is not None]
+
+
 def check_dense(dit: DiT, source: str = "the teacher") -> None:
     """Carving needs DiT's dense MLP in every block to carve."""
     if dit.config.mlp != "dense":
@@ -127,33 +144,47 @@ class FFNCalibration:
     """``(T, D)`` FFN inputs (normalised, modulated tokens), at most ``max_tokens`` rows."""
     hidden: list[torch.Tensor]
     """``(T, H)`` FFN post-activation units on the same tokens."""
+    context: FFNCalibration | None = None
+    """The same for the text-stream FFNs (``context_mlp``) of an MM-DiT, None entries for blocks without one; None
+    for a network without a text stream."""
+
+    def stream(self, name: str) -> FFNCalibration:
+        """The calibration of the FFNs called ``name`` (``mlp`` or ``context_mlp``)."""
+        if name == "mlp":
+            return self
+        if self.context is None:
+            raise ValueError("this calibration has no text-stream FFNs (calibrate_ffns on an MM-DiT records them)")
+        return self.context
 
 
-def calibrate_ffns(dit: DiT, objective: GaussianDiffusion | FlowMatching, images: torch.Tensor, labels: torch.Tensor,
+def calibrate_ffns(dit: DiT, objective: GaussianDiffusion | FlowMatching, images: torch.Tensor, labels,
                    batch_size: int = 64, max_tokens: int = 4096, seed: int = 0) -> FFNCalibration:  # fmt: skip
     """Taylor importance of every FFN unit, and sampled FFN inputs and activations, on ``images (M, C, H, W)``.
 
+    ``labels`` is the network's condition input (class labels, or a text-conditioned network's ``TextFeatures``).
     Noise and timesteps come from ``objective.prepare`` with a ``seed``-ed generator; the network runs in eval
-    mode (no label drop-out); only activations get gradients (the weights' ``requires_grad`` are untouched).
+    mode (no label or caption drop-out); only activations get gradients (the weights' ``requires_grad`` are
+    untouched). Every FFN of every block is calibrated (:func:`block_ffns`: an MM-DiT's text-stream FFNs on the
+    text tokens, in ``FFNCalibration.context``).
     """
     check_dense(dit, "this network")
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    depth = dit.depth
-    scores = [torch.zeros(block.mlp.fc1.out_features, device=images.device) for block in dit.blocks]
-    inputs: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    hidden: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    mlp_inputs: dict[int, torch.Tensor] = {}
-    activations: dict[int, torch.Tensor] = {}
+    layers = [(i, name, getattr(block, name)) for i, block in enumerate(dit.blocks) for name in block_ffns(block)]
+    scores = {(i, name): torch.zeros(mlp.fc1.out_features, device=images.device) for i, name, mlp in layers}
+    inputs: dict[tuple[int, str], list[torch.Tensor]] = {(i, name): [] for i, name, _ in layers}
+    hidden: dict[tuple[int, str], list[torch.Tensor]] = {(i, name): [] for i, name, _ in layers}
+    mlp_inputs: dict[tuple[int, str], torch.Tensor] = {}
+    activations: dict[tuple[int, str], torch.Tensor] = {}
 
-    def keep_input(store: dict[int, torch.Tensor], index: int) -> Callable:
+    def keep_input(store: dict, key: tuple[int, str]) -> Callable:
         def hook(module: nn.Module, args: tuple[torch.Tensor]) -> None:
-            store[index] = args[0]
+            store[key] = args[0]
 
         return hook
 
-    handles = [h for i, block in enumerate(dit.blocks)
-               for h in (block.mlp.register_forward_pre_hook(keep_input(mlp_inputs, i)),
-                         block.mlp.fc2.register_forward_pre_hook(keep_input(activations, i)))]  # fmt: skip
+    handles = [h for i, name, mlp in layers
+               for h in (mlp.register_forward_pre_hook(keep_input(mlp_inputs, (i, name))),
+                         mlp.fc2.register_forward_pre_hook(keep_input(activations, (i, name))))]  # fmt: skip
     was_training = dit.training
     dit.eval()
     kept_per_batch = max(1, max_tokens // max(1, -(-len(images) // batch_size)))
@@ -164,19 +195,29 @@ def calibrate_ffns(dit: DiT, objective: GaussianDiffusion | FlowMatching, images
             xt = noised.xt.detach().requires_grad_(True)  # gradients reach the activations, not the weights
             output = dit(xt, noised.model_t, y)
             loss = objective.losses(output, x0, noised)["loss"] * len(x0)  # per-image loss sums: dl_b / da_b
-            grads = torch.autograd.grad(loss, [activations[i] for i in range(depth)])
-            for i, g in enumerate(grads):
-                a = activations[i]
-                scores[i] += (a * g).sum(1).abs().sum(0).detach()
+            keys = [(i, name) for i, name, _ in layers]
+            grads = torch.autograd.grad(loss, [activations[key] for key in keys])
+            for key, g in zip(keys, grads):
+                a = activations[key]
+                scores[key] += (a * g).sum(1).abs().sum(0).detach()
                 rows = torch.randperm(a.shape[0] * a.shape[1], generator=generator, device=a.device)[:kept_per_batch]
-                inputs[i].append(mlp_inputs[i].detach().flatten(0, 1)[rows])
-                hidden[i].append(a.detach().flatten(0, 1)[rows])
+                inputs[key].append(mlp_inputs[key].detach().flatten(0, 1)[rows])
+                hidden[key].append(a.detach().flatten(0, 1)[rows])
     finally:
         for handle in handles:
             handle.remove()
         dit.train(was_training)
-    return FFNCalibration([s / len(images) for s in scores], [torch.cat(x)[:max_tokens] for x in inputs],
-                          [torch.cat(h)[:max_tokens] for h in hidden])  # fmt: skip
+
+    def stream(name: str) -> FFNCalibration:
+        keys = [(i, name) for i in range(dit.depth)]
+        return FFNCalibration([scores[k] / len(images) if k in scores else None for k in keys],
+                              [torch.cat(inputs[k])[:max_tokens] if k in inputs else None for k in keys],
+                              [torch.cat(hidden[k])[:max_tokens] if k in hidden else None for k in keys])  # fmt: skip
+
+    calibration = stream("mlp")
+    if any(name == "context_mlp" for _, name, _ in layers):
+        calibration.context = stream("context_mlp")
+    return calibration
 
 
 def magnitude_importance(mlp: DenseMLP) -> torch.Tensor:
@@ -280,7 +321,8 @@ def carve_network(teacher: DiT, config: CarveConfig, calibration: FFNCalibration
     """A new DiT whose carved blocks hold ``moe`` layers made of ``teacher``'s FFN units; ``teacher`` is untouched.
 
     ``calibration`` (from :func:`calibrate_ffns`) is needed for ``taylor`` importance, ``cluster`` assignment and
-    the ``fit`` router init. Everything outside the carved FFNs is copied.
+    the ``fit`` router init. Every FFN of a carved block is carved (an MM-DiT's image and text streams); everything
+    outside the carved FFNs is copied.
     """
     check_dense(teacher)
     options = config.moe_options(teacher.config.mlp_width)
@@ -291,26 +333,30 @@ def carve_network(teacher: DiT, config: CarveConfig, calibration: FFNCalibration
     student_config = teacher.config.replace(mlp="moe", mlp_options=options)
     carved = MoEOptions.from_config(student_config).blocks
     carved = range(teacher.depth) if carved is None else carved
-    state = {k: v for k, v in teacher.state_dict().items() if not any(k.startswith(f"blocks.{i}.mlp.") for i in carved)}
-    for index in carved:
-        mlp: DenseMLP = teacher.blocks[index].mlp
+    layers = [(index, name) for index in carved for name in block_ffns(teacher.blocks[index])]
+    prefixes = tuple(f"blocks.{index}.{name}." for index, name in layers)
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(prefixes)}
+    for index, name in layers:
+        mlp: DenseMLP = getattr(teacher.blocks[index], name)
         if config.mode == "upcycle":
             layer = upcycled_state(mlp, config.num_experts)
         else:
-            importance = calibration.importance[index] if config.importance == "taylor" else magnitude_importance(mlp)
-            activations = calibration.hidden[index] if calibration is not None else None
+            own = calibration.stream(name) if calibration is not None else None
+            importance = own.importance[index] if config.importance == "taylor" else magnitude_importance(mlp)
+            activations = own.hidden[index] if own is not None else None
             shared, experts = partition_units(importance, config.num_experts, config.shared_width, config.assignment,
                                               activations, seed=config.seed)  # fmt: skip
             layer = carved_state(mlp, shared, experts)
-        state.update({f"blocks.{index}.mlp.{key}": value for key, value in layer.items()})
+        state.update({f"blocks.{index}.{name}.{key}": value for key, value in layer.items()})
     student = _rebuild(teacher, student_config, state)
-    for index in carved:
-        moe: MoEFeedForward = student.blocks[index].mlp
+    for index, name in layers:
+        moe: MoEFeedForward = getattr(student.blocks[index], name)
         with torch.no_grad():
             if config.mode == "upcycle" or config.router_init == "random":  # upcycled experts are alike: random
                 nn.init.kaiming_uniform_(moe.router, a=5**0.5, generator=generator)
             elif config.router_init == "fit":
-                moe.router.copy_(fit_router(moe, calibration.inputs[index].to(moe.router.device)))
+                inputs = calibration.stream(name).inputs[index]
+                moe.router.copy_(fit_router(moe, inputs.to(moe.router.device)))
             else:
                 moe.router.copy_(centroid_router(moe))
     return student

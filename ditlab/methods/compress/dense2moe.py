@@ -13,6 +13,13 @@ Dense2MoE (arXiv 2510.09094) keeps the teacher's capacity and cuts what each ima
 
 The teacher, calibration images, progressive stages, checkpoints, resume and the compression report are
 DicompModule's; this module changes how the student is built, what a stage does and which features are matched.
+
+Text-to-image teachers (the paper restructures FLUX.1): on an MM-DiT (``mmdit``, ``flux`` double blocks) both
+streams' FFNs are carved (:func:`~ditlab.methods.compress.carve.block_ffns`), calibrated on the teacher's own
+loss with the calibration images' captions (encoded by the teacher's text encoder); the block features matched
+are the whole ``[text; image]`` sequence the blocks carry ([interp]: the text stream's FFNs are carved too, so
+its features are distilled with the image's), and the Mixture-of-Blocks routers read the condition's adaLN vector
+(:mod:`ditlab.methods.moe.blocks`). PixArt blocks have one FFN, carved as DiT's.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.distributed import gathered, is_sharded
 from ditlab.methods.compress.analysis import CRITERIA, select_blocks
-from ditlab.methods.compress.carve import CarveConfig, calibrate_ffns, carve_network, check_dense
+from ditlab.methods.compress.carve import CarveConfig, block_ffns, calibrate_ffns, carve_network, check_dense
 from ditlab.methods.compress.distill import FEATURE_LOSSES, feature_loss, shared_drop_ids
 from ditlab.methods.compress.module import DicompModule, DistillConfig, PruneConfig
 from ditlab.methods.moe.blocks import MixtureOfBlocks, mixture_of_blocks
@@ -32,6 +39,7 @@ from ditlab.methods.teacher import TeacherConfig
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
+from ditlab.models.text.prompts import condition_input
 
 
 @dataclass
@@ -49,9 +57,10 @@ class BlockMixtureConfig:
 
 
 def ffn_activated_parameters(network: DiT) -> int:
-    """Feed-forward parameters an image activates: every block's MLP (its shared and top-K experts), only the
-    blocks an image runs under a Mixture of Blocks."""
-    return network.trunk.per_image([activated_parameter_count(block.mlp) for block in network.blocks])
+    """Feed-forward parameters an image activates: every block's FFNs (their shared and top-K experts; an MM-DiT
+    block's image and text FFNs), only the blocks an image runs under a Mixture of Blocks."""
+    return network.trunk.per_image([sum(activated_parameter_count(getattr(block, name)) for name in block_ffns(block))
+                                    for block in network.blocks])  # fmt: skip
 
 
 def describe_network(network: DiT) -> dict:
@@ -99,11 +108,15 @@ class Dense2MoEModule(DicompModule):
         self.carve, self.mixture = carve, mixture
 
     # ----------------------------------------------------------------------------------- building
-    def build_student(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Calibrate on the teacher, carve its FFNs into experts and start training the carved network."""
+    def build_student(self, images: torch.Tensor, labels) -> None:
+        """Calibrate on the teacher, carve its FFNs into experts and start training the carved network.
+
+        ``labels``: the calibration images' class labels, or for a text-conditioned teacher their captions (encoded
+        here by its text encoder) or ``TextFeatures``."""
         teacher = self.teacher
         check_dense(teacher, f"the teacher {self.teacher_config.checkpoint or self.teacher_config.recipe}")
         self.carve.moe_options(teacher.config.mlp_width)  # bad carving options fail here, before calibration
+        labels = condition_input(teacher.config, labels, self.device)
         self.calibration = (images, labels)
         objective = self.objective_config.build(teacher.learn_sigma)
         calibration = None

@@ -24,6 +24,10 @@ timestep and condition embedders (here ``DynamicConfig.freeze: [t_embedder, y_em
 adaptor to the conv stages' conditioning (no conv stages here) and starts with 5K steps of grafting-style
 distillation towards the frozen model, which is not implemented here. The code has no upcycling path, and no
 output of it was recorded against this trunk (its model needs flash-attn).
+
+PixArt blocks run on the kept tokens as DiT's do (their cross-attention reads the caption for each kept token;
+padded chunk rows are masked as keys of the self-attention only, since they are never keys of the
+cross-attention). MM-DiT blocks are refused (:func:`~ditlab.methods.dynamic.routing.plain_blocks`).
 """
 
 from __future__ import annotations

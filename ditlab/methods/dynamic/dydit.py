@@ -20,6 +20,15 @@ unnormalised ``h + g1 * attn``; ``token_input: modulated`` reads the MLP's modul
 earlier trunk did and what routers it trained expect), and the FLOPs ratio divides by attention plus MLP (the
 adaLN linear is in neither numerator nor denominator).
 
+PixArt blocks (Chen et al., 2023: self-attention, cross-attention to the caption, MLP) are routed as DiT's: the
+head router narrows the self-attention, the group router the MLP, the token router lets tokens bypass the MLP,
+reading the residual stream the MLP is added to (after attention *and* cross-attention). [interp] The
+cross-attention runs in full (every head and token: the caption is read by every image token) and is counted in
+the FLOPs ratio's denominator (its projections and its mixing over the call's caption tokens), so a PixArt
+network's ratio is of its whole attention, cross-attention and MLP work (the adaLN-single modulation is, as DiT's
+adaLN, in neither numerator nor denominator). MM-DiT blocks are refused (their joint attention carries both
+streams, :func:`~ditlab.methods.dynamic.routing.plain_blocks`).
+
 Checked against the authors' release, read through the kawgit/DyDiT fork at the authors' commit
 0ddc5097d2bc38c9b68b6c32ac6b53adadc1f865 (``DyDiT/models.py``, ``dynamic_model.py``, ``loss.py``, ``train.py``):
 outputs, router gradients, FLOPs ratio, token decisions and lambda recorded from it in
@@ -41,6 +50,7 @@ from ditlab.methods.dynamic.routing import (
 )
 from ditlab.models.branch import Branch
 from ditlab.models.components import register_trunk
+from ditlab.models.condition import TextCondition
 from ditlab.models.config import DiTConfig
 
 
@@ -130,16 +140,19 @@ class DyDiTTrunk(DynamicTrunk):
             saved = saved + attn_macs * (1 - heads[:, index].mean(1))
             saved = saved + mlp_macs * (1 - groups[:, index].mean(1) * token_share)
             kept_fraction.append(token_share)
-        dense = float(sum(block.attn.macs(num_tokens) + block.mlp.macs(num_tokens) for block in dit.blocks))
+        dense = float(sum(block.attn.macs(num_tokens) + cross_attention_macs(block, num_tokens, cond)
+                          + block.mlp.macs(num_tokens) for block in dit.blocks))  # fmt: skip
         self.last = Decisions(saved, dense, {
             "heads": heads.detach().sum(-1), "groups": groups.detach().sum(-1),
             "tokens": torch.stack(kept_fraction, 1).detach()})  # fmt: skip
         return tokens
 
     def routed_tokens(self, tokens: torch.Tensor, kept: list):
-        """``(after_attention, route)``: a hook records the attention branch's output in ``after_attention`` and
-        ``route(branch, inputs)`` gives the MLP branch's token mask from what ``token_input`` names; the residual
-        is the block's own expression, so it is bitwise the tokens the MLP branch is added to."""
+        """``(after_attention, after_cross_attention, route)``: a hook records the attention branch's output in
+        ``after_attention`` (and a PixArt block's cross-attention output, added ungated, in
+        ``after_cross_attention``) and ``route(branch, inputs)`` gives the MLP branch's token mask from what
+        ``token_input`` names; the residual is the block's own expression, so it is bitwise the tokens the MLP
+        branch is added to."""
         residual: list[torch.Tensor] = []
 
         def after_attention(branch: Branch, out: torch.Tensor) -> torch.Tensor:
@@ -147,19 +160,26 @@ class DyDiTTrunk(DynamicTrunk):
                 residual.append(tokens + branch.gate.unsqueeze(1) * out)
             return out
 
+        def after_cross_attention(branch: Branch, out: torch.Tensor) -> torch.Tensor:
+            if residual:
+                residual.append(residual.pop() + out)
+            return out
+
         def route(branch: Branch, inputs: torch.Tensor) -> torch.Tensor:
             keep = self.token_mask(branch.block, residual.pop() if residual else inputs)
             kept.append(keep)
             return keep
 
-        return after_attention, route
+        return after_attention, after_cross_attention, route
 
     def masked_hook(self, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, kept: list,
                     tokens: torch.Tensor):  # fmt: skip
         """Every head, channel and token computed; the switched-off ones multiplied by 0 (training, reference)."""
-        after_attention, route = self.routed_tokens(tokens, kept)
+        after_attention, after_cross_attention, route = self.routed_tokens(tokens, kept)
 
         def hook(branch: Branch) -> torch.Tensor:
+            if branch.kind == "cross_attention":
+                return after_cross_attention(branch, branch.compute())
             inputs = branch.inputs()
             if branch.kind == "attention":
                 return after_attention(branch, ops.attention(block.attn, inputs, heads))
@@ -172,7 +192,7 @@ class DyDiTTrunk(DynamicTrunk):
     def sliced_hook(self, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, kept: list,
                     tokens: torch.Tensor):  # fmt: skip
         """Only the kept heads, channel groups and tokens computed; rows sharing a pattern share one slice."""
-        after_attention, route = self.routed_tokens(tokens, kept)
+        after_attention, after_cross_attention, route = self.routed_tokens(tokens, kept)
         rows_pattern = torch.cat([heads, groups], 1).bool()
         if bool((rows_pattern == rows_pattern[:1]).all()):  # one timestep in the batch (sampling): one slice
             patterns, inverse = rows_pattern[:1], None
@@ -193,6 +213,8 @@ class DyDiTTrunk(DynamicTrunk):
             return out
 
         def hook(branch: Branch) -> torch.Tensor:
+            if branch.kind == "cross_attention":
+                return after_cross_attention(branch, branch.compute())
             inputs = branch.inputs()
             if branch.kind == "attention":
                 return after_attention(branch, per_pattern(inputs, "attention"))
@@ -240,6 +262,19 @@ class DyDiTTrunk(DynamicTrunk):
             self.width_table = table
             self.train(was_training)
         return torch.cat([heads, groups], -1).bool()
+
+
+def cross_attention_macs(block: nn.Module, num_tokens: int, cond) -> int:
+    """A PixArt block's cross-attention MACs per image over this call's caption tokens (0 for a DiT block)."""
+    cross = getattr(block, "cross_attn", None)
+    if cross is None:
+        return 0
+    return cross.macs(num_tokens, condition_tokens(cond))
+
+
+def condition_tokens(cond) -> int:
+    """Caption tokens the blocks read (0 for a class condition)."""
+    return cond.tokens.shape[1] if isinstance(cond, TextCondition) else 0
 
 
 @register_trunk("dydit")

@@ -14,6 +14,11 @@ hidden units per width (contiguous rows of ``fc1``, columns of ``fc2``): savings
 training arithmetic (kept as the ``masked`` form, the reference) does not give. [interp] Decisions are per
 sample rather than the released batch mean; the released block cache (reuse when ``p`` is just above 0.5) is
 not part of this trunk (feature caching is ``ditlab.methods.sampling.caches``).
+
+PixArt blocks are routed as DiT's: the router reads the block input under its modulation of the condition's adaLN
+vector (the timestep embedding), a closed block skips its attention, cross-attention and MLP, and the width
+narrows the MLP ([interp]: the cross-attention of an open block runs in full). MM-DiT blocks are refused
+(:func:`~ditlab.methods.dynamic.routing.plain_blocks`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ditlab.methods.dynamic import ops
 from ditlab.methods.dynamic.routing import Decisions, DynamicTrunk, plain_blocks, straight_through
 from ditlab.models.branch import Branch
 from ditlab.models.components import register_trunk
+from ditlab.models.condition import condition_vector
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import modulate
 
@@ -51,8 +57,8 @@ class BlockRouter(nn.Module):
         with torch.no_grad():
             self.width.bias[-1] = full_bias
 
-    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, scale = self.modulation(cond).chunk(2, dim=1)
+    def forward(self, tokens: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale = self.modulation(condition_vector(cond)).chunk(2, dim=1)
         hidden = F.relu(self.inner(modulate(self.norm(tokens), shift, scale)))
         return self.skip(hidden).mean(1).squeeze(-1), self.width(hidden).mean(1)
 
@@ -132,7 +138,7 @@ class ElasticTrunk(DynamicTrunk):
 
     def width_hook(self, block: nn.Module, channel_mask: torch.Tensor):
         def hook(branch: Branch) -> torch.Tensor:
-            if branch.kind == "attention":
+            if branch.kind != "mlp":  # attention, and a PixArt block's cross-attention, run in full
                 return branch.compute()
             return ops.mlp(block.mlp, branch.inputs(), channel_mask)
 
@@ -162,7 +168,7 @@ class ElasticTrunk(DynamicTrunk):
         units = self.channels[option]
 
         def hook(branch: Branch) -> torch.Tensor:
-            if branch.kind == "attention" or units == self.mlp_width:
+            if branch.kind != "mlp" or units == self.mlp_width:
                 return branch.compute()
             key = (id(block), units, ops.weights_version(block.mlp))
             channels = torch.arange(units, device=block.mlp.fc1.weight.device)

@@ -5,7 +5,8 @@ multiplied by 0, so gradients reach the routers) and run with *slices* (only the
 and tokens are computed). The public DyDiT and Elastic-DiT code keeps the masks at inference, so its FLOPs
 savings never reach wall time; here both forms share the block's own ``Attention`` / ``DenseMLP`` weights and
 the tests check that they agree. The masked forms restate ``Attention.forward`` / ``DenseMLP.forward`` op for op,
-so an all-ones mask is bitwise the plain component.
+so an all-ones mask is bitwise the plain component (per-head q/k norms and rotary positions included, as
+``Attention.heads`` and ``Attention.mix`` apply them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def attention(attn: Attention, tokens: torch.Tensor, head_mask: torch.Tensor | N
     batch, length, _ = tokens.shape
     qkv = attn.qkv(tokens).reshape(batch, length, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.rope is not None:
+        q, k = attn.rope(q), attn.rope(k)
     if key_mask is None:
         mixed = attn.operator(q, k, v)
     else:
@@ -77,6 +81,7 @@ class SlicedAttention:
     def __init__(self, attn: Attention, heads: torch.Tensor) -> None:
         rows, columns = head_rows(attn, heads)
         self.num_heads, self.head_dim, self.operator = len(heads), attn.head_dim, attn.operator
+        self.q_norm, self.k_norm, self.rope = attn.q_norm, attn.k_norm, attn.rope  # per head: they slice with it
         self.qkv_weight, self.qkv_bias = attn.qkv.weight[rows].detach(), attn.qkv.bias[rows].detach()
         self.proj_weight, self.proj_bias = attn.proj.weight[:, columns].detach(), attn.proj.bias.detach()
 
@@ -85,6 +90,9 @@ class SlicedAttention:
         qkv = F.linear(tokens, self.qkv_weight, self.qkv_bias).reshape(batch, length, 3, self.num_heads,
                                                                         self.head_dim)  # fmt: skip
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
         mixed = self.operator(q, k, v).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return F.linear(mixed, self.proj_weight, self.proj_bias)
 

@@ -57,12 +57,22 @@ class Decisions:
         return 1.0 - self.saved_macs / self.dense_macs
 
 
+ROUTED_BLOCKS = ("dit", "pixart")
+"""Block kinds a dynamic trunk routes: one self-attention and one MLP over the image tokens per block (PixArt's
+cross-attention to the caption runs in full and is counted in the FLOPs)."""
+
+
 def plain_blocks(config, kind: str) -> None:
-    """Refuse, in one line, a block kind a dynamic trunk cannot route (it narrows DiT blocks' heads, channels and
-    tokens through their branches)."""
-    if config.block != "dit":
-        raise ValueError(f"the {kind} trunk routes the heads, channels and tokens of plain DiT blocks; block "
-                         f"{config.block!r} is not one (use block: dit)")  # fmt: skip
+    """Refuse, in one line, a block kind a dynamic trunk cannot route (it narrows the heads, channels and tokens of a
+    block's one self-attention and one MLP over the image tokens, through their branches)."""
+    if config.block in ROUTED_BLOCKS:
+        return
+    if config.block in ("mmdit", "flux", "flux-single"):
+        raise ValueError(f"the {kind} trunk routes the heads, channels and image tokens of one self-attention and one "
+                         f"MLP per block (dit, pixart); {config.block!r} blocks carry [text; image] through a joint "
+                         "attention with weights per stream, which it does not split (use block: dit or pixart)")  # fmt: skip
+    raise ValueError(f"the {kind} trunk routes the heads, channels and tokens of plain DiT blocks; block "
+                     f"{config.block!r} is not one (use block: dit or pixart)")  # fmt: skip
 
 
 class DynamicTrunk(Trunk):

@@ -3,6 +3,12 @@
 Every weight the new architecture shares with the old one is copied (embedders, norms, MLPs, adaLN, and the
 attention's ``qkv`` / ``proj``, which a new operator keeps as its in/out projections); only what the operator
 adds (pooled-key weights, Hyena filters) starts fresh, at its identity-like initialisation.
+
+Text-to-image networks: a PixArt block's self-attention is over its image tokens alone, so every operator grafts
+into it as into DiT's (its cross-attention to the caption is left as it is, as Grafting leaves the MLPs). An
+MM-DiT's (``mmdit``, ``flux``) joint attention runs over ``[text; image]``, which grid operators cannot lay out:
+there the one operator grafted is ``clear`` (CLEAR on FLUX: local image attention, text attended globally,
+:mod:`ditlab.methods.graft.clear`), and the others are refused in one line.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import torch
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 
+TEXT_STREAM_OPERATORS = ("full", "clear")
+"""Operators that can be grafted into a joint ``[text; image]`` attention (MM-DiT)."""
+
 
 def graft_operator(network: DiT, kind: str, options: dict[str, Any] | None = None,
                    blocks: list[int] | None = None) -> DiT:  # fmt: skip
@@ -21,6 +30,10 @@ def graft_operator(network: DiT, kind: str, options: dict[str, Any] | None = Non
     config = network.config
     if config.attention != "full":
         raise ValueError(f"this network already has {config.attention!r} attention; graft onto a full-attention DiT")
+    if network.text_stream and kind not in TEXT_STREAM_OPERATORS:
+        raise ValueError(f"the {kind!r} operator lays tokens out on the image grid, but this {config.block!r} network's "
+                         "joint attention carries [text; image]; graft 'clear' (CLEAR's local attention on the image "
+                         "tokens, the text tokens attended globally) or 'full'")  # fmt: skip
     options = dict(options or {})
     if kind == "full":
         if options:

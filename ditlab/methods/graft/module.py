@@ -10,6 +10,13 @@ where ``o^l`` is block ``l``'s attention output (pre-gate) in each network's own
 attention layers (``trainable: attention``); Grafting fine-tunes the grafted network (``trainable: all``).
 The result is an ordinary checkpoint: its config names the operator (``attention: local``) or the block kind
 (``block: parallel-pair``), so sample, eval and analyze load it like any DiT.
+
+Text-to-image teachers train on captioned batches (the calibration images' captions are encoded by the teacher's
+text encoder). On PixArt every operator grafts into the blocks' self-attention (Grafting's text-to-image case
+study grafts PixArt-Sigma's); on an MM-DiT the operator is ``clear`` (CLEAR on FLUX: local attention among image
+tokens, text tokens attended globally), stage 1 regresses the joint attention onto the teacher's, and the
+attention distillation compares the joint attention's ``[text; image]`` outputs on the blocks CLEAR converts (all
+of them by default: ``graft.blocks: all``, ``distill.attention_blocks: grafted``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from ditlab.models.budget import activated_parameter_count, flops_per_image, par
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 from ditlab.models.operators.cost import attention_operator_flops
+from ditlab.models.text.features import TextFeatures
+from ditlab.models.text.prompts import condition_input
 
 TRAINABLE = ("all", "attention", "grafted")
 
@@ -139,17 +148,26 @@ class GraftModule(FromTeacher, DiffusionModule):
         datamodule.setup("fit")
         loader = torch.utils.data.DataLoader(datamodule.train_dataloader().dataset, batch_size=256, shuffle=True,
                                              generator=torch.Generator().manual_seed(self.stage1.seed))  # fmt: skip
+        text = self.teacher.config.text_conditioned
         batches, count = [], 0
-        for images, labels in loader:
-            batches.append((images, labels))
-            count += len(images)
+        for batch in loader:
+            # a captioned batch is (images, labels, captions): a text-conditioned teacher reads the captions
+            batches.append((batch[0], batch[2] if text and len(batch) > 2 else batch[1]))
+            count += len(batch[0])
             if count >= wanted:
                 break
-        return torch.cat([b[0] for b in batches])[:wanted], torch.cat([b[1] for b in batches])[:wanted]
+        images = torch.cat([b[0] for b in batches])[:wanted]
+        if isinstance(batches[0][1], torch.Tensor):
+            return images, torch.cat([b[1] for b in batches])[:wanted]
+        if isinstance(batches[0][1], TextFeatures):
+            return images, TextFeatures.cat([b[1] for b in batches])[:wanted]
+        return images, [caption for b in batches for caption in b[1]][:wanted]
 
-    def build_student(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Graft (and pair) the teacher, run stage 1 on ``images``, and start training the student."""
+    def build_student(self, images: torch.Tensor, labels) -> None:
+        """Graft (and pair) the teacher, run stage 1 on ``images``, and start training the student; ``labels`` are
+        class labels, or for a text-conditioned teacher captions (encoded by its text encoder) or ``TextFeatures``."""
         teacher = self.teacher
+        labels = condition_input(teacher.config, labels, self.device)
         self.grafted = select_blocks(self.graft.blocks, teacher.depth) if self.graft.operator != "full" else []
         student = graft_operator(teacher, self.graft.operator, self.graft.options, self.grafted)
         objective = self.objective_config.build(teacher.learn_sigma)
@@ -180,10 +198,14 @@ class GraftModule(FromTeacher, DiffusionModule):
                 parameter.requires_grad_(in_scope)
 
     def describe(self, network: DiT) -> dict:
-        """Size and cost: blocks, parameters, forward FLOPs per image and the attention operators' share of them."""
+        """Size and cost: blocks, parameters, forward FLOPs per image and the attention operators' share of them
+        (an MM-DiT's joint attention over its ``condition_options.text_length`` text tokens and its image tokens)."""
+        tokens = network.x_embedder.num_patches
+        if network.text_stream:
+            tokens += int(network.config.condition_options.get("text_length", 0))
         return {"blocks": network.depth, "parameters": parameter_count(network),
                 "activated_parameters": activated_parameter_count(network), "flops_per_image": flops_per_image(network),
-                "attention_flops_per_image": attention_operator_flops(network, network.x_embedder.num_patches)}  # fmt: skip
+                "attention_flops_per_image": attention_operator_flops(network, tokens)}  # fmt: skip
 
     # ----------------------------------------------------------------------------------- stage 2
     def distilled_blocks(self) -> list[int]:

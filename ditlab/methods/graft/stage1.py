@@ -20,6 +20,7 @@ from torch import nn
 from ditlab.models.branch import Branch
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_block_range
+from ditlab.models.text.features import TextFeatures
 
 LOSSES = ("l1", "l2", "huber")
 
@@ -78,11 +79,13 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str, d
     return F.huber_loss(prediction, target, delta=delta)
 
 
-def noised_inputs(objective, images: torch.Tensor, labels: torch.Tensor, repeats: int,
-                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(x_t, model_t, labels)``: each calibration image at ``repeats`` random noise levels."""
+def noised_inputs(objective, images: torch.Tensor, labels, repeats: int,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor, object]:  # fmt: skip
+    """``(x_t, model_t, labels)``: each calibration image at ``repeats`` random noise levels; ``labels`` are class
+    labels or a text-conditioned network's ``TextFeatures`` (repeated the same way)."""
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    images, labels = images.repeat(repeats, 1, 1, 1), labels.repeat(repeats)
+    images = images.repeat(repeats, 1, 1, 1)
+    labels = type(labels).cat([labels] * repeats) if isinstance(labels, TextFeatures) else labels.repeat(repeats)
     noised = objective.prepare(images, generator=generator)
     return noised.xt, noised.model_t, labels
 
@@ -91,7 +94,9 @@ def noised_inputs(objective, images: torch.Tensor, labels: torch.Tensor, repeats
 def cache_operator_io(teacher: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: list[int],
                       batch_size: int = 64) -> ActivationCache:  # fmt: skip
     """The teacher's attention input (modulated), output (pre-gate) and gate at each of ``blocks``, read from the
-    block's own forward through its branch hook (each attention computed once)."""
+    block's own forward through its branch hook (each attention computed once). For an MM-DiT the attention is the
+    joint one: input and output ``[text; image]``, gate None (each stream has its own); PixArt's cross-attention
+    branch is not an operator graft's and is not cached."""
     cache = ActivationCache()
     parts: dict[str, dict[int, list]] = {"inputs": {}, "outputs": {}, "gates": {}}
 
@@ -101,7 +106,8 @@ def cache_operator_io(teacher: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.T
         inputs = branch.inputs()
         output = branch.fn(inputs)
         for name, value in (("inputs", inputs), ("outputs", output), ("gates", branch.gate)):
-            parts[name].setdefault(branch.block, []).append(value)
+            if value is not None:  # an MM-DiT's joint attention has a gate per stream, none for the branch
+                parts[name].setdefault(branch.block, []).append(value)
         return output
 
     for start in range(0, len(x), batch_size):

@@ -21,8 +21,8 @@ from torch import nn
 
 from ditlab.models.branch import BranchHook, offset_hook, rows_hook
 from ditlab.models.components import register_trunk
-from ditlab.models.config import DiTConfig
 from ditlab.models.condition import condition_vector
+from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 from ditlab.models.trunk import Trunk, unit_offsets
 
