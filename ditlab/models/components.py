@@ -110,6 +110,16 @@ def build_component(slot: str, config: DiTConfig, block: int | None = None) -> n
     return builder(config)
 
 
+def block_kind_trait(config: DiTConfig, trait: str) -> bool:
+    """Whether ``config``'s block kind declares ``trait`` (its registered builder or class sets it true):
+    ``joint_text`` (carries ``[text; image]`` tokens), ``token_grid`` (convolves the square token grid). A trunk
+    that reshapes tokens asks this when it is built, so it refuses a block kind it cannot run in one line."""
+    if config.block not in BLOCK:
+        import ditlab.models.blocks  # noqa: F401 - the core's text-conditioned block kinds
+    builder = BLOCK.get(config.block)
+    return bool(getattr(builder, trait, False))
+
+
 def component_macs(component: nn.Module, kind: str, num_tokens: int) -> int:
     """Multiply-accumulates per image of a block component; refuses a component that cannot count them."""
     macs = getattr(component, "macs", None)

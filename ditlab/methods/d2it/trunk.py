@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditlab.methods.d2it.grain import fine_count, top_regions
-from ditlab.models.components import register_trunk
+from ditlab.models.components import block_kind_trait, register_trunk
 from ditlab.models.condition import condition_vector
 from ditlab.models.config import DiTConfig
 from ditlab.models.trunk import Trunk, run_blocks_in_order
@@ -170,6 +170,10 @@ def plain_flops(network: nn.Module) -> int:
 
 @register_trunk("d2it")
 def d2it_trunk(config: DiTConfig) -> D2iTTrunk:
+    for trait, reason in (("joint_text", "carry [text; image] tokens"), ("token_grid", "convolve the square token grid")):
+        if block_kind_trait(config, trait):
+            raise ValueError(f"trunk 'd2it' runs mixed-grain token sequences, which {config.block!r} blocks ({reason}) "
+                             "cannot follow; use a block kind that mixes tokens by attention (dit, pixart)")  # fmt: skip
     if config.positions == "rope":
         raise ValueError("trunk 'd2it' merges tokens of the sin-cos position table; rotary positions (positions: rope) "
                          "would need each merged token's coordinates: use positions: sincos")  # fmt: skip

@@ -108,8 +108,14 @@ def flux_block(config: DiTConfig, block: int | None = None) -> nn.Module:
     return FluxSingleBlock(config, block)
 
 
+flux_block.joint_text = True  # what trunks ask before they are built (ditlab.models.components.block_kind_trait)
+
+
 @register_block("flux-single")
 def flux_single_block(config: DiTConfig, block: int | None = None) -> FluxSingleBlock:
     if config.block_options:
         raise ValueError(f"the flux-single block takes no block_options (got {sorted(config.block_options)})")
     return FluxSingleBlock(config, block)
+
+
+flux_single_block.joint_text = True

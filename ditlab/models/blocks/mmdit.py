@@ -179,3 +179,6 @@ class MMDiTBlock(nn.Module):
 @register_block("mmdit")
 def mmdit_block(config: DiTConfig, block: int | None = None) -> MMDiTBlock:
     return MMDiTBlock(config, block)
+
+
+mmdit_block.joint_text = True  # what trunks ask before they are built (ditlab.models.components.block_kind_trait)
