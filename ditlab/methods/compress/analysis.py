@@ -20,6 +20,11 @@ One call, :func:`select_blocks`, several criteria (higher score = more important
 - ``tinyfusion``: TinyFusion (arXiv 2412.01199): a learned N:M layer mask trained jointly with a short
   weight update (:mod:`ditlab.methods.compress.tinyfusion`); the weight update is discarded afterwards.
 
+Text-to-image networks (PixArt, SD3 MM-DiT, FLUX): ``labels`` are the captions' ``TextFeatures``; a skipped MM-DiT
+block skips both streams; PPCL's probes read the whole ``[text; image]`` sequence the blocks carry [interp]. A FLUX
+network's double- and single-stream blocks are pruned by their own criteria and budgets (:func:`stream_groups`,
+:func:`select_blocks`); PPCL and TinyFusion choose over the whole stack (PPCL's intervals may cross stream types).
+
 Calibration ([interp]): each image is noised once, at one of ``num_timesteps`` bin centres (integer DDPM
 steps across ``0..T-1`` or flow times in (0, 1), ditlab's convention: larger t is noise), bins assigned
 in a seeded stratified order, so a set of B images costs B network passes per ablation. Errors are
@@ -31,7 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +53,7 @@ from ditlab.methods.compress.probes import (
     knapsack,
 )
 from ditlab.methods.compress.prune import segments as keep_segments
+from ditlab.methods.compress.prune import stream_kind
 from ditlab.models.dit import DiT
 from ditlab.models.taps import block_io, run_blocks
 
@@ -154,24 +160,32 @@ def ablation_errors(forward: Forward, calibration: Calibration, removals: Sequen
 
 
 def laptop_costs(
-    forward: Forward, calibration: Calibration, depth: int, batch_size: int = 256
+    forward: Forward, calibration: Calibration, depth: int, batch_size: int = 256, blocks: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """LAPTOP's one-shot criterion ``C_i = E||out^(-i) - out||^2``, ``(depth,)``."""
-    errors, _ = ablation_errors(forward, calibration, [(i,) for i in range(depth)], batch_size)
-    return errors.mean(1)
+    """LAPTOP's one-shot criterion ``C_i = E||out^(-i) - out||^2``, ``(depth,)``; with ``blocks``, only those are
+    ablated (the rest NaN)."""
+    blocks = list(range(depth)) if blocks is None else list(blocks)
+    errors, _ = ablation_errors(forward, calibration, [(i,) for i in blocks], batch_size)
+    costs = torch.full((depth,), float("nan"))
+    costs[blocks] = errors.mean(1)
+    return costs
 
 
 def amber_importance(
-    forward: Forward, calibration: Calibration, depth: int, batch_size: int = 256
+    forward: Forward, calibration: Calibration, depth: int, batch_size: int = 256, blocks: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """Amber's ``I_{l,b} = sum_b ||v - v^(-l)||^2 / sum_b ||v||^2`` per block and bin, ``(depth, num_bins)``.
+    """Amber's ``I_{l,b} = sum_b ||v - v^(-l)||^2 / sum_b ||v||^2`` per block and bin, ``(depth, num_bins)``; with
+    ``blocks``, only those rows are measured (the rest NaN).
 
     A ratio of bin means rather than a mean of ratios, so near-zero outputs do not dominate.
     """
-    errors, reference = ablation_errors(forward, calibration, [(i,) for i in range(depth)], batch_size)
+    blocks = list(range(depth)) if blocks is None else list(blocks)
+    errors, reference = ablation_errors(forward, calibration, [(i,) for i in blocks], batch_size)
     num_bins = len(calibration.times)
     onehot = torch.nn.functional.one_hot(calibration.bins, num_bins).float()  # (M, num_bins)
-    return (errors @ onehot) / (reference @ onehot).clamp_min(1e-12)
+    importance = torch.full((depth, num_bins), float("nan"))
+    importance[blocks] = (errors @ onehot) / (reference @ onehot).clamp_min(1e-12)
+    return importance
 
 
 def aggregate_bins(importance: torch.Tensor, how: str = "max", quantile: float = 0.9) -> torch.Tensor:
@@ -187,22 +201,23 @@ def aggregate_bins(importance: torch.Tensor, how: str = "max", quantile: float =
 
 def additivity(forward: Forward, calibration: Calibration, depth: int, costs: torch.Tensor | None = None,
                num_sets: int = 50, sizes: Sequence[int] = (2, 3), seed: int = 0,
-               batch_size: int = 256) -> dict:  # fmt: skip
+               batch_size: int = 256, blocks: Sequence[int] | None = None) -> dict:  # fmt: skip
     """LAPTOP's additivity check: ``C(R)`` against ``sum_{i in R} C_i`` over random sets ``R``.
 
-    Draws ``num_sets`` distinct sets, sizes cycling through ``sizes``; returns the sets, both series and
-    their Pearson / Spearman correlations. A low correlation means the one-shot choice is unreliable
-    (fall back to iterative removal).
+    Draws ``num_sets`` distinct sets of ``blocks`` (default all), sizes cycling through ``sizes``; returns the sets,
+    both series and their Pearson / Spearman correlations. A low correlation means the one-shot choice is
+    unreliable (fall back to iterative removal).
     """
+    blocks = list(range(depth)) if blocks is None else list(blocks)
     if costs is None:
-        costs = laptop_costs(forward, calibration, depth, batch_size)
+        costs = laptop_costs(forward, calibration, depth, batch_size, blocks)
     generator = torch.Generator().manual_seed(seed)
-    available = sum(math.comb(depth, size) for size in sizes)
+    available = sum(math.comb(len(blocks), size) for size in sizes)
     chosen: list[tuple[int, ...]] = []
     for size in itertools.islice(itertools.cycle(sizes), 100 * num_sets):
         if len(chosen) >= min(num_sets, available):
             break
-        candidate = tuple(sorted(torch.randperm(depth, generator=generator)[:size].tolist()))
+        candidate = tuple(sorted(blocks[i] for i in torch.randperm(len(blocks), generator=generator)[:size].tolist()))
         if len(candidate) == size and candidate not in chosen:
             chosen.append(candidate)
     errors, _ = ablation_errors(forward, calibration, chosen, batch_size)
@@ -221,6 +236,8 @@ def collect_states(dit: DiT, calibration: Calibration, max_tokens: int = 4096, s
     of each row (for a held-out split by image rather than by correlated tokens of one image).
     """
     count, tokens = calibration.x.shape[0], dit.x_embedder.num_patches
+    if dit.text_stream:  # [interp] the probe reads the whole [text; image] sequence the blocks carry
+        tokens += calibration.labels.tokens.shape[1]
     generator = torch.Generator().manual_seed(seed)
     picked = torch.randperm(count * tokens, generator=generator)[:max_tokens].sort().values
     rows = []
@@ -252,14 +269,15 @@ def _ppcl(dit: DiT, calibration: Calibration, num_keep: int, seed: int, batch_si
 
 
 def iterative_removal(forward: Forward, calibration: Calibration, depth: int, num_remove: int,
-                      batch_size: int = 256) -> tuple[list[int], list[float]]:  # fmt: skip
-    """Greedy removal that needs no additivity: ``num_remove`` times, drop the block whose removal *together
-    with those already dropped* changes the output least. Returns the dropped blocks in order and the
-    measured ``C(R)`` after each drop (``depth * num_remove`` ablations)."""
+                      batch_size: int = 256, blocks: Sequence[int] | None = None) -> tuple[list[int], list[float]]:  # fmt: skip
+    """Greedy removal that needs no additivity: ``num_remove`` times, drop the block of ``blocks`` (default all)
+    whose removal *together with those already dropped* changes the output least. Returns the dropped blocks in
+    order and the measured ``C(R)`` after each drop (``len(blocks) * num_remove`` ablations)."""
+    blocks = list(range(depth)) if blocks is None else list(blocks)
     dropped: list[int] = []
     costs: list[float] = []
     for _ in range(num_remove):
-        candidates = [b for b in range(depth) if b not in dropped]
+        candidates = [b for b in blocks if b not in dropped]
         errors, _ = ablation_errors(forward, calibration, [(*dropped, b) for b in candidates], batch_size)
         best = int(errors.mean(1).argmin())
         dropped.append(candidates[best])
@@ -268,67 +286,80 @@ def iterative_removal(forward: Forward, calibration: Calibration, depth: int, nu
 
 
 def _laptop(dit: DiT, calibration: Calibration, num_keep: int, seed: int, batch_size: int, solver: str,
-            additivity_sets: int, min_spearman: float) -> Selection:  # fmt: skip
+            additivity_sets: int, min_spearman: float, within: Sequence[int] | None = None) -> Selection:  # fmt: skip
+    within = list(range(dit.depth)) if within is None else list(within)
     forward = network_forward(dit)
-    costs = laptop_costs(forward, calibration, dit.depth, batch_size)
+    costs = laptop_costs(forward, calibration, dit.depth, batch_size, within)
     table: dict = {"costs": costs, "solver": solver}
     if additivity_sets:
         table["additivity"] = additivity(forward, calibration, dit.depth, costs, additivity_sets, seed=seed,
-                                         batch_size=batch_size)  # fmt: skip
+                                         batch_size=batch_size, blocks=within)  # fmt: skip
         spearman = table["additivity"]["spearman"]
         if solver != "iterative" and not spearman >= min_spearman:  # NaN (constant costs) also falls back
             table["fallback"] = f"additivity spearman {spearman:.3g} < min_spearman {min_spearman}: iterative removal"
             solver = "iterative"
     if solver == "iterative":
-        dropped, path = iterative_removal(forward, calibration, dit.depth, dit.depth - num_keep, batch_size)
+        dropped, path = iterative_removal(forward, calibration, dit.depth, len(within) - num_keep, batch_size, within)
         table["removal_path"] = path
-        keep = [b for b in range(dit.depth) if b not in dropped]
     else:  # dropping the cheapest set under the budget == keeping the costliest num_keep equal blocks
-        keep = knapsack(costs.tolist(), [1] * dit.depth, num_keep, method=solver)
-    dropped = [b for b in range(dit.depth) if b not in keep]
-    table.update(dropped=dropped, dropped_cost=float(costs[dropped].sum()), used_solver=solver)
+        chosen = knapsack(costs[within].tolist(), [1] * len(within), num_keep, method=solver)
+        dropped = [b for i, b in enumerate(within) if i not in chosen]
+    keep = [b for b in range(dit.depth) if b not in dropped]
+    table.update(dropped=sorted(dropped), dropped_cost=float(costs[sorted(dropped)].sum()), used_solver=solver)
     return Selection("laptop", keep, costs, table)
 
 
 def _amber(dit: DiT, calibration: Calibration, num_keep: int, seed: int, batch_size: int, aggregate: str,
-           quantile: float, protect: int) -> Selection:  # fmt: skip
-    per_bin = amber_importance(network_forward(dit), calibration, dit.depth, batch_size)
-    scores = aggregate_bins(per_bin, aggregate, quantile)
-    keep = rank_keep(scores, num_keep, protect)
+           quantile: float, protect: int, within: Sequence[int] | None = None) -> Selection:  # fmt: skip
+    within = list(range(dit.depth)) if within is None else list(within)
+    per_bin = amber_importance(network_forward(dit), calibration, dit.depth, batch_size, within)
+    scores = torch.full((dit.depth,), float("nan"))
+    scores[within] = aggregate_bins(per_bin[within], aggregate, quantile)
+    pinned = [*range(min(protect, dit.depth)), *range(max(dit.depth - protect, 0), dit.depth)]
+    chosen = rank_keep(scores[within], num_keep, protect, pinned, within)
+    keep = sorted([b for b in range(dit.depth) if b not in within] + chosen)
     table = {"per_bin": per_bin, "bin_times": calibration.times, "aggregate": aggregate, "protect": protect}
     return Selection("amber", keep, scores, table)
 
 
-def rank_keep(scores: torch.Tensor, num_keep: int, protect: int = 0) -> list[int]:
-    """The ``num_keep`` highest-scoring blocks, always including the first and last ``protect`` blocks."""
+def rank_keep(scores: torch.Tensor, num_keep: int, protect: int = 0, pinned: Sequence[int] | None = None,
+              blocks: Sequence[int] | None = None) -> list[int]:  # fmt: skip
+    """The ``num_keep`` highest-scoring blocks, always including the first and last ``protect`` blocks.
+
+    With ``blocks`` (the network blocks ``scores`` belong to, in order) the answer is among them and ``pinned``
+    lists the network blocks ``protect`` pins (the network's first and last ``protect``)."""
     depth = len(scores)
-    protected = set(range(min(protect, depth))) | set(range(max(depth - protect, 0), depth))
+    blocks = list(range(depth)) if blocks is None else list(blocks)
+    if pinned is None:
+        pinned = [*range(min(protect, depth)), *range(max(depth - protect, 0), depth)]
+    protected = {i for i, b in enumerate(blocks) if b in set(pinned)}
     if len(protected) > num_keep:
         raise ValueError(
             f"protect={protect} pins {len(protected)} blocks but num_keep={num_keep}; lower protect"
         )
     order = sorted(range(depth), key=lambda b: (b not in protected, -float(scores[b]), b))
-    return sorted(order[:num_keep])
+    return sorted(blocks[i] for i in order[:num_keep])
 
 
-def _baseline(criterion: str, depth: int, num_keep: int, seed: int) -> Selection:
+def _baseline(criterion: str, depth: int, num_keep: int, seed: int, within: Sequence[int] | None = None) -> Selection:
+    within = list(range(depth)) if within is None else list(within)
     if criterion == "random":
-        keep = sorted(
-            torch.randperm(depth, generator=torch.Generator().manual_seed(seed))[:num_keep].tolist()
-        )
+        order = torch.randperm(len(within), generator=torch.Generator().manual_seed(seed))[:num_keep].tolist()
+        chosen = [within[i] for i in order]
     else:
-        keep = list(range(num_keep)) if criterion == "first" else list(range(depth - num_keep, depth))
+        chosen = within[:num_keep] if criterion == "first" else within[len(within) - num_keep :]
+    keep = sorted([b for b in range(depth) if b not in within] + chosen)
     scores = torch.zeros(depth)
     scores[keep] = 1.0
     return Selection(criterion, keep, scores, {"seed": seed} if criterion == "random" else {})
 
 
-def check_request(criterion: str, num_keep: int, depth: int, options: dict) -> dict:
+def check_request(criterion: str, num_keep: int, depth: int, options: dict, minimum: int = 1) -> dict:
     """Validate a request in one line each; return the criterion's options with defaults filled in."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choices: {list(CRITERIA)}")
-    if not isinstance(num_keep, int) or not 1 <= num_keep <= depth:
-        raise ValueError(f"num_keep={num_keep} is out of range for a DiT of depth {depth}; choose 1..{depth}")
+    if not isinstance(num_keep, int) or not minimum <= num_keep <= depth:
+        raise ValueError(f"num_keep={num_keep} is out of range for a DiT of depth {depth}; choose {minimum}..{depth}")
     unknown = sorted(set(options) - set(OPTIONS[criterion]))
     if unknown:
         raise ValueError(
@@ -342,24 +373,125 @@ def check_request(criterion: str, num_keep: int, depth: int, options: dict) -> d
     return {**OPTIONS[criterion], **options}
 
 
+# --- stream types -----------------------------------------------------------------------------------------
+
+WHOLE_STACK = ("ppcl", "tinyfusion")
+"""Criteria that choose over the whole stack at once: PPCL's intervals may cross stream types (a plug may replace
+double- and single-stream blocks by one), TinyFusion's N:M mask keeps the same share of every group."""
+
+
+def stream_groups(dit: DiT) -> list[list[int]]:
+    """Blocks pruned against each other: FLUX's double-stream blocks, then its single-stream blocks (two groups);
+    every block of any other network (one group)."""
+    kinds = [stream_kind(block) for block in dit.blocks]
+    if {"double", "single"} <= set(kinds):
+        double = [b for b, kind in enumerate(kinds) if kind == "double"]
+        return [double, [b for b in range(dit.depth) if b not in double]]
+    return [list(range(dit.depth))]
+
+
+def split_budget(sizes: Sequence[int], num_keep: int) -> list[int]:
+    """``num_keep`` blocks shared over groups of ``sizes`` in proportion (largest remainder), each non-empty group
+    keeping at least one when there are enough."""
+    total = sum(sizes)
+    shares = [num_keep * size / total for size in sizes]
+    budget = [int(share) for share in shares]
+    for index in sorted(range(len(sizes)), key=lambda i: (budget[i] - shares[i], i))[: num_keep - sum(budget)]:
+        budget[index] += 1
+    if num_keep >= sum(1 for size in sizes if size):
+        for index, size in enumerate(sizes):
+            if size and not budget[index]:
+                donor = max(range(len(budget)), key=lambda i: budget[i])
+                budget[donor] -= 1
+                budget[index] += 1
+    return budget
+
+
+def _merged(dit: DiT, groups: list[list[int]], selections: list[Selection], criteria: list[str],
+            budgets: list[int]) -> Selection:  # fmt: skip
+    """One selection from each group's selection (each kept every block outside its group)."""
+    scores = torch.zeros(dit.depth)
+    keep = []
+    for group, selection in zip(groups, selections):
+        scores[group] = selection.scores[group].float()
+        keep += [b for b in selection.keep if b in group]
+    if not keep:
+        raise ValueError(f"the stream budgets {budgets} keep no block; keep at least one")
+    table = {"stream_groups": [{"blocks": group, "kind": stream_kind(dit.blocks[group[0]]), "criterion": criterion,
+                                "num_keep": budget, "keep": [b for b in selection.keep if b in group],
+                                **selection.table}
+                               for group, selection, criterion, budget in zip(groups, selections, criteria, budgets)]}  # fmt: skip
+    name = criteria[0] if len(set(criteria)) == 1 else "+".join(criteria)
+    return Selection(name, sorted(keep), scores, table)
+
+
 def select_blocks(dit: DiT, objective: GaussianDiffusion | FlowMatching, images: torch.Tensor,
-                  labels: torch.Tensor, criterion: str, num_keep: int, *, seed: int = 0,
+                  labels, criterion: str | Sequence[str], num_keep: int | Sequence[int], *, seed: int = 0,
                   num_timesteps: int = 8, **options) -> Selection:  # fmt: skip
     """Choose ``num_keep`` of ``dit``'s blocks by ``criterion`` (see the module docstring and ``OPTIONS``).
 
-    ``images: (B, C, H, W)`` clean inputs in the network's space, ``labels: (B,)``; ``objective`` a
-    ``GaussianDiffusion`` or ``FlowMatching``. Runs without gradients in eval mode and restores the mode.
+    ``images: (B, C, H, W)`` clean inputs in the network's space, ``labels``: ``(B,)`` class labels or the
+    ``TextFeatures`` of a text-conditioned network; ``objective`` a ``GaussianDiffusion`` or ``FlowMatching``. Runs
+    without gradients in eval mode and restores the mode.
+
+    Stream types (:func:`stream_groups`): a FLUX network's double- and single-stream blocks are pruned by their own
+    criteria and budgets [interp]: ``criterion`` may name one criterion per group and ``num_keep`` one count per
+    group (an int is shared in proportion, :func:`split_budget`); each group's blocks are ranked only against each
+    other (a double-stream block carries two streams' weights, so its ablation cost is not comparable with a
+    single-stream block's). ``options`` go to the first group's criterion (and every group using it). PPCL and
+    TinyFusion choose over the whole stack (:data:`WHOLE_STACK`).
     """
+    groups = stream_groups(dit)
+    criteria = [criterion] * len(groups) if isinstance(criterion, str) else list(criterion)
+    if len(criteria) != len(groups):
+        raise ValueError(f"criterion {criterion!r} names {len(criteria)} criteria for {len(groups)} stream groups "
+                         f"(this network's blocks: {[len(g) for g in groups]}); give one name, or one per group")  # fmt: skip
+    if any(name in WHOLE_STACK for name in criteria):
+        if len(set(criteria)) > 1 or not isinstance(num_keep, int):
+            raise ValueError(f"{'/'.join(sorted(set(criteria) & set(WHOLE_STACK)))} chooses over the whole stack (PPCL's "
+                             "intervals may cross stream types, TinyFusion's N:M mask keeps the same share of each "
+                             "group): give one criterion and one num_keep")  # fmt: skip
+        return _select_stack(dit, objective, images, labels, criteria[0], num_keep, groups, seed, num_timesteps, options)
+    if isinstance(num_keep, int):
+        check_request(criteria[0], num_keep, dit.depth, options)
+        budgets = split_budget([len(g) for g in groups], num_keep)
+    else:
+        budgets = [int(b) for b in num_keep]
+        if len(budgets) != len(groups) or not 1 <= sum(budgets) <= dit.depth:
+            raise ValueError(f"num_keep={list(num_keep)} must give one count per stream group {[len(g) for g in groups]} "
+                             "keeping at least one block")  # fmt: skip
+    requests = []
+    for group, name, budget in zip(groups, criteria, budgets):
+        own = options if name == criteria[0] else {}
+        requests.append(check_request(name, budget, len(group), own, minimum=0 if len(groups) > 1 else 1))
+    selections = []
+    calibrate = any(name not in ("random", "first", "last") for name in criteria)
+    with _calibrated(dit, objective, images, labels, num_timesteps, seed) if calibrate else nullcontext() as calibration:
+        for group, name, budget, request in zip(groups, criteria, budgets, requests):
+            if name in ("random", "first", "last"):
+                selections.append(_baseline(name, dit.depth, budget, seed, group))
+            else:
+                run = {"laptop": _laptop, "amber": _amber}[name]
+                selections.append(run(dit, calibration, budget, seed, within=group, **request))
+    if len(groups) == 1:
+        return selections[0]
+    return _merged(dit, groups, selections, criteria, budgets)
+
+
+def _select_stack(dit: DiT, objective, images: torch.Tensor, labels, criterion: str, num_keep: int,
+                  groups: list[list[int]], seed: int, num_timesteps: int, options: dict) -> Selection:  # fmt: skip
+    """PPCL or TinyFusion over the whole stack."""
     options = check_request(criterion, num_keep, dit.depth, options)
-    if criterion in ("random", "first", "last"):
-        return _baseline(criterion, dit.depth, num_keep, seed)
     if criterion == "tinyfusion":
         from ditlab.methods.compress.tinyfusion import learn_layer_mask
 
+        if len(groups) > 1 and len(groups[0]) % options["group_size"]:
+            raise ValueError(f"tinyfusion group_size={options['group_size']} would put double- and single-stream "
+                             f"blocks in one N:M group ({len(groups[0])} double-stream blocks); choose a group_size "
+                             f"that divides {len(groups[0])} and {len(groups[1])}")  # fmt: skip
         return learn_layer_mask(dit, objective, images, labels, num_keep, seed=seed, **options)
     with _calibrated(dit, objective, images, labels, num_timesteps, seed) as calibration:
-        run = {"ppcl": _ppcl, "laptop": _laptop, "amber": _amber}[criterion]
-        return run(dit, calibration, num_keep, seed, **options)
+        return _ppcl(dit, calibration, num_keep, seed, **options)
 
 
 @contextmanager

@@ -12,6 +12,15 @@
 
 Features are block outputs ``(B, N, D)``. The teacher runs once, without gradients, through
 :func:`ditlab.models.taps.run_blocks`.
+
+Text-to-image networks: the condition ``y`` may be ``TextFeatures`` (caption drop-out is shared like label
+drop-out). An MM-DiT or FLUX block outputs the whole ``[text; image]`` sequence, so its feature loss covers both
+streams [interp: Amber-Image and PPCL distil their dual-stream blocks' hidden states; we take both streams as one
+sequence]; a PixArt block outputs image tokens only (its text is read from the condition).
+
+A student of another architecture (DiT -> DiCo), whose blocks match none of the teacher's, is distilled with OFA-KD
+(:mod:`ditlab.methods.compress.ofa_kd`): exit heads project its stages into the prediction space, where
+:func:`prediction_kd` compares them with the teacher's (enhanced) prediction.
 """
 
 from __future__ import annotations
@@ -66,6 +75,14 @@ def feature_loss(
     raise ValueError(f"unknown feature loss {kind!r}; choices: {list(FEATURE_LOSSES)}")
 
 
+def prediction_kd(student: torch.Tensor, teacher: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """Output KD: the mean of ``(out_S - out_T)^2`` over the first ``channels`` output channels (None: all), for
+    ``(B, C, H, W)`` outputs of any two architectures (the depth-pruned student here, an OFA-KD exit head in
+    :mod:`ditlab.methods.compress.ofa_kd`)."""
+    part = slice(None, channels)
+    return (student[:, part] - teacher[:, part]).square().mean()
+
+
 def matched_layers(keep: Sequence[int], teacher_depth: int) -> dict[int, int]:
     """Student block ``i`` -> the teacher block whose output it should match: the last of its segment.
 
@@ -74,8 +91,9 @@ def matched_layers(keep: Sequence[int], teacher_depth: int) -> dict[int, int]:
     return {index: last for index, (_, last) in enumerate(segments(teacher_depth, keep))}
 
 
-def shared_drop_ids(student: DiT, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """One classifier-free label drop-out for student and teacher, so both see the same (null) labels.
+def shared_drop_ids(student: DiT, y, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One classifier-free drop-out ``(B,)`` for student and teacher, so both see the same null labels (or empty
+    captions: ``y`` may be a text-conditioned network's ``TextFeatures``).
 
     Otherwise a training student drops labels its (eval-mode) teacher keeps and learns to match the
     conditional output on null labels. ``force_drop_ids`` (drawn by the module for the global batch) wins;
@@ -84,9 +102,10 @@ def shared_drop_ids(student: DiT, y: torch.Tensor, force_drop_ids: torch.Tensor 
     if force_drop_ids is not None:
         return force_drop_ids
     embedder = student.y_embedder
+    device = y.device if isinstance(y, torch.Tensor) else y.tokens.device
     if embedder.training and embedder.dropout_prob > 0:
-        return (torch.rand(y.shape, device=y.device) < embedder.dropout_prob).long()
-    return torch.zeros_like(y)
+        return (torch.rand(len(y), device=device) < embedder.dropout_prob).long()
+    return torch.zeros(len(y), dtype=torch.long, device=device)
 
 
 def layer_losses(
@@ -171,8 +190,7 @@ def _layer_losses(
         features = student_tapped.hidden
         student_output = student_tapped.output if with_output else None
     if student_output is not None:
-        channels = slice(None, output_channels)
-        output = (student_output[:, channels] - tapped.output[:, channels]).square().mean()
+        output = prediction_kd(student_output, tapped.output, output_channels)
     losses = {i: feature_loss(features[i], tapped.hidden[bounds[i][1]], feature_kind) for i in layers}
     return losses, output, student_output
 

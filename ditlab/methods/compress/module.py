@@ -13,6 +13,14 @@ shrinks the student further in stages.
 
 The teacher is never saved in checkpoints; a checkpoint records the student's architecture and which
 teacher blocks it stands for, so a resumed run (even past a progressive stage) rebuilds the same student.
+
+Text-to-image teachers (PixArt, SD3 MM-DiT, FLUX blocks; ``configs/dicomp_t2i.yaml``) compress the same way, as
+Amber-Image and PPCL compress the dual-stream MM-DiT of Qwen-Image: calibration images come with their captions,
+encoded by the teacher's frozen text encoder; a FLUX teacher's double- and single-stream blocks are ranked by their
+own criteria and budgets (``prune.single_criterion``, ``prune.num_double``; [interp] a share in proportion by
+default), while PPCL's intervals may span both stream types; width pruning covers the new blocks' head and MLP
+families (``ditlab.methods.compress.prune``); caption drop-out is shared by student and teacher in distillation.
+What cannot apply is refused in one line (e.g. a cross-attention head count other than the self-attention's).
 """
 
 from __future__ import annotations
@@ -28,16 +36,18 @@ from ditlab.checkpoint import read_checkpoint, run_settings
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.distributed import gathered, is_sharded
 from ditlab.methods.base import DiffusionModule
-from ditlab.methods.compress.analysis import Selection, select_blocks
+from ditlab.methods.compress.analysis import WHOLE_STACK, Selection, select_blocks, stream_groups
 from ditlab.methods.compress.distill import FEATURE_LOSSES, distillation_losses
 from ditlab.methods.compress.ppcl import plugged, replaced_blocks
-from ditlab.methods.compress.prune import prune_depth, prune_width, taylor_scores
+from ditlab.methods.compress.prune import check_width_prunable, prune_depth, prune_width, taylor_scores
 from ditlab.methods.compress.prune import segments as keep_segments
 from ditlab.methods.teacher import FromTeacher, TeacherConfig
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT
 from ditlab.models.loading import read_sharded_checkpoint
+from ditlab.models.text.features import TextFeatures
+from ditlab.models.text.prompts import encode_prompts
 
 
 @dataclass
@@ -58,6 +68,12 @@ class PruneConfig:
         num_heads: attention heads kept per block (width pruning); None keeps all.
         mlp_hidden: MLP channels kept per block; None keeps all.
         width_score: magnitude or taylor (``|w * dL/dw|`` summed per head / channel, on the calibration images).
+        num_double: a FLUX teacher's double-stream blocks kept by the initial cut (the rest of ``num_blocks`` are
+            single-stream); None shares ``num_blocks`` in proportion. Other networks refuse it.
+        single_criterion: the criterion of a FLUX teacher's single-stream blocks (``criterion`` ranks its
+            double-stream blocks); None uses ``criterion`` for both.
+        cross_heads: PixArt cross-attention heads kept (width); must equal ``num_heads`` (one config count).
+        text_mlp_hidden: MM-DiT text-stream MLP channels kept (width); must equal ``mlp_hidden`` (one config count).
     """
 
     criterion: Literal["laptop", "amber", "ppcl", "tinyfusion", "random", "first", "last"] = "laptop"
@@ -70,6 +86,10 @@ class PruneConfig:
     num_heads: int | None = None
     mlp_hidden: int | None = None
     width_score: Literal["magnitude", "taylor"] = "magnitude"
+    num_double: int | None = None
+    single_criterion: Literal["laptop", "amber", "random", "first", "last"] | None = None
+    cross_heads: int | None = None
+    text_mlp_hidden: int | None = None
 
 
 @dataclass
@@ -160,10 +180,15 @@ class DicompModule(FromTeacher, DiffusionModule):
             self.build_student(images, labels)
         super().configure_model()
 
-    def calibration_batch(self, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
-        """``prune.calibration_images`` training images and labels (digits when there is no datamodule)."""
+    def calibration_batch(self, datamodule) -> tuple[torch.Tensor, object]:
+        """``prune.calibration_images`` training images and their condition: labels, or for a text-conditioned
+        teacher its captions encoded by the teacher's text encoder (``TextFeatures``). Without a datamodule: the
+        digits, or the digit scenes and their captions for a text-conditioned teacher."""
         wanted = self.prune.calibration_images
+        text = self.teacher.config.text_conditioned
         if datamodule is None:
+            if text:
+                return self.scene_calibration(wanted)
             from ditlab.data.digits import digits_tensors
 
             images, labels = digits_tensors(self.teacher.input_size)
@@ -171,24 +196,64 @@ class DicompModule(FromTeacher, DiffusionModule):
         datamodule.setup("fit")
         generator = torch.Generator().manual_seed(self.prune.seed)
         batches, count = [], 0
-        loader = torch.utils.data.DataLoader(datamodule.train_dataloader().dataset, batch_size=256, shuffle=True,
-                                             generator=generator)  # fmt: skip
-        for images, labels in loader:
-            batches.append((images, labels))
-            count += len(images)
+        train = datamodule.train_dataloader()
+        loader = torch.utils.data.DataLoader(train.dataset, batch_size=256, shuffle=True, generator=generator,
+                                             collate_fn=train.collate_fn)  # fmt: skip
+        for batch in loader:
+            if text and len(batch) < 3 and not isinstance(batch[1], (list, tuple)):
+                raise ValueError("a text-conditioned teacher is calibrated on captioned images: set "
+                                 "data.init_args.captions true (digit scenes) or give a datamodule with captions")  # fmt: skip
+            batches.append((batch[0], batch[2] if text and len(batch) > 2 else batch[1]))
+            count += len(batch[0])
             if count >= wanted:
                 break
         images = torch.cat([b[0] for b in batches])[:wanted]
+        if text and isinstance(batches[0][1], TextFeatures):  # pre-encoded caption features (ditlab encode)
+            return images, TextFeatures.cat([b[1] for b in batches])[:wanted]
+        if text:
+            captions = [caption for b in batches for caption in b[1]][:wanted]
+            return images, encode_prompts(self.teacher.config, captions)
         return images, torch.cat([b[1] for b in batches])[:wanted]
 
-    def select(self, network: DiT, criterion: str, num_blocks: int) -> Selection:
-        """Run ``criterion`` on ``network`` with the calibration images (the options apply to ``prune.criterion``)."""
+    def scene_calibration(self, count: int) -> tuple[torch.Tensor, object]:
+        """``count`` seeded digit scenes ``(B, 3, S, S)`` and their captions encoded by the teacher's text encoder."""
+        from ditlab.data.scenes import DigitScenes
+
+        teacher = self.teacher
+        if teacher.in_channels != 3:
+            raise ValueError(f"a text-conditioned teacher without a datamodule is calibrated on the digit scenes (RGB),"
+                             f" but it takes {teacher.in_channels} channels; give a datamodule with its data")  # fmt: skip
+        scenes = DigitScenes("train")
+        order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(self.prune.seed))[:count].tolist()
+        images = torch.nn.functional.interpolate(scenes.images(order), size=teacher.input_size, mode="bilinear",
+                                                 antialias=True, align_corners=False)  # fmt: skip
+        return images, encode_prompts(teacher.config, scenes.captions(order))
+
+    def select(self, network: DiT, criterion: str, num_blocks: int, num_double: int | None = None) -> Selection:
+        """Run ``criterion`` on ``network`` with the calibration images (the options apply to ``prune.criterion``).
+
+        On a FLUX network the double- and single-stream blocks are pruned by their own criteria (``criterion`` and
+        ``prune.single_criterion``) and budgets (``num_double`` double-stream blocks, else a share in proportion),
+        except by PPCL and TinyFusion, which choose over the whole stack (``analysis.select_blocks``)."""
         images, labels = self.calibration
         options = dict(self.prune.options) if criterion == self.prune.criterion else {}
         objective = self.objective_config.build(network.learn_sigma)
-        return select_blocks(network, objective, images.to(self.device), labels.to(self.device), criterion,
-                             num_blocks, seed=self.prune.seed, num_timesteps=self.prune.num_timesteps,
-                             **options)  # fmt: skip
+        groups = stream_groups(network)
+        budget: int | list[int] = num_blocks
+        criteria: str | list[str] = criterion
+        if len(groups) > 1 and criterion not in WHOLE_STACK:
+            criteria = [criterion, self.prune.single_criterion or criterion]
+            if num_double is not None:
+                if not 0 <= num_double <= min(num_blocks, len(groups[0])) or num_blocks - num_double > len(groups[1]):
+                    raise ValueError(f"model.prune.num_double={num_double} does not fit {num_blocks} blocks from "
+                                     f"{len(groups[0])} double- and {len(groups[1])} single-stream blocks")  # fmt: skip
+                budget = [num_double, num_blocks - num_double]
+        elif num_double is not None:
+            why = (f"{criterion} chooses over the whole stack" if len(groups) > 1
+                   else "this network has one stream type (it is not a FLUX network)")  # fmt: skip
+            raise ValueError(f"model.prune.num_double={num_double} cannot apply: {why}; leave it null")
+        return select_blocks(network, objective, images.to(self.device), labels.to(self.device), criteria, budget,
+                             seed=self.prune.seed, num_timesteps=self.prune.num_timesteps, **options)  # fmt: skip
 
     def build_student(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Select blocks on the teacher, cut the student from it (depth, then width) and start training it."""
@@ -197,12 +262,15 @@ class DicompModule(FromTeacher, DiffusionModule):
             raise ValueError(f"model.prune.num_blocks={self.prune.num_blocks} exceeds the teacher's depth "
                              f"{teacher.depth}; choose at most {teacher.depth}")  # fmt: skip
         self.calibration = (images, labels)
-        selection = self.select(teacher, self.prune.criterion, self.prune.num_blocks)
+        selection = self.select(teacher, self.prune.criterion, self.prune.num_blocks, self.prune.num_double)
         student = prune_depth(teacher, selection.keep, init=self.prune.init, spans=selection.segments)
-        if self.prune.num_heads is not None or self.prune.mlp_hidden is not None:
+        width = (self.prune.num_heads, self.prune.mlp_hidden, self.prune.cross_heads, self.prune.text_mlp_hidden)
+        if any(value is not None for value in width):
+            check_width_prunable(student)
             grads = self.taylor_gradients(student) if self.prune.width_score == "taylor" else None
             student = prune_width(student, num_heads=self.prune.num_heads, mlp_hidden=self.prune.mlp_hidden,
-                                  score=self.prune.width_score, grads=grads)  # fmt: skip
+                                  score=self.prune.width_score, grads=grads, cross_heads=self.prune.cross_heads,
+                                  text_mlp_hidden=self.prune.text_mlp_hidden)  # fmt: skip
         self.keep, self.segments = list(selection.keep), [tuple(s) for s in selection.segments]
         self.attach(student.train())
         self.summary["selection"] = {"criterion": selection.criterion, "keep": self.keep,
@@ -211,6 +279,10 @@ class DicompModule(FromTeacher, DiffusionModule):
         for key in ("intervals", "fallback", "used_solver", "additivity"):
             if key in selection.table:
                 self.summary["selection"][key] = selection.table[key]
+        if "stream_groups" in selection.table:  # FLUX: what each stream type kept, by which criterion
+            self.summary["selection"]["stream_groups"] = [
+                {key: group[key] for key in ("kind", "blocks", "criterion", "num_keep", "keep")}
+                for group in selection.table["stream_groups"]]  # fmt: skip
 
     def taylor_gradients(self, network: DiT, batch_size: int = 64) -> dict[str, torch.Tensor]:
         """``dL/dw`` of the diffusion loss on the calibration images (seeded noise) for Taylor width scores."""
@@ -222,7 +294,8 @@ class DicompModule(FromTeacher, DiffusionModule):
         def loss(dit: DiT, batch) -> torch.Tensor:
             x0, y = batch
             noised = objective.prepare(x0, generator=generator)
-            return objective.losses(dit(noised.xt, noised.model_t, y, torch.zeros_like(y)), x0, noised)["loss"]
+            drop = torch.zeros(len(y), dtype=torch.long, device=x0.device)
+            return objective.losses(dit(noised.xt, noised.model_t, y, drop), x0, noised)["loss"]
 
         with torch.enable_grad():
             return taylor_scores(network, loss, batches)

@@ -12,6 +12,12 @@ block ``i`` stands for. PPCL's segments are the plan's intervals plus one ``(b, 
 teacher blocks in no segment (the plan's fallback drops) are removed outright. A *plug* is a run of teacher
 blocks that the student does not reproduce one to one: an interval (switched on, its replacement block runs)
 or a removed run (switched on, nothing runs). With every plug off, :func:`plugged` rebuilds the teacher.
+
+On MM-DiT stacks (PPCL's own setting: Qwen-Image, FLUX.1, SD3.5) every block carries ``[text; image]``, so an
+interval's probe and its replacement cover both streams; on FLUX an interval may span double- and single-stream
+blocks (its replacement is a copy of its middle block, whichever kind that is, and the rebuilt network counts its
+double-stream blocks again). A plug mask that would put SD3's context-pre-only block (the student's last) before
+teacher blocks is refused in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ditlab.methods.compress.probes import IntervalPlan
-from ditlab.methods.compress.prune import _block_state, _rebuild, _student_state
+from ditlab.methods.compress.prune import _block_state, _rebuild, _student_state, stack_config
 from ditlab.models.dit import DiT
 
 
@@ -89,18 +95,21 @@ def plugged(teacher: DiT, student: DiT, segments: Sequence[tuple[int, int]], mas
         raise ValueError(f"mask has {len(mask)} entries but the student has {len(edits)} plugs {edits}")
     by_start = {plug.start: (plug, on) for plug, on in zip(edits, mask)}
     owner = {first: index for index, (first, last) in enumerate(segments) if first == last}
-    blocks, block = [], 0
+    sources: list[tuple[DiT, int]] = []  # (network, block) filling each position
+    block = 0
     while block < teacher.depth:
         if block in by_start:
             plug, on = by_start[block]
             if on and plug.student is not None:
-                blocks.append(_block_state(student, plug.student))
+                sources.append((student, plug.student))
             elif not on:
-                blocks.extend(_block_state(teacher, b) for b in range(plug.start, plug.end + 1))
+                sources.extend((teacher, b) for b in range(plug.start, plug.end + 1))
             block = plug.end + 1
         else:
-            blocks.append(_block_state(student, owner[block]))
+            sources.append((student, owner[block]))
             block += 1
-    if not blocks:
+    if not sources:
         raise ValueError("this plug mask removes every block; switch at least one plug off")
-    return _rebuild(student, student.config.replace(depth=len(blocks)), _student_state(student, blocks))
+    config = stack_config(student, [network.blocks[index] for network, index in sources])
+    blocks = [_block_state(network, index) for network, index in sources]
+    return _rebuild(student, config, _student_state(student, blocks))

@@ -18,6 +18,11 @@ gradients and the EMA decision recorded from its ``DiT.forward`` and ``update_em
 ``tests/methods/compress/data/tinyfusion_reference.json`` (``tests/methods/compress/test_tinyfusion.py``).
 [interp] Gate logits start at 0 (the reference: 0.02, the same uniform softmax); the default weight learning
 rate is scaled to toy networks; a step whose loss is not finite is refused rather than skipped.
+
+Text-to-image networks take the same path: ``labels`` are the captions' ``TextFeatures`` (caption drop-out at the
+network's rate), a masked MM-DiT block passes both streams through. [interp] On FLUX the N:M groups must not mix
+double- and single-stream blocks (``analysis.select_blocks`` refuses a ``group_size`` that would), so each stream
+type keeps the same share.
 """
 
 from __future__ import annotations
