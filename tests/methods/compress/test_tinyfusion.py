@@ -84,7 +84,7 @@ def test_per_sample_masks_and_gate_gradients_match_the_reference():
     assert sampled.tolist() == REFERENCE["masks"]
     loss = (masked_forward(network.train(), sampled, x, t, y) * w).sum()
     loss.backward()
-    assert float(loss) == pytest.approx(REFERENCE["output_sum_w"], rel=1e-5)
+    assert float(loss) == pytest.approx(REFERENCE["output_sum_w"], rel=1e-4)  # float32 rounding differs by CPU (2e-5 seen)
     torch.testing.assert_close(mask.logits.grad, torch.tensor(REFERENCE["gate_grad"]), rtol=1e-4, atol=1e-3)
 
 
