@@ -41,7 +41,8 @@ from ditlab.methods.sampling.cache_router import CacheRouterModule, ImageErrorPr
 from ditlab.methods.sampling.caches import build_policy
 from ditlab.methods.sampling.caches.plan import Plan
 from ditlab.methods.teacher import TeacherConfig
-from ditlab.models.text.prompts import condition_input, sample_conditions
+from ditlab.metrics.text_eval import sample_conditions
+from ditlab.models.text.prompts import condition_input
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -154,3 +154,36 @@ def interrupt_at() -> Callable[[int], L.Callback]:
                 raise KeyboardInterrupt
 
     return Interrupt
+
+
+# --- a recognizer that knows the truth ----------------------------------------------------------------------
+
+
+class SceneLookup(torch.nn.Module):
+    """A scene recognizer that finds each image among ``images`` (exactly) and reports ``scenes``' true
+    detections for it (nothing for an image it does not know): compositional accuracy with the answer known."""
+
+    def __init__(self, images: torch.Tensor, scenes: list) -> None:
+        super().__init__()
+        self.known, self.scenes = images.flatten(1), scenes
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # so .to(device) has something to move
+
+    def forward(self, images: torch.Tensor) -> list:
+        from ditlab.metrics.scene_recognizer import Detection
+
+        found = []
+        for image in images.flatten(1).cpu():
+            hits = (self.known == image).all(1).nonzero().flatten().tolist()
+            scene = self.scenes[hits[0]] if hits else None
+            found.append([] if scene is None else [Detection(*fields, 1.0) for fields in
+                          zip(scene.digits, scene.colours, scene.sizes, scene.positions)])  # fmt: skip
+        return found
+
+
+@pytest.fixture(scope="session")
+def validation_lookup() -> SceneLookup:
+    """A :class:`SceneLookup` over the first 64 validation scenes."""
+    from ditlab.data.scenes import DigitScenes
+
+    scenes = DigitScenes("validation")
+    return SceneLookup(scenes.images(range(64)), scenes.attributes(range(64)))

@@ -5,7 +5,7 @@ image, and the FFN's for experts), forward FLOPs per image, sampling images/s on
 reference set with the features it used (``fid_features``), so a reader sees in one place what the compression
 cost and what it bought.
 
-Conditions come from :func:`ditlab.models.text.prompts.sample_conditions`: class labels ``arange(n) % num_classes``,
+Conditions come from :func:`ditlab.metrics.text_eval.sample_conditions`: class labels ``arange(n) % num_classes``,
 or for a text-to-image teacher caption ``i`` of ``captions`` for sample ``i`` (the digit scenes' validation
 captions by default). Text-to-image networks also get their CLIP score (Hessel et al., 2021, "CLIPScore", on
 ditlab's scene CLIP: ``ditlab.metrics.text_eval``) and their compositional accuracy (after GenEval, Ghosh et al.,
@@ -24,7 +24,8 @@ import torch
 
 from ditlab.callbacks.monitor import live_bar, progress_label, sample_with_progress
 from ditlab.distributed import gathered, is_sharded
-from ditlab.models.text.prompts import condition_input, sample_conditions
+from ditlab.metrics.text_eval import sample_conditions
+from ditlab.models.text.prompts import condition_input
 from ditlab.progress import TaskProgress, hosted_by
 
 RATIO_KEYS = ("parameters", "activated_parameters", "ffn_activated_parameters", "flops_per_image",
@@ -34,17 +35,13 @@ RATIO_KEYS = ("parameters", "activated_parameters", "ffn_activated_parameters", 
 def text_scores(images: torch.Tensor, prompts: list[str], device: torch.device | str = "cpu",
                 cache_dir: str | None = None) -> dict:  # fmt: skip
     """CLIP score and compositional accuracy of ``images (N, 3, H, W)`` in [-1, 1] drawn for ``prompts``."""
-    from ditlab.metrics.compositional import CompositionalAccuracy
-    from ditlab.metrics.text_eval import clip_score_of
+    from ditlab.metrics.text_eval import clip_score_of, compositional_of
 
     if images.shape[1] != 3:
         raise ValueError(f"CLIP score and compositional accuracy read RGB digit scenes; the samples have "
                          f"{images.shape[1]} channels")  # fmt: skip
-    scores = clip_score_of(images, prompts, device=device, cache_dir=cache_dir)
-    metric = CompositionalAccuracy().to(device)
-    metric.update(images.to(device), prompts)
-    rates = metric.compute()
-    return {**scores, "compositional_accuracy": rates["whole"], "compositional": rates}
+    return {**clip_score_of(images, prompts, device=device, cache_dir=cache_dir),
+            **compositional_of(images, prompts, device=device, cache_dir=cache_dir)}
 
 
 class CompressionReport(L.Callback):

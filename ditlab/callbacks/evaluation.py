@@ -9,8 +9,11 @@ the LightningModule, so checkpoints stay lean; only the evaluation schedule is c
 
 A text-conditioned module (``pl_module.text_conditioned`` true) is sampled with captions in place of labels: sample
 ``i`` gets caption ``i`` of ``captions`` (a file, one caption a line, cycled) or of the digit scenes' validation
-split, and ``eval/clip_score`` (Hessel et al., 2021, on ditlab's scene CLIP) is added; each rank scores its own
-share and the sums are reduced, so it too is the same for any number of processes.
+split, and ``eval/clip_score`` (Hessel et al., 2021, on ditlab's scene CLIP) is added, with compositional
+accuracy (GenEval's per-object checks, Ghosh et al., 2023, on ditlab's scene recognizer:
+``eval/compositional_accuracy`` for whole prompts, ``eval/compositional_digit``, ``_colour``, ``_size``, ``_count``,
+``_position`` per check) when every caption is in the scenes' grammar; each
+rank scores its own share and the sums are reduced, so they too are the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from ditlab.distributed import is_sharded
 from ditlab.metrics.features import FeatureExtractor, feature_extractor
 from ditlab.metrics.fid import compute_metrics
 from ditlab.metrics.reference import ReferenceStats, reference_stats
-from ditlab.metrics.text_eval import caption_prompts, clip_score_of, is_text_conditioned
+from ditlab.metrics.text_eval import (
+    caption_prompts,
+    clip_score_of,
+    compositional_of,
+    compositional_prompts,
+    is_text_conditioned,
+)
 from ditlab.progress import TaskProgress, hosted_by
 
 
@@ -97,6 +106,22 @@ class Evaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self.extractor(trainer).to(pl_module.device)
+            if is_text_conditioned(pl_module):
+                self.text_networks(trainer)
+
+    def text_networks(self, trainer: L.Trainer | None = None) -> None:
+        """Build (or load) the scene CLIP and the scene recognizer before the first evaluation, on rank 0 first,
+        so a missing cache entry is trained once, not once per process."""
+        from ditlab.metrics import text_eval
+
+        distributed = trainer is not None and trainer.world_size > 1
+        if distributed and not trainer.is_global_zero:
+            trainer.strategy.barrier("ditlab-evaluation-text")
+        text_eval._scene_clip(self.cache_dir)
+        if compositional_prompts(caption_prompts(self.captions, self.num_samples)):
+            text_eval._scene_recognizer(self.cache_dir)
+        if distributed and trainer.is_global_zero:
+            trainer.strategy.barrier("ditlab-evaluation-text")
 
     # ------------------------------------------------------------------------------- evaluation
     def local_range(self, rank: int, world_size: int) -> tuple[int, int]:
@@ -146,6 +171,8 @@ class Evaluation(L.Callback):
         if text:  # every rank joins the reduction, a rank without samples with no pairs
             pairs = (images, labels[start:stop]) if stop > start else (None, [])
             metrics.update(clip_score_of(*pairs, device=pl_module.device, cache_dir=self.cache_dir))
+            if compositional_prompts(labels):  # the same answer on every rank: all hold every prompt
+                metrics.update(compositional_of(*pairs, device=pl_module.device, cache_dir=self.cache_dir))
         self.last_step, self.last_metrics = trainer.global_step, metrics
         return metrics
 

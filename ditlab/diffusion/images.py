@@ -19,7 +19,6 @@ import torch
 from ditlab.diffusion.cache import cache_model_function
 from ditlab.diffusion.guidance import ModelFunction
 from ditlab.diffusion.sample import model_device, null_label_of, sample_images, sample_shape
-from ditlab.models.text.prompts import condition_input
 from ditlab.progress import TaskProgress
 
 ModelFactory = Callable[..., ModelFunction]
@@ -31,6 +30,17 @@ def sampling_options(sampling, **overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; choices: {[item.name for item in fields(sampling)]}")
     return {**{item.name: getattr(sampling, item.name) for item in fields(sampling)}, **overrides}
+
+
+def network_condition(network: torch.nn.Module, labels, device: torch.device):
+    """``labels`` as ``network`` takes them: a network that encodes captions exposes ``condition_input``
+    (``ditlab.models.dit.DiT`` does); any other takes its labels as given."""
+    encode = getattr(network, "condition_input", None)
+    if callable(encode):
+        return encode(labels, device)
+    if isinstance(labels, (list, tuple)):
+        raise ValueError(f"{type(network).__name__} does not encode captions; give it class labels (a tensor)")
+    return labels
 
 
 def model_function(network: torch.nn.Module, objective, sampling, factory: ModelFactory | None = None,
@@ -66,7 +76,7 @@ def sample_from_config(network: torch.nn.Module, objective, sampling, labels: to
         chunks = []
         with TaskProgress(progress or "sampling", len(labels), enabled=progress is not None) as bar:
             for offset in range(0, len(labels), batch_size):
-                condition = condition_input(getattr(network, "config", None), labels[offset : offset + batch_size], device)
+                condition = network_condition(network, labels[offset : offset + batch_size], device)
                 chunk = sample_images(model, objective, condition, seed=seed,
                                       start=start + offset, batch_size=batch_size, shape=shape, device=device,
                                       null_label=null_label_of(network), **options)  # fmt: skip

@@ -259,6 +259,13 @@ class DiT(nn.Module):
     num_classes = property(lambda self: self._config.num_classes)
     text_conditioned = property(lambda self: self._config.text_conditioned)
 
+    def condition_input(self, labels, device: torch.device | str | None = None):
+        """``labels`` as this network takes them: captions encoded by its text encoder, labels and ``TextFeatures``
+        passed through (refused in one line when they do not fit); the sampler asks this of any network."""
+        from ditlab.models.text.prompts import condition_input
+
+        return condition_input(self._config, labels, device)
+
     def initialize_weights(self) -> None:
         """The DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output."""
 

@@ -8,7 +8,8 @@ any other evaluator run on that file sees exactly what ditlab measured. ``--samp
 existing batch instead of sampling.
 
 Text-conditioned checkpoints are sampled from captions (``--captions FILE``, one a line, or the digit scenes'
-``validation`` captions, the default) and also report CLIP score (Hessel et al., 2021) on ditlab's scene CLIP;
+``validation`` captions, the default) and also report CLIP score (Hessel et al., 2021) on ditlab's scene CLIP and,
+for captions in the digit scenes' grammar, compositional accuracy (after GenEval, Ghosh et al., 2023);
 ``--samples PATH.npz --captions FILE`` scores an existing batch against its captions the same way.
 """
 
@@ -79,12 +80,18 @@ def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 100
         sampling: sampler, steps, guidance, time grid, SDE, tolerances and feature cache (default: the run's).
         captions: prompts of a text-conditioned checkpoint (default ``validation``: the digit scenes' validation
             captions) or the captions of ``--samples``' images, one a line (``validation``: scene ``i``'s for image
-            ``i``); with captions, CLIP score on ditlab's scene CLIP is reported too.
+            ``i``); with captions, CLIP score on ditlab's scene CLIP is reported too, and compositional accuracy
+            (ditlab's scene recognizer) when every caption is in the digit scenes' grammar.
     """
     from ditlab.metrics.features import feature_extractor
     from ditlab.metrics.fid import compute_metrics
     from ditlab.metrics.reference import images_from_uint8, reference_stats
-    from ditlab.metrics.text_eval import caption_prompts, clip_score_of
+    from ditlab.metrics.text_eval import (
+        caption_prompts,
+        clip_score_of,
+        compositional_of,
+        compositional_prompts,
+    )
 
     if (ckpt is None) == (samples is None):
         raise ValueError("give one of --ckpt CKPT (sample and score it) or --samples PATH.npz (score that batch)")
@@ -118,6 +125,8 @@ def evaluate(ckpt: str | None = None, samples: str | None = None, num: int = 100
         if pixels.shape[1] != 3:
             raise ValueError(f"CLIP score on the scene CLIP needs RGB images; the batch has {pixels.shape[1]} channels")
         metrics.update(clip_score_of(pixels, prompts))
+        if compositional_prompts(prompts):
+            metrics.update(compositional_of(pixels, prompts))
     folder.mkdir(parents=True, exist_ok=True)
     if ckpt:
         np.savez(folder / "samples.npz", arr_0=images, labels=labels)

@@ -1,5 +1,6 @@
-"""The Evaluation callback on a text-conditioned module: sampled from captions, CLIP score added; a class-conditional
-module keeps its labels and reports no CLIP score."""
+"""The Evaluation callback on a text-conditioned module: sampled from captions, CLIP score and compositional accuracy
+added (with a recognizer that knows the truth, samples that are the captions' own scenes score 1); a
+class-conditional module keeps its labels and reports neither."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def untrained_clip(monkeypatch):
     return model
 
 
+@pytest.fixture(autouse=True)
+def truthful_recognizer(monkeypatch, validation_lookup):
+    monkeypatch.setattr(text_eval, "_scene_recognizer", lambda cache_dir: validation_lookup)
+
+
 @pytest.mark.parametrize("text", [True, False])
 def test_text_runs_sample_captions_and_add_clip_score(untrained_clip, text):
     trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True, global_step=3, logger=None)
@@ -54,8 +60,10 @@ def test_text_runs_sample_captions_and_add_clip_score(untrained_clip, text):
     if text:
         assert sum(module.asked, []) == DigitScenes("validation").captions(range(6))  # in batches, in order
         assert metrics["clip_features"] == "scene-clip" and 0 <= metrics["clip_score"] <= 100
+        assert metrics["compositional_accuracy"] == metrics["compositional_digit"] == 1.0
     else:
         assert torch.equal(torch.cat(module.asked), torch.arange(6) % 10) and "clip_score" not in metrics
+        assert not any(key.startswith("compositional") for key in metrics)
     assert metrics["num_samples"] == 6 and "fid" in metrics
 
 
@@ -74,4 +82,5 @@ def test_eval_tool_scores_a_batch_against_its_captions(untrained_clip, tmp_path,
     expected = text_eval.clip_score_of(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1,
                                        DigitScenes("validation").captions(range(8)))["clip_score"]  # fmt: skip
     assert report["clip_score"] == pytest.approx(expected) and report["protocol"]["captions"] == "validation"
+    assert report["compositional_accuracy"] == 1.0  # the batch is the captions' own scenes
     assert "clip_score" in capsys.readouterr().out

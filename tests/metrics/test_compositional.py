@@ -216,3 +216,54 @@ def test_cached_default_recognizer_scores_real_scenes_high_and_wrong_prompts_low
     assert result["colour"] < 0.1 and result["whole"] < 0.05 and result["digit"] >= 0.9
     shuffled = compositional_accuracy(images, asked[1:] + asked[:1], recognizer)
     assert shuffled["whole"] < 0.05
+
+
+def score_share_of_prompts(rank: int, world: int, port: int, out, lookup) -> None:
+    """One gloo rank: compositional accuracy of its contiguous share of 40 scenes (odd ones asked for the next
+    scene's caption), reduced over the ranks."""
+    import json
+
+    import torch.distributed as dist
+
+    from ditlab.metrics import text_eval
+
+    torch.set_num_threads(1)
+    text_eval._scene_recognizer = lambda cache_dir: lookup  # a forked process: patched here only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    images, asked = shared_prompts()
+    share = slice(rank * 20, (rank + 1) * 20 - rank)  # rank 1 holds one scene fewer
+    (out / f"rank{rank}.json").write_text(json.dumps(text_eval.compositional_of(images[share], asked[share])))
+    dist.destroy_process_group()
+
+
+def shared_prompts() -> tuple[torch.Tensor, list[str]]:
+    scenes = DigitScenes("validation")
+    captions = scenes.captions(range(40))
+    asked = [captions[(i + 1) % 40] if i % 2 else captions[i] for i in range(40)][:39]
+    return scenes.images(range(39)), asked
+
+
+def test_two_gloo_processes_score_what_one_scores(tmp_path, validation_lookup, monkeypatch):
+    """``compositional_of`` under DDP: each rank scores its share, every rank gets the rates of all 39 prompts."""
+    import json
+    import multiprocessing
+    import socket
+
+    from ditlab.metrics import text_eval
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=score_share_of_prompts, args=(rank, 2, port, tmp_path, validation_lookup))
+             for rank in range(2)]  # fmt: skip
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    monkeypatch.setattr(text_eval, "_scene_recognizer", lambda cache_dir: validation_lookup)
+    single = text_eval.compositional_of(*shared_prompts())
+    assert results[0] == results[1] == pytest.approx(single)
+    assert 0.4 < single["compositional_accuracy"] < 0.7  # the even half is right, most of the odd half wrong

@@ -64,14 +64,3 @@ def condition_input(config, labels, device: torch.device | str | None = None):
         raise ValueError("this network is text-conditioned: give captions (a list of str) or TextFeatures, not "
                          f"{type(labels).__name__}")  # fmt: skip
     return labels
-
-
-def sample_conditions(config, count: int, captions: str = "validation"):
-    """The condition of samples ``0 .. count-1`` for calibration, reports and benchmarks: class labels
-    ``arange(count) % num_classes``, or for a text-conditioned network caption ``i`` of ``captions`` (a file, one a
-    line, or ``validation``: the digit scenes' validation captions), cycled."""
-    if getattr(config, "text_conditioned", False):
-        from ditlab.metrics.text_eval import caption_prompts
-
-        return caption_prompts(captions, count)
-    return torch.arange(count) % config.num_classes

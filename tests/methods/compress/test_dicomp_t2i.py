@@ -413,7 +413,7 @@ def test_dicomp_t2i_main_job_cut_short(kind, tmp_path, monkeypatch):
     def fake_text_scores(images, prompts, device, cache_dir):
         seen.setdefault("prompts", []).append(list(prompts))
         return {"clip_score": 20.0 + float(images.mean()), "clip_features": "scene-clip",
-                "compositional_accuracy": 0.5, "compositional": {"whole": 0.5}}  # fmt: skip
+                "compositional_accuracy": 0.5, "compositional_digit": 0.5}  # fmt: skip
 
     monkeypatch.setattr("ditlab.metrics.fid.evaluate_images", fake_fid)
     monkeypatch.setattr("ditlab.callbacks.compression_report.text_scores", fake_text_scores)
@@ -424,7 +424,7 @@ def test_dicomp_t2i_main_job_cut_short(kind, tmp_path, monkeypatch):
         assert {"fid", "clip_score", "compositional_accuracy", "sampling_images_per_s"} <= set(summary[network])
     assert {"fid_ratio", "clip_score_ratio", "compositional_accuracy_ratio"} <= set(summary["student_vs_teacher"])
     assert summary["selection"]["criterion"] == "amber" and len(summary["selection"]["keep"]) == 3
-    from ditlab.models.text.prompts import sample_conditions
+    from ditlab.metrics.text_eval import sample_conditions
 
     assert seen["prompts"] == [sample_conditions(teacher.config, 4)] * 2  # validation captions, sample i caption i
     assert summary["comparison_protocol"]["conditions"].startswith("captions 'validation'")

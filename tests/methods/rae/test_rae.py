@@ -145,8 +145,9 @@ def test_fit_records_the_rae_in_the_checkpoint(trained, tmp_path):
     meta = read_checkpoint(path)["ditlab"]
     assert meta["vae"] == str(folder) and meta["latent_scale"] == 1.0 and meta["rae"]["time_shift"] == 2.0
     assert meta["sampled_by"].endswith("RAEModule")
-    with pytest.raises(ValueError, match="load_from_checkpoint"):  # until ditlab.data.vae reads RAE folders
-        RAEModule.checkpoint_bundle(read_checkpoint(path))
+    bundle = RAEModule.checkpoint_bundle(read_checkpoint(path))  # what ditlab sample / eval sample
+    assert bundle.vae == str(folder) and bundle.latent_scale == 1.0
+    assert bundle.sampling.time_grid == "shift:2"  # the shifted grid the run sampled with
 
 
 def test_encode_writes_rae_latents(trained, tmp_path):

@@ -125,7 +125,8 @@ def calibration_conditions(dit, count: int):
     """The conditions of ``count`` calibration samples as ``dit`` takes them: class labels ``0, 1, ...``, or the
     validation captions encoded by the network's text encoder (one line when a text-conditioned network names none:
     give the policy its fitted values instead, e.g. ``coefficients`` / ``magnitudes``)."""
-    from ditlab.models.text.prompts import condition_input, sample_conditions
+    from ditlab.metrics.text_eval import sample_conditions
+    from ditlab.models.text.prompts import condition_input
 
     config = dit.config
     try:

@@ -21,9 +21,10 @@ from ditlab.methods.sampling.caches.calibration import (
 )
 from ditlab.methods.sampling.caches.plan import StaticPlan
 from ditlab.methods.sampling.caches.redundancy import redundancy_profile
+from ditlab.metrics.text_eval import sample_conditions
 from ditlab.models.blocks.mmdit import modulate
 from ditlab.models.text.features import TextFeatures
-from ditlab.models.text.prompts import condition_input, sample_conditions
+from ditlab.models.text.prompts import condition_input
 
 OBJECTIVE, SAMPLER, STEPS, CFG = GaussianDiffusion(learn_sigma=True), "ddim", 8, 2.0
 KINDS = ("pixart", "mmdit")
