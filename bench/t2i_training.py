@@ -17,7 +17,7 @@ from pathlib import Path
 from ditlab.analysis import scalar_series
 
 METRICS = {"eval/clip_score": "CLIP score (scene CLIP, x100)", "eval/compositional_accuracy": "compositional accuracy",
-           "eval/fid": "FID (scene CLIP features)"}  # fmt: skip
+           "eval/compositional_digit": "digit check (recognizer)", "eval/fid": "FID (scene CLIP features)"}  # fmt: skip
 
 
 def run_curves(run: Path) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ditlab.atomic import disk_full, quiet_writer_threads
 from ditlab.child_process import RECEIVED, noting_sigint
+from ditlab.threads import pop_threads_option, set_threads
 from ditlab.tools import TOOLS
 
 LIGHTNING_COMMANDS = {  # what `ditlab --help` lists, one line each; the tools' lines are their own summaries
@@ -143,6 +144,7 @@ def top_help() -> str:
     lines = ["usage: ditlab COMMAND [options]   (ditlab COMMAND --help lists a command's options)", "",
              "commands:", *(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()), "",
              "global options:", "  --verbose    show every Lightning notice and warning (also DITLAB_DEBUG=1)",
+             "  --threads N  torch threads (default: OMP_NUM_THREADS, else the cores free now)",
              "  --version    the installed ditlab version",
              "  --print_completion bash|zsh|tcsh   a shell completion script (needs shtab; see ditlab.tools.completion)"]  # fmt: skip
     return "\n".join(lines)
@@ -236,6 +238,9 @@ def run_command(argv: list[str] | None = None) -> int:
 
             print(f"ditlab {version('ditlab')}")
             return 0
+        argv, threads = pop_threads_option(argv)
+        if argv and (argv[0] in TOOLS or argv[0] in ("fit", "validate", "test", "predict")):
+            set_threads(threads)  # summary.json records the choice (threads, cores, load)
         if argv[0] in TOOLS:
             from ditlab.tools.command import run_tool
 

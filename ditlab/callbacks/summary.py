@@ -93,9 +93,13 @@ class RunSummary(L.Callback):
         self._images = 0
         self._batch_start = 0.0
         self._memory_at_start = 0.0
+        self._machine: dict = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        from ditlab.threads import machine_record
+
         self._fit_start = time.perf_counter()
+        self._machine = {**machine_record(), "processes": trainer.world_size}  # load as the run starts
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._memory_at_start = reset_peak_memory(pl_module.device)
@@ -126,6 +130,8 @@ class RunSummary(L.Callback):
             note_saved(exception, [str(self.path)])
 
     def write(self, trainer, pl_module, memory: dict, stopped: str | None = None) -> None:
+        from ditlab.threads import machine_record
+
         if not trainer.is_global_zero or not run_dir(trainer):
             return
         metrics = {name: _plain(value) for name, value in trainer.callback_metrics.items()}
@@ -139,6 +145,7 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step,
             "skipped_images": getattr(trainer.datamodule, "skipped", None),  # unreadable files (image folders)
             "wall_time_s": time.perf_counter() - self._fit_start,
+            "machine": {**self._machine, "load_average_at_end": machine_record()["load_average"]},
             **memory,
             **{key: _plain(value) if not isinstance(value, dict) else value
                for key, value in extra.items()},  # fmt: skip
