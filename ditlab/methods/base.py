@@ -38,6 +38,11 @@ from ditlab.models.dit import DiT
 from ditlab.models.loading import ditlab_entry, upgrade_layout
 
 
+def stale_ema_share(decay: float | None, steps: int) -> float:
+    """Weight the EMA network still gives its starting weights after ``steps`` updates at ``decay`` (0 without EMA)."""
+    return 0.0 if decay is None or steps <= 0 else decay**steps
+
+
 class DiffusionModule(L.LightningModule):
     """Trains a DiT with a diffusion objective; see the config dataclasses for every option.
 
@@ -266,6 +271,12 @@ class DiffusionModule(L.LightningModule):
         if missed:
             print(f"warning: trainer.max_steps={trainer.max_steps} ends the run before "
                   + "; ".join(f"{stage} (from step {step})" for step, stage in missed), flush=True)  # fmt: skip
+        left = trainer.max_steps - getattr(trainer, "global_step", 0)
+        stale = stale_ema_share(self.ema_decay if self.ema is not None else None, left)
+        if stale > 0.05:  # the sampled, evaluated and exported weights would be largely the starting ones
+            print(f"warning: model.ema_decay={self.ema_decay} over the {left} steps "
+                  f"left keeps {stale:.0%} of the starting weights in the EMA network (what is sampled, evaluated and "
+                  "exported); for a run this short lower it (e.g. 0.995) or set it to null", flush=True)  # fmt: skip
 
     # ----------------------------------------------------------------------------------- sampling
     @property

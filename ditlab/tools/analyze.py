@@ -115,15 +115,15 @@ def analyze(ckpt: str, criteria: str = "laptop,amber,ppcl", keep: int | None = N
             redundancy: bool = False, sampling: SamplingConfig | None = None) -> int:  # fmt: skip
     """Rank a trained network's blocks by importance (which to keep when pruning), or profile feature redundancy.
 
-    Calibration images are the embedded digits (a 1-channel network; any size, resized), noised at
-    ``num_timesteps`` levels. Writes ``analysis.json``, ``importance.md`` and ``importance.png``; with
+    Calibration images are the embedded digits (a 1-channel network; any size, resized), or the digit scenes with
+    their captions (a text-conditioned network), noised at ``num_timesteps`` levels. Writes ``analysis.json``, ``importance.md`` and ``importance.png``; with
     ``--redundancy``, samples uncached and writes ``redundancy.json`` and ``redundancy.png`` instead.
 
     Args:
         ckpt: a ditlab checkpoint (a .ckpt file or a sharded checkpoint folder).
         criteria: comma-separated, from random, first, last, ppcl, laptop, amber, tinyfusion.
         keep: blocks to keep (default: half the depth).
-        num_images: calibration images from the digits (default 256); with ``--redundancy``, samples (default 8).
+        num_images: calibration images (digits or scenes, default 256); with ``--redundancy``, samples (default 8).
         num_timesteps: timestep bins of the calibration set.
         seed: seed of the calibration subset and noise.
         additivity: LAPTOP additivity check over this many random block sets (0: none).

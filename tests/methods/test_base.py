@@ -106,3 +106,22 @@ def test_bad_checkpoints_get_one_line(problem, message, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(path), "--num", "2", "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
+
+
+def test_an_ema_too_slow_for_the_run_is_named_at_the_start_of_fit(capsys):
+    """0.999 over 1,000 steps keeps 37% of the starting weights in the EMA network: a sampled grid is noise."""
+    import types
+
+    from ditlab.methods.base import stale_ema_share
+
+    assert stale_ema_share(0.999, 1000) == pytest.approx(0.3677, abs=1e-4)
+    assert stale_ema_share(None, 1000) == 0.0 and stale_ema_share(0.999, 0) == 0.0
+    for decay, steps, warned in [(0.999, 1000, True), (0.995, 1000, False), (0.999, 4000, False), (None, 10, False)]:
+        module = DiffusionModule(network=DiTConfig(preset="digits", depth=1, hidden_size=32, num_heads=2),
+                                 ema_decay=decay)  # fmt: skip
+        module._trainer = types.SimpleNamespace(max_steps=steps, global_step=0, is_global_zero=True, callbacks=[])
+        module.on_fit_start()
+        lines = [line for line in capsys.readouterr().out.splitlines() if "ema_decay" in line]
+        assert len(lines) == warned, (decay, steps, lines)
+        if warned:
+            assert "keeps 37% of the starting weights" in lines[0]

@@ -34,6 +34,11 @@ For diffusion ([interp], the adaptation is ours; the paper is classification):
   and ``loss_kd_output = output_weight * mean (out_S - y^)^2`` on the student's own prediction (the paper's OFA loss
   on the final logits); with ``weight: 0, eps: 1`` this is plain output KD, the baseline OFA-KD is compared with.
 
+Text-to-image networks (``condition: text``: ``pixart``, ``mmdit`` blocks): student and teacher read the same encoded
+captions, so the student names the teacher's text encoder and widths (refused in one line otherwise); an exit head's
+blocks take the :class:`~ditlab.models.condition.TextCondition`, its modulation reads the condition's vector, and on a
+network whose blocks carry ``[text; image]`` (MM-DiT) it predicts from the image tokens, the last ``N``.
+
 The student needs hidden taps (``trunk.hidden_taps``: the plain block loop and the ``dico`` hourglass have them). By
 default the stages are the ends of the trunk's stages but the last (``trunk.stage_ends()``: the dico hourglass's
 encoder, middle and decoder stages) or, for an isotropic stack, the ends of its first three quarters (the paper's
@@ -60,8 +65,10 @@ from ditlab.methods.compress.distill import prediction_kd, shared_drop_ids
 from ditlab.methods.teacher import FromTeacher, TeacherConfig
 from ditlab.models.budget import flops_per_image, parameter_count
 from ditlab.models.components import build_component
+from ditlab.models.condition import TextCondition, condition_vector
 from ditlab.models.config import DiTConfig
 from ditlab.models.dit import DiT, modulate
+from ditlab.models.text.features import TextFeatures
 
 
 @dataclass
@@ -136,15 +143,19 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int) -> torch.Tensor
 
 class ExitHead(nn.Module):
     """Student tokens after a stage ``(B, n, W)`` -> a prediction ``(B, C, H, W)``: ``blocks`` blocks of the student's
-    kind built for that stage, then an adaLN-modulated LayerNorm and a linear map to full-resolution patches."""
+    kind built for that stage, then an adaLN-modulated LayerNorm and a linear map to full-resolution patches.
+    ``num_tokens`` counts image tokens; with ``text_stream`` the tokens are ``[text; image]`` (an MM-DiT's) and the
+    head predicts from the last ``num_tokens``."""
 
-    def __init__(self, config: DiTConfig, stage: int, width: int, num_tokens: int, channels: int, blocks: int = 1) -> None:
+    def __init__(self, config: DiTConfig, stage: int, width: int, num_tokens: int, channels: int, blocks: int = 1,
+                 text_stream: bool = False) -> None:  # fmt: skip
         super().__init__()
-        scale = math.isqrt(config.num_tokens // num_tokens)
+        scale = math.isqrt(config.num_tokens // num_tokens) if 0 < num_tokens <= config.num_tokens else 0
         if scale * scale * num_tokens != config.num_tokens:
             raise ValueError(f"stage {stage} has {num_tokens} tokens, not the network's {config.num_tokens} over a "
                              "square factor; OFA-KD exit heads need a square token grid at every stage")  # fmt: skip
         self.stage, self.patch, self.channels = stage, config.patch_size * scale, channels
+        self.num_tokens, self.text_stream = num_tokens, text_stream
         self.blocks = nn.ModuleList(build_component("block", config, stage) for _ in range(blocks))
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 2 * width))
@@ -161,10 +172,12 @@ class ExitHead(nn.Module):
         nn.init.xavier_uniform_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | TextCondition) -> torch.Tensor:
         for block in self.blocks:
             tokens = block(tokens, cond)
-        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)
+        if self.text_stream:
+            tokens = tokens[:, -self.num_tokens :]
+        shift, scale = self.adaLN_modulation(condition_vector(cond)).chunk(2, dim=1)
         return unpatchify(self.linear(modulate(self.norm(tokens), shift, scale)), self.patch, self.channels)
 
 
@@ -176,6 +189,41 @@ def default_stages(student: DiT) -> list[int]:
         return list(ends()[:-1])
     depth = student.depth
     return sorted({max(0, round(depth * quarter / 4) - 1) for quarter in (1, 2, 3)} - {depth - 1})
+
+
+def probe_condition(config: DiTConfig, device: torch.device) -> torch.Tensor | TextFeatures:
+    """One row of the condition ``config``'s network reads, for a shape probe: class label 0, or (text-conditioned)
+    all-zero text features of the configured widths, one real token per ``text_length``, their own empty caption."""
+    if not config.text_conditioned:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    options = config.condition_options
+    length = max(1, int(options.get("text_length") or 1))
+    tokens = torch.zeros(1, length, options["text_dim"], device=device)
+    pooled = torch.zeros(1, int(options.get("pooled_dim") or 0), device=device)
+    mask = torch.ones(1, length, dtype=torch.bool, device=device)
+    return TextFeatures(tokens, pooled, mask, TextFeatures(tokens, pooled, mask))
+
+
+def check_conditions(student: DiTConfig, teacher: DiTConfig) -> None:
+    """Refuse, in one line, a student that cannot read the teacher's condition input (labels or encoded captions)."""
+
+    def condition(config: DiTConfig) -> dict | None:
+        if not config.text_conditioned:
+            return None
+        options = config.condition_options
+        return {"encoder": options.get("encoder"), "encoder_options": dict(options.get("encoder_options") or {}),
+                "text_dim": options.get("text_dim"), "pooled_dim": int(options.get("pooled_dim") or 0)}  # fmt: skip
+
+    def reads(config: DiTConfig) -> str:
+        read = condition(config)
+        if read is None:
+            return "class labels"
+        return "captions through " + ", ".join(f"{key}={value!r}" for key, value in read.items())
+
+    if condition(student) != condition(teacher):
+        raise ValueError(f"model.student reads {reads(student)} but the teacher reads {reads(teacher)}; OFA-KD feeds both "
+                         "the same condition: give the student the teacher's condition (for text: the same "
+                         "condition_options encoder, encoder_options, text_dim and pooled_dim)")  # fmt: skip
 
 
 def tapped_forward(student: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, stages: Sequence[int],
@@ -218,12 +266,14 @@ class OFAHeads(nn.Module):
         config = student.config
         device = next(student.parameters()).device
         probe = torch.zeros(1, config.in_channels, config.input_size, config.input_size, device=device)
+        label = probe_condition(config, device)
+        drop = torch.zeros(1, dtype=torch.long, device=device) if config.text_conditioned else None
         with torch.no_grad():
-            _, hidden, _ = tapped_forward(student, probe, torch.zeros(1, device=device),
-                                          torch.zeros(1, dtype=torch.long, device=device), stages)  # fmt: skip
+            _, hidden, _ = tapped_forward(student, probe, torch.zeros(1, device=device), label, stages, drop)
         channels = channels or config.in_channels
-        heads = {stage: ExitHead(config, stage, hidden[stage].shape[-1], hidden[stage].shape[1], channels, head_blocks)
-                 for stage in stages}  # fmt: skip
+        text = len(label.tokens[0]) if student.text_stream else 0  # an MM-DiT's tokens are [text; image]
+        heads = {stage: ExitHead(config, stage, hidden[stage].shape[-1], hidden[stage].shape[1] - text, channels,
+                                 head_blocks, text_stream=student.text_stream) for stage in stages}  # fmt: skip
         return cls(heads).to(device)
 
     def forward(self, hidden: dict[int, torch.Tensor], cond: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -255,6 +305,7 @@ def ofa_losses(
     if (student.input_size, student.in_channels) != (teacher.input_size, teacher.in_channels):
         raise ValueError(f"student ({student.in_channels}x{student.input_size}^2) and teacher "
                          f"({teacher.in_channels}x{teacher.input_size}^2) see different inputs; OFA-KD needs the same")  # fmt: skip
+    check_conditions(student.config, teacher.config)
     channels = target.shape[1]
     drop = shared_drop_ids(student, y, force_drop_ids)
     with torch.no_grad():
@@ -313,6 +364,7 @@ class OFADistillModule(FromTeacher, DiffusionModule):
             if (student.input_size, student.in_channels) != (teacher.input_size, teacher.in_channels):
                 raise ValueError(f"model.student sees {student.in_channels}x{student.input_size}^2 inputs, the teacher "
                                  f"{teacher.in_channels}x{teacher.input_size}^2; match input_size and in_channels")  # fmt: skip
+            check_conditions(student.config, teacher.config)
             self.attach(student.train())
             if self.ofa.weight:
                 self.ofa_heads = OFAHeads.build(student, self.ofa.stages, self.ofa.head_blocks)

@@ -1,5 +1,6 @@
-"""Tiny text-to-image networks (PixArt and MM-DiT blocks, the ``random-words`` text encoder) and their teacher
-checkpoints, shared by the caching, learned-caching and feedback tests on text-conditioned networks."""
+"""Tiny text-to-image networks (PixArt and MM-DiT blocks, the ``random-words`` text encoder), their configs and
+their teacher checkpoints, shared by every method test on text-conditioned networks (the caching, learned-caching
+and feedback tests under ``sampling/``, the family x text-block checks of ``test_t2i_families_gaps.py``, ...)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,17 @@ TINY_T2I = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, 
                      learn_sigma=True, condition="text")  # fmt: skip
 
 
+def text_config_of(kind: str, **fields) -> DiTConfig:
+    """:data:`TINY_T2I` with the ``kind`` block and condition of :data:`TEXT_KINDS`; ``fields`` override both (a
+    field of :data:`TEXT_KINDS` such as ``condition_options`` or ``block`` replaces the kind's whole value)."""
+    return TINY_T2I.replace(**{**TEXT_KINDS[kind], **fields})
+
+
 def build_text_network(kind: str, seed: int = 0, std: float = 0.1, **fields) -> DiT:
-    """An eval-mode tiny ``kind`` network (``fields`` override :data:`TINY_T2I`) whose every weight is perturbed by
-    ``std`` noise from ``seed`` (so the zero-initialised adaLN, cross-attention output and final layers matter)."""
+    """An eval-mode tiny ``kind`` network (config :func:`text_config_of`) whose every weight is perturbed by ``std``
+    noise from ``seed`` (so the zero-initialised adaLN, cross-attention output and final layers matter)."""
     torch.manual_seed(seed)
-    network = TINY_T2I.replace(**TEXT_KINDS[kind], **fields).build()
+    network = text_config_of(kind, **fields).build()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, parameter in network.named_parameters():
@@ -45,6 +52,18 @@ def text_network() -> Callable[..., DiT]:
     """``text_network(kind, seed=0, std=0.1, **fields)``: a tiny ``pixart`` or ``mmdit`` network (see
     :func:`build_text_network`)."""
     return build_text_network
+
+
+@pytest.fixture(scope="session")
+def text_config() -> Callable[..., DiTConfig]:
+    """``text_config(kind, **fields)``: the tiny ``pixart`` or ``mmdit`` config, unbuilt (see :func:`text_config_of`)."""
+    return text_config_of
+
+
+@pytest.fixture(scope="session")
+def text_kinds() -> dict[str, dict]:
+    """:data:`TEXT_KINDS`: each text block kind's config fields (``block``, ``condition_options``, ...)."""
+    return TEXT_KINDS
 
 
 @pytest.fixture(scope="session")
