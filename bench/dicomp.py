@@ -39,6 +39,7 @@ def rows(steps: int) -> dict[str, tuple[str, dict]]:
     half = steps // 2
     ppcl_local = PhaseConfig(steps=half, task_weight=0.0, output_weight=0.0, feature_weight=1.0, feature_loss="direction",
                              teacher_forced=True, trainable="replaced", layers="replaced")  # fmt: skip
+    ppcl_magnitude = PhaseConfig(**{**vars(ppcl_local), "feature_loss": "direction_magnitude"})
     amber_layerwise = PhaseConfig(steps=half, task_weight=0.0, output_weight=0.0, feature_weight=1.0,
                                   feature_loss="normalized_mse", teacher_forced=True, trainable="blocks")  # fmt: skip
     amber_full = DistillConfig(task_weight=1.0, output_weight=1.0, feature_weight=0.0)
@@ -58,6 +59,9 @@ def rows(steps: int) -> dict[str, tuple[str, dict]]:
         "ppcl": ("PPCL: probe/CKA interval plan (cost order, absorb), middle-block init, teacher-forced direction "
                  "loss on the replacements only (rest frozen), then global phase (LAPTOP losses)",
                  {"prune": {"criterion": "ppcl", "num_blocks": 6}, "phases": [ppcl_local]}),
+        "ppcl+magnitude": ("PPCL as above, its local phase with the magnitude term (direction + squared relative "
+                           "error of each token's norm)",
+                           {"prune": {"criterion": "ppcl", "num_blocks": 6}, "phases": [ppcl_magnitude]}),
         "width": ("width only: 12 blocks, 2/4 heads, 64/512 MLP channels by Taylor score, LAPTOP distillation",
                   {"prune": {"criterion": "first", "num_blocks": 12, "num_heads": 2, "mlp_hidden": 64, **taylor}}),
         "depth+width": ("depth + width: LAPTOP to 9 blocks, 2/4 heads, 256/512 MLP channels by Taylor score, "
@@ -140,14 +144,19 @@ def table(result: dict) -> str:
 
 def write(result: dict, args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dicomp.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     labels = "\n".join(f"- **{name}**: {label}" for name, (label, _) in rows(args.steps).items())
-    settings = {key: value for key, value in vars(args).items() if key not in ("resume", "report", "teacher")}
+    settings = {key: value for key, value in vars(args).items() if key not in ("resume", "report", "teacher", "out")}
     evidence = []
     for run in result["students"]:
         if run["row"] == "ppcl" and "intervals" in run:
             plan = [(i["start"], i["end"], i["keep"]) for i in run["intervals"]]
             evidence.append(f"- PPCL plan, seed {run['seed']}: intervals (start, end, copied block) {plan}")
+        if run["row"] == "ppcl+magnitude":
+            plain = [other["fid"] for other in result["students"] if other["row"] == "ppcl" and other["seed"] == run["seed"]]
+            if plain:
+                evidence.append(f"- PPCL magnitude term, seed {run['seed']}: FID {run['fid']:.2f} vs {plain[0]:.2f} "
+                                f"without ({run['fid'] - plain[0]:+.2f})")
         if run["row"] == "laptop" and "additivity" in run:
             check = run["additivity"]
             evidence.append(f"- LAPTOP additivity, seed {run['seed']}: Pearson {check['pearson']:.3f}, Spearman "
@@ -157,7 +166,7 @@ def write(result: dict, args: argparse.Namespace) -> None:
                 f"Teacher: `{result['teacher']}`. Settings: {settings}. Load average (1/5/15 min) at start / at the "
                 f"last run: {result['load']}.\n\n{table(result)}\n\nRows:\n{labels}\n\nEvidence:\n"
                 + "\n".join(evidence) + "\n")  # fmt: skip
-    (RESULTS / "dicomp.md").write_text(markdown)
+    (RESULTS / f"{args.out}.md").write_text(markdown)
 
 
 def main() -> None:
@@ -171,23 +180,25 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256, help="calibration images for the criteria")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rows", nargs="+", default=list(rows(2)), choices=list(rows(2)))
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in bench/results/dicomp.json")
-    parser.add_argument("--report", action="store_true", help="only rewrite dicomp.md from dicomp.json")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in bench/results/OUT.json")
+    parser.add_argument("--report", action="store_true", help="only rewrite OUT.md from OUT.json")
+    parser.add_argument("--out", default="dicomp", help="results name: bench/results/OUT.{json,md}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     if args.report:
-        result = json.loads((RESULTS / "dicomp.json").read_text())
-        args = argparse.Namespace(**{**vars(args), **result["settings"], "report": True})
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        args = argparse.Namespace(**{**vars(args), **result["settings"], "report": True, "out": args.out})
         write(result, args)
         print(table(result))
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     teacher = args.teacher or build_from_recipe(TeacherConfig())
     load = lambda: " ".join(f"{value:.2f}" for value in __import__("os").getloadavg())  # noqa: E731
     result = {"teacher": str(teacher), "settings": {k: v for k, v in vars(args).items() if k != "teacher"},
               "students": [], "load": [load()]}  # fmt: skip
     result["settings"]["teacher"] = str(teacher)
-    if args.resume and (RESULTS / "dicomp.json").is_file():
-        previous = json.loads((RESULTS / "dicomp.json").read_text())
+    if args.resume and (RESULTS / f"{args.out}.json").is_file():
+        previous = json.loads((RESULTS / f"{args.out}.json").read_text())
         result["students"] = [run for run in previous["students"] if run["row"] in args.rows and run["seed"] in args.seeds]
         if previous.get("teacher_fid") and previous.get("settings", {}).get("seeds") == args.seeds:
             result["teacher_fid"], result["teacher_parameters"] = previous["teacher_fid"], previous["teacher_parameters"]

@@ -8,6 +8,8 @@
 - Retrieval among the first ``--eval`` validation scenes (glyphs never seen in training): image->text and
   text->image top-1/top-5 by index, and "by caption" (a hit when the retrieved caption equals the true one).
 - CLIP score (100 * max(cos, 0)) on the real validation pairs vs the same images with captions shifted by one.
+- One-edit discrimination: how often an image's own caption scores above the same caption with one attribute
+  changed (the first digit, its colour, its size, the relation): 0.5 is blind to that attribute.
 - Linear probes (sklearn LogisticRegression on standardised features, trained on ``--probe-train`` training
   scenes, scored on the validation scenes): the first digit's identity, its colour and its position (3x3 cell of
   its centre), on raw pixels vs scene-CLIP image features (the projected embedding, and the flattened patch tokens
@@ -41,6 +43,42 @@ def by_caption(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, ca
     to_image = similarity.argmax(0).tolist()
     return {"image_to_text_top1_by_caption": sum(captions[j] == captions[i] for i, j in enumerate(to_text)) / len(captions),
             "text_to_image_top1_by_caption": sum(captions[j] == captions[i] for i, j in enumerate(to_image)) / len(captions)}  # fmt: skip
+
+
+def edited(attributes, kind: str) -> str | None:
+    """The caption of ``attributes`` with one attribute of the first digit (or the relation) changed."""
+    from dataclasses import replace
+
+    from ditlab.data.scene_grammar import COLOURS
+
+    digits, colours, sizes, relation = list(attributes.digits), list(attributes.colours), list(attributes.sizes), None
+    if kind == "digit":
+        digits[0] = (digits[0] + 5) % 10
+    elif kind == "colour":
+        colours[0] = COLOURS[(COLOURS.index(colours[0]) + 3) % len(COLOURS)]
+    elif kind == "size":
+        sizes[0] = "large" if sizes[0] == "small" else "small"
+    elif attributes.relation is None:
+        return None
+    else:
+        relation = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[attributes.relation]
+    return replace(attributes, digits=digits, colours=colours, sizes=sizes,
+                   relation=relation or attributes.relation).caption()  # fmt: skip
+
+
+@torch.no_grad()
+def edit_discrimination(model, scenes: DigitScenes, count: int, images_embedded: torch.Tensor,
+                        texts_embedded: torch.Tensor) -> dict:  # fmt: skip
+    """Share of images whose own caption scores above the one-edit caption, per kind of edit."""
+    attributes = scenes.attributes(range(count))
+    own = (images_embedded * texts_embedded).sum(1)
+    result = {}
+    for kind in ("digit", "colour", "size", "relation"):
+        rows = [i for i, a in enumerate(attributes) if edited(a, kind) is not None]
+        negatives = model.encode_captions([edited(attributes[i], kind) for i in rows])
+        wins = own[rows] > (images_embedded[rows] * negatives).sum(1)
+        result[kind] = {"own_beats_edited": wins.float().mean().item(), "scenes": len(rows)}
+    return result
 
 
 def targets(scenes: DigitScenes, count: int) -> dict[str, torch.Tensor]:
@@ -102,6 +140,8 @@ def main() -> None:
         scores[name] = float(metric.compute())
     result["clip_score"] = {**scores, "pairs": args.eval, "shuffle": "captions shifted by one"}
     print("clip_score", json.dumps(result["clip_score"]))
+    result["one_edit"] = edit_discrimination(model, validation, args.eval, images_embedded, texts_embedded)
+    print("one_edit", json.dumps(result["one_edit"]))
 
     train = DigitScenes("train", length=args.probe_train)
     train_images, test_images = train.images(range(args.probe_train)), validation.images(range(args.eval))

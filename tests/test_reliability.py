@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -284,6 +285,9 @@ def test_sigterm_saves_interrupted_ckpt_and_exits_cleanly(tmp_path, tiny_args):
     step = read_checkpoint(saved)["global_step"]
     assert f"received SIGTERM; stopped after step {step}" in out and f"interrupted at step {step}" in out
     assert 7 <= step <= 8  # the step that was running when the signal came, no further
+    summary = json.loads(next(tmp_path.glob("runs/dit/version_0/summary.json")).read_text())
+    assert summary["steps"] == step and summary["stopped"] == f"terminated (SIGTERM) after step {step}"
+    assert summary["train_images_per_s"] > 0 and summary["machine"]["torch_threads"] >= 1
     assert (
         main(["fit", *tiny_args, *FAST, "--trainer.max_steps", str(step + 2), "--ckpt_path", str(saved)]) == 0
     )

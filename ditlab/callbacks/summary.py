@@ -81,6 +81,19 @@ def network_costs(pl_module) -> dict:
             "flops_per_image": budget.flops_per_image(network)}  # a routing trunk counts what an image runs
 
 
+def stop_reason(exception: BaseException, step: int) -> str | None:
+    """Why a fit that raised ``exception`` stopped, for ``summary.json``; ``None`` for an error (a crash writes none)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if out_of_space(exception) is not None:
+        return str(disk_full(exception))
+    if isinstance(exception, SIGTERMException):
+        return f"terminated (SIGTERM) after step {step}"
+    if isinstance(exception, KeyboardInterrupt):
+        return f"interrupted (Ctrl-C) at step {step}"
+    return None
+
+
 class RunSummary(L.Callback):
     """Measures throughput and wall time, then writes ``summary.json``; ``config`` is set by the CLI."""
 
@@ -116,12 +129,14 @@ class RunSummary(L.Callback):
         self.write(trainer, pl_module, memory)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Out of space: write the summary anyway (no collective: the other processes may be elsewhere)."""
-        if out_of_space(exception) is None or not self._fit_start or trainer.global_step == 0:
+        """Stopped (Ctrl-C, SIGTERM) or out of space: write the summary of the steps run so far, saying why it
+        stopped (no collective: the other processes may be elsewhere)."""
+        stopped = stop_reason(exception, trainer.global_step)
+        if stopped is None or not self._fit_start or trainer.global_step == 0:
             return
         memory = {"peak_memory_mb": [round(local_peak_mb(pl_module.device), 1)]}
         try:
-            self.write(trainer, pl_module, memory, stopped=str(disk_full(exception)))
+            self.write(trainer, pl_module, memory, stopped=stopped)
         except OSError as again:
             if out_of_space(again) is None:
                 raise

@@ -11,6 +11,7 @@ global batch (:meth:`training_draws`), so any number of processes trains the sam
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import lightning as L
@@ -41,6 +42,11 @@ from ditlab.models.loading import ditlab_entry, upgrade_layout
 def stale_ema_share(decay: float | None, steps: int) -> float:
     """Weight the EMA network still gives its starting weights after ``steps`` updates at ``decay`` (0 without EMA)."""
     return 0.0 if decay is None or steps <= 0 else decay**steps
+
+
+def fresh_ema_decay(steps: int, share: float = 0.05) -> float:
+    """A decay, rounded down to 3 decimals, whose EMA keeps at most ``share`` of its starting weights after ``steps``."""
+    return math.floor(share ** (1 / max(steps, 1)) * 1000) / 1000
 
 
 class DiffusionModule(L.LightningModule):
@@ -276,7 +282,7 @@ class DiffusionModule(L.LightningModule):
         if stale > 0.05:  # the sampled, evaluated and exported weights would be largely the starting ones
             print(f"warning: model.ema_decay={self.ema_decay} over the {left} steps "
                   f"left keeps {stale:.0%} of the starting weights in the EMA network (what is sampled, evaluated and "
-                  "exported); for a run this short lower it (e.g. 0.995) or set it to null", flush=True)  # fmt: skip
+                  f"exported); for a run this short lower it (e.g. {fresh_ema_decay(left)}) or set it to null", flush=True)  # fmt: skip
 
     # ----------------------------------------------------------------------------------- sampling
     @property

@@ -112,9 +112,12 @@ def test_an_ema_too_slow_for_the_run_is_named_at_the_start_of_fit(capsys):
     """0.999 over 1,000 steps keeps 37% of the starting weights in the EMA network: a sampled grid is noise."""
     import types
 
-    from ditlab.methods.base import stale_ema_share
+    from ditlab.methods.base import fresh_ema_decay, stale_ema_share
 
     assert stale_ema_share(0.999, 1000) == pytest.approx(0.3677, abs=1e-4)
+    for steps in (10, 500, 1000, 20000):  # the suggested decay clears the 5% line, and is not needlessly fast
+        suggested = fresh_ema_decay(steps)
+        assert stale_ema_share(suggested, steps) <= 0.05 < stale_ema_share(suggested + 0.002, steps)
     assert stale_ema_share(None, 1000) == 0.0 and stale_ema_share(0.999, 0) == 0.0
     for decay, steps, warned in [(0.999, 1000, True), (0.995, 1000, False), (0.999, 4000, False), (None, 10, False)]:
         module = DiffusionModule(network=DiTConfig(preset="digits", depth=1, hidden_size=32, num_heads=2),
@@ -124,4 +127,4 @@ def test_an_ema_too_slow_for_the_run_is_named_at_the_start_of_fit(capsys):
         lines = [line for line in capsys.readouterr().out.splitlines() if "ema_decay" in line]
         assert len(lines) == warned, (decay, steps, lines)
         if warned:
-            assert "keeps 37% of the starting weights" in lines[0]
+            assert "keeps 37% of the starting weights" in lines[0] and "(e.g. 0.997)" in lines[0]

@@ -235,6 +235,42 @@ def test_fresh_pixart_network_initialises_as_pixart_trains_and_drops_captions():
     assert (dropped[0] - kept[0]).abs().max() > 1e-3
 
 
+def test_small_width_initialisation_options_open_the_caption_path():
+    """PixArt's N(0, 0.02) caption MLP shrinks 64-wide tokens ~50-fold and its zeroed cross-attention output passes
+    no gradient to the cross-attention's maps; ``projection_init: xavier`` and ``cross_attention_init: xavier``
+    keep the DiT loop's Xavier there, and bad values are refused in one line."""
+    width = 64
+    tokens = torch.randn(8, TEXT_LENGTH, width)
+
+    def network(projection_init: str, cross: str) -> DiT:
+        torch.manual_seed(0)
+        options = {"text_dim": width, "projection": "mlp", "adaln": "single", "text_length": TEXT_LENGTH,
+                   "projection_init": projection_init}  # fmt: skip
+        return DiT(fresh_config(hidden_size=128, condition_options=options,
+                                block_options={"cross_attention_init": cross}))
+
+    pixart, opened = network("normal", "zero"), network("xavier", "xavier")
+    with torch.no_grad():
+        shrunk, kept = (net.y_embedder.caption_projection(tokens).std().item() for net in (pixart, opened))
+    assert shrunk < 0.05 < 0.2 < kept  # measured: about 0.02 and 0.5 of the tokens' unit scale
+    assert torch.count_nonzero(pixart.blocks[0].cross_attn.proj.weight) == 0
+    assert torch.count_nonzero(opened.blocks[0].cross_attn.proj.weight) > 0
+    assert opened.y_embedder.t_block[1].weight.std() < 0.03  # adaLN-single keeps N(0, 0.02)
+    x, t = images()
+    null = features(torch.randn(1, TEXT_LENGTH, width), torch.tensor([[1, 0, 0, 0, 0]]))
+    text = features(torch.randn(4, TEXT_LENGTH, width), torch.ones(4, TEXT_LENGTH, dtype=torch.long), null)
+    for net in (pixart, opened):  # as after the first step: the output layer no longer zero
+        with torch.no_grad():
+            net.final_layer.linear.weight.normal_(generator=torch.Generator().manual_seed(1))
+        net(x, t.float(), text).square().mean().backward()
+    assert pixart.blocks[0].cross_attn.kv_linear.weight.grad.abs().sum() == 0  # PixArt's stall
+    assert opened.blocks[0].cross_attn.kv_linear.weight.grad.abs().sum() > 0  # the text side learns at once
+    with pytest.raises(ValueError, match="cross_attention_init='ones' must be 'zero'"):
+        network("normal", "ones")
+    with pytest.raises(ValueError, match="projection_init='uniform' must be 'normal'"):
+        network("uniform", "zero")
+
+
 def test_a_ditlab_pixart_network_goes_to_diffusers_and_back_through_the_package_glue():
     from ditlab.models.diffusers_t2i import from_model, to_model
 

@@ -3,7 +3,10 @@
 - Feature losses (the Distiller menu, arXiv 2109.11105): plain ``mse``; ``normalized_mse`` (LAPTOP-Diff,
   arXiv 2404.11098: ``||F_S - F_T||^2 / ||F_T||^2`` per sample, so large-magnitude layers do not dominate);
   ``direction`` (PPCL, arXiv 2511.16156: MSE of per-token unit vectors, ``2 - 2 cos``); ``cosine``; and
-  ``normalized_l1`` (PPCL's width phase: L1 between per-token L2-normalised features).
+  ``normalized_l1`` (PPCL's width phase: L1 between per-token L2-normalised features); ``direction_magnitude``
+  (the direction loss plus PPCL's optional magnitude term, [interp] the squared relative error of each token's norm,
+  ``((|S| - |T|) / |T|)^2``: the direction loss alone leaves a replacement block free to rescale its output, and
+  the next block, trained on the teacher's scale, then reads a stream of the wrong size).
 - Layer mapping (PPCL's interval end, also Amber-Image's layer-wise stage, arXiv 2602.17047): student block
   ``i`` is matched to the *output* of the last teacher block of the segment it stands for
   (:func:`ditlab.methods.compress.prune.segments`).
@@ -34,7 +37,7 @@ from ditlab.methods.compress.prune import segments
 from ditlab.models.dit import DiT
 from ditlab.models.taps import run_blocks
 
-FEATURE_LOSSES = ("mse", "normalized_mse", "direction", "cosine", "normalized_l1")
+FEATURE_LOSSES = ("mse", "normalized_mse", "direction", "cosine", "normalized_l1", "direction_magnitude")
 
 
 def _unit(features: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,7 +57,8 @@ def feature_loss(
     ``mse``: mean of ``(S - T)^2``. ``normalized_mse``: per sample ``||S - T||^2 / ||T||^2`` (``/ ||T||`` with
     ``squared_norm=False``; the teacher norm is detached), averaged over the batch. ``direction``: mean over
     tokens of ``||S/|S| - T/|T|||^2 = 2 - 2 cos``. ``cosine``: mean over tokens of ``1 - cos``.
-    ``normalized_l1``: mean over tokens of ``||S/|S| - T/|T|||_1``.
+    ``normalized_l1``: mean over tokens of ``||S/|S| - T/|T|||_1``. ``direction_magnitude``: ``direction`` plus
+    the mean over tokens of ``((|S| - |T|) / |T|)^2`` (the teacher norm detached).
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
@@ -66,8 +70,12 @@ def feature_loss(
         norm = teacher.detach().flatten(1).norm(dim=1)
         norm = norm.square() if squared_norm else norm
         return (error / norm.clamp_min(eps)).mean()
-    if kind == "direction":
-        return (_unit(student, eps) - _unit(teacher, eps)).square().sum(-1).mean()
+    if kind in ("direction", "direction_magnitude"):
+        direction = (_unit(student, eps) - _unit(teacher, eps)).square().sum(-1).mean()
+        if kind == "direction":
+            return direction
+        target = teacher.detach().norm(dim=-1)
+        return direction + ((student.norm(dim=-1) - target) / target.clamp_min(eps)).square().mean()
     if kind == "cosine":
         return (1 - F.cosine_similarity(student, teacher, dim=-1, eps=eps)).mean()
     if kind == "normalized_l1":

@@ -102,7 +102,8 @@ class DistillConfig:
         output_channels: prediction (LAPTOP-Diff: the noise / velocity channels, not a learned variance) or all.
         feature_weight: block-feature distillation between each student block and the teacher block ending
             its segment.
-        feature_loss: mse | normalized_mse (LAPTOP-Diff) | direction (PPCL) | cosine | normalized_l1.
+        feature_loss: mse | normalized_mse (LAPTOP-Diff) | direction (PPCL) | cosine | normalized_l1 |
+            direction_magnitude (PPCL's direction loss with its optional magnitude term).
         teacher_forced: feed each student block the teacher's input to its segment (PPCL's local phase).
         trainable: all (the whole student), blocks (its blocks; Amber's layer-wise stage) or replaced (only
             blocks standing for more than one teacher block: PPCL's replacements, the rest frozen).

@@ -21,10 +21,17 @@ with the self-attention's heads (``num_heads`` x ``attention_head_dim``; [interp
 
 Initialisation (:meth:`PixArtBlock.initialize`, after the DiT one has made every linear Xavier with zero bias), as
 PixArt-alpha's ``PixArt.initialize_weights``: the table ``randn / sqrt(D)`` (PixArt draws it at construction;
-[interp] drawn again here, so re-initialising resets it) and the cross-attention output projection zeroed. The fused
+[interp] drawn again here, so re-initialising resets it) and the cross-attention output projection zeroed (``block_options: {cross_attention_init: xavier}`` keeps the
+DiT loop's Xavier there instead, see below). The fused
 ``qkv`` and ``kv_linear`` are Xavier over their fused shapes, as PixArt's; the adaLN-single linear is N(0, 0.02) (the
 text path's own initialisation); unlike DiT nothing else is zeroed, so a fresh block already runs its self-attention
 and MLP (the network's output layer is zero, as in DiT and PixArt).
+
+Why ``cross_attention_init: xavier`` exists: with the output projection at zero, no gradient reaches the
+cross-attention's query, key and value maps until the projection has grown, and the projection grows only as far
+as what the untrained (uniform) attention reads varies with the caption. PixArt starts from class-conditional
+weights and trains for days; a 30-minute run from scratch on 2 cores stays in that stall (measured on the digit
+scenes: the projection at mean |w| 0.008 after 2,000 steps, the caption moving the prediction by 1% of its scale).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from ditlab.models.condition import TextCondition
 from ditlab.models.config import DiTConfig
 from ditlab.models.cross_attention import CrossAttention
 
-BLOCK_OPTIONS = {"norm_eps"}
+BLOCK_OPTIONS = {"norm_eps", "cross_attention_init"}
 
 
 def modulate(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -59,6 +66,10 @@ class PixArtBlock(nn.Module):
         if unknown:
             raise ValueError(f"unknown pixart block_options {unknown}; known: {sorted(BLOCK_OPTIONS)}")
         hidden, eps = config.hidden_size, float(config.block_options.get("norm_eps", 1e-6))
+        self.cross_attention_init = config.block_options.get("cross_attention_init", "zero")
+        if self.cross_attention_init not in ("zero", "xavier"):
+            raise ValueError(f"pixart block_options cross_attention_init={self.cross_attention_init!r} must be 'zero' "
+                             f"(PixArt) or 'xavier'")  # fmt: skip
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=eps)
         self.attn = build_component("attention", config, block)
         self.cross_attn = CrossAttention(hidden, config.num_heads, head_dim=config.attention_head_dim)
@@ -71,8 +82,9 @@ class PixArtBlock(nn.Module):
         hidden = self.scale_shift_table.shape[-1]
         with torch.no_grad():
             self.scale_shift_table.copy_(torch.randn(6, hidden) / hidden**0.5)
-        nn.init.zeros_(self.cross_attn.proj.weight)
-        nn.init.zeros_(self.cross_attn.proj.bias)
+        if self.cross_attention_init == "zero":
+            nn.init.zeros_(self.cross_attn.proj.weight)
+            nn.init.zeros_(self.cross_attn.proj.bias)
 
     def forward(
         self,

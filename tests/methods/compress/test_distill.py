@@ -44,6 +44,18 @@ def test_direction_loss_is_two_minus_two_cos_and_ignores_student_scale():
     torch.testing.assert_close(feature_loss(student, teacher, "cosine"), (1 - cos).mean())
 
 
+def test_the_magnitude_term_sees_the_rescaling_the_direction_loss_ignores():
+    """PPCL's direction loss is blind to a replacement that rescales its tokens; the magnitude term is the squared
+    relative error of each token's norm, so a student at twice the teacher's scale pays exactly 1 more."""
+    student, teacher = features()
+    direction = feature_loss(student, teacher, "direction")
+    norms = student.norm(dim=-1), teacher.norm(dim=-1)
+    expected = direction + ((norms[0] - norms[1]) / norms[1]).square().mean()
+    torch.testing.assert_close(feature_loss(student, teacher, "direction_magnitude"), expected)
+    torch.testing.assert_close(feature_loss(2 * teacher, teacher, "direction_magnitude"), torch.tensor(1.0))
+    assert feature_loss(2 * teacher, teacher, "direction") < 1e-6
+
+
 def test_normalized_mse_is_scale_free_and_per_sample():
     student, teacher = features()
     value = feature_loss(student, teacher, "normalized_mse")
