@@ -84,3 +84,40 @@ def text_teacher_file(tmp_path_factory) -> Callable[[str], Path]:
         return files[kind]
 
     return teacher
+
+
+CACHE_IDENTITY = {
+    "none": {},
+    "fora": {"interval": 1},
+    "delta-dit": {"interval": 1},
+    "teacache": {"threshold": 0.0},
+    "taylorseer": {"interval": 1, "order": 2},
+    "magcache": {"threshold": 0.0},
+    "toca": {"interval": 1},
+    "plan": "compute-everything",
+}
+"""Each built-in cache policy's setting that must reproduce the network (``plan``: a plan computing every unit)."""
+
+
+@pytest.fixture(scope="session")
+def cache_identity() -> dict:
+    """The built-in cache policies' identity settings (:data:`CACHE_IDENTITY`)."""
+    return CACHE_IDENTITY
+
+
+@pytest.fixture(scope="session")
+def identity_cache() -> Callable[..., dict]:
+    """``(policy, network, folder, objective, sampler, steps) -> {"policy", "options"}`` at the policy's identity
+    setting; ``plan`` gets a plan file in ``folder`` that computes every unit at every model call."""
+    from ditlab.diffusion.sample import model_call_times
+    from ditlab.methods.sampling.caches.plan import StaticPlan
+
+    def settings(policy: str, network: DiT, folder: Path, objective, sampler: str, steps: int) -> dict:
+        options = CACHE_IDENTITY[policy]
+        if options == "compute-everything":
+            times = model_call_times(objective, sampler, steps).tolist()
+            plan = StaticPlan([[True] * len(network.units())] * len(times), times, sampler, steps, network.depth)
+            options = {"path": str(plan.save(folder / "plan.json"))}
+        return {"policy": policy, "options": options}
+
+    return settings

@@ -15,15 +15,13 @@ The tiny networks, their configs and teacher checkpoints are the method tests' s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from ditlab.diffusion.cache import cache_policies
 from ditlab.diffusion.config import SamplingConfig
 from ditlab.diffusion.gaussian import GaussianDiffusion
-from ditlab.diffusion.sample import model_call_times, sample_images
+from ditlab.diffusion.sample import sample_images
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.compress.ofa_kd import OFAConfig, OFADistillModule
 from ditlab.methods.compress.ppcl import Plug, plugged, plugs, replaced_blocks
@@ -33,7 +31,7 @@ from ditlab.methods.graft import graft_operator, parallel_pairs
 from ditlab.methods.moe import MoEFeedForward
 from ditlab.methods.sampling.cache_router import CacheRouterModule, RouterConfig
 from ditlab.methods.sampling.caches import build_policy
-from ditlab.methods.sampling.caches.plan import Plan, StaticPlan
+from ditlab.methods.sampling.caches.plan import Plan
 from ditlab.methods.teacher import TeacherConfig
 from ditlab.metrics.text_eval import sample_conditions
 from ditlab.models.budget import flops_per_image
@@ -199,39 +197,21 @@ def test_grid_operators_grafted_on_mmdit_are_refused_in_one_line(text_network, t
 
 # --- 5. cache identity settings on a context-pre-only MM-DiT ---------------------------------------------------------
 
-IDENTITY = {
-    "none": {},
-    "fora": {"interval": 1},
-    "delta-dit": {"interval": 1},
-    "teacache": {"threshold": 0.0},
-    "taylorseer": {"interval": 1, "order": 2},
-    "magcache": {"threshold": 0.0},
-    "toca": {"interval": 1},
-    "plan": "compute-everything",
-}
-"""Each built-in policy's identity setting, as ``tests/methods/sampling/caches/test_conformance_matrix.py`` chooses it."""
 BUILT_IN = sorted(name for name, entry in cache_policies().items() if entry.options.__module__.startswith("ditlab."))
 
 
-def identity_cache(policy: str, network, tmp_path: Path) -> dict:
-    options = IDENTITY[policy]
-    if options == "compute-everything":
-        times = model_call_times(OBJECTIVE, SAMPLER, STEPS).tolist()
-        plan = StaticPlan([[True] * len(network.units())] * len(times), times, SAMPLER, STEPS, network.depth)
-        options = {"path": str(plan.save(tmp_path / "plan.json"))}
-    return {"policy": policy, "options": options}
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_cache_policy_at_its_identity_setting_samples_the_text_network_bitwise(text_network, kind, tmp_path):
-    assert set(BUILT_IN) == set(IDENTITY), "declare the identity setting of a new policy in IDENTITY"
+def test_every_cache_policy_at_its_identity_setting_samples_the_text_network_bitwise(text_network, kind, tmp_path,
+                                                                                    cache_identity, identity_cache):
+    assert set(BUILT_IN) == set(cache_identity), "declare the identity setting of a new policy in CACHE_IDENTITY"
     network = text_network(kind)
     if kind == "mmdit":
         assert network.blocks[-1].context_pre_only and not any(block.context_pre_only for block in network.blocks[:-1])
     captions = condition_input(network.config, sample_conditions(network.config, 3))
     plain = sample_images(network, OBJECTIVE, captions, seed=5, sampler=SAMPLER, steps=STEPS, cfg_scale=CFG)
     for policy in BUILT_IN:
-        model = build_policy(network, identity_cache(policy, network, tmp_path), OBJECTIVE, SAMPLER, STEPS,
+        settings = identity_cache(policy, network, tmp_path, OBJECTIVE, SAMPLER, STEPS)
+        model = build_policy(network, settings, OBJECTIVE, SAMPLER, STEPS,
                              cfg_scale=CFG)  # fmt: skip
         cached = sample_images(model, OBJECTIVE, captions, seed=5, sampler=SAMPLER, steps=STEPS, cfg_scale=CFG)
         assert torch.equal(cached, plain), f"{policy} at its identity setting on {kind}"

@@ -11,10 +11,9 @@ import torch
 import ditlab.models.blocks  # noqa: E402,F401 - the core's text-conditioned block kinds
 from ditlab.diffusion.cache import cache_policies
 from ditlab.diffusion.gaussian import GaussianDiffusion
-from ditlab.diffusion.sample import model_call_times, sample_images
+from ditlab.diffusion.sample import sample_images
 from ditlab.methods.moe.blocks import mixture_of_blocks
 from ditlab.methods.sampling.caches import build_policy
-from ditlab.methods.sampling.caches.plan import StaticPlan
 from ditlab.models.components import BLOCK, TRUNK
 from ditlab.models.config import DiTConfig
 from ditlab.models.text.features import TextFeatures
@@ -22,17 +21,6 @@ from ditlab.plugins import load_plugins
 
 load_plugins()  # every family's kinds, as a config or checkpoint naming them would find them
 TOY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10)
-IDENTITY = {
-    "none": {},
-    "fora": {"interval": 1},
-    "delta-dit": {"interval": 1},
-    "teacache": {"threshold": 0.0},
-    "taylorseer": {"interval": 1, "order": 2},
-    "magcache": {"threshold": 0.0},
-    "toca": {"interval": 1},
-    "plan": "compute-everything",
-}
-"""Each built-in policy's setting that must reproduce the network (``plan``: a plan computing every unit)."""
 TRUNK_OPTIONS = {"mixture-of-blocks": {"group_size": 2, "active": 1}}
 TEXT = {"text_dim": 12, "text_length": 5}
 TEXT_KINDS = {  # text-to-image block kinds: the condition and positions each is built for
@@ -76,15 +64,6 @@ def network_of(block: str, trunk: str) -> torch.nn.Module:
     return randomised(config.build())
 
 
-def identity_cache(policy: str, network, tmp_path) -> dict:
-    options = IDENTITY[policy]
-    if options == "compute-everything":
-        times = model_call_times(OBJECTIVE, SAMPLER, STEPS).tolist()
-        plan = StaticPlan([[True] * len(network.units())] * len(times), times, SAMPLER, STEPS, network.depth)
-        options = {"path": str(plan.save(tmp_path / "plan.json"))}
-    return {"policy": policy, "options": options}
-
-
 def sample(model) -> torch.Tensor:
     text = getattr(getattr(model, "config", None) or getattr(getattr(model, "network", None), "config", None),
                    "text_conditioned", False)  # fmt: skip
@@ -92,13 +71,13 @@ def sample(model) -> torch.Tensor:
                          cfg_scale=2.0)  # fmt: skip
 
 
-def test_every_builtin_policy_has_an_identity_setting():
-    assert set(BUILT_IN) == set(IDENTITY), "declare the identity setting of a new policy in IDENTITY"
+def test_every_builtin_policy_has_an_identity_setting(cache_identity):
+    assert set(BUILT_IN) == set(cache_identity), "declare the identity setting of a new policy in CACHE_IDENTITY"
 
 
 @pytest.mark.parametrize("trunk", sorted(TRUNK))
 @pytest.mark.parametrize("block", sorted(BLOCK))
-def test_identity_settings_sample_the_network_or_refuse_in_one_line(block, trunk, tmp_path):
+def test_identity_settings_sample_the_network_or_refuse_in_one_line(block, trunk, tmp_path, identity_cache):
     try:
         network = network_of(block, trunk)
     except ValueError as error:  # a block kind the trunk cannot route
@@ -109,7 +88,8 @@ def test_identity_settings_sample_the_network_or_refuse_in_one_line(block, trunk
     outcome = {}
     for policy in BUILT_IN:
         try:
-            model = build_policy(network, identity_cache(policy, network, tmp_path), OBJECTIVE, SAMPLER, STEPS,
+            settings = identity_cache(policy, network, tmp_path, OBJECTIVE, SAMPLER, STEPS)
+            model = build_policy(network, settings, OBJECTIVE, SAMPLER, STEPS,
                                  cfg_scale=2.0)  # fmt: skip
         except ValueError as error:
             assert "\n" not in str(error) and len(str(error)) < 400, f"{policy}: {error}"
