@@ -193,7 +193,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     teacher = args.teacher or build_from_recipe(TeacherConfig())
-    load = lambda: " ".join(f"{value:.2f}" for value in __import__("os").getloadavg())  # noqa: E731
+    load = lambda: [round(value, 2) for value in __import__("os").getloadavg()]  # noqa: E731
     result = {"teacher": str(teacher), "settings": {k: v for k, v in vars(args).items() if k != "teacher"},
               "students": [], "load": [load()]}  # fmt: skip
     result["settings"]["teacher"] = str(teacher)
