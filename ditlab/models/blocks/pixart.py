@@ -21,8 +21,8 @@ with the self-attention's heads (``num_heads`` x ``attention_head_dim``; [interp
 
 Initialisation (:meth:`PixArtBlock.initialize`, after the DiT one has made every linear Xavier with zero bias), as
 PixArt-alpha's ``PixArt.initialize_weights``: the table ``randn / sqrt(D)`` (PixArt draws it at construction;
-[interp] drawn again here, so re-initialising resets it) and the cross-attention output projection zeroed (``block_options: {cross_attention_init: xavier}`` keeps the
-DiT loop's Xavier there instead, see below). The fused
+[interp] drawn again here, so re-initialising resets it) and the cross-attention output projection zeroed
+(``block_options: {cross_attention_init: xavier}`` keeps the DiT loop's Xavier there instead, see below). The fused
 ``qkv`` and ``kv_linear`` are Xavier over their fused shapes, as PixArt's; the adaLN-single linear is N(0, 0.02) (the
 text path's own initialisation); unlike DiT nothing else is zeroed, so a fresh block already runs its self-attention
 and MLP (the network's output layer is zero, as in DiT and PixArt).
@@ -32,6 +32,8 @@ cross-attention's query, key and value maps until the projection has grown, and 
 as what the untrained (uniform) attention reads varies with the caption. PixArt starts from class-conditional
 weights and trains for days; a 30-minute run from scratch on 2 cores stays in that stall (measured on the digit
 scenes: the projection at mean |w| 0.008 after 2,000 steps, the caption moving the prediction by 1% of its scale).
+The option removes the stall; whether the network then follows captions was decided there by the objective
+(epsilon-trained it still ignored them, flow-trained it follows them: ``configs/pixart.yaml``).
 """
 
 from __future__ import annotations
