@@ -55,6 +55,7 @@ from ditlab.models.operators.block_sparse import BlockSparseAttention
 from ditlab.models.operators.cost import attention_operator_flops
 from ditlab.models.operators.hierarchical import HierarchicalAttention
 from ditlab.models.operators.hyena import HyenaMixer
+from ditlab.models.operators.kv_compress import KVCompressAttention
 from ditlab.models.operators.local import LocalAttention
 from ditlab.models.operators.window import WindowAttention
 
@@ -82,6 +83,8 @@ def operators() -> dict:
         "block-sparse 90% <=4 blocks (reuse)": lambda: BlockSparseAttention(0.9, block_size=64, search_every=10**9,
                                                                             max_blocks=4),
         "hierarchical w=8 pool=8": lambda: HierarchicalAttention(8, pool=8),
+        "kv-compress r=2": lambda: KVCompressAttention(HEADS * HEAD_DIM, ratio=2),
+        "kv-compress r=4": lambda: KVCompressAttention(HEADS * HEAD_DIM, ratio=4),
     }  # fmt: skip
 
 
@@ -114,7 +117,7 @@ def sweep_ops(args: argparse.Namespace) -> list[dict]:
     context = multiprocessing.get_context("fork")
     sizes = [4**i for i in range(3, 8) if 4**i <= args.max_tokens]
     rows = []
-    for name in operators():
+    for name in args.operators or operators():
         for tokens in sizes:
             queue = context.Queue()
             child = context.Process(target=measure_cell, args=(name, tokens, args.cell_budget, queue))
@@ -173,6 +176,9 @@ def variants(args: argparse.Namespace) -> dict[str, dict]:
         for share, blocks in (("50", "odd"), ("100", "all")):
             table[f"{name}-{share}"] = {"graft": GraftConfig(kind, options, blocks), "stage1": stage1,
                                         "distill": grafting}  # fmt: skip
+    for share, blocks in (("50", "odd"), ("100", "all")):  # PixArt-Sigma's key/value compression, ratio 2
+        table[f"kv-{share}"] = {"graft": GraftConfig("kv-compress", {"ratio": 2}, blocks), "stage1": stage1,
+                                "distill": grafting}  # fmt: skip
     table["parallel"] = {"graft": GraftConfig("full", {}, "all", parallel=True), "stage1": stage1, "distill": grafting}
     return table
 
@@ -327,6 +333,8 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["ops", "graft"], choices=["ops", "graft"])
+    parser.add_argument("--operators", nargs="*", default=None, choices=list(operators()),
+                        help="ops: sweep only these (their rows replace the old ones; the others are kept)")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--cell-budget", type=float, default=2.0, help="seconds of timed calls per cell (after 2)")
     parser.add_argument("--cell-cap", type=float, default=60.0, help="wall cap per cell; over it ends the sweep")
@@ -361,7 +369,9 @@ def main() -> None:
         (results / "attention.md").write_text(markdown(report))
 
     if "ops" in args.parts:
-        report["ops"] = sweep_ops(args)
+        swept = sweep_ops(args)
+        kept = [r for r in report.get("ops", []) if args.operators and r["operator"] not in args.operators]
+        report["ops"] = kept + [dict(r, load=load()) for r in swept]
         report["ops_slopes"] = slopes(report["ops"])
         save()
     if "graft" in args.parts:

@@ -108,15 +108,34 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
     return precision, recall
 
 
+def fid_interval(features, reference: ReferenceStats, rounds: int = 200, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap interval of FID over the generated samples (resampled with replacement, the reference
+    held fixed): how much of a FID difference between two runs the sample count alone can explain."""
+    if rounds < 10 or not 0 < level < 1:
+        raise ValueError(f"fid_interval needs rounds >= 10 and 0 < level < 1; got rounds={rounds}, level={level}")
+    features = _as_float64(features)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(rounds):
+        picked = features[torch.randint(len(features), (len(features),), generator=generator)]
+        values.append(frechet_distance(*gaussian_stats(picked), reference.mu, reference.sigma))
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def compute_metrics(features: torch.Tensor, logits: torch.Tensor | None, reference: ReferenceStats,
-                    features_name: str, k: int = 3) -> dict:  # fmt: skip
-    """The metric dict for generated ``features: (N, F)`` (and ``logits``) against ``reference``."""
+                    features_name: str, k: int = 3, bootstrap: int = 0) -> dict:  # fmt: skip
+    """The metric dict for generated ``features: (N, F)`` (and ``logits``) against ``reference``; ``bootstrap``
+    rounds > 0 add ``fid_interval`` (95%, :func:`fid_interval`)."""
     features = _as_float64(features)
     mu, sigma = gaussian_stats(features)
     result = {
         "fid": frechet_distance(mu, sigma, reference.mu, reference.sigma),
         "fid_features": features_name,
     }
+    if bootstrap:
+        result["fid_interval"] = fid_interval(features, reference, rounds=bootstrap)
     if logits is not None and logits.numel():
         result["is"], result["is_std"] = inception_score(logits)
     if reference.features is not None and len(features) > k:
@@ -140,14 +159,15 @@ def evaluate_images(images: torch.Tensor, reference: str = "digits", features: s
     reference batch ``PATH.npz`` (``mu``/``sigma`` and/or ``arr_0`` images), or ``"cleanfid:NAME"`` for
     a local clean-fid statistics file. ``features``: ``"digits-classifier"`` or ``"inception-v3"``.
     ``kw``: ``k`` (precision/recall neighbours, default 3), ``cache_dir``, ``weights`` (Inception file),
-    ``extractor`` (a ready :class:`FeatureExtractor`, which overrides ``features``).
+    ``extractor`` (a ready :class:`FeatureExtractor`, which overrides ``features``), ``bootstrap`` (rounds of
+    the FID interval, default 0: none).
 
     Returns ``{"fid", "fid_features", "is", "is_std", "precision", "recall", "num_samples", "reference",
     "reference_samples"}``; precision/recall are absent when the reference holds only ``mu``/``sigma``.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W) in [-1, 1]; got shape {tuple(images.shape)}")
-    k = kw.pop("k", 3)
+    k, bootstrap = kw.pop("k", 3), kw.pop("bootstrap", 0)
     extractor = kw.pop("extractor", None)
     if extractor is None:
         options = {key: kw[key] for key in ("cache_dir", "weights") if kw.get(key) is not None}
@@ -159,4 +179,4 @@ def evaluate_images(images: torch.Tensor, reference: str = "digits", features: s
     size = image_size or images.shape[-1]
     stats = reference_stats(reference, extractor, image_size=size, cache_dir=kw.get("cache_dir"))
     generated, logits = extractor.features_and_logits(images)
-    return compute_metrics(generated, logits, stats, extractor.name, k=k)
+    return compute_metrics(generated, logits, stats, extractor.name, k=k, bootstrap=bootstrap)

@@ -14,6 +14,7 @@ from ditlab.data.digits import DigitsDataModule
 from ditlab.metrics.fid import (
     evaluate_images,
     fid_from_features,
+    fid_interval,
     frechet_distance,
     gaussian_stats,
     inception_score,
@@ -75,6 +76,23 @@ def test_mean_shift_follows_the_closed_form():
     difference = (3.0 * mu + shift) - mu
     expected = difference.square().sum().item() + sigma.trace().item() * (1 - 3.0) ** 2
     assert fid_from_features(features, features * 3.0 + shift) == pytest.approx(expected, rel=1e-8)
+
+
+def test_bootstrap_interval_holds_the_fid_and_narrows_with_more_samples():
+    from ditlab.metrics.reference import ReferenceStats
+
+    reference = correlated(4000, 8, seed=6)
+    mu, sigma = gaussian_stats(reference)
+    stats = ReferenceStats("gaussian", mu, sigma, len(reference))
+    widths = []
+    for n in (200, 3200):
+        generated = correlated(n, 8, seed=7, shift=0.3)
+        fid = fid_from_features(generated, reference)
+        low, high = fid_interval(generated, stats, rounds=100)
+        assert low < fid < high
+        assert fid_interval(generated, stats, rounds=100) == (low, high)  # seeded: reproducible
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # 16x the samples: about a quarter of the width
 
 
 def test_precision_recall_of_identical_sets_is_one_and_of_far_sets_zero():
