@@ -44,6 +44,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ditlab.analysis import first_reach
 from ditlab.callbacks.alignment import AlignmentTermination
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.data.digits import DigitsDataModule
@@ -71,18 +72,6 @@ RESULTS = ROOT / "bench" / "results"
 ARMS = ("vanilla", "repa", "haste", "haste-noterm", "reg", "self-transcendence")
 NETWORK = DiTConfig(preset="digits", input_size=16, depth=4, hidden_size=64, num_heads=4, learn_sigma=False)
 OBJECTIVE = ObjectiveConfig(kind="flow", path="linear", time_sampling="uniform", t_scale=1000.0)
-
-
-class FIDCurve(Evaluation):
-    """``Evaluation`` that also keeps every ``(step, FID)`` it measured."""
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.curve: list[tuple[int, float]] = []
-
-    def run(self, trainer, pl_module) -> None:
-        super().run(trainer, pl_module)
-        self.curve.append((trainer.global_step, float(self.last_metrics["fid"])))
 
 
 # ----------------------------------------------------------------------------------------- arms
@@ -155,18 +144,18 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, variant: dict | None 
     L.seed_everything(seed, verbose=False)
     module, callbacks = build(arm, args, variant)
     timer = StepTimer()
-    curve = FIDCurve(every_n_steps=args.every, num_samples=args.samples, reference="digits",
+    curve = Evaluation(every_n_steps=args.every, num_samples=args.samples, reference="digits",
                      features="digits-classifier", sampler="euler", steps=args.sampling_steps, cfg_scale=1.0, seed=0)  # fmt: skip
     started = time.perf_counter()
     trainer = trainer_for(args.steps, [timer, curve, *callbacks])
     trainer.fit(module, DigitsDataModule(batch_size=args.batch_size, image_size=16))
     row = {"arm": label or arm, "base_arm": arm, "seed": seed, "variant": variant or {}, "steps": args.steps,
-           "curve": curve.curve, "final_fid": curve.curve[-1][1], "seconds_per_step": timer.median(),
+           "curve": curve.curve(), "final_fid": curve.curve()[-1][1], "seconds_per_step": timer.median(),
            "wall_seconds": round(time.perf_counter() - started, 1),
            "terminated_at": getattr(module, "terminated_at", None),
            "alignment": module.summary.get("alignment", {})}  # fmt: skip
     print(f"{row['arm']:>28} seed {seed}: final FID {row['final_fid']:.2f}, {row['seconds_per_step']:.3f} s/step, "
-          f"curve {[round(f, 1) for _, f in curve.curve]}", flush=True)  # fmt: skip
+          f"curve {[round(f, 1) for _, f in curve.curve()]}", flush=True)  # fmt: skip
     return row
 
 
@@ -198,19 +187,6 @@ def step_times(args: argparse.Namespace) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------- analysis
-def first_reach(curve: list[tuple[int, float]], level: float) -> float | None:
-    """The first step at which the curve is at or below ``level`` (linear between evaluations); None if never."""
-    previous = None
-    for step, fid in curve:
-        if fid <= level:
-            if previous is None or previous[1] <= level:
-                return float(step)
-            (s0, f0) = previous
-            return s0 + (f0 - level) / (f0 - fid) * (step - s0)
-        previous = (step, fid)
-    return None
-
-
 def mean_sd(values: list[float]) -> str:
     if not values:
         return "-"

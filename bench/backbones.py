@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ditlab.analysis import first_reach
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.checkpoint import bundle_from_checkpoint, sample_bundle
 from ditlab.metrics.fid import evaluate_images
@@ -61,32 +62,6 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-class FIDCurve(Evaluation):
-    """``Evaluation`` that also keeps every ``(step, FID)`` it measured."""
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.curve: list[tuple[int, float]] = []
-
-    def run(self, trainer, pl_module) -> None:
-        super().run(trainer, pl_module)
-        self.curve.append((trainer.global_step, float(self.last_metrics["fid"])))
-        print(f"[backbones] step {trainer.global_step}: FID {self.curve[-1][1]:.2f}", flush=True)
-
-
-def first_reach(curve: list[list[float]], level: float) -> float | None:
-    """The first step at which the curve is at or below ``level`` (linear between evaluations); None if never."""
-    previous = None
-    for step, fid in curve:
-        if fid <= level:
-            if previous is None:
-                return float(step)
-            s0, f0 = previous
-            return s0 + (f0 - level) / (f0 - fid) * (step - s0)
-        previous = (step, fid)
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ part train
 def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     from ditlab.lightning_cli import build_cli
@@ -97,7 +72,7 @@ def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
             "--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", name]  # fmt: skip
     load_start = load_average()
     cli = build_cli(argv, run=False)
-    curve = FIDCurve(every_n_steps=args.every, num_samples=args.samples, reference="digits",
+    curve = Evaluation(every_n_steps=args.every, num_samples=args.samples, reference="digits",
                      features="digits-classifier", sampler=args.sampler, steps=args.sampling_steps, seed=0)  # fmt: skip
     cli.trainer.callbacks.append(curve)
     started = time.perf_counter()
@@ -105,8 +80,8 @@ def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - started
     module, run_dir = cli.model, Path(cli.trainer.log_dir)
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
-    row = {"arm": arm, "seed": seed, "steps": args.steps, "argv": argv, "curve": curve.curve,
-           "final_fid": curve.curve[-1][1], "samples": args.samples, "sampler": {**asdict(module.sampling),
+    row = {"arm": arm, "seed": seed, "steps": args.steps, "argv": argv, "curve": curve.curve(),
+           "final_fid": curve.curve()[-1][1], "samples": args.samples, "sampler": {**asdict(module.sampling),
            **curve.overrides}, "wall_seconds": round(wall, 1), "threads": torch.get_num_threads(),
            "load_start": load_start, "load_end": load_average(), "run_dir": str(run_dir),
            "checkpoint": str(checkpoints[-1]) if checkpoints else None,
@@ -115,7 +90,7 @@ def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     if rae is not None and (Path(rae) / "rae.json").is_file():
         row["rae"] = json.loads((Path(rae) / "rae.json").read_text())
     print(f"[backbones] {arm} seed {seed}: final FID {row['final_fid']:.2f} in {wall:.0f} s, curve "
-          f"{[round(f, 1) for _, f in curve.curve]}", flush=True)  # fmt: skip
+          f"{[round(f, 1) for _, f in curve.curve()]}", flush=True)  # fmt: skip
     return row
 
 

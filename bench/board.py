@@ -36,6 +36,8 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from ditlab.analysis import first_reach
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WITHIN, LOAD_OK, SEEDS_OK, SAMPLES_OK = 1.10, 1.5, 3, 2000
 WORDS = {"one": 1, "two": 2, "four": 4}
@@ -80,18 +82,6 @@ def protocol(loads: list[float | None], seeds: int, samples: int | None) -> str:
     if seeds < SEEDS_OK and (samples or 0) < SAMPLES_OK:
         why += [f"{'n/a' if samples is None else samples} samples", f"{seeds} seed{'s' if seeds > 1 else ''}"]
     return "yes" if not why else f"no ({' / '.join(why)})"
-
-
-def first_reach(curve: list[list[float]], level: float) -> float | None:
-    """First step at which a curve is at or below ``level``, linear between evaluations (as bench/align.py)."""
-    previous = None
-    for step, fid in curve:
-        if fid <= level:
-            if previous is None or previous[1] <= level:
-                return float(step)
-            return previous[0] + (previous[1] - level) / (previous[1] - fid) * (step - previous[0])
-        previous = (step, fid)
-    return None
 
 
 def cand(setting: str, fids: list[float], saving: str, **numbers: object) -> dict:

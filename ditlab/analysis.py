@@ -138,6 +138,20 @@ def fid_vs_step(run: Run, tag: str = "eval/fid") -> list[tuple[int, float]]:
     return scalar_series(run.path, tag)
 
 
+def first_reach(curve: list[tuple[int, float]] | list[list[float]], level: float) -> float | None:
+    """The first step at which a quality-vs-step curve (lower is better, e.g. FID) is at or below ``level``, linear
+    between evaluations; None if it never gets there. How "steps to the baseline's quality" is read off a curve."""
+    previous = None
+    for step, value in curve:
+        if value <= level:
+            if previous is None or previous[1] <= level:
+                return float(step)
+            s0, v0 = previous
+            return s0 + (v0 - level) / (v0 - value) * (step - s0)
+        previous = (step, value)
+    return None
+
+
 def function_evaluations(steps: int, sampler: str | None, cfg_scale: float) -> int:
     """Network calls per image: Heun takes two per step but the last; guidance doubles the batch, not the calls."""
     return 2 * steps - 1 if sampler == "heun" else steps

@@ -122,3 +122,14 @@ def test_latency_table_measures_each_run(two_runs):
     assert rows[1]["parameters"] > rows[0]["parameters"] == analysis.parameter_count(two_runs[0])
     assert all(row["batch_latency_s"] > 0 and row["ms_per_image"] > 0 for row in rows)
     assert rows[1]["fid"] == 3.5 and rows[0]["fid"] is None
+
+
+def test_first_reach_interpolates_between_evaluations():
+    from ditlab.analysis import first_reach
+
+    curve = [(100, 80.0), (200, 40.0), (300, 30.0), (400, 35.0)]
+    assert first_reach(curve, 60.0) == 150.0  # halfway from 80 to 40
+    assert first_reach(curve, 30.0) == 300.0
+    assert first_reach(curve, 90.0) == 100.0  # already there at the first evaluation
+    assert first_reach(curve, 20.0) is None
+    assert first_reach([[100, 50.0], [200, 10.0]], 30.0) == 150.0  # JSON's lists work as well

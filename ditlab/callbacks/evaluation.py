@@ -73,6 +73,7 @@ class Evaluation(L.Callback):
                           if v is not None}  # fmt: skip
         self.last_step: int | None = None
         self.last_metrics: dict = {}
+        self.history: list[tuple[int, dict]] = []  # every (step, metrics) measured: the run's quality curve
         self._extractor: FeatureExtractor | None = None
 
     @property
@@ -174,7 +175,12 @@ class Evaluation(L.Callback):
             if compositional_prompts(labels):  # the same answer on every rank: all hold every prompt
                 metrics.update(compositional_of(*pairs, device=pl_module.device, cache_dir=self.cache_dir))
         self.last_step, self.last_metrics = trainer.global_step, metrics
+        self.history.append((trainer.global_step, dict(metrics)))
         return metrics
+
+    def curve(self, key: str = "fid") -> list[tuple[int, float]]:
+        """``(step, value)`` of one metric at every evaluation so far (a resumed run keeps the earlier points)."""
+        return [(step, float(metrics[key])) for step, metrics in self.history if key in metrics]
 
     def _gather(self, trainer, features, logits, per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All ranks' rows in global-index order (ranks pad their chunk to ``per_rank`` rows, then trim)."""
@@ -242,8 +248,10 @@ class Evaluation(L.Callback):
             self.record_summary(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "last_metrics": dict(self.last_metrics)}
+        return {"last_step": self.last_step, "last_metrics": dict(self.last_metrics),
+                "history": [[step, dict(metrics)] for step, metrics in self.history]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_step = state_dict.get("last_step")
         self.last_metrics = dict(state_dict.get("last_metrics") or {})
+        self.history = [(int(step), dict(metrics)) for step, metrics in state_dict.get("history") or []]

@@ -74,14 +74,19 @@ def test_metrics_reach_loggers_summary_and_checkpoint(tmp_path):
     checkpoint = torch.load(next(Path(tmp_path).rglob("*.ckpt")), weights_only=False)
     state = next(value for key, value in checkpoint["callbacks"].items() if key.startswith("Evaluation"))
     assert state["last_step"] == 2 and state["last_metrics"]["fid"] == pytest.approx(metrics["eval/fid"])
+    assert [step for step, _ in state["history"]] == [1, 2]  # the curve travels with the checkpoint
+    curve = evaluation.curve()
+    assert [step for step, _ in curve] == [1, 2] and curve[-1][1] == pytest.approx(metrics["eval/fid"])
 
 
 def test_state_round_trip_skips_a_repeated_final_evaluation():
     first = Evaluation(num_samples=8)
     first.last_step, first.last_metrics = 40, {"fid": 3.0, "fid_features": "digits-classifier"}
+    first.history = [(20, {"fid": 5.0}), (40, dict(first.last_metrics))]
     resumed = Evaluation(num_samples=8)
     resumed.load_state_dict(first.state_dict())
     assert resumed.last_step == 40 and resumed.last_metrics["fid"] == 3.0
+    assert resumed.curve() == [(20, 5.0), (40, 3.0)]
 
     class Stub:
         global_step = 40
