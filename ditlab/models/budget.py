@@ -53,7 +53,8 @@ def flops_per_image(dit: DiT) -> int:
     tokens = dit.x_embedder.num_patches
     macs = tokens * dit.x_embedder.proj.weight.numel()  # (D, C, p, p) per token
     macs += sum(m.weight.numel() for m in dit.t_embedder.mlp if isinstance(m, nn.Linear))
-    macs += dit.trunk.per_image([block.macs(tokens, config) for block in dit.blocks])
+    length = dit.trunk.block_tokens(tokens)  # a merging trunk (D2iT's coarse regions) runs its blocks shorter
+    macs += dit.trunk.per_image([block.macs(length, config) for block in dit.blocks])
     macs += dit.trunk.macs(tokens)  # a routing trunk's routers (its savings depend on the input)
     macs += int(getattr(dit.y_embedder, "macs", lambda: 0)())  # the text path (caption projection, pooled, adaLN-single)
     final = dit.final_layer

@@ -88,6 +88,11 @@ class Trunk(nn.Module):
         """Of a per-block quantity (MACs, parameters), what one image uses (default: every block's)."""
         return sum(per_block)
 
+    def block_tokens(self, num_tokens: int) -> int:
+        """The sequence length the blocks run at for ``num_tokens`` patch tokens (a trunk that merges tokens runs
+        them shorter); what the FLOPs count charges the blocks for."""
+        return num_tokens
+
     def units(self, dit: nn.Module) -> list[Unit]:
         return network_units(dit.blocks)
 

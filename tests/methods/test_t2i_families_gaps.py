@@ -26,7 +26,6 @@ from ditlab.methods.base import DiffusionModule
 from ditlab.methods.compress.ofa_kd import OFAConfig, OFADistillModule
 from ditlab.methods.compress.ppcl import Plug, plugged, plugs, replaced_blocks
 from ditlab.methods.compress.prune import prune_depth
-from ditlab.methods.d2it import d2it_flops
 from ditlab.methods.graft import graft_operator, parallel_pairs
 from ditlab.methods.moe import MoEFeedForward
 from ditlab.methods.sampling.cache_router import CacheRouterModule, RouterConfig
@@ -75,7 +74,7 @@ def test_d2it_on_pixart_with_every_region_fine_is_the_plain_pixart_bitwise(text_
     with torch.no_grad():
         assert torch.equal(dynamic(x, t, text), plain(x, t, text))
     assert dynamic.trunk.last["tokens"] == 16 and dynamic.trunk.last["fine"] is None
-    assert d2it_flops(dynamic) == flops_per_image(plain)
+    assert flops_per_image(dynamic) == flops_per_image(plain)
 
 
 def test_d2it_on_pixart_runs_coarse_regions_on_a_shorter_sequence(text_network, text_config):
@@ -89,7 +88,7 @@ def test_d2it_on_pixart_runs_coarse_regions_on_a_shorter_sequence(text_network, 
     assert dynamic.trunk.last["tokens"] == dynamic.trunk.sequence_length == 4 * 2 + 2  # 2 of 4 regions fine
     assert dynamic.trunk.last["fine"].sum(1).tolist() == [2] * len(x)
     assert not torch.allclose(out, reference, atol=1e-4)  # the coarse regions are predicted at the coarse grain
-    assert d2it_flops(dynamic) < flops_per_image(plain)
+    assert flops_per_image(dynamic) < flops_per_image(plain)
 
 
 def test_d2it_refuses_mmdit_blocks_in_one_line(text_config):

@@ -7,7 +7,7 @@ grain router learns to predict that map from the noisy tokens (``loss_grain``, b
 ``router_weight``). Sampling, validation and evaluation run the router's maps.
 
 ``summary.json`` gets ``d2it``: the fine share, the token counts and the FLOPs per image of the network and of its
-all-fine (fixed-granularity) form, from the components' own counts (:func:`~ditlab.methods.d2it.trunk.d2it_flops`).
+all-fine (fixed-granularity) form, from the components' own counts (:func:`~ditlab.models.budget.flops_per_image`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from jsonargparse import lazy_instance
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.base import DiffusionModule
 from ditlab.methods.d2it.grain import MEASURES, grain_map, top_regions
-from ditlab.methods.d2it.trunk import d2it_flops, d2it_trunk_of, plain_flops
+from ditlab.methods.d2it.trunk import d2it_trunk_of, plain_flops
+from ditlab.models.budget import flops_per_image
 from ditlab.models.config import DiTConfig
 
 
@@ -52,7 +53,7 @@ class D2iTModule(DiffusionModule):
         self.summary["d2it"] = {"fine_ratio": trunk.fine_ratio, "fine_regions": trunk.fine,
                                 "regions": trunk.num_regions, "tokens": trunk.sequence_length,
                                 "dense_tokens": self.network.x_embedder.num_patches,
-                                "flops_per_image": d2it_flops(self.network),
+                                "flops_per_image": flops_per_image(self.network),
                                 "dense_flops_per_image": plain_flops(self.network), "measure": measure}  # fmt: skip
 
     def target_map(self, images: torch.Tensor) -> torch.Tensor:

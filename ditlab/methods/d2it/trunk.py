@@ -95,6 +95,10 @@ class D2iTTrunk(Trunk):
         """Tokens the blocks run on: four per fine region, one per coarse region."""
         return 4 * self.fine + (self.num_regions - self.fine)
 
+    def block_tokens(self, num_tokens: int) -> int:
+        """The blocks run on the mixed-grain sequence, not on every patch token."""
+        return self.sequence_length
+
     def route(self, regions: torch.Tensor, cond) -> torch.Tensor:
         """``(B, R)`` fine-grain logits of each region from its noisy tokens and the condition vector."""
         vector = condition_vector(cond)
@@ -132,7 +136,7 @@ class D2iTTrunk(Trunk):
         return from_regions(out, self.grid)
 
     def macs(self, num_tokens: int) -> int:
-        """The router, merge and restore per image (the blocks' own cost at the shorter length: :func:`d2it_flops`)."""
+        """The router, merge and restore per image (the blocks are counted at :meth:`block_tokens`)."""
         if not self.coarse:
             return 0
         regions, coarse = self.num_regions, self.num_regions - self.fine
@@ -149,23 +153,14 @@ def d2it_trunk_of(network: nn.Module) -> D2iTTrunk:
     return trunk
 
 
-def d2it_flops(network: nn.Module) -> int:
-    """FLOPs per image of a D2iT network: ``ditlab.models.budget.flops_per_image`` (which counts the blocks at the full
-    token count, plus the router, merge and restore) with the blocks counted at the mixed-grain sequence length."""
-    from ditlab.models.budget import flops_per_image
-
-    trunk = d2it_trunk_of(network)
-    full, short, config = network.x_embedder.num_patches, trunk.sequence_length, network.config
-    blocks = sum(block.macs(short, config) - block.macs(full, config) for block in network.blocks)
-    return flops_per_image(network) + 2 * blocks
-
-
 def plain_flops(network: nn.Module) -> int:
     """FLOPs per image of the same network with every region fine (the fixed-granularity DiT)."""
     from ditlab.models.budget import flops_per_image
 
     trunk = d2it_trunk_of(network)
-    return flops_per_image(network) - 2 * trunk.macs(network.x_embedder.num_patches)
+    full, short, config = network.x_embedder.num_patches, trunk.sequence_length, network.config
+    longer = sum(block.macs(full, config) - block.macs(short, config) for block in network.blocks)
+    return flops_per_image(network) + 2 * longer - 2 * trunk.macs(full)
 
 
 @register_trunk("d2it")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditlab.methods.d2it import D2iTModule, d2it_flops, grain_map, plain_flops, region_entropy
+from ditlab.methods.d2it import D2iTModule, grain_map, plain_flops, region_entropy
 from ditlab.methods.d2it.trunk import from_regions, to_regions
 from ditlab.models.budget import flops_per_image
 from ditlab.models.dit import DiT
@@ -40,7 +40,7 @@ def test_all_fine_is_the_plain_dit():
     assert not result.unexpected_keys and all(key.startswith("trunk.") for key in result.missing_keys)
     x, t, y = inputs()
     assert torch.equal(dynamic(x, t, y), plain(x, t, y))
-    assert d2it_flops(dynamic) == flops_per_image(plain) == plain_flops(dynamic)
+    assert flops_per_image(dynamic) == flops_per_image(plain) == plain_flops(dynamic)
 
 
 def test_coarse_regions_cut_the_flops():
@@ -48,7 +48,7 @@ def test_coarse_regions_cut_the_flops():
     for ratio in (1.0, 0.75, 0.5, 0.25, 0.0):
         dit = DiT(**CONFIG, trunk="d2it", trunk_options={"fine_ratio": ratio})
         assert dit.trunk.sequence_length == 4 * dit.trunk.fine + (16 - dit.trunk.fine)
-        flops.append(d2it_flops(dit))
+        flops.append(flops_per_image(dit))
         assert plain_flops(dit) == flops[0]
     assert all(later < earlier for earlier, later in zip(flops, flops[1:]))
     assert flops[2] < 0.7 * flops[0]  # 40 of 64 tokens
