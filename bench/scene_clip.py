@@ -1,6 +1,7 @@
 """Scene CLIP must-shows: build time, held-out retrieval, CLIP score on real vs shuffled pairs, linear probes.
 
-``python bench/scene_clip.py [--retrain] [--probe-train 2000] [--eval 1000] [--out bench/results/scene_clip.json]``
+``python bench/scene_clip.py [--retrain] [--probe-train 2000] [--eval 1000] [--out bench/results/scene_clip.json]
+[--recipe FIELD=VALUE ...]``
 
 - Build: the default ``SceneCLIPRecipe`` through ``scene_clip()`` (``--retrain`` rebuilds it and times it: wall
   seconds and this process's CPU seconds, which stay meaningful while other jobs share the cores; the load
@@ -22,6 +23,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -110,16 +112,28 @@ def main() -> None:
     parser.add_argument("--probe-train", type=int, default=2000, help="training scenes for the linear probes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads outside the (one-thread) build")
     parser.add_argument("--out", default="bench/results/scene_clip.json")
+    parser.add_argument("--recipe", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="change fields of the default SceneCLIPRecipe (e.g. patch_digits=1.0); cached apart")
     args = parser.parse_args()
+    defaults = SceneCLIPRecipe()
+    try:
+        def parsed(key: str, value: str):
+            kind = type(getattr(defaults, key))
+            return value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+
+        changes = {key: parsed(key, value) for key, _, value in (item.partition("=") for item in args.recipe)}
+        recipe = replace(defaults, **changes)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise SystemExit(f"--recipe takes FIELD=VALUE with fields of SceneCLIPRecipe: {error}") from None
     torch.set_num_threads(args.threads)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
               platform.machine(), "torch": torch.__version__, "loadavg_start": load(),
-              "recipe": SceneCLIPRecipe().__dict__}  # fmt: skip
+              "recipe": asdict(recipe)}  # fmt: skip
 
-    built_now = args.retrain or not scene_clip_path().is_file()
+    built_now = args.retrain or not scene_clip_path(recipe=recipe).is_file()
     wall, cpu = time.perf_counter(), time.process_time()
-    model = scene_clip(retrain=args.retrain)
-    result["build"] = {"built_now": built_now, "cache_file": scene_clip_path().name, "train_seconds": model.train_seconds,
+    model = scene_clip(recipe=recipe, retrain=args.retrain)
+    result["build"] = {"built_now": built_now, "cache_file": scene_clip_path(recipe=recipe).name, "train_seconds": model.train_seconds,
                        "wall_seconds_now": time.perf_counter() - wall, "cpu_seconds_now": time.process_time() - cpu,
                        "loadavg_after": load(), "threads": 1, "scores_at_build": model.scores,
                        "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip

@@ -45,9 +45,10 @@ def cache_root(path: str | Path | None = None) -> Path:
 
 
 def recipe_digest(recipe: Any, **extra: Any) -> str:
-    """The short hash that names a self-trained network's cache file: every field of its recipe (a dataclass) and
-    ``extra`` (what else determines the weights, e.g. the dataset), so a changed recipe trains anew."""
-    text = json.dumps({**asdict(recipe), **extra}, sort_keys=True)
+    """The short hash that names a self-trained network's cache file: every field of its recipe (a dataclass, or its
+    fields as a dict) and ``extra`` (what else determines the weights, e.g. the dataset), so a changed recipe trains
+    anew."""
+    text = json.dumps({**(recipe if isinstance(recipe, dict) else asdict(recipe)), **extra}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

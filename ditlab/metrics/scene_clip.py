@@ -59,11 +59,18 @@ class SceneCLIPRecipe:
     weight_decay: float = 0.1
     holdout: int = 1000
     hard_negatives: bool = True
+    patch_digits: float = 0.0
+    """Weight of a dense auxiliary loss: a linear head on every image patch token names the digit whose box covers
+    the patch centre (or none), from the scenes' known layout ([interp], ours: the contrastive loss alone leaves the
+    image tower blind to digit identity)."""
     seed: int = 0
     version: int = 1
 
     def digest(self, dataset: str) -> str:
-        return recipe_digest(self, dataset=dataset)
+        fields = asdict(self)
+        if not fields["patch_digits"]:  # off: the recipe is the one before the option existed, and so is its cache
+            del fields["patch_digits"]
+        return recipe_digest(fields, dataset=dataset)
 
 
 def grammar_vocabulary(tokenizer: Tokenizer) -> torch.Tensor:
@@ -116,6 +123,7 @@ class SceneCLIP(nn.Module):
                 nn.Conv2d(3, recipe.conv_stem, 3, stride=2, padding=1), nn.GELU(),
                 nn.Conv2d(recipe.conv_stem, recipe.width, 3, stride=2, padding=1),
             )  # fmt: skip
+        self.digit_head = nn.Linear(recipe.width, 11) if recipe.patch_digits else None  # 10 digits + none
 
     @property
     def grid(self) -> int:
@@ -147,13 +155,40 @@ class SceneCLIP(nn.Module):
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         return F.normalize(self.text_tokens(captions)[0], dim=-1)
 
-    def loss(self, images: torch.Tensor, captions: list[str], negatives: list[str] = ()) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, captions: list[str], negatives: list[str] = (),
+             patch_targets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """CLIP's symmetric cross-entropy over the batch's image-caption similarities; ``negatives`` are extra
-        captions every image is contrasted with (image->text only, as NegCLIP)."""
+        captions every image is contrasted with (image->text only, as NegCLIP); ``patch_targets: (B, grid^2)``
+        (:func:`patch_digit_targets`) adds the dense digit loss, weighted by the recipe's ``patch_digits``."""
+        embedding, tokens = self.image_tokens(images)
         texts = self.encode_captions(list(captions) + list(negatives))
-        logits = self.clip.logit_scale.exp() * self.encode_images(images) @ texts.T
+        logits = self.clip.logit_scale.exp() * F.normalize(embedding, dim=-1) @ texts.T
         labels = torch.arange(len(images), device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(images)].T, labels)) / 2
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(images)].T, labels)) / 2
+        if patch_targets is not None and self.digit_head is not None:
+            dense = self.digit_head(tokens).flatten(0, 1)
+            loss = loss + self.recipe.patch_digits * F.cross_entropy(dense, patch_targets.flatten().to(dense.device))
+        return loss
+
+
+def patch_digit_targets(attributes: list, grid: int, image_size: int) -> torch.Tensor:
+    """``(B, grid^2)`` per patch: the digit whose box covers the patch centre (the nearest centre if several), or
+    10 where none does; boxes from the scenes' layout (centre ``positions`` and ``SIZE_PIXELS``)."""
+    from ditlab.data.scenes import SIZE_PIXELS
+
+    cell = image_size / grid
+    centres = (torch.arange(grid) + 0.5) * cell  # pixel centres of the patch rows / columns
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    targets = torch.full((len(attributes), grid * grid), 10, dtype=torch.long)
+    for row, scene in enumerate(attributes):
+        nearest = torch.full((grid * grid,), float("inf"))
+        for digit, size, (x, y) in zip(scene.digits, scene.sizes, scene.positions):
+            half = SIZE_PIXELS[size] * image_size / 32 / 2
+            dx, dy = (xs - x * image_size).flatten(), (ys - y * image_size).flatten()
+            distance = dx.square() + dy.square()
+            inside = (dx.abs() <= half) & (dy.abs() <= half) & (distance < nearest)
+            targets[row, inside], nearest[inside] = digit, distance[inside]
+    return targets
 
 
 def hard_negative(attributes, generator: torch.Generator) -> str:
@@ -224,8 +259,10 @@ def train_scene_clip(recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> tuple[Scene
             for step in range(recipe.steps):
                 items = [scenes[i] for i in range(step * recipe.batch_size, (step + 1) * recipe.batch_size)]
                 negatives = [hard_negative(item["attributes"], generator) for item in items] if recipe.hard_negatives else []
+                dense = (patch_digit_targets([item["attributes"] for item in items], model.grid, recipe.image_size)
+                         if recipe.patch_digits else None)  # fmt: skip
                 loss = model.loss(torch.stack([item["image"] for item in items]), [item["caption"] for item in items],
-                                  negatives)  # fmt: skip
+                                  negatives, dense)  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -13,7 +13,9 @@ from ditlab.metrics.scene_clip import (
     SceneCLIPFeatures,
     SceneCLIPRecipe,
     hard_negative,
+    patch_digit_targets,
     scene_clip,
+    scene_clip_path,
     train_scene_clip,
 )
 
@@ -48,6 +50,37 @@ def test_hard_negatives_change_one_attribute():
         changed = [negative.digits != truth.digits, negative.colours != truth.colours,
                    negative.sizes != truth.sizes, negative.relation != truth.relation]  # fmt: skip
         assert sum(changed) == 1 and negative.background == truth.background
+
+
+def test_patch_targets_follow_the_layout_and_the_dense_loss_trains_the_head():
+    from dataclasses import replace
+
+    from ditlab.data.scene_grammar import SceneAttributes
+    from ditlab.data.scenes import DigitScenes
+    from ditlab.metrics.scene_clip import SceneCLIP, grammar_vocabulary
+    from ditlab.models.text.tokenizer import Tokenizer
+
+    # a large 7 centred at (8, 8) px covers the 14x14 box 1..15: patch centres 2, 6, 10, 14 on a 4-px grid
+    scene = SceneAttributes([7, 2], ["red", "blue"], ["large", "small"], [(0.25, 0.25), (0.75, 0.75)], "above")
+    targets = patch_digit_targets([scene], grid=8, image_size=32).reshape(8, 8)
+    assert (targets[:4, :4] == 7).all() and (targets[4:, :4] == 10).all() and (targets[:4, 4:] == 10).all()
+    assert (targets[5:7, 5:7] == 2).all() and targets[4, 4] == targets[7, 7] == 10  # small: box 19..29 (centres 22, 26)
+    assert targets.unique().tolist() == [2, 7, 10]
+    # real scenes: every digit owns at least one patch
+    for attributes in DigitScenes("train", length=20).attributes(range(20)):
+        assert set(attributes.digits) <= set(patch_digit_targets([attributes], 8, 32).unique().tolist())
+    # off by default (the cache name of recipes before the option is kept); on, the head trains on the dense loss
+    assert SceneCLIP(TINY, grammar_vocabulary(Tokenizer(TINY.context_length))).digit_head is None
+    assert scene_clip_path(recipe=replace(TINY, patch_digits=1.0)) != scene_clip_path(recipe=TINY)
+    torch.manual_seed(0)
+    model = SceneCLIP(replace(TINY, patch_digits=1.0), grammar_vocabulary(Tokenizer(TINY.context_length)))
+    scenes = DigitScenes("train", length=8)
+    images = scenes.images(range(8))
+    captions, dense = scenes.captions(range(8)), patch_digit_targets(scenes.attributes(range(8)), model.grid, 32)
+    with_dense, without = model.loss(images, captions, [], dense), model.loss(images, captions)
+    assert with_dense > without  # cross-entropy over 11 classes adds about log(11)
+    with_dense.backward()
+    assert model.digit_head.weight.grad.abs().sum() > 0
 
 
 def test_cache_is_reused_and_training_is_deterministic(tiny, monkeypatch):
