@@ -78,7 +78,9 @@ class KVCompressAttention(nn.Module):
             raise ValueError(f"'kv-compress' was built for {self.channels} channels, got {heads} heads x {head_dim}")
         # channels in PixArt's order (head-major: channel = head * Dh + d), laid out on the grid
         grid = tokens.permute(0, 1, 3, 2).reshape(batch, heads * head_dim, height, width)
-        pooled = self.sr(grid).flatten(2).transpose(1, 2)  # (B, N / r^2, C)
+        # (B, N / r^2, C), made contiguous so that the keys' head dimension is too: SDPA's fused CPU kernel needs a
+        # unit last stride and otherwise falls back to the math path, which materialises the (N, N / r^2) map
+        pooled = self.sr(grid).flatten(2).transpose(1, 2).contiguous()
         if self.norm is not None:
             pooled = self.norm(pooled)
         return pooled.reshape(batch, -1, heads, head_dim).transpose(1, 2)
