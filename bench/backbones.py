@@ -17,7 +17,7 @@ every arm). Arms:
 
 Part ``speed`` takes trained checkpoints (``name=path``), counts parameters and forward FLOPs per image, times
 sampling (median images/s over ``--repeats`` rounds of one ``--timed``-image batch, every checkpoint once per round,
-the order rotating), and computes FID on ``--num`` samples with a 95% bootstrap interval.
+the order rotating), and computes FID on ``--num`` samples with a 95% basic bootstrap interval (``ditlab.metrics.fid.fid_interval``).
 
 Every report records the torch thread count and the load average at the start and the end of each run; rows are
 added to ``bench/results/NAME.json`` as they finish (``--name``, default ``backbones``), ``NAME.md`` is rewritten.
@@ -113,11 +113,16 @@ def train_table(rows: list[dict]) -> list[str]:
         for steps in sorted({s for a, s in arms if a == arm}):
             if (baseline, steps) not in finals:
                 continue
-            level = finals[baseline, steps]
-            reach = [(r["seed"], first_reach(r["curve"], level)) for r in rows if r["arm"] == arm and r["steps"] == steps]
-            lines.append("")
-            lines.append(f"Steps at which `{arm}` first reaches `{baseline}`'s mean final FID {level:.2f} (of {steps}): "
-                         + ", ".join(f"seed {s}: {'not reached' if at is None else f'{at:.0f}'}" for s, at in reach))  # fmt: skip
+            mine = {r["seed"]: r for r in rows if r["arm"] == arm and r["steps"] == steps}
+            theirs = {r["seed"]: r for r in rows if r["arm"] == baseline and r["steps"] == steps}
+            paired = [(seed, mine[seed]["final_fid"] - theirs[seed]["final_fid"]) for seed in sorted(mine) if seed in theirs]
+            lines += ["", f"`{arm}` - `{baseline}` final FID per seed (paired, {steps} steps): "
+                      + ", ".join(f"seed {seed}: {difference:+.2f}" for seed, difference in paired)]  # fmt: skip
+            if all(len(r["curve"]) > 1 for r in mine.values()):
+                level = finals[baseline, steps]
+                reach = [(seed, first_reach(r["curve"], level)) for seed, r in sorted(mine.items())]
+                lines.append(f"Steps at which `{arm}` first reaches `{baseline}`'s mean final FID {level:.2f} (of {steps}): "
+                             + ", ".join(f"seed {s}: {'not reached' if at is None else f'{at:.0f}'}" for s, at in reach))  # fmt: skip
     return lines
 
 
@@ -173,7 +178,7 @@ def speed(args: argparse.Namespace) -> list[dict]:
 
 
 def speed_table(rows: list[dict]) -> list[str]:
-    lines = ["| run | block / trunk | tokens | sampler | parameters | FLOPs/image (M) | images/s | FID [95% CI] | "
+    lines = ["| run | block / trunk | tokens | sampler | parameters | FLOPs/image (M) | images/s | FID [95% bootstrap] | "
              "samples | load start -> end |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         low, high = row["fid_interval"]

@@ -110,18 +110,24 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
 
 def fid_interval(features, reference: ReferenceStats, rounds: int = 200, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:  # fmt: skip
-    """Percentile bootstrap interval of FID over the generated samples (resampled with replacement, the reference
-    held fixed): how much of a FID difference between two runs the sample count alone can explain."""
+    """Bootstrap interval of FID over the generated samples (resampled with replacement, the reference held fixed):
+    how much of a FID difference between two runs the sample count alone can explain.
+
+    The *basic* (pivotal) interval ``(2 F - q_high, 2 F - q_low)`` of the resampled FIDs' quantiles: a resample repeats
+    samples, which narrows its covariance and inflates its FID, so the plain percentile interval sits above the
+    estimate ``F`` (at 500 digits samples: 23.0-35.5 around 25.6); the basic interval carries the resampled spread
+    around ``F`` instead."""
     if rounds < 10 or not 0 < level < 1:
         raise ValueError(f"fid_interval needs rounds >= 10 and 0 < level < 1; got rounds={rounds}, level={level}")
     features = _as_float64(features)
+    estimate = frechet_distance(*gaussian_stats(features), reference.mu, reference.sigma)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(rounds):
         picked = features[torch.randint(len(features), (len(features),), generator=generator)]
         values.append(frechet_distance(*gaussian_stats(picked), reference.mu, reference.sigma))
     low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+    return float(2 * estimate - high), float(2 * estimate - low)
 
 
 def compute_metrics(features: torch.Tensor, logits: torch.Tensor | None, reference: ReferenceStats,
