@@ -62,6 +62,14 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+def settle(limit: float, level: float = 1.5) -> None:
+    """Wait (at most ``limit`` seconds) until the 1-minute load average is below ``level``, so that an arm run after
+    another arm of this process starts at a quiet machine's load, as the protocol asks, not at the previous arm's."""
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= level and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 # ------------------------------------------------------------------------------------------------ part train
 def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     from ditlab.lightning_cli import build_cli
@@ -70,6 +78,7 @@ def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     name = f"{arm}-s{seed}-{args.steps}"
     argv = [*ARMS[arm], "--seed_everything", str(seed), "--trainer.max_steps", str(args.steps),
             "--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", name]  # fmt: skip
+    settle(args.settle)
     load_start = load_average()
     cli = build_cli(argv, run=False)
     curve = Evaluation(every_n_steps=args.every, num_samples=args.samples, reference="digits",
@@ -217,6 +226,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--group", default="backbones", help="speed: the name of this comparison in the report")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=180.0,
+                        help="train: wait up to S seconds before each arm for the load average to fall below 1.5")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-backbones"), help="train: run folders")
     parser.add_argument("--name", default="backbones")
     args = parser.parse_args()
