@@ -3,9 +3,9 @@
 Multi-grained noise prediction at ditlab's scale: the trunk kind ``d2it`` (:mod:`.trunk`) runs the DiT's blocks on
 coarse tokens in smooth regions and fine tokens in detailed ones and restores the fine grid before the head; the grain
 map comes from an entropy measure of the clean input in training (:mod:`.grain`) and from a learned grain router at
-sampling. :class:`D2iTModule` (``configs/d2it.yaml``) trains it; :func:`~ditlab.models.budget.flops_per_image` counts its FLOPs (the blocks at the mixed-grain length). What stands in for
-the paper's dynamic VAE and grain transformer is listed, marked [interp], in :mod:`.trunk`. Importing this package
-registers the trunk kind.
+sampling. :class:`D2iTModule` (``configs/d2it.yaml``) trains it; :func:`~ditlab.models.budget.flops_per_image`
+counts its FLOPs (the blocks at the mixed-grain length). What stands in for the paper's dynamic VAE and grain
+transformer is listed, marked [interp], in :mod:`.trunk`. Importing this package registers the trunk kind.
 """
 
 from ditlab.methods.d2it.grain import grain_map, region_entropy, region_variance
