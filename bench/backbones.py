@@ -43,6 +43,7 @@ from ditlab.callbacks.evaluation import Evaluation
 from ditlab.checkpoint import bundle_from_checkpoint, sample_bundle
 from ditlab.metrics.fid import evaluate_images
 from ditlab.models.budget import activated_parameter_count, flops_per_image, parameter_count
+from ditlab.threads import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -56,10 +57,6 @@ ARMS = {
     "output-kd": ["--config", "configs/ofa_kd.yaml", "--model.init_args.ofa.weight", "0",
                   "--model.init_args.ofa.eps", "1"],
 }  # fmt: skip
-
-
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def settle(limit: float, level: float = 1.5) -> None:
@@ -79,7 +76,7 @@ def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     argv = [*ARMS[arm], "--seed_everything", str(seed), "--trainer.max_steps", str(args.steps),
             "--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", name]  # fmt: skip
     settle(args.settle)
-    load_start = load_average()
+    load_start = machine_record()["load_average"]
     cli = build_cli(argv, run=False)
     curve = Evaluation(every_n_steps=args.every, num_samples=args.samples, reference="digits",
                      features="digits-classifier", sampler=args.sampler, steps=args.sampling_steps, seed=0)  # fmt: skip
@@ -92,7 +89,7 @@ def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     row = {"arm": arm, "seed": seed, "steps": args.steps, "argv": argv, "curve": curve.curve(),
            "final_fid": curve.curve()[-1][1], "samples": args.samples, "sampler": {**asdict(module.sampling),
            **curve.overrides}, "wall_seconds": round(wall, 1), "threads": torch.get_num_threads(),
-           "load_start": load_start, "load_end": load_average(), "run_dir": str(run_dir),
+           "load_start": load_start, "load_end": machine_record()["load_average"], "run_dir": str(run_dir),
            "checkpoint": str(checkpoints[-1]) if checkpoints else None,
            "parameters": parameter_count(module.network)}  # fmt: skip
     rae = getattr(module, "rae_folder", None)
@@ -151,7 +148,7 @@ def timed_sampling(bundle, labels: torch.Tensor) -> float:
 
 
 def speed(args: argparse.Namespace) -> list[dict]:
-    load_start = load_average()
+    load_start = machine_record()["load_average"]
     runs = [labelled(text) for text in args.checkpoints]
     bundles = {name: bundle_from_checkpoint(path) for name, path in runs}
     rows = {}
@@ -182,7 +179,7 @@ def speed(args: argparse.Namespace) -> list[dict]:
                    precision=metrics.get("precision"), recall=metrics.get("recall"))  # fmt: skip
         print(f"[backbones] {name}: FID {row['fid']:.2f} {row['fid_interval']}", flush=True)
     for row in rows.values():
-        row.update(threads=torch.get_num_threads(), load_start=load_start, load_end=load_average())
+        row.update(threads=torch.get_num_threads(), load_start=load_start, load_end=machine_record()["load_average"])
     return list(rows.values())
 
 
