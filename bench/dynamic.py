@@ -62,6 +62,9 @@ METHODS = {
                               chunk_target=2.0),
     "dcdit-3x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
                               chunk_target=3.0),
+    **{f"dcdit-{n}x-r0.3": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
+                                         **{**DCDIT, "ratio_weight": 0.3}, chunk_target=float(n))
+       for n in (1.5, 2)},  # the ratio loss at 10x DC-DiT's weight: at 0.03 an upcycled router here keeps every token
 }  # fmt: skip
 
 
@@ -230,6 +233,7 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="EMA of the fine-tuned weights (None: sample the trained weights; an EMA lags far behind "
                              "the routers in a fine-tune this short)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (protocol v2: chosen, recorded)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="combine the JSON reports of runs split by seed into --out, and stop")
     args = parser.parse_args()
@@ -244,7 +248,7 @@ def main() -> None:
         write(report, args.out)
         print(markdown(report))
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     load_start = load_average()
     teacher_path = args.teacher or build_from_recipe(TeacherConfig())
     rows: list[dict] = []
@@ -272,7 +276,7 @@ def main() -> None:
                            f"held at 1 before step {schedule['target_hold_steps']}, "
                            f"{args.samples} samples x {len(args.sampling_seeds)} sampling seeds per FID, "
                            f"{args.sampling_steps} {teacher_module.sampling.sampler} steps, cfg "
-                           f"{teacher_module.sampling.cfg_scale}, one CPU thread",
+                           f"{teacher_module.sampling.cfg_scale}, {args.threads} CPU thread(s), EMA {args.ema_decay}",
                   "load_start": load_start, "load_end": load_average(), "rows": rows, "summary": summarise(rows)}  # fmt: skip
         write(report, args.out)
     print(markdown(report))

@@ -5,10 +5,14 @@ A router scores every token on the 2-D grid: a 1x1 conv to ``D/4``, a 3x3 "conte
 ``a - predict(a)`` is what the scorer sees (conv 3x3 -> GroupNorm -> SiLU -> conv 1x1 -> sigmoid, in fp32), so
 tokens that their neighbours predict poorly (edges, detail) score high. The first and last positions are always
 kept; a token is a boundary iff ``p > 0.5``. The kept tokens (raster order, position embedding included) run
-through every block; the dechunker smooths them with confidence-weighted Gaussian neighbours
-(``p z + (1 - p) sum_j w_j z_j``), copies each original position from its nearest kept token in 2-D, multiplies
-by ``STE(p)`` (forward value 1, gradient to the router) and adds a zero-initialised ``W_res`` of the trunk's
-input. With every token kept and smoothing off this is the plain DiT.
+through every block; the dechunker (:func:`dechunk`) smooths them with Gaussian neighbours weighted by their
+``p`` (``p z + (1 - p) sum_j w_j z_j``), copies each original position from its nearest kept token in 2-D,
+multiplies each position by ``STE(c)``, ``c`` the probability of that position's own decision (forward value 1,
+gradient to the router) and adds a zero-initialised ``W_res`` of the trunk's input. With every token kept and
+smoothing off this is the plain DiT. The dechunker reproduces the reference's outputs and router gradients
+(``tests/methods/dynamic/data/dcdit_reference.json``); before that fix every position's gradient went to the
+``p`` of the kept token it copies and neighbours were not weighted by ``p``, and an upcycled router kept every
+token within 25 steps.
 
 Sequences of different lengths run padded to the longest kept length with padded keys masked in attention, the
 CPU fallback of the paper's flash-attn varlen packing (no packed kernel here). [interp] The router works on the
@@ -94,6 +98,38 @@ def nearest_kept(index: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.T
     return distance.argmin(-1)
 
 
+P_CLAMP = 1e-4
+"""The dechunker clamps boundary probabilities to ``[P_CLAMP, 1 - P_CLAMP]`` before smoothing (DC-DiT's ``dc.py``)."""
+
+
+def dechunk(chunk: torch.Tensor, p: torch.Tensor, boundary: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+            grid: int, smoothing: float) -> torch.Tensor:  # fmt: skip
+    """Every position's value from the trunk's output on the kept tokens, with the router's straight-through gradient.
+
+    ``chunk (B, K, D)`` are the kept tokens' outputs (``index``/``valid`` from :func:`chunk_indices`), ``p (B, N)``
+    the boundary probabilities and ``boundary`` their decisions. As DC-DiT's ``DeChunkLayer`` and H-Net's residual:
+
+    - smoothing: ``p_i z_i + (1 - p_i) sum_j w_ij z_j`` with ``w_ij`` proportional to ``exp(-d_ij^2 / 2 sigma^2) p_j``
+      over the kept tokens, ``i`` itself included, ``p`` clamped to ``[1e-4, 1 - 1e-4]``; ``smoothing=0`` skips it;
+    - plug-back: each position copies its nearest kept token in 2-D;
+    - each position is multiplied by ``STE(c)``, ``c`` the probability of its own decision (``p`` where kept,
+      ``1 - p`` where dropped): forward value 1, so a dropped position's loss gradient reaches its own router score.
+    """
+    if smoothing > 0:
+        kept_p = p.gather(1, index).clamp(P_CLAMP, 1 - P_CLAMP).to(chunk.dtype)
+        positions = grid_positions(index, grid)
+        distance = ((positions[:, :, None] - positions[:, None]) ** 2).sum(-1)
+        weights = torch.exp(-distance / (2 * smoothing**2)).to(chunk.dtype) * kept_p[:, None, :]
+        weights = weights * (valid[:, None, :] & valid[:, :, None])
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-8)
+        p_self = kept_p.unsqueeze(-1)
+        chunk = p_self * chunk + (1 - p_self) * (weights @ chunk)
+    source = nearest_kept(index, valid, grid)
+    out = chunk.gather(1, source[..., None].expand(-1, -1, chunk.shape[-1]))
+    confidence = torch.where(boundary, p, 1 - p)
+    return out * straight_through(torch.ones_like(confidence), confidence).unsqueeze(-1).to(out.dtype)
+
+
 class ChunkingTrunk(DynamicTrunk):
     """The blocks on the router's kept tokens; options are ``DiTConfig.trunk_options``.
 
@@ -134,13 +170,8 @@ class ChunkingTrunk(DynamicTrunk):
         for index_block, block in enumerate(dit.blocks):
             ops.check_plain_components(block, index_block, "dynamic chunking")
             chunk = block(chunk, cond, branches=hook, index=index_block)
-        kept_p = p.gather(1, index)
-        if self.smoothing > 0:
-            chunk = self.smooth(chunk, kept_p, index, valid)
-        source = nearest_kept(index, valid, self.grid)
-        out = chunk.gather(1, source[..., None].expand(-1, -1, chunk.shape[-1]))
-        confidence = kept_p.gather(1, source)
-        out = out * straight_through(torch.ones_like(confidence), confidence).unsqueeze(-1).to(out.dtype)
+        smoothing = 0.0 if self.force_keep_all else self.smoothing
+        out = dechunk(chunk, p, boundary, index, valid, self.grid, smoothing)
         out = out + self.residual(tokens)
         kept = boundary.sum(1)
         full = self.dense_block_macs(dit, length)
@@ -156,19 +187,6 @@ class ChunkingTrunk(DynamicTrunk):
             return branch.compute()
 
         return hook
-
-    def smooth(self, chunk: torch.Tensor, kept_p: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
-               ) -> torch.Tensor:  # fmt: skip
-        """``p z + (1 - p) sum_j w_j z_j`` over the other kept tokens, ``w`` Gaussian in grid distance."""
-        positions = grid_positions(index, self.grid)
-        distance = ((positions[:, :, None] - positions[:, None]) ** 2).sum(-1)
-        logits = -distance / (2 * self.smoothing**2)
-        eye = torch.eye(index.shape[1], dtype=torch.bool, device=index.device)[None]
-        logits = logits.masked_fill(~valid[:, None, :] | eye, float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(chunk.dtype)
-        neighbours = weights @ chunk
-        p = kept_p.unsqueeze(-1).to(chunk.dtype)
-        return p * chunk + (1 - p) * neighbours
 
     def budget_terms(self, decisions: Decisions, dynamic, levels) -> dict[str, torch.Tensor]:
         """DC-DiT's ratio loss (the router keeps about ``chunk_target`` of the tokens) and the kept share."""

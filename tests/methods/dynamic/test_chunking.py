@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ditlab.methods.dynamic.chunking import chunk_indices, nearest_kept, ratio_loss
+from ditlab.methods.dynamic.chunking import chunk_indices, dechunk, nearest_kept, ratio_loss
 from ditlab.methods.dynamic.export import dynamic_flops
 
 
@@ -75,3 +77,21 @@ def test_nearest_kept_plug_back_matches_brute_force():
         for position, (r, c) in enumerate(itertools.product(range(grid), range(grid))):
             distances = [((r - k // grid) ** 2 + (c - k % grid) ** 2, k) for k in kept]
             assert kept[int(source[row, position])] == min(distances)[1]
+
+
+@pytest.mark.parametrize("sigma", ["1.0", "0.0"])
+def test_dechunker_reproduces_the_reference_outputs_and_router_gradients(sigma):
+    """Recorded from DC-DiT's ``ChunkLayer``/``DeChunkLayer`` and H-Net's STE residual (see the fixture's
+    ``reference``): the same kept tokens, smoothing weights ``kernel x p_j`` with the token itself included, ``p``
+    clamped, and each position's gradient reaching its own decision's probability."""
+    recorded = json.loads((Path(__file__).parent / "data" / "dcdit_reference.json").read_text())
+    tokens, weights = torch.tensor(recorded["tokens"]), torch.tensor(recorded["loss_weights"])
+    p = torch.tensor(recorded["p"], requires_grad=True)
+    boundary = p > 0.5
+    index, valid = chunk_indices(boundary)
+    chunk = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])) * 1.5 + 0.1
+    out = dechunk(chunk, p, boundary, index, valid, recorded["grid"], float(sigma))
+    (out * weights).sum().backward()
+    case = recorded["cases"][sigma]
+    torch.testing.assert_close(out, torch.tensor(case["out"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.grad, torch.tensor(case["grad_p"]), rtol=1e-4, atol=1e-5)
