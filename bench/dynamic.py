@@ -41,6 +41,7 @@ from ditlab.data.digits import DigitsDataModule
 from ditlab.methods.compress.module import DicompModule, DistillConfig, PruneConfig
 from ditlab.methods.dynamic.export import dynamic_flops
 from ditlab.methods.dynamic.module import DynamicConfig, DynamicModule
+from ditlab.methods.dynamic.routing import DynamicTrunk
 from ditlab.methods.teacher import TeacherConfig, build_from_recipe
 from ditlab.metrics.fid import evaluate_images
 from ditlab.models.budget import flops_per_image
@@ -62,9 +63,10 @@ METHODS = {
                               chunk_target=2.0),
     "dcdit-3x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
                               chunk_target=3.0),
-    **{f"dcdit-{n}x-r0.3": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
-                                         **{**DCDIT, "ratio_weight": 0.3}, chunk_target=float(n))
-       for n in (1.5, 2)},  # the ratio loss at 10x DC-DiT's weight: at 0.03 an upcycled router here keeps every token
+    "dcdit-2x-r0.3": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
+                                   **{**DCDIT, "ratio_weight": 0.3}, chunk_target=2.0),  # 10x DC-DiT's ratio weight
+    **{f"dcdit-{n}x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
+                                    chunk_target=n) for n in (2.2, 2.5)},
 }  # fmt: skip
 
 
@@ -135,7 +137,7 @@ def flops_ratio(module, network, teacher_flops: int, seed: int, args: argparse.N
     """Samples for FID and the FLOPs per image of every model call that made them, over the teacher's."""
     spent, rows = [], []
     handle = None
-    if getattr(network, "trunk", None) is not None:
+    if isinstance(getattr(network, "trunk", None), DynamicTrunk):  # a plain (depth-pruned) network: counted below
         def record(m, inputs, output) -> None:
             spent.append(float(dynamic_flops(m).sum()))
             rows.append(len(output))
@@ -196,20 +198,23 @@ def summarise(rows: list[dict]) -> list[dict]:
             values = [row[key] for row in runs]
             return statistics.mean(values), statistics.pstdev(values)
 
+        teacher = {row["seed"]: row["fid"] for row in rows if row["method"] == "teacher"}
+        paired = [round(row["fid"] - teacher[row["seed"]], 2) for row in runs if row["seed"] in teacher]
         table.append({"method": name, "seeds": len(runs), "flops_ratio": stat("flops_ratio"), "fid": stat("fid"),
-                      "speedup": stat("speedup")})  # fmt: skip
+                      "speedup": stat("speedup"), "fid_minus_teacher_per_seed": paired})  # fmt: skip
     return table
 
 
 def markdown(report: dict) -> str:
     teacher_fid = next(r["fid"][0] for r in report["summary"] if r["method"] == "teacher")
     lines = [f"Load average at start {report['load_start']}, at end {report['load_end']}. {report['setup']}", "",
-             "| method | seeds | FLOPs ratio | sampling speed-up (measured) | FID | FID / teacher |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | seeds | FLOPs ratio | sampling speed-up (measured) | FID | FID / teacher | FID - teacher per seed |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["summary"]:
         (ratio, ratio_sd), (fid, fid_sd), (speed, speed_sd) = row["flops_ratio"], row["fid"], row["speedup"]
         lines.append(f"| {row['method']} | {row['seeds']} | {ratio:.3f} ± {ratio_sd:.3f} | {speed:.2f}x ± {speed_sd:.2f}"
-                     f" | {fid:.2f} ± {fid_sd:.2f} | {fid / teacher_fid:.2f} |")  # fmt: skip
+                     f" | {fid:.2f} ± {fid_sd:.2f} | {fid / teacher_fid:.2f} |"
+                     f" {' / '.join(f'{d:+.2f}' for d in row.get('fid_minus_teacher_per_seed', []))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +247,9 @@ def main() -> None:
         rows = [row for part in parts for row in part["rows"]]
         teachers = {row["seed"]: row for row in rows if row["method"] == "teacher"}  # one per seed, however split
         rows = list(teachers.values()) + [row for row in rows if row["method"] != "teacher"]
-        report = {"setup": parts[0]["setup"] + f"; {len(parts)} processes, one per training seed, run side by side",
+        setups = list(dict.fromkeys(p["setup"] for p in parts))
+        report = {"setup": " | ".join(setups) + f"; merged from {len(parts)} runs ({', '.join(str(p) for p in args.merge)})",
+                  "load_average_start": max(float(p["load_start"].split()[0]) for p in parts),
                   "load_start": " / ".join(p["load_start"] for p in parts),
                   "load_end": " / ".join(p["load_end"] for p in parts), "rows": rows, "summary": summarise(rows)}  # fmt: skip
         write(report, args.out)
@@ -277,7 +284,8 @@ def main() -> None:
                            f"{args.samples} samples x {len(args.sampling_seeds)} sampling seeds per FID, "
                            f"{args.sampling_steps} {teacher_module.sampling.sampler} steps, cfg "
                            f"{teacher_module.sampling.cfg_scale}, {args.threads} CPU thread(s), EMA {args.ema_decay}",
-                  "load_start": load_start, "load_end": load_average(), "rows": rows, "summary": summarise(rows)}  # fmt: skip
+                  "load_start": load_start, "load_average_start": float(load_start.split()[0]),
+                  "load_end": load_average(), "rows": rows, "summary": summarise(rows)}  # fmt: skip
         write(report, args.out)
     print(markdown(report))
 
