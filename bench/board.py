@@ -308,6 +308,30 @@ def backbones(data: dict, source: str, family: str) -> list[dict]:
     return out
 
 
+def compose(data: dict, source: str, family: str) -> list[dict]:
+    """``bench/compose.py``: each method model sampled with the cache, against the uncached teacher, one row per
+    composition; the notes say whether the FLOPs savings multiply. A refused composition is named in "skipped"."""
+    summary = data["summary"]
+    teacher = next(r for r in summary if r["model"] == "teacher" and r["cache"] == "none")
+    threads = {data["args"]["threads"]} if "threads" in data.get("args", {}) else set()
+    out = []
+    for r in summary:
+        if r["model"] == "teacher" or r["cache"] == "none":
+            continue
+        label = f"{r['model']} + {r['cache']}"
+        if "refused" in r:
+            skip(f"{source} [{label}]: refused: {r['refused']}")
+            continue
+        verdict = "savings multiply" if r.get("multiplies") else "savings do not multiply"
+        note = f"{verdict} (expected {r['expected_flop_speedup']:.2f}x)" if "expected_flop_speedup" in r else ""
+        cands = [cand(label, [r["fid"]], f"{r['flop_speedup']:.2f}x FLOPs, {r['wall_speedup']:.2f}x wall (paired)",
+                      flop_speedup=r["flop_speedup"], wall_speedup=r["wall_speedup"], fid_interval=r.get("fid_interval"),
+                      note=note)]  # fmt: skip
+        out.append(make_row(family, f"{source} [{label}]", "compute", "teacher, uncached", [teacher["fid"]], cands,
+                            data.get("args", {}).get("num"), [data.get("load_average_start")], threads))  # fmt: skip
+    return out
+
+
 FILES: list[tuple[str, str, Callable[[dict, str, str], list[dict]]]] = [
     ("caching", "caching.json", caching), ("caching", "caching_sit.json", caching),
     *(("learned caching", name, lambda d, s, f: caching(d, s, f, own="learned"))
@@ -316,6 +340,7 @@ FILES: list[tuple[str, str, Callable[[dict, str, str], list[dict]]]] = [
     ("dynamic compute", "dynamic.json", dynamic), ("MoE", "moe.json", moe),
     ("attention / grafting", "attention.json", attention), ("attention / grafting", "attention_kv/attention.json", attention),
     ("alignment", "align.json", align), ("backbones", "backbones.json", backbones),
+    ("composition", "compose.json", compose),
 ]  # fmt: skip
 
 

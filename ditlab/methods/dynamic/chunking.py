@@ -11,8 +11,8 @@ multiplies each position by ``STE(c)``, ``c`` the probability of that position's
 gradient to the router) and adds a zero-initialised ``W_res`` of the trunk's input. With every token kept and
 smoothing off this is the plain DiT. The dechunker reproduces the reference's outputs and router gradients
 (``tests/methods/dynamic/data/dcdit_reference.json``); before that fix every position's gradient went to the
-``p`` of the kept token it copies and neighbours were not weighted by ``p``, and an upcycled router kept every
-token within 25 steps.
+``p`` of the kept token it copies (router gradient 0.70 relative L2 from the reference's, half the signs wrong)
+and neighbours were not weighted by ``p`` (output 0.12 relative L2).
 
 Sequences of different lengths run padded to the longest kept length with padded keys masked in attention, the
 CPU fallback of the paper's flash-attn varlen packing (no packed kernel here). [interp] The router works on the
@@ -26,8 +26,15 @@ at b939538ba4839fb58cf4ea4abd4fa882ec114efa (``hnet/hnet/modules/dc.py``, ``hnet
 (v2 Sec. 4.4, Z-Image; v1 upcycled DiT-XL/2 the same way over 50K steps) keeps the pretrained blocks, freezes the
 timestep and condition embedders (here ``DynamicConfig.freeze: [t_embedder, y_embedder]``), adds a LayerNorm
 adaptor to the conv stages' conditioning (no conv stages here) and starts with 5K steps of grafting-style
-distillation towards the frozen model, which is not implemented here. The code has no upcycling path, and no
-output of it was recorded against this trunk (its model needs flash-attn).
+distillation towards the frozen model, which is not implemented here. The code has no upcycling path; its
+``ChunkLayer``/``DeChunkLayer`` and H-Net's STE were run on a fixed input to record the golden outputs above (the
+full model needs flash-attn).
+
+Upcycling measured on digits (``bench/dynamic.py``, README "dynamic"): on the 16-token teacher (4x4 patches) the
+ratio loss at DC-DiT's weight 0.03 loses to the diffusion loss's straight-through pull and the router keeps every
+token (FLOPs 1.02x), and at 10x the weight it keeps half at twice the teacher's FID: a patch there is a sixteenth
+of the digit, and a dropped one sees nothing of it but ``W_res``. On the 64-token teacher (2x2 patches, much of it
+background) the paper's weight keeps about 60% of the tokens at the teacher's FID.
 
 PixArt blocks run on the kept tokens as DiT's do (their cross-attention reads the caption for each kept token;
 padded chunk rows are masked as keys of the self-attention only, since they are never keys of the
