@@ -32,7 +32,7 @@ full model needs flash-attn).
 
 Upcycling measured on digits (``bench/dynamic.py``, README "dynamic"): on the 16-token teacher (4x4 patches) the
 ratio loss at DC-DiT's weight 0.03 loses to the diffusion loss's straight-through pull and the router keeps every
-token (FLOPs 1.02x), and at 10x the weight it keeps half at twice the teacher's FID: a patch there is a sixteenth
+token (at every logged step of a 200-step run), and at 10x the weight it keeps half at twice the teacher's FID: a patch there is a sixteenth
 of the digit, and a dropped one sees nothing of it but ``W_res``. On the 64-token teacher (2x2 patches, much of it
 background) the paper's weight keeps about 60% of the tokens at the teacher's FID.
 
