@@ -43,6 +43,7 @@ from ditlab.methods.sampling.caches import build_policy
 from ditlab.methods.sampling.caches.work import Counted
 from ditlab.metrics.features import feature_extractor
 from ditlab.metrics.fid import evaluate_images
+from ditlab.metrics.psnr import paired_psnr as psnr
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {50: 2.5, 20: 1.6}
@@ -73,11 +74,6 @@ DIFFUSERS_HOOKS = ("first_block_cache", "taylorseer_cache", "taylorseer_cache (a
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over samples of the PSNR (dB) of ``images`` against ``reference``, both in [-1, 1], on [0, 1]."""
-    mse = ((images - reference) / 2).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).clamp_max(100).mean())
 
 
 class Run:

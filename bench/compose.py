@@ -38,17 +38,13 @@ from ditlab.diffusion.cache import as_cache_config
 from ditlab.diffusion.images import model_function, sample_from_config
 from ditlab.methods.sampling.caches.work import Counted
 from ditlab.metrics.fid import evaluate_images
+from ditlab.metrics.psnr import paired_psnr as psnr
 from ditlab.threads import machine_record
 
 RESULTS = Path(__file__).parent / "results"
 MULTIPLIES = 0.10
 """Relative tolerance of "the savings multiply"."""
 
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean PSNR (dB) of images in [-1, 1] against their twins, on the [0, 1] scale."""
-    mse = (((images - reference) / 2) ** 2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).clamp_max(100).mean())
 
 
 class Model:

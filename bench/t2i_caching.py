@@ -41,6 +41,7 @@ from ditlab.methods.sampling.cache_router import CacheRouterModule, ImageErrorPr
 from ditlab.methods.sampling.caches import build_policy
 from ditlab.methods.sampling.caches.plan import Plan
 from ditlab.methods.teacher import TeacherConfig
+from ditlab.metrics.psnr import paired_psnr as psnr
 from ditlab.metrics.text_eval import sample_conditions
 from ditlab.models.text.prompts import condition_input
 
@@ -50,11 +51,6 @@ RESULTS = Path(__file__).parent / "results"
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over samples of the PSNR (dB) of ``images`` against ``reference``, both in [-1, 1], on [0, 1]."""
-    mse = ((images - reference) / 2).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).clamp_max(100).mean())
 
 
 def parse_option(text: str) -> tuple[str, object]:
