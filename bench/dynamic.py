@@ -59,14 +59,10 @@ METHODS = {
                                keep_high=1.0, keep_low=0.6, width_target=0.75, complete_model_steps=0),
     "elastic-b": DynamicConfig(trunk="elastic", trunk_options={"router_hidden": 32}, flops_weight=0.0,
                                keep_high=0.9, keep_low=0.4, width_target=0.5, complete_model_steps=0),
-    "dcdit-2x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
-                              chunk_target=2.0),
-    "dcdit-3x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
-                              chunk_target=3.0),
+    **{f"dcdit-{n:g}x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
+                                      chunk_target=n) for n in (2.0, 3.0, 2.2, 2.5)},
     "dcdit-2x-r0.3": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0,
                                    **{**DCDIT, "ratio_weight": 0.3}, chunk_target=2.0),  # 10x DC-DiT's ratio weight
-    **{f"dcdit-{n}x": DynamicConfig(trunk="chunking", trunk_options={"router_bias": 0.0}, flops_weight=0.0, **DCDIT,
-                                    chunk_target=n) for n in (2.2, 2.5)},
 }  # fmt: skip
 
 
