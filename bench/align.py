@@ -25,7 +25,7 @@ HASTE variants on the selection seed (aligned block, loss weight, projector, ter
 misses its target. Rows are appended to ``bench/results/align.json`` as they finish; ``align.md`` / ``align.png``
 are rewritten from all rows.
 
-    python bench/align.py [--part main|select|diagnose] [--arms ...] [--seeds 0 1 2] [--steps 300] [--report]
+    python bench/align.py [--part main|select|diagnose|timing] [--arms ...] [--seeds 0 1 2] [--steps 8000] [--report]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import lightning as L
 import torch
 
 from ditlab.analysis import first_reach
+from ditlab.atomic import save_text
 from ditlab.callbacks.alignment import AlignmentTermination
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.data.digits import DigitsDataModule
@@ -63,6 +64,7 @@ from ditlab.methods.align.encoders import digits_vit
 from ditlab.methods.base import DiffusionModule
 from ditlab.metrics.features import cache_root
 from ditlab.models.config import DiTConfig
+from ditlab.threads import set_threads
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moe import StepTimer  # noqa: E402 - wall seconds of every training step
@@ -119,7 +121,8 @@ def st_teacher(args: argparse.Namespace) -> Path:
     """Self-Transcendence phase 1 on the selection seed, trained once per setting, cached under ``$DITLAB_CACHE``."""
     folder = cache_root(None) / "bench-align"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"st-phase1-{args.st_teacher_steps}-b{args.batch_size}-s{args.selection_seed}.ckpt"
+    path = folder / (f"st-phase1-{args.st_teacher_steps}-b{args.batch_size}-lr{args.lr:g}-w{args.warmup}-ema{args.ema:g}"
+                     f"-s{args.selection_seed}.ckpt")
     if path.is_file():
         return path
     L.seed_everything(args.selection_seed, verbose=False)
@@ -187,11 +190,11 @@ def step_times(args: argparse.Namespace) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------- analysis
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 1) -> str:
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def summary_table(rows: list[dict], seeds: set[int], timing: dict | None = None) -> tuple[str, dict]:
@@ -207,15 +210,20 @@ def summary_table(rows: list[dict], seeds: set[int], timing: dict | None = None)
     best = statistics.mean(min(f for _, f in r["curve"]) for r in vanilla)
     reference = statistics.mean(s for s in own if s is not None)  # vanilla's own (mean) first-reach step
     half = steps // 2
+    rises = (" (some curves dip below their final value and rise again before the end)"
+             if any((first_reach(r["curve"], r["final_fid"]) or steps) < steps for r in vanilla) else "")  # fmt: skip
+    by_seed = {r["seed"]: r for r in vanilla}
     lines = [f"Vanilla's final FID (mean of {len(vanilla)} seeds at step {steps}): **{target:.2f}**. Vanilla's own "
-             f"curves first reach it at steps {', '.join('never' if s is None else f'{s:.0f}' for s in own)} (its FID "
-             f"rises again before the end), so speed-up = vanilla's mean first-reach step ({reference:.0f}) / the arm's "
+             f"curves first reach it at steps {', '.join('never' if s is None else f'{s:.0f}' for s in own)}{rises}, "
+             f"so speed-up = vanilla's mean first-reach step ({reference:.0f}) / the arm's "
              f"(against the final step {steps} instead, every number would be {steps / reference:.2f}x larger). "
-             f"Vanilla's best FID on its curves (mean of the seeds' minima): **{best:.2f}**.", "",
+             f"Vanilla's best FID on its curves (mean of the seeds' minima): **{best:.2f}**. Paired speed-up per "
+             "seed: the step at which vanilla of that seed first reaches its own final FID / the step at which the "
+             "arm of that seed first reaches it (> 1: the arm is faster; 'never': it does not within the run).", "",
              f"| arm | seeds | final FID (mean ± sd) | FID at step {half} (mean ± sd) | steps to vanilla's final FID "
-             "(per seed) | speed-up | steps to vanilla's best FID (per seed) | step time vs vanilla: interleaved "
-             "(`--part timing`; inside the loaded runs) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "(per seed) | speed-up | paired speed-up per seed | steps to vanilla's best FID (per seed) | step time "
+             "vs vanilla: interleaved (`--part timing`; inside the runs) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     numbers = {"vanilla_final_fid": target}
     for arm in [a for a in ARMS if any(r["arm"] == a for r in reported)]:
         runs = sorted((r for r in reported if r["arm"] == arm), key=lambda r: r["seed"])
@@ -233,11 +241,20 @@ def summary_table(rows: list[dict], seeds: set[int], timing: dict | None = None)
             ratio_text = f"{ratio:.2f} (in the runs)"
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
         middle = [dict(r["curve"])[half] for r in runs if half in dict(r["curve"])]
+        paired = {r["seed"]: paired_speedup(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed}
+        paired_text = ", ".join(f"s{seed}: " + ("never" if v is None else f"{v:.2f}x") for seed, v in paired.items())
         lines.append(f"| {arm} | {len(runs)} | {statistics.mean(finals):.2f} ± {sd:.2f} | {mean_sd(middle)} | {per_seed} "
-                     f"| {speedup} | {to_best} | {ratio_text} |")  # fmt: skip
+                     f"| {speedup} | {paired_text or '-'} | {to_best} | {ratio_text} |")  # fmt: skip
         numbers[arm] = {"final_fid_mean": statistics.mean(finals), "final_fid_sd": sd, "steps_to_vanilla": reach,
-                        "step_time_ratio": ratio}  # fmt: skip
+                        "paired_speedup": paired, "step_time_ratio": ratio}  # fmt: skip
     return "\n".join(lines), numbers
+
+
+def paired_speedup(arm: dict, vanilla: dict) -> float | None:
+    """Vanilla's first-reach step of its own final FID over the arm's, same seed (None: the arm never reaches it)."""
+    target = vanilla["final_fid"]
+    own, reach = first_reach(vanilla["curve"], target), first_reach(arm["curve"], target)
+    return None if reach is None or own is None else own / reach
 
 
 def variants_table(rows: list[dict]) -> str:
@@ -259,12 +276,65 @@ def variants_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_ratios(rows: list[dict], seeds: set[int]) -> dict[str, dict[int, list[float]]]:
+    """Per arm and evaluation step, the arm's FID over vanilla's FID of the same seed, one value per seed."""
+    reported = [r for r in rows if r["seed"] in seeds and not r["variant"]]
+    vanilla = {r["seed"]: dict(r["curve"]) for r in reported if r["arm"] == "vanilla"}
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in reported:
+        if r["arm"] == "vanilla" or r["seed"] not in vanilla:
+            continue
+        for step, fid in r["curve"]:
+            if step in vanilla[r["seed"]]:
+                out.setdefault(r["arm"], {}).setdefault(step, []).append(fid / vanilla[r["seed"]][step])
+    return out
+
+
+def levels_table(rows: list[dict], seeds: set[int]) -> str:
+    """Paired speed-up to vanilla's quality at a quarter, half, three quarters and the end of its run: for each seed,
+    the step at which vanilla reaches its own FID at that step / the step at which the arm reaches it."""
+    reported = [r for r in rows if r["seed"] in seeds and not r["variant"]]
+    vanilla = {r["seed"]: r for r in reported if r["arm"] == "vanilla"}
+    if not vanilla:
+        return ""
+    steps = next(iter(vanilla.values()))["steps"]
+    levels = [step for step, _ in next(iter(vanilla.values()))["curve"] if step in {steps // 4, steps // 2, 3 * steps // 4, steps}]
+    lines = ["| arm | " + " | ".join(f"vanilla's FID at step {s}" for s in levels) + " |", "|---|" + "---|" * len(levels)]
+    for arm in (a for a in ARMS if a != "vanilla" and any(r["arm"] == a for r in reported)):
+        runs = sorted((r for r in reported if r["arm"] == arm and r["seed"] in vanilla), key=lambda r: r["seed"])
+        cells = []
+        for level in levels:
+            values = []
+            for r in runs:
+                target = dict(vanilla[r["seed"]]["curve"])[level]
+                own, reach = first_reach(vanilla[r["seed"]]["curve"], target), first_reach(r["curve"], target)
+                values.append("never" if reach is None or own is None else f"{own / reach:.2f}x")
+            cells.append(", ".join(values))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], seeds: set[int], columns: int = 8) -> str:
+    """Paired differences: the arm's FID / vanilla's, same seed, mean ± sd over seeds, at evenly spaced steps."""
+    ratios = paired_ratios(rows, seeds)
+    if not ratios:
+        return ""
+    steps = sorted({step for by_step in ratios.values() for step in by_step})
+    shown = steps[max(len(steps) // columns, 1) - 1 :: max(len(steps) // columns, 1)]
+    lines = ["| arm | " + " | ".join(f"step {s}" for s in shown) + " |", "|---|" + "---|" * len(shown)]
+    for arm in (a for a in ARMS if a in ratios):
+        lines.append(f"| {arm} | " + " | ".join(mean_sd(ratios[arm].get(s, []), 2) for s in shown) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], seeds: set[int], path: Path) -> None:
-    """FID against step: per arm the mean over seeds, the seeds' min-max as a band."""
+    """FID against step (per arm the mean over seeds, the seeds' min-max as a band), and the paired ratio to
+    vanilla's FID of the same seed."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.5, 4.5))
-    axis = figure.subplots()
+    figure = Figure(figsize=(13, 4.8))
+    axis, paired = figure.subplots(1, 2)
+    ratios = paired_ratios(rows, seeds)
     for arm in ARMS:
         runs = [r for r in rows if r["arm"] == arm and r["seed"] in seeds and not r["variant"]]
         if not runs:
@@ -274,11 +344,20 @@ def plot(rows: list[dict], seeds: set[int], path: Path) -> None:
         means = [statistics.mean(v) for v in values]
         line, = axis.plot(steps, means, marker="o", markersize=3, label=f"{arm} ({len(runs)} seeds)")
         axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
-    axis.set_xlabel("training step")
-    axis.set_ylabel("FID (digits-classifier features)")
-    axis.set_yscale("log")
-    axis.set_title("Alignment on digits: FID against step (band: seed min-max)", fontsize=10)
+        if arm in ratios:
+            xs = sorted(ratios[arm])
+            paired.plot(xs, [statistics.mean(ratios[arm][x]) for x in xs], marker="o", markersize=3,
+                        color=line.get_color(), label=arm)  # fmt: skip
+            paired.fill_between(xs, [min(ratios[arm][x]) for x in xs], [max(ratios[arm][x]) for x in xs],
+                                color=line.get_color(), alpha=0.15)  # fmt: skip
+    axis.set(xlabel="training step", ylabel="FID (digits-classifier features)", yscale="log")
+    axis.set_title("FID against step (band: seed min-max)", fontsize=10)
     axis.legend(fontsize=7)
+    paired.axhline(1.0, color="grey", lw=0.8)
+    paired.set(xlabel="training step", ylabel="arm FID / vanilla FID, same seed")
+    paired.set_title("Paired by seed (< 1: the arm is ahead; band: seed min-max)", fontsize=10)
+    paired.legend(fontsize=7)
+    figure.suptitle("Alignment on digits", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -287,14 +366,20 @@ def write_report(result: dict, seeds: set[int]) -> None:
     table, numbers = summary_table(result["rows"], seeds, result.get("step_seconds"))
     result["summary"] = numbers
     variants = variants_table(result["rows"])
+    paired, levels = paired_table(result["rows"], seeds), levels_table(result["rows"], seeds)
     encoder = result.get("encoder", {})
     runs = "\n".join(f"- `{json.dumps(r['settings'])}`: {r['machine']}, {r['wall_seconds']} s" for r in result["runs"])
     text = (f"# Alignment on digits: does it reach vanilla's FID in fewer steps?\n\n{table}\n\n"
-            f"Objective: SiT flow matching (linear path, velocity, uniform t), as the REPA / HASTE / REG papers train. "
+            + (f"Paired by seed: the arm's FID / vanilla's FID of the same seed (mean ± sd over seeds; < 1: the arm "
+               f"is ahead at that step).\n\n{paired}\n\n" if paired else "")
+            + (f"Paired speed-up to vanilla's quality at points of its run (per seed 0, 1, 2 ...: the step at which "
+               f"vanilla of that seed reaches its FID at that step / the step at which the arm of that seed reaches it; "
+               f"> 1: faster; 'never': not within the run).\n\n{levels}\n\n" if levels else "")
+            + f"Objective: SiT flow matching (linear path, velocity, uniform t), as the REPA / HASTE / REG papers train. "
             f"Sampler for every FID: Euler ODE, no guidance (see settings). Encoder `digits-vit`: {encoder}.\n\n"
             + (f"## Selection and diagnosis runs (separate seed)\n\n{variants}\n\n" if variants else "")
             + f"## Runs\n\n{runs}\n")  # fmt: skip
-    (RESULTS / "align.md").write_text(text)
+    save_text(text, RESULTS / "align.md")
     plot(result["rows"], seeds, RESULTS / "align.png")
     print(table)
     if variants:
@@ -324,18 +409,20 @@ def main() -> None:
     parser.add_argument("--selection-seed", type=int, default=100, help="the seed settings are chosen on")
     parser.add_argument("--diagnoses", nargs="*", choices=list(DIAGNOSES),
                         default=["haste default", "haste attention only", "haste block 1", "haste block 3", "haste weight 1.0"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--every", type=int, default=50, help="FID every this many steps")
-    parser.add_argument("--samples", type=int, default=150, help="images per FID")
+    parser.add_argument("--steps", type=int, default=8000, help="vanilla's FID has stopped improving by then (protocol v2)")
+    parser.add_argument("--every", type=int, default=500, help="FID every this many steps")
+    parser.add_argument("--samples", type=int, default=2000, help="images per FID")
     parser.add_argument("--sampling-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--ema", type=float, default=0.98)
-    parser.add_argument("--haste-stop", type=int, default=100, help="HASTE's termination step (a third of the run)")
-    parser.add_argument("--haste-stops", type=int, nargs="+", default=[75, 150], help="candidates for --part select")
-    parser.add_argument("--st-teacher-steps", type=int, default=150, help="Self-Transcendence phase-1 steps")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--haste-stop", type=int, default=None, help="HASTE's termination step (default: a third of the run)")
+    parser.add_argument("--haste-stops", type=int, nargs="+", default=None,
+                        help="candidates for --part select (default: a quarter and a half of the run)")
+    parser.add_argument("--st-teacher-steps", type=int, default=None,
+                        help="Self-Transcendence phase-1 steps (default: a quarter of the run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: ditlab's choice from the free cores)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of align.{json,md,png}")
     parser.add_argument("--fresh", action="store_true", help="start align.json afresh instead of adding rows")
     parser.add_argument("--report", action="store_true", help="only rewrite align.md and align.png from align.json")
@@ -347,7 +434,11 @@ def main() -> None:
         write_report(result, set(args.seeds))
         path.write_text(json.dumps(result, indent=1))
         return
-    torch.set_num_threads(args.threads)
+    args.haste_stop = args.steps // 3 if args.haste_stop is None else args.haste_stop
+    args.haste_stops = args.haste_stops or [args.steps // 4, args.steps // 2]
+    args.st_teacher_steps = args.st_teacher_steps or args.steps // 4
+    why = set_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()} ({why})", flush=True)
     RESULTS.mkdir(exist_ok=True)
     result = {"rows": [], "runs": []} if args.fresh or not path.is_file() else json.loads(path.read_text())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout

@@ -247,11 +247,18 @@ def align(data: dict, source: str, family: str) -> list[dict]:
     step_s = data.get("step_seconds", {})
     cands = []
     for arm in (a for a in summary if a not in ("vanilla", "vanilla_final_fid")):
-        reach = [s for s in summary[arm]["steps_to_vanilla"] if s is not None]
-        speed = statistics.mean(own) / statistics.mean(reach) if reach and own else None
         time = f"{step_s[arm] / step_s['vanilla']:.2f}x" if arm in step_s and "vanilla" in step_s else "n/a"
-        text = (f"vanilla's final FID at step {statistics.mean(reach):.0f} vs {statistics.mean(own):.0f} ({speed:.2f}x,"
-                f" {len(reach)}/{len(summary[arm]['steps_to_vanilla'])} seeds)" if speed else "never reaches vanilla's final FID")  # fmt: skip
+        paired = summary[arm].get("paired_speedup")
+        if paired:  # per seed, against vanilla of the same seed; a seed that never gets there counts as 0x
+            speed = statistics.mean(v or 0.0 for v in paired.values())
+            text = ("paired steps-to-vanilla's-final-FID speed-up per seed " +
+                    ", ".join(f"s{k}: " + ("never" if v is None else f"{v:.2f}x") for k, v in paired.items()) +
+                    f" (mean {speed:.2f}x, never = 0)")  # fmt: skip
+        else:
+            reach = [s for s in summary[arm]["steps_to_vanilla"] if s is not None]
+            speed = statistics.mean(own) / statistics.mean(reach) if reach and own else None
+            text = (f"vanilla's final FID at step {statistics.mean(reach):.0f} vs {statistics.mean(own):.0f} ({speed:.2f}x,"
+                    f" {len(reach)}/{len(summary[arm]['steps_to_vanilla'])} seeds)" if speed else "never reaches vanilla's final FID")  # fmt: skip
         cands.append(cand(arm, [r["final_fid"] for r in plain if r["arm"] == arm], f"{text}; step time {time}",
                           steps_speedup=speed))  # fmt: skip
     return [make_row(family, source, "training", f"vanilla ({main['settings']['steps']} steps)",
@@ -315,20 +322,28 @@ def compose(data: dict, source: str, family: str) -> list[dict]:
     teacher = next(r for r in summary if r["model"] == "teacher" and r["cache"] == "none")
     threads = {data["args"]["threads"]} if "threads" in data.get("args", {}) else set()
     out = []
-    for r in summary:
-        if r["model"] == "teacher" or r["cache"] == "none":
-            continue
-        label = f"{r['model']} + {r['cache']}"
-        if "refused" in r:
-            skip(f"{source} [{label}]: refused: {r['refused']}")
-            continue
-        verdict = "savings multiply" if r.get("multiplies") else "savings do not multiply"
-        note = f"{verdict} (expected {r['expected_flop_speedup']:.2f}x)" if "expected_flop_speedup" in r else ""
+    uncached = {r["model"]: r for r in summary if r["cache"] == "none" and "fid" in r}
+
+    def row(r: dict, label: str, note: str) -> dict:
         cands = [cand(label, [r["fid"]], f"{r['flop_speedup']:.2f}x FLOPs, {r['wall_speedup']:.2f}x wall (paired)",
                       flop_speedup=r["flop_speedup"], wall_speedup=r["wall_speedup"], fid_interval=r.get("fid_interval"),
                       note=note)]  # fmt: skip
-        out.append(make_row(family, f"{source} [{label}]", "compute", "teacher, uncached", [teacher["fid"]], cands,
-                            data.get("args", {}).get("num"), [data.get("load_average_start")], threads))  # fmt: skip
+        return make_row(family, f"{source} [{label}]", "compute", "teacher, uncached", [teacher["fid"]], cands,
+                        data.get("args", {}).get("num"), [data.get("load_average_start")], threads)  # fmt: skip
+
+    for r in summary:
+        if r["model"] == "teacher" or (r["cache"] == "none" and "+" not in r["model"]):
+            continue
+        if "refused" in r:
+            skip(f"{source} [{r['model']} + {r['cache']}]: refused: {r['refused']}")
+        elif r["cache"] == "none":  # "A+B": method B applied to a model trained with A, beside B of the plain teacher
+            base = uncached.get(r["model"].split("+")[-1])
+            out.append(row(r, r["model"], f"FID {r['fid']:.2f} vs {base['fid']:.2f} for {base['model']} of the plain "
+                                          "teacher" if base else ""))  # fmt: skip
+        else:
+            verdict = "savings multiply" if r.get("multiplies") else "savings do not multiply"
+            note = f"{verdict} (expected {r['expected_flop_speedup']:.2f}x)" if "expected_flop_speedup" in r else ""
+            out.append(row(r, f"{r['model']} + {r['cache']}", note))
     return out
 
 

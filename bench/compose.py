@@ -18,6 +18,11 @@ A composition "multiplies" when its FLOPs speed-up over the uncached teacher is 
 model's own speed-up and the cache's speed-up on the teacher. A cache a model cannot take is a row with the
 policy's one-line refusal (the board shows the gap).
 
+Training methods compose too: a model named ``A+B`` is method B applied to a model trained with method A (e.g.
+``repa+dicomp``: the dicomp student of a REPA-trained teacher). It is measured against the same ``--teacher`` as
+every row, and the board compares its uncached FID with the model named ``B`` (the same compression of the plain
+teacher), at the same FLOPs.
+
     python bench/compose.py --teacher T.ckpt --models pruned=P.ckpt dydit=D.ckpt --cache '{"policy": "fora",
         "options": {"interval": 2}}' [--num 2000] [--sampler ddim] [--steps 50] [--threads 2] [--out bench/results/compose]
 """
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ditlab.atomic import save_text
 from ditlab.checkpoint import bundle_from_checkpoint
 from ditlab.diffusion.cache import as_cache_config
 from ditlab.diffusion.images import model_function, sample_from_config
@@ -185,18 +191,21 @@ def main() -> None:
     machine = machine_record()
     models = [("teacher", args.teacher), *parse_models(args.models)]
     rows = []
-    for name, path in models:
+    for name, path in models:  # the report is rewritten after each model, so a stopped run keeps what it measured
         rows += bench_model(Model(name, path, args), args.cache, args)
+        write_report(rows, machine, args)
+
+
+def write_report(rows: list[dict], machine: dict, args: argparse.Namespace) -> None:
     report = {"setup": f"cache {json.dumps(args.cache)}, {args.num} samples per FID, sampler "
                        f"{args.sampler or 'each checkpoint own'}, {args.steps or 'recorded'} steps, "
                        f"{args.threads} torch threads, load {machine['load_average']} at start",
               "load_average_start": machine["load_average"][0] if machine["load_average"] else math.nan,
               "machine_start": machine, "machine_end": machine_record(), "args": vars(args) | {"out": str(args.out)},
               "rows": rows, "summary": summarise(rows)}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_name(args.out.name + ".json").write_text(json.dumps(report, indent=1, default=str))
-    args.out.with_name(args.out.name + ".md").write_text(markdown(report))
-    print(markdown(report))
+    save_text(json.dumps(report, indent=1, default=str), args.out.with_name(args.out.name + ".json"))
+    save_text(markdown(report), args.out.with_name(args.out.name + ".md"))
+    print(markdown(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""notebooks/evaluate.ipynb runs top to bottom on a tiny teacher and a tiny dicomp student made here."""
+"""notebooks/evaluate.ipynb runs top to bottom on a tiny teacher and a tiny dicomp student made here;
+notebooks/board.ipynb rebuilds the board from a results folder and shows the same rows as board.json."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -13,6 +15,7 @@ from ditlab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "evaluate.ipynb"
+BOARD_NOTEBOOK = ROOT / "notebooks" / "board.ipynb"
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, **values) -> nbformat.NotebookNode:
@@ -115,3 +118,25 @@ def test_default_runs_are_the_newest_under_the_root(tiny_runs, tmp_path):
     assert analysis.find_runs(root, newest=1) == [tiny_runs[1]]  # the student finished last
     steps = analysis.fid_vs_step(analysis.load_run(tiny_runs[0]))
     assert [step for step, _ in steps] == [5, 10] and all(value > 0 for _, value in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("only_v2", [False, True])
+def test_board_notebook_shows_the_rows_board_py_writes(tmp_path, only_v2):
+    from nbclient import NotebookClient
+
+    notebook = inject_parameters(nbformat.read(BOARD_NOTEBOOK, as_version=4), RESULTS=str(ROOT / "bench" / "results"),
+                                 OUT=str(tmp_path), PROTOCOL_V2_ONLY=only_v2)  # fmt: skip
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+
+    board = json.loads((tmp_path / "board.json").read_text())
+    assert (tmp_path / "board.png").stat().st_size > 10_000 and board["rows"]
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.get("output_type") == "error"]
+    text = "".join(output.get("text", "") for output in outputs)
+    shown = int(re.search(r"(\d+) of (\d+) rows shown", text).group(1))
+    expected = [r for r in board["rows"] if r["protocol_v2"] == "yes" or not only_v2]
+    assert shown == len(expected)
+    tables = "".join(output.get("data", {}).get("text/markdown", "") for output in outputs)
+    assert all(row["setting"] in tables for row in expected)
+    assert sum("image/png" in output.get("data", {}) for output in outputs) >= 1

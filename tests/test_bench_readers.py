@@ -1,0 +1,71 @@
+"""The benches' own arithmetic on constructed inputs whose answers are known: the alignment bench's paired
+speed-up per seed, and the board's reading of a composition file (cached rows, an ``A+B`` training composition,
+a refused cache)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_speedup_reads_each_seed_against_its_own_vanilla():
+    align = load("align")
+    vanilla = {"final_fid": 2.0, "curve": [[1000, 10.0], [2000, 4.0], [3000, 2.5], [4000, 2.0]]}
+    faster = {"curve": [[1000, 8.0], [2000, 2.0], [3000, 1.8], [4000, 1.7]]}  # reaches 2.0 at step 2000
+    between = {"curve": [[1000, 9.0], [2000, 3.0], [3000, 1.0], [4000, 1.0]]}  # 3.0 -> 1.0: 2.0 at step 2500
+    never = {"curve": [[1000, 9.0], [2000, 5.0], [3000, 3.0], [4000, 2.1]]}
+    assert align.paired_speedup(faster, vanilla) == pytest.approx(2.0)
+    assert align.paired_speedup(between, vanilla) == pytest.approx(4000 / 2500)
+    assert align.paired_speedup(never, vanilla) is None
+    assert align.paired_speedup(vanilla, vanilla) == pytest.approx(1.0)
+
+
+def test_board_reads_cached_rows_training_compositions_and_refusals():
+    board = load("board")
+    board.SKIPPED.clear()
+    summary = [
+        {"model": "teacher", "cache": "none", "fid": 10.0, "flop_speedup": 1.0, "wall_speedup": 1.0},
+        {"model": "teacher", "cache": "fora", "fid": 10.5, "flop_speedup": 1.8, "wall_speedup": 1.7},
+        {"model": "dicomp", "cache": "none", "fid": 9.0, "flop_speedup": 2.0, "wall_speedup": 2.1},
+        {"model": "dicomp", "cache": "fora", "fid": 9.5, "flop_speedup": 3.6, "wall_speedup": 3.3,
+         "expected_flop_speedup": 3.6, "multiplies": True},
+        {"model": "repa+dicomp", "cache": "none", "fid": 8.0, "flop_speedup": 2.0, "wall_speedup": 2.0},
+        {"model": "repa+dicomp", "cache": "fora", "fid": 8.4, "flop_speedup": 2.5, "wall_speedup": 2.4,
+         "expected_flop_speedup": 3.6, "multiplies": False},
+        {"model": "dydit", "cache": "none", "fid": 9.9, "flop_speedup": 1.8, "wall_speedup": 1.8},
+        {"model": "dydit", "cache": "fora", "refused": "the fora cache cannot follow the dydit trunk"},
+    ]  # fmt: skip
+    data = {"summary": summary, "args": {"threads": 2, "num": 2000}, "load_average_start": 0.4}
+    rows = board.compose(data, "compose.json", "composition")
+    assert [r["setting"] for r in rows] == ["dicomp + fora", "repa+dicomp", "repa+dicomp + fora"]
+    by = {r["setting"]: r for r in rows}
+    assert by["dicomp + fora"]["fid_rel"] == pytest.approx(0.95) and "savings multiply" in by["dicomp + fora"]["notes"]
+    assert "FID 8.00 vs 9.00 for dicomp of the plain teacher" in by["repa+dicomp"]["notes"]
+    assert "do not multiply" in by["repa+dicomp + fora"]["notes"]
+    assert all(r["protocol_v2"] == "yes" for r in rows)  # load 0.4 and 2,000 samples
+    assert any("dydit + fora" in s and "refused" in s for s in board.SKIPPED)
+
+
+def test_levels_table_finds_an_arm_that_runs_twice_as_fast():
+    align = load("align")
+    steps = list(range(500, 8001, 500))
+    fid = {s: 100.0 / s for s in range(250, 8001, 250)}  # vanilla's FID falls as 100 / step
+    vanilla = {"arm": "vanilla", "seed": 0, "variant": {}, "steps": 8000, "curve": [[s, fid[s]] for s in steps]}
+    twice = {"arm": "repa", "seed": 0, "variant": {}, "steps": 8000, "curve": [[s, 50.0 / s] for s in steps]}
+    half = {"arm": "haste", "seed": 0, "variant": {}, "steps": 8000, "curve": [[s, 200.0 / s] for s in steps]}
+    table = align.levels_table([vanilla, twice, half], {0})
+    header, _, repa, haste = table.splitlines()
+    assert "step 2000" in header and "step 8000" in header
+    assert repa.split("|")[2:-1] == [" 2.00x "] * 4
+    assert haste.split("|")[2:-1] == [" 0.50x ", " 0.50x ", " never ", " never "]  # it ends at vanilla's step-4000 FID
