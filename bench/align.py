@@ -250,9 +250,10 @@ def summary_table(rows: list[dict], seeds: set[int], timing: dict | None = None)
     return "\n".join(lines), numbers
 
 
-def paired_speedup(arm: dict, vanilla: dict) -> float | None:
-    """Vanilla's first-reach step of its own final FID over the arm's, same seed (None: the arm never reaches it)."""
-    target = vanilla["final_fid"]
+def paired_speedup(arm: dict, vanilla: dict, at_step: int | None = None) -> float | None:
+    """Vanilla's first-reach step of its own FID at ``at_step`` (default: its final FID) over the arm's, same seed
+    (None: the arm never reaches it)."""
+    target = vanilla["final_fid"] if at_step is None else dict(vanilla["curve"])[at_step]
     own, reach = first_reach(vanilla["curve"], target), first_reach(arm["curve"], target)
     return None if reach is None or own is None else own / reach
 
@@ -304,12 +305,8 @@ def levels_table(rows: list[dict], seeds: set[int]) -> str:
         runs = sorted((r for r in reported if r["arm"] == arm and r["seed"] in vanilla), key=lambda r: r["seed"])
         cells = []
         for level in levels:
-            values = []
-            for r in runs:
-                target = dict(vanilla[r["seed"]]["curve"])[level]
-                own, reach = first_reach(vanilla[r["seed"]]["curve"], target), first_reach(r["curve"], target)
-                values.append("never" if reach is None or own is None else f"{own / reach:.2f}x")
-            cells.append(", ".join(values))
+            values = [paired_speedup(r, vanilla[r["seed"]], level) for r in runs]
+            cells.append(", ".join("never" if v is None else f"{v:.2f}x" for v in values))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
