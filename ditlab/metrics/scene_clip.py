@@ -37,6 +37,8 @@ from ditlab.metrics.features import (
 )
 from ditlab.models.text.tokenizer import Tokenizer
 
+OPTIONS_ADDED_LATER = {"patch_digits": 0.0, "stem_layers": 2, "stem_norm": False}
+
 
 @dataclass(frozen=True)
 class SceneCLIPRecipe:
@@ -48,6 +50,11 @@ class SceneCLIPRecipe:
     layers: int = 4
     head_width: int = 32
     conv_stem: int = 32
+    stem_layers: int = 2
+    """3x3 convolutions in the stem (two of stride 2, the others stride 1 before each of them)."""
+    stem_norm: bool = False
+    """GroupNorm after each stem convolution but the last ([interp], ours: without it the tower sits on a plateau
+    that hides digit identity, even under a supervised digit loss)."""
     text_width: int = 64
     text_layers: int = 3
     text_heads: int = 2
@@ -69,9 +76,28 @@ class SceneCLIPRecipe:
 
     def digest(self, dataset: str) -> str:
         fields = asdict(self)
-        if not fields["patch_digits"]:  # off: the recipe is the one before the option existed, and so is its cache
-            del fields["patch_digits"]
+        for name, before in OPTIONS_ADDED_LATER.items():  # at the value it had before the option existed, the
+            if fields[name] == before:  # recipe is that earlier one, and so is its cache file
+                del fields[name]
         return recipe_digest(fields, dataset=dataset)
+
+
+def convolutional_stem(channels: int, width: int, layers: int, norm: bool = False) -> nn.Sequential:
+    """``layers`` 3x3 convolutions with GELU between them that downsample 4x (two of stride 2); the stride-1 ones
+    come before each stride-2 one in turn, so deeper stems see a whole glyph (13 px with four layers) per token."""
+    if layers < 2:
+        raise ValueError(f"a convolutional stem downsamples 4x and needs at least 2 layers; got stem_layers={layers}")
+    extra = layers - 2
+    strides = [1] * ((extra + 1) // 2) + [2] + [1] * (extra // 2) + [2]
+    modules, inputs = [], 3
+    for index, stride in enumerate(strides):
+        outputs = width if index == len(strides) - 1 else channels
+        modules.append(nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1))
+        if index < len(strides) - 1:
+            modules.extend([nn.GroupNorm(min(8, outputs), outputs)] if norm else [])
+            modules.append(nn.GELU())
+        inputs = outputs
+    return nn.Sequential(*modules)
 
 
 def grammar_vocabulary(tokenizer: Tokenizer) -> torch.Tensor:
@@ -120,10 +146,7 @@ class SceneCLIP(nn.Module):
         if recipe.conv_stem:  # open_clip's ViT calls conv1 once: (B, 3, H, W) -> (B, width, grid, grid)
             if recipe.patch_size != 4:
                 raise ValueError(f"conv_stem needs patch_size 4 (two stride-2 convolutions); got {recipe.patch_size}")
-            self.clip.visual.conv1 = nn.Sequential(
-                nn.Conv2d(3, recipe.conv_stem, 3, stride=2, padding=1), nn.GELU(),
-                nn.Conv2d(recipe.conv_stem, recipe.width, 3, stride=2, padding=1),
-            )  # fmt: skip
+            self.clip.visual.conv1 = convolutional_stem(recipe.conv_stem, recipe.width, recipe.stem_layers, recipe.stem_norm)
         self.digit_head = nn.Linear(recipe.width, 11) if recipe.patch_digits else None  # 10 digits + none
 
     @property

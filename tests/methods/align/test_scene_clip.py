@@ -151,3 +151,34 @@ def test_fid_features_and_clip_score(tiny, monkeypatch):
     real = text_eval.clip_score_of(images, captions)
     assert real["clip_features"] == "scene-clip" and 0 <= real["clip_score"] <= 100
     assert real["clip_score"] > text_eval.clip_score_of(images, captions[1:] + captions[:1])["clip_score"]
+
+
+@pytest.mark.parametrize("layers, field", [(2, 7), (3, 9), (4, 13), (5, 15)])
+def test_convolutional_stem_downsamples_4x_and_deeper_stems_see_a_whole_glyph(layers, field):
+    from ditlab.metrics.scene_clip import convolutional_stem
+
+    normalised = convolutional_stem(8, 16, layers, norm=True)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in normalised) == layers - 1  # none after the last one
+    assert normalised(torch.randn(2, 3, 32, 32)).shape == (2, 16, 8, 8)
+    stem = convolutional_stem(8, 16, layers)  # without GroupNorm's image-wide statistics, the field is local
+    image = torch.randn(1, 3, 32, 32, requires_grad=True)
+    out = stem(image)
+    assert out.shape == (1, 16, 8, 8)
+    out[0, :, 4, 4].sum().backward()  # the receptive field of one token: the input pixels its gradient reaches
+    rows = image.grad[0].abs().sum((0, 2)).nonzero().flatten()
+    assert rows.max() - rows.min() + 1 == field
+    with pytest.raises(ValueError, match="stem_layers"):
+        convolutional_stem(8, 16, 1)
+
+
+def test_options_at_their_earlier_values_keep_the_cache_name_of_the_recipe_before_them():
+    from dataclasses import asdict, replace
+
+    from ditlab.metrics.features import recipe_digest
+    from ditlab.metrics.scene_clip import OPTIONS_ADDED_LATER
+
+    recipe = SceneCLIPRecipe()
+    earlier = {k: v for k, v in asdict(recipe).items() if k not in OPTIONS_ADDED_LATER}
+    assert recipe.digest("scenes") == recipe_digest(earlier, dataset="scenes")
+    assert replace(recipe, stem_layers=4).digest("scenes") != recipe.digest("scenes")
+    assert replace(recipe, stem_norm=True).digest("scenes") != recipe.digest("scenes")
