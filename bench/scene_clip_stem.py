@@ -51,11 +51,11 @@ class DigitPresence(nn.Module):
 
 
 def batch(scenes: DigitScenes, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [scenes[i] for i in indices]
-    present = torch.zeros(len(items), 10)
-    for row, item in enumerate(items):
-        present[row, item["attributes"].digits] = 1
-    return torch.stack([item["image"] for item in items]), present
+    """The scenes' images and which of the ten digits each holds ``(N, 10)``."""
+    present = torch.zeros(len(indices), 10)
+    for row, attributes in enumerate(scenes.attributes(indices)):
+        present[row, attributes.digits] = 1
+    return scenes.images(indices), present
 
 
 def train(stem: str, args: argparse.Namespace) -> list[dict]:

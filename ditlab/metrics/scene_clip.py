@@ -94,7 +94,8 @@ def convolutional_stem(channels: int, width: int, layers: int, norm: bool = Fals
         outputs = width if index == len(strides) - 1 else channels
         modules.append(nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1))
         if index < len(strides) - 1:
-            modules.extend([nn.GroupNorm(min(8, outputs), outputs)] if norm else [])
+            if norm:
+                modules.append(nn.GroupNorm(min(8, outputs), outputs))
             modules.append(nn.GELU())
         inputs = outputs
     return nn.Sequential(*modules)
