@@ -147,7 +147,8 @@ def caching(data: dict, source: str, family: str, own: str = "ditlab") -> list[d
             timing = f"{wall:.2f}x wall (paired)" if wall else f"wall n/a paired (unpaired {r['wall_speedup']:.2f}x)"
             cands.append(cand(f"{r['policy']} {knobs(r['knobs'])}".strip(), [r["fid"]],
                               f"{r['flop_speedup']:.2f}x FLOPs, {timing}", flop_speedup=r["flop_speedup"],
-                              wall_speedup=wall, note=f"PSNR {r['psnr']:.1f} dB vs uncached"))  # fmt: skip
+                              wall_speedup=wall, fid_interval=r.get("fid_interval"),
+                              note=f"PSNR {r['psnr']:.1f} dB vs uncached"))  # fmt: skip
         notes = (f"wall pairs at load {start_load(data['interleaved_load_start'])}",) if "interleaved_load_start" in data else ()
         rows.append(make_row(family, source, "sampling", f"uncached {data['sampler']} {steps} steps", base, cands,
                              data.get("num"), [start_load(data.get("load_start"))], threads, notes))  # fmt: skip

@@ -80,9 +80,9 @@ class Run:
     """Samples the benchmark's labels with one model function, timing it and counting its FLOPs."""
 
     def __init__(self, network, objective, labels: torch.Tensor, steps: int, cfg_scale: float, batch: int,
-                 flop_samples: int, extractor, sampler: str = "ddim") -> None:  # fmt: skip
+                 flop_samples: int, extractor, sampler: str = "ddim", bootstrap: int = 0) -> None:  # fmt: skip
         self.objective, self.labels, self.steps, self.cfg_scale = objective, labels, steps, cfg_scale
-        self.sampler = sampler
+        self.sampler, self.bootstrap = sampler, bootstrap
         self.network = network
         self.shape, self.null_label = (network.in_channels, network.input_size, network.input_size), network.num_classes
         self.batch, self.flop_samples, self.extractor = batch, flop_samples, extractor
@@ -101,14 +101,16 @@ class Run:
         with torch.no_grad():
             self.sample(counted, self.labels[: self.flop_samples])
         counted.flops /= len(self.labels[: self.flop_samples])
-        metrics = evaluate_images(images, reference="digits", extractor=self.extractor) if len(images) > 10 else {}
+        metrics = (evaluate_images(images, reference="digits", extractor=self.extractor, bootstrap=self.bootstrap)
+                   if len(images) > 10 else {})  # fmt: skip
         return {"images": images, "wall_s": wall / len(images), "cpu_s": cpu / len(images), "flops": counted.flops,
-                "fid": metrics.get("fid", math.nan), "work_share": getattr(model, "computed_share", None)}  # fmt: skip
+                "fid": metrics.get("fid", math.nan), "fid_interval": metrics.get("fid_interval"),
+                "work_share": getattr(model, "computed_share", None)}  # fmt: skip
 
     def subset(self, count: int) -> Run:
         """The same run on the first ``count`` labels only (timing a reference that needs no FID)."""
         return Run(self.network, self.objective, self.labels[:count], self.steps, self.cfg_scale, self.batch,
-                   self.flop_samples, self.extractor, self.sampler)  # fmt: skip
+                   self.flop_samples, self.extractor, self.sampler, self.bootstrap)  # fmt: skip
 
 
 class DiffusersModel:
@@ -172,7 +174,7 @@ def row_of(name: str, knobs: dict, result: dict, reference: dict, source: str, e
     shared = min(len(result["images"]), len(reference["images"]))  # a reference timed on a subset
     return {"source": source, "policy": name, "knobs": knobs,
             "wall_speedup": reference["wall_s"] / result["wall_s"], "cpu_speedup": reference["cpu_s"] / result["cpu_s"],
-            "flop_speedup": flop_speedup, "fid": result["fid"],
+            "flop_speedup": flop_speedup, "fid": result["fid"], "fid_interval": result.get("fid_interval"),
             "fid_change": result["fid"] / reference["fid"] - 1, "psnr": psnr(result["images"][:shared],
                                                                               reference["images"][:shared]),
             "work_share": result["work_share"], "wall_s": result["wall_s"], "cpu_s": result["cpu_s"], **(extra or {})}  # fmt: skip
@@ -180,7 +182,8 @@ def row_of(name: str, knobs: dict, result: dict, reference: dict, source: str, e
 
 def bench_steps(network, objective, cfg_scale: float, steps: int, args, extractor) -> list[dict]:
     labels = torch.arange(args.num) % network.num_classes
-    run = Run(network, objective, labels, steps, cfg_scale, args.batch, args.flop_samples, extractor, args.sampler)
+    run = Run(network, objective, labels, steps, cfg_scale, args.batch, args.flop_samples, extractor, args.sampler,
+              args.bootstrap)  # fmt: skip
     rows, started = [], time.perf_counter()
     with torch.no_grad():  # warm-up: the first sampling in a process pays one-off costs
         run.sample(network, labels[:10])
@@ -379,6 +382,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 20])
     parser.add_argument("--knobs", type=int, default=2, help="knob values per policy (from the start of its sweep)")
     parser.add_argument("--flop-samples", type=int, default=20)
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds of each FID's 95%% interval")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 samples, 10 steps, one knob value")

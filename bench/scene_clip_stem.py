@@ -8,7 +8,11 @@ CLIP's own optimiser (one-cycle AdamW, its lr and weight decay) and budget, for 
 
 - ``plain``: the default recipe (two stride-2 convolutions, no normalisation);
 - ``deep``: four convolutions (a 13-pixel receptive field per token, a whole glyph);
-- ``deep-norm``: four convolutions with GroupNorm after each but the last.
+- ``deep-norm``: four convolutions with GroupNorm after each but the last;
+- ``batch-norm`` / ``deep-batch-norm``: two / four convolutions with BatchNorm after each but the last;
+- ``avg-pool`` / ``deep-norm-avg-pool``: ``plain`` / ``deep-norm`` pooled by the mean patch token, not the class token;
+- ``resnet10t`` / ``resnet10t-avg-pool``: timm's ResNet-10-T stride-4 features as the stem (a hybrid ViT), class-token /
+  mean-token pooling.
 
 Reported every ``--every`` steps on 1,000 validation scenes (glyphs unseen in training): the share of scenes whose
 whole digit set is predicted exactly, and per-digit accuracy (0.812 is the prior: "no digit present" everywhere).
@@ -35,7 +39,10 @@ from ditlab.metrics.scene_clip import SceneCLIP, SceneCLIPRecipe, grammar_vocabu
 from ditlab.models.text.tokenizer import Tokenizer
 from ditlab.threads import machine_record
 
-STEMS = {"plain": {}, "deep": {"stem_layers": 4}, "deep-norm": {"stem_layers": 4, "stem_norm": True}}
+STEMS = {"plain": {}, "deep": {"stem_layers": 4}, "deep-norm": {"stem_layers": 4, "stem_norm": "group"},
+         "batch-norm": {"stem_norm": "batch"}, "deep-batch-norm": {"stem_layers": 4, "stem_norm": "batch"},
+         "avg-pool": {"pool": "avg"}, "deep-norm-avg-pool": {"stem_layers": 4, "stem_norm": "group", "pool": "avg"},
+         "resnet10t": {"trunk": "resnet10t"}, "resnet10t-avg-pool": {"trunk": "resnet10t", "pool": "avg"}}
 
 
 class DigitPresence(nn.Module):

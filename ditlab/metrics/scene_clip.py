@@ -37,7 +37,11 @@ from ditlab.metrics.features import (
 )
 from ditlab.models.text.tokenizer import Tokenizer
 
-OPTIONS_ADDED_LATER = {"patch_digits": 0.0, "stem_layers": 2, "stem_norm": False}
+STEM_NORMS = {"none": None, "group": lambda channels: nn.GroupNorm(min(8, channels), channels),
+              "batch": nn.BatchNorm2d}
+
+
+OPTIONS_ADDED_LATER = {"patch_digits": 0.0, "stem_layers": 2, "stem_norm": "none", "digit_presence": 0.0, "pool": "tok", "trunk": ""}
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,16 @@ class SceneCLIPRecipe:
     conv_stem: int = 32
     stem_layers: int = 2
     """3x3 convolutions in the stem (two of stride 2, the others stride 1 before each of them)."""
-    stem_norm: bool = False
-    """GroupNorm after each stem convolution but the last ([interp], ours: without it the tower sits on a plateau
-    that hides digit identity, even under a supervised digit loss)."""
+    stem_norm: str = "none"
+    """``none``, ``group`` or ``batch``: a normalisation after each stem convolution but the last ([interp], ours:
+    without one the tower sits on a plateau that hides digit identity, even under a supervised digit loss)."""
+    trunk: str = ""
+    """A timm CNN (e.g. ``resnet10t``, randomly initialised) whose stride-4 features, projected to ``width``, replace
+    the convolutional stem: a hybrid ViT (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words", section 3.1)
+    whose BatchNorm trunk learns glyph shapes sooner than the tiny ViT does ([interp], ours)."""
+    pool: str = "tok"
+    """How the image tower pools its tokens into the embedding: open_clip's ``tok`` (the class token) or ``avg``
+    (the mean patch token)."""
     text_width: int = 64
     text_layers: int = 3
     text_heads: int = 2
@@ -71,8 +82,18 @@ class SceneCLIPRecipe:
     the patch centre (or none), from the scenes' known layout ([interp], ours: the contrastive loss alone leaves the
     image tower blind to digit identity). Measured at 1.0 with the other defaults: no help (one-edit digit
     discrimination 0.518 vs 0.514; the head learns digit vs background, not which digit), so it stays off."""
+    digit_presence: float = 0.0
+    """Weight of an auxiliary multi-label loss: a linear head on the image embedding says which of the ten digits
+    the scene holds, from its attributes ([interp], ours: it puts digit identity into the embedding that CLIP
+    score and the one-edit check read, where the contrastive signal alone is too weak to get it there)."""
     seed: int = 0
     version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stem_norm not in STEM_NORMS:
+            raise ValueError(f"stem_norm must be one of {', '.join(STEM_NORMS)}; got {self.stem_norm!r}")
+        if self.pool not in ("tok", "avg"):
+            raise ValueError(f"pool must be tok (the class token) or avg (the mean patch token); got {self.pool!r}")
 
     def digest(self, dataset: str) -> str:
         fields = asdict(self)
@@ -82,11 +103,13 @@ class SceneCLIPRecipe:
         return recipe_digest(fields, dataset=dataset)
 
 
-def convolutional_stem(channels: int, width: int, layers: int, norm: bool = False) -> nn.Sequential:
+def convolutional_stem(channels: int, width: int, layers: int, norm: str = "none") -> nn.Sequential:
     """``layers`` 3x3 convolutions with GELU between them that downsample 4x (two of stride 2); the stride-1 ones
     come before each stride-2 one in turn, so deeper stems see a whole glyph (13 px with four layers) per token."""
     if layers < 2:
         raise ValueError(f"a convolutional stem downsamples 4x and needs at least 2 layers; got stem_layers={layers}")
+    if norm not in STEM_NORMS:
+        raise ValueError(f"stem_norm must be one of {', '.join(STEM_NORMS)}; got {norm!r}")
     extra = layers - 2
     strides = [1] * ((extra + 1) // 2) + [2] + [1] * (extra // 2) + [2]
     modules, inputs = [], 3
@@ -94,11 +117,30 @@ def convolutional_stem(channels: int, width: int, layers: int, norm: bool = Fals
         outputs = width if index == len(strides) - 1 else channels
         modules.append(nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1))
         if index < len(strides) - 1:
-            if norm:
-                modules.append(nn.GroupNorm(min(8, outputs), outputs))
+            if STEM_NORMS[norm] is not None:
+                modules.append(STEM_NORMS[norm](outputs))
             modules.append(nn.GELU())
         inputs = outputs
     return nn.Sequential(*modules)
+
+
+class CNNTrunk(nn.Module):
+    """A timm CNN's stride-4 feature map, projected to the ViT's width by a 1x1 convolution."""
+
+    def __init__(self, name: str, width: int) -> None:
+        super().__init__()
+        import timm
+
+        try:
+            self.features = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1,))
+        except RuntimeError as error:  # timm's "Unknown model"
+            raise ValueError(f"trunk {name!r} is not a timm model name ({error}); try resnet10t") from None
+        if self.features.feature_info.reduction()[-1] != 4:
+            raise ValueError(f"trunk {name!r}: its second feature level is not at stride 4; try resnet10t")
+        self.project = nn.Conv2d(self.features.feature_info.channels()[-1], width, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(images)[-1])
 
 
 def grammar_vocabulary(tokenizer: Tokenizer) -> torch.Tensor:
@@ -139,16 +181,22 @@ class SceneCLIP(nn.Module):
         self.register_buffer("vocabulary", vocabulary.clone())
         self.register_buffer("lookup", lookup, persistent=False)
         vision = CLIPVisionCfg(layers=recipe.layers, width=recipe.width, head_width=recipe.head_width,
-                               patch_size=recipe.patch_size, image_size=recipe.image_size, output_tokens=True)  # fmt: skip
+                               patch_size=recipe.patch_size, image_size=recipe.image_size, output_tokens=True,
+                               pool_type=recipe.pool)  # fmt: skip
         text = CLIPTextCfg(context_length=recipe.context_length, vocab_size=len(vocabulary) + 2,
                            width=recipe.text_width, heads=recipe.text_heads, layers=recipe.text_layers,
                            pool_type="eos", eos_id=int(lookup[self.tokenizer.eot_id]), output_tokens=True)  # fmt: skip
         self.clip = CustomTextCLIP(recipe.embed_dim, vision, text)
-        if recipe.conv_stem:  # open_clip's ViT calls conv1 once: (B, 3, H, W) -> (B, width, grid, grid)
+        if recipe.trunk:
+            if recipe.patch_size != 4:
+                raise ValueError(f"a CNN trunk gives stride-4 features and needs patch_size 4; got {recipe.patch_size}")
+            self.clip.visual.conv1 = CNNTrunk(recipe.trunk, recipe.width)
+        elif recipe.conv_stem:  # open_clip's ViT calls conv1 once: (B, 3, H, W) -> (B, width, grid, grid)
             if recipe.patch_size != 4:
                 raise ValueError(f"conv_stem needs patch_size 4 (two stride-2 convolutions); got {recipe.patch_size}")
             self.clip.visual.conv1 = convolutional_stem(recipe.conv_stem, recipe.width, recipe.stem_layers, recipe.stem_norm)
         self.digit_head = nn.Linear(recipe.width, 11) if recipe.patch_digits else None  # 10 digits + none
+        self.presence_head = nn.Linear(recipe.embed_dim, 10) if recipe.digit_presence else None
 
     @property
     def grid(self) -> int:
@@ -181,10 +229,12 @@ class SceneCLIP(nn.Module):
         return F.normalize(self.text_tokens(captions)[0], dim=-1)
 
     def loss(self, images: torch.Tensor, captions: list[str], negatives: list[str] = (),
-             patch_targets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+             patch_targets: torch.Tensor | None = None, presence: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """CLIP's symmetric cross-entropy over the batch's image-caption similarities; ``negatives`` are extra
         captions every image is contrasted with (image->text only, as NegCLIP); ``patch_targets: (B, grid^2)``
-        (:func:`patch_digit_targets`) adds the dense digit loss, weighted by the recipe's ``patch_digits``."""
+        (:func:`patch_digit_targets`) adds the dense digit loss, weighted by the recipe's ``patch_digits``;
+        ``presence: (B, 10)`` (:func:`digit_presence_targets`) the digit-presence loss, weighted by
+        ``digit_presence``."""
         embedding, tokens = self.image_tokens(images)
         texts = self.encode_captions(list(captions) + list(negatives))
         logits = self.clip.logit_scale.exp() * F.normalize(embedding, dim=-1) @ texts.T
@@ -193,7 +243,18 @@ class SceneCLIP(nn.Module):
         if patch_targets is not None and self.digit_head is not None:
             dense = self.digit_head(tokens).flatten(0, 1)
             loss = loss + self.recipe.patch_digits * F.cross_entropy(dense, patch_targets.flatten().to(dense.device))
+        if presence is not None and self.presence_head is not None:
+            logits = self.presence_head(embedding)
+            loss = loss + self.recipe.digit_presence * F.binary_cross_entropy_with_logits(logits, presence.to(logits))
         return loss
+
+
+def digit_presence_targets(attributes: list) -> torch.Tensor:
+    """``(B, 10)``: 1 where the scene holds that digit (once or more), else 0."""
+    targets = torch.zeros(len(attributes), 10)
+    for row, scene in enumerate(attributes):
+        targets[row, list(scene.digits)] = 1.0
+    return targets
 
 
 def patch_digit_targets(attributes: list, grid: int, image_size: int) -> torch.Tensor:
@@ -286,8 +347,9 @@ def train_scene_clip(recipe: SceneCLIPRecipe = SceneCLIPRecipe()) -> tuple[Scene
                 negatives = [hard_negative(item["attributes"], generator) for item in items] if recipe.hard_negatives else []
                 dense = (patch_digit_targets([item["attributes"] for item in items], model.grid, recipe.image_size)
                          if recipe.patch_digits else None)  # fmt: skip
+                presence = digit_presence_targets([item["attributes"] for item in items]) if recipe.digit_presence else None
                 loss = model.loss(torch.stack([item["image"] for item in items]), [item["caption"] for item in items],
-                                  negatives, dense)  # fmt: skip
+                                  negatives, dense, presence)  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

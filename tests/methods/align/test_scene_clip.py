@@ -12,6 +12,7 @@ from ditlab.methods.align.encoders.scene_clip import SceneCLIPEncoder, SceneCLIP
 from ditlab.metrics.scene_clip import (
     SceneCLIPFeatures,
     SceneCLIPRecipe,
+    digit_presence_targets,
     hard_negative,
     patch_digit_targets,
     scene_clip,
@@ -157,9 +158,10 @@ def test_fid_features_and_clip_score(tiny, monkeypatch):
 def test_convolutional_stem_downsamples_4x_and_deeper_stems_see_a_whole_glyph(layers, field):
     from ditlab.metrics.scene_clip import convolutional_stem
 
-    normalised = convolutional_stem(8, 16, layers, norm=True)
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in normalised) == layers - 1  # none after the last one
-    assert normalised(torch.randn(2, 3, 32, 32)).shape == (2, 16, 8, 8)
+    for norm, kind in (("group", torch.nn.GroupNorm), ("batch", torch.nn.BatchNorm2d)):
+        normalised = convolutional_stem(8, 16, layers, norm=norm)
+        assert sum(isinstance(m, kind) for m in normalised) == layers - 1  # none after the last one
+        assert normalised(torch.randn(2, 3, 32, 32)).shape == (2, 16, 8, 8)
     stem = convolutional_stem(8, 16, layers)  # without GroupNorm's image-wide statistics, the field is local
     image = torch.randn(1, 3, 32, 32, requires_grad=True)
     out = stem(image)
@@ -169,6 +171,8 @@ def test_convolutional_stem_downsamples_4x_and_deeper_stems_see_a_whole_glyph(la
     assert rows.max() - rows.min() + 1 == field
     with pytest.raises(ValueError, match="stem_layers"):
         convolutional_stem(8, 16, 1)
+    with pytest.raises(ValueError, match="stem_norm must be one of none, group, batch"):
+        convolutional_stem(8, 16, 2, norm="layer")
 
 
 def test_options_at_their_earlier_values_keep_the_cache_name_of_the_recipe_before_them():
@@ -181,4 +185,51 @@ def test_options_at_their_earlier_values_keep_the_cache_name_of_the_recipe_befor
     earlier = {k: v for k, v in asdict(recipe).items() if k not in OPTIONS_ADDED_LATER}
     assert recipe.digest("scenes") == recipe_digest(earlier, dataset="scenes")
     assert replace(recipe, stem_layers=4).digest("scenes") != recipe.digest("scenes")
-    assert replace(recipe, stem_norm=True).digest("scenes") != recipe.digest("scenes")
+    assert replace(recipe, stem_norm="group").digest("scenes") != recipe.digest("scenes")
+    assert replace(recipe, digit_presence=1.0).digest("scenes") != recipe.digest("scenes")
+
+
+def test_digit_presence_marks_each_digit_once_and_its_loss_trains_the_head_from_the_embedding():
+    from dataclasses import replace
+
+    from ditlab.data.scene_grammar import SceneAttributes
+    from ditlab.data.scenes import DigitScenes
+    from ditlab.metrics.scene_clip import SceneCLIP, grammar_vocabulary
+    from ditlab.models.text.tokenizer import Tokenizer
+
+    scenes = [SceneAttributes([3, 3], ["red", "blue"], ["large", "small"], relation="above"),
+              SceneAttributes([0, 9, 4], ["red", "blue", "white"], ["large", "small", "small"])]  # fmt: skip
+    targets = digit_presence_targets(scenes)
+    assert targets.shape == (2, 10) and targets[0].nonzero().flatten().tolist() == [3]
+    assert targets[1].nonzero().flatten().tolist() == [0, 4, 9] and targets.sum() == 4
+    vocabulary = grammar_vocabulary(Tokenizer(TINY.context_length))
+    assert SceneCLIP(TINY, vocabulary).presence_head is None
+    torch.manual_seed(0)
+    model = SceneCLIP(replace(TINY, digit_presence=1.0), vocabulary)
+    data = DigitScenes("train", length=8)
+    images, captions = data.images(range(8)), data.captions(range(8))
+    presence = digit_presence_targets(data.attributes(range(8)))
+    with_presence, without = model.loss(images, captions, presence=presence), model.loss(images, captions)
+    assert with_presence > without + 0.3  # binary cross-entropy near log(2) per digit at initialisation
+    with_presence.backward()
+    assert model.presence_head.weight.grad.abs().sum() > 0
+    assert model.clip.visual.proj.grad.abs().sum() > 0  # the loss reaches the tower through the embedding
+
+
+def test_a_timm_trunk_replaces_the_stem_and_keeps_the_8x8_token_grid():
+    from dataclasses import replace
+
+    from ditlab.metrics.scene_clip import CNNTrunk, SceneCLIP, grammar_vocabulary
+    from ditlab.models.text.tokenizer import Tokenizer
+
+    recipe = replace(TINY, trunk="resnet10t", pool="avg")
+    model = SceneCLIP(recipe, grammar_vocabulary(Tokenizer(recipe.context_length)))
+    assert isinstance(model.clip.visual.conv1, CNNTrunk)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.clip.visual.conv1.modules())
+    embedding, tokens = model.image_tokens(torch.randn(3, 3, 32, 32))
+    assert embedding.shape == (3, recipe.embed_dim) and tokens.shape == (3, 64, recipe.width)
+    assert scene_clip_path(recipe=recipe) != scene_clip_path(recipe=replace(TINY, pool="avg")) != scene_clip_path(recipe=TINY)
+    with pytest.raises(ValueError, match="not a timm model name"):
+        SceneCLIP(replace(TINY, trunk="no-such-net"), grammar_vocabulary(Tokenizer(TINY.context_length)))
+    with pytest.raises(ValueError, match="pool must be tok"):
+        replace(TINY, pool="max")
