@@ -8,7 +8,7 @@ digit scenes. The towers are open_clip's own (``CustomTextCLIP``: a ViT image to
 transformer), configured tiny: patch 4 on 32x32 (an 8x8 grid, the token grid of a patch-4 DiT) with the patch
 embedding replaced by two stride-2 3x3 convolutions (a convolutional stem: Xiao et al., 2021, "Early Convolutions
 Help Transformers See Better"; glyphs sit anywhere on the canvas and a ViT this small learns their shapes slowly
-from a linear patch embedding), and a text
+from a linear patch embedding; the recipe's ``trunk`` swaps in a timm CNN instead, a hybrid ViT), and a text
 tower over the few CLIP-BPE tokens the scene grammar uses (every other token reads as one unknown token, so
 any prompt still encodes). Training is CLIP's symmetric contrastive loss over a stream of distinct training
 scenes, each image also contrasted with a caption one edit away from its own (a digit, a colour, the relation or a
