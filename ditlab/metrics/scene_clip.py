@@ -187,13 +187,11 @@ class SceneCLIP(nn.Module):
                            width=recipe.text_width, heads=recipe.text_heads, layers=recipe.text_layers,
                            pool_type="eos", eos_id=int(lookup[self.tokenizer.eot_id]), output_tokens=True)  # fmt: skip
         self.clip = CustomTextCLIP(recipe.embed_dim, vision, text)
-        if recipe.trunk:
-            if recipe.patch_size != 4:
-                raise ValueError(f"a CNN trunk gives stride-4 features and needs patch_size 4; got {recipe.patch_size}")
+        if (recipe.trunk or recipe.conv_stem) and recipe.patch_size != 4:
+            raise ValueError(f"trunk and conv_stem downsample 4x and need patch_size 4; got {recipe.patch_size}")
+        if recipe.trunk:  # open_clip's ViT calls conv1 once: (B, 3, H, W) -> (B, width, grid, grid)
             self.clip.visual.conv1 = CNNTrunk(recipe.trunk, recipe.width)
-        elif recipe.conv_stem:  # open_clip's ViT calls conv1 once: (B, 3, H, W) -> (B, width, grid, grid)
-            if recipe.patch_size != 4:
-                raise ValueError(f"conv_stem needs patch_size 4 (two stride-2 convolutions); got {recipe.patch_size}")
+        elif recipe.conv_stem:
             self.clip.visual.conv1 = convolutional_stem(recipe.conv_stem, recipe.width, recipe.stem_layers, recipe.stem_norm)
         self.digit_head = nn.Linear(recipe.width, 11) if recipe.patch_digits else None  # 10 digits + none
         self.presence_head = nn.Linear(recipe.embed_dim, 10) if recipe.digit_presence else None
