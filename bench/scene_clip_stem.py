@@ -35,7 +35,7 @@ from torch import nn
 from ditlab.atomic import save_text
 from ditlab.data.scenes import DigitScenes
 from ditlab.metrics.features import one_cycle_adamw
-from ditlab.metrics.scene_clip import SceneCLIP, SceneCLIPRecipe, grammar_vocabulary
+from ditlab.metrics.scene_clip import SceneCLIP, SceneCLIPRecipe, digit_presence_targets, grammar_vocabulary
 from ditlab.models.text.tokenizer import Tokenizer
 from ditlab.threads import machine_record
 
@@ -59,10 +59,7 @@ class DigitPresence(nn.Module):
 
 def batch(scenes: DigitScenes, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
     """The scenes' images and which of the ten digits each holds ``(N, 10)``."""
-    present = torch.zeros(len(indices), 10)
-    for row, attributes in enumerate(scenes.attributes(indices)):
-        present[row, attributes.digits] = 1
-    return scenes.images(indices), present
+    return scenes.images(indices), digit_presence_targets(scenes.attributes(indices))
 
 
 def train(stem: str, args: argparse.Namespace) -> list[dict]:
