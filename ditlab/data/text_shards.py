@@ -47,14 +47,34 @@ def build_encoder(name: str, options: dict | None, device: str) -> tuple[TextEnc
 
 
 def text_meta(name: str, options: dict | None, null: TextFeatures) -> dict:
-    """``meta.json``'s ``text`` entry: who encoded the captions and the widths of what they gave."""
-    return {"encoder": name, "encoder_options": dict(options or {}), "length": int(null.tokens.shape[1]),
+    """``meta.json``'s ``text`` entry: who encoded the captions (options pinned to the weights that did it) and the
+    widths of what they gave."""
+    from ditlab.models.text.registry import pinned_text_options
+
+    return {"encoder": name, "encoder_options": pinned_text_options(name, options or {}), "length": int(null.tokens.shape[1]),
             "dim": int(null.tokens.shape[2]), "pooled_dim": int(null.pooled.shape[1])}  # fmt: skip
 
 
-def describe(text: dict) -> str:
-    options = f" {text['encoder_options']}" if text.get("encoder_options") else ""
-    return f"{text['encoder']!r}{options}"
+def describe(text: dict, against: dict | None = None) -> str:
+    """``'kind' {options}``; beside ``against`` (the other side of a mismatch) the kind alone, or for the same kind
+    only the options that differ, nested ones (the scene CLIP's recipe) by dotted name."""
+    options = text.get("encoder_options") or {}
+    if against is not None:
+        same = against.get("encoder") == text["encoder"]
+        options = differing(options, against.get("encoder_options") or {}) if same else {}
+    return f"{text['encoder']!r}{f' {options}' if options else ''}"
+
+
+def differing(ours: dict, theirs: dict, prefix: str = "") -> dict:
+    """The entries of ``ours`` that ``theirs`` lacks or holds otherwise, dicts compared entry by entry."""
+    found = {}
+    for key, value in ours.items():
+        other = theirs.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            found.update(differing(value, other, f"{prefix}{key}."))
+        elif key not in theirs or other != value:
+            found[f"{prefix}{key}"] = value
+    return found
 
 
 def feature_tensors(features: TextFeatures, text: dict, dtype: torch.dtype, encoder: str) -> dict[str, torch.Tensor]:
@@ -137,10 +157,16 @@ def check_network(config, text: dict | None, folder: str | Path) -> None:
     if text is None:
         raise ValueError(f"the network is text-conditioned but {folder} holds no text features; encode it with "
                          f"`ditlab encode SOURCE --text_encoder {options.get('encoder') or 'NAME'} ...`")  # fmt: skip
-    wanted = {"encoder": options.get("encoder"), "encoder_options": dict(options.get("encoder_options") or {})}
-    if (wanted["encoder"], wanted["encoder_options"]) != (text["encoder"], text.get("encoder_options", {})):
-        raise ValueError(f"the network's condition_options.encoder is {describe(wanted)} but the text features in "
-                         f"{folder} were encoded by {describe(text)}; set condition_options.encoder/encoder_options "
+    from ditlab.models.text.registry import options_before_pins, pinned_text_options
+
+    name = options.get("encoder")
+    wanted = {"encoder": name, "encoder_options": pinned_text_options(name, options.get("encoder_options") or {})
+              if name else {}}  # fmt: skip
+    stored = options_before_pins(text["encoder"], text.get("encoder_options", {}))  # older shards: what they meant
+    if (wanted["encoder"], wanted["encoder_options"]) != (text["encoder"], stored):
+        theirs = {"encoder": text["encoder"], "encoder_options": stored}
+        raise ValueError(f"the network's condition_options.encoder is {describe(wanted, theirs)} but the text features "
+                         f"in {folder} were encoded by {describe(theirs, wanted)}; set condition_options.encoder/encoder_options "
                          f"to match, or re-encode with --text_encoder {wanted['encoder'] or 'NAME'}")  # fmt: skip
     text_dim, pooled_dim = options.get("text_dim"), int(options.get("pooled_dim", 0) or 0)
     if text_dim != text["dim"] or (pooled_dim and pooled_dim != text["pooled_dim"]):

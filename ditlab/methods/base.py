@@ -339,6 +339,26 @@ class DiffusionModule(L.LightningModule):
         upgrade_layout(checkpoint)  # a file an earlier version wrote, in today's layout before anything reads it
         state = checkpoint.get("ditlab", {}).get("training_draws")
         self._draws, self._pending_draws = None, state
+        self.adopt_text_encoder(checkpoint.get("ditlab", {}).get("dit_config", {}))
+
+    def adopt_text_encoder(self, recorded: dict) -> None:
+        """Resuming: read captions with the text encoder the checkpoint was trained with (its pinned options, e.g.
+        an earlier default scene CLIP recipe), keeping this machine's ``cache_dir``; one line when that differs
+        from what the config names today."""
+        if self.network is None or not self.text_conditioned:
+            return
+        theirs = (recorded.get("condition_options") or {})
+        ours = self.network.config.to_record()["condition_options"]
+        if theirs.get("encoder") != ours.get("encoder") or "encoder_options" not in theirs:
+            return
+        adopted = {**theirs["encoder_options"], **({"cache_dir": ours["encoder_options"]["cache_dir"]}
+                                                   if "cache_dir" in ours["encoder_options"] else {})}  # fmt: skip
+        if adopted != ours["encoder_options"]:
+            print(f"resuming with the checkpoint's text encoder options ({ours['encoder']}), not today's defaults: "
+                  "its weights were trained on them", flush=True)  # fmt: skip
+            for network in (self.network, self.ema):
+                if network is not None:
+                    network.config.condition_options["encoder_options"] = dict(adopted)
 
     def num_parameters(self) -> int:
         """Parameters of the sampled network (including DiT's frozen position embedding)."""

@@ -173,6 +173,17 @@ class DiTConfig:
         """Plain values (JSON/YAML-safe) that :meth:`from_dict` turns back into an equal config."""
         return asdict(self)
 
+    def to_record(self) -> dict[str, Any]:
+        """What a file records (checkpoints, exports): :meth:`to_dict` with the text encoder's options pinned to the
+        weights they give today (``ditlab.models.text.registry``), so the file reads captions as it was trained to."""
+        return _text_options(self.to_dict(), "pinned_text_options")
+
+    @staticmethod
+    def upgrade_record(values: dict[str, Any]) -> dict[str, Any]:
+        """A recorded config as today's layout: text-encoder options written before their kind was pinned get the
+        options they meant then."""
+        return _text_options(values, "options_before_pins")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiTConfig:
         """A config from :meth:`to_dict` (or an older checkpoint's ``dit_config``); unknown keys are refused."""
@@ -197,3 +208,14 @@ class DiTConfig:
         from ditlab.models.dit import DiT
 
         return DiT(self)
+
+
+def _text_options(values: dict[str, Any], how: str) -> dict[str, Any]:
+    """``values`` with its text encoder's options passed through ``ditlab.models.text.registry.<how>``."""
+    options = values.get("condition_options") or {}
+    if values.get("condition") != "text" or not options.get("encoder"):
+        return values
+    from ditlab.models.text import registry
+
+    pinned = getattr(registry, how)(options["encoder"], options.get("encoder_options") or {})
+    return {**values, "condition_options": {**options, "encoder_options": pinned}}

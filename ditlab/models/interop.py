@@ -257,7 +257,7 @@ def save_safetensors(dit: DiT, path: str | Path, metadata: dict | None = None) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in dit.state_dict().items()}, path)
-    path.with_suffix(".json").write_text(json.dumps({"dit_config": dit.config.to_dict(), **(metadata or {})}, indent=2))
+    path.with_suffix(".json").write_text(json.dumps({"dit_config": dit.config.to_record(), **(metadata or {})}, indent=2))
     return path
 
 
@@ -276,7 +276,7 @@ def load_safetensors(path: str | Path) -> DiT:
                                 "use load_dit_checkpoint, which infers the architecture")  # fmt: skip
     from safetensors.torch import load_file
 
-    dit = DiT(DiTConfig.from_dict(json.loads(config_path.read_text())["dit_config"]))
+    dit = DiT(DiTConfig.from_dict(DiTConfig.upgrade_record(json.loads(config_path.read_text())["dit_config"])))
     load_matching(dit, load_file(path), str(path))
     return dit.eval()
 

@@ -179,9 +179,13 @@ def upgrade_layout(checkpoint: dict) -> dict:
     Before the Mixture of Blocks became a trunk kind, Dense2MoE recorded it beside the architecture
     (``dense2moe.mixture_of_blocks``: group size and active blocks) and stored its routers as ``block_router.*``;
     today it is ``trunk: mixture-of-blocks`` in ``dit_config`` with its routers under ``trunk.router.*``.
+    Text-encoder options recorded before their kind was pinned get the options they meant then
+    (:meth:`DiTConfig.upgrade_record`).
     """
     mixture = (checkpoint.get("dense2moe") or {}).get("mixture_of_blocks")
     meta = checkpoint.get("ditlab")
+    if meta and "dit_config" in meta:
+        meta["dit_config"] = DiTConfig.upgrade_record(meta["dit_config"])
     if mixture and meta and meta.get("dit_config", {}).get("trunk", "blocks") == "blocks":
         meta["dit_config"] = {**meta["dit_config"], "trunk": "mixture-of-blocks", "trunk_options": dict(mixture)}
         state = checkpoint.get("state_dict", {})
@@ -217,7 +221,7 @@ def ditlab_entry(config: DiTConfig, objective: Any, sampling: Any, vae: str | No
     """The ``ditlab`` entry of a checkpoint: the one layout every writer records and :func:`network_from_checkpoint`
     (with ``ditlab.checkpoint.run_settings``) reads back. ``objective`` and ``sampling`` are their config
     dataclasses (stored as plain dicts); the weights sit beside it under ``network.`` (and ``ema.``)."""
-    return {"dit_config": config.to_dict(), "objective": dataclasses.asdict(objective),
+    return {"dit_config": config.to_record(), "objective": dataclasses.asdict(objective),
             "sampling": dataclasses.asdict(sampling), "vae": vae, "latent_scale": latent_scale}
 
 

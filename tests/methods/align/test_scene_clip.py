@@ -70,9 +70,10 @@ def test_patch_targets_follow_the_layout_and_the_dense_loss_trains_the_head():
     # real scenes: every digit owns at least one patch
     for attributes in DigitScenes("train", length=20).attributes(range(20)):
         assert set(attributes.digits) <= set(patch_digit_targets([attributes], 8, 32).unique().tolist())
-    # off by default (the cache name of recipes before the option is kept); on, the head trains on the dense loss
-    assert SceneCLIP(TINY, grammar_vocabulary(Tokenizer(TINY.context_length))).digit_head is None
-    assert scene_clip_path(recipe=replace(TINY, patch_digits=1.0)) != scene_clip_path(recipe=TINY)
+    # off at 0 (the head is not built and the recipe is its own); on, the head trains on the dense loss
+    off = replace(TINY, patch_digits=0.0)
+    assert SceneCLIP(off, grammar_vocabulary(Tokenizer(TINY.context_length))).digit_head is None
+    assert scene_clip_path(recipe=replace(TINY, patch_digits=1.0)) != scene_clip_path(recipe=off)
     torch.manual_seed(0)
     model = SceneCLIP(replace(TINY, patch_digits=1.0), grammar_vocabulary(Tokenizer(TINY.context_length)))
     scenes = DigitScenes("train", length=8)
@@ -115,7 +116,7 @@ def test_alignment_encoder_view(tiny):
 def test_load_encoder_names_scene_clip(tiny, monkeypatch):
     import ditlab.methods.align.encoders.scene_clip as view
 
-    monkeypatch.setattr(view, "scene_clip", lambda cache_dir=None: tiny[0])
+    monkeypatch.setattr(view, "scene_clip", lambda cache_dir=None, recipe=None: tiny[0])
     assert isinstance(load_encoder("scene-clip"), SceneCLIPEncoder)
 
 
@@ -123,7 +124,7 @@ def test_text_encoder_kind(tiny, monkeypatch):
     import ditlab.methods.align.encoders.scene_clip as view
     from ditlab.models.text import build_text_encoder
 
-    monkeypatch.setattr(view, "scene_clip", lambda cache_dir=None: tiny[0])
+    monkeypatch.setattr(view, "scene_clip", lambda cache_dir=None, recipe=None: tiny[0])
     encoder = build_text_encoder("scene-clip")
     assert isinstance(encoder, SceneCLIPText)
     features = encoder(CAPTIONS)
@@ -179,14 +180,13 @@ def test_options_at_their_earlier_values_keep_the_cache_name_of_the_recipe_befor
     from dataclasses import asdict, replace
 
     from ditlab.metrics.features import recipe_digest
-    from ditlab.metrics.scene_clip import OPTIONS_ADDED_LATER
+    from ditlab.metrics.scene_clip import FIRST_RECIPE, OPTIONS_ADDED_LATER
 
-    recipe = SceneCLIPRecipe()
-    earlier = {k: v for k, v in asdict(recipe).items() if k not in OPTIONS_ADDED_LATER}
-    assert recipe.digest("scenes") == recipe_digest(earlier, dataset="scenes")
-    assert replace(recipe, stem_layers=4).digest("scenes") != recipe.digest("scenes")
-    assert replace(recipe, stem_norm="group").digest("scenes") != recipe.digest("scenes")
-    assert replace(recipe, digit_presence=1.0).digest("scenes") != recipe.digest("scenes")
+    earlier = {k: v for k, v in asdict(FIRST_RECIPE).items() if k not in OPTIONS_ADDED_LATER}
+    assert FIRST_RECIPE.digest("scenes") == recipe_digest(earlier, dataset="scenes")
+    for change in ({"stem_layers": 4}, {"stem_norm": "group"}, {"digit_presence": 1.0}, {"trunk": "resnet10t"}):
+        assert replace(FIRST_RECIPE, **change).digest("scenes") != FIRST_RECIPE.digest("scenes")
+    assert SceneCLIPRecipe().digest("scenes") != FIRST_RECIPE.digest("scenes")
 
 
 def test_digit_presence_marks_each_digit_once_and_its_loss_trains_the_head_from_the_embedding():
@@ -203,7 +203,7 @@ def test_digit_presence_marks_each_digit_once_and_its_loss_trains_the_head_from_
     assert targets.shape == (2, 10) and targets[0].nonzero().flatten().tolist() == [3]
     assert targets[1].nonzero().flatten().tolist() == [0, 4, 9] and targets.sum() == 4
     vocabulary = grammar_vocabulary(Tokenizer(TINY.context_length))
-    assert SceneCLIP(TINY, vocabulary).presence_head is None
+    assert SceneCLIP(replace(TINY, digit_presence=0.0), vocabulary).presence_head is None
     torch.manual_seed(0)
     model = SceneCLIP(replace(TINY, digit_presence=1.0), vocabulary)
     data = DigitScenes("train", length=8)
@@ -228,7 +228,8 @@ def test_a_timm_trunk_replaces_the_stem_and_keeps_the_8x8_token_grid():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.clip.visual.conv1.modules())
     embedding, tokens = model.image_tokens(torch.randn(3, 3, 32, 32))
     assert embedding.shape == (3, recipe.embed_dim) and tokens.shape == (3, 64, recipe.width)
-    assert scene_clip_path(recipe=recipe) != scene_clip_path(recipe=replace(TINY, pool="avg")) != scene_clip_path(recipe=TINY)
+    stem = replace(TINY, trunk="")
+    assert scene_clip_path(recipe=recipe) != scene_clip_path(recipe=replace(stem, pool="avg")) != scene_clip_path(recipe=stem)
     with pytest.raises(ValueError, match="not a timm model name"):
         SceneCLIP(replace(TINY, trunk="no-such-net"), grammar_vocabulary(Tokenizer(TINY.context_length)))
     with pytest.raises(ValueError, match="pool must be tok"):

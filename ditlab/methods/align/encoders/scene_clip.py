@@ -15,13 +15,14 @@ tokens after the final LayerNorm ``(B, 32, text_width)``, the pooled vector is t
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ditlab.methods.align.encoders.base import EncoderInfo, EncoderOutput, FrozenEncoder, patch_attention
-from ditlab.metrics.scene_clip import SceneCLIP, SceneCLIPRecipe, scene_clip
+from ditlab.metrics.scene_clip import FIRST_RECIPE, SceneCLIP, SceneCLIPRecipe, scene_clip
 from ditlab.models.text import TextEncoder, TextFeatures, register_text_encoder
 
 
@@ -90,7 +91,23 @@ class SceneCLIPText(TextEncoder):
         return TextFeatures(tokens, pooled, mask)
 
 
-@register_text_encoder("scene-clip")
-def scene_clip_text(cache_dir: str | None = None) -> SceneCLIPText:
-    """The scene CLIP's text tower (trained once and cached under ``cache_dir`` or ``$DITLAB_CACHE``)."""
-    return SceneCLIPText(scene_clip(cache_dir))
+def recipe_from(recipe: dict | None) -> SceneCLIPRecipe:
+    """``SceneCLIPRecipe(**recipe)``: fields not given take today's defaults; an unknown field is one line."""
+    unknown = sorted(set(recipe or {}) - {f.name for f in fields(SceneCLIPRecipe)})
+    if unknown:
+        raise ValueError(f"scene-clip recipe fields {unknown} do not exist; known: "
+                         f"{sorted(f.name for f in fields(SceneCLIPRecipe))}")  # fmt: skip
+    return SceneCLIPRecipe(**(recipe or {}))
+
+
+def pin_recipe(options: dict) -> dict:
+    """``options`` with the whole recipe spelt out, so a later change of the default recipe cannot change which
+    weights a recorded network reads its captions with."""
+    return {**options, "recipe": asdict(recipe_from(options.get("recipe")))}
+
+
+@register_text_encoder("scene-clip", pin=pin_recipe, unpinned={"recipe": asdict(FIRST_RECIPE)})
+def scene_clip_text(cache_dir: str | None = None, recipe: dict | None = None) -> SceneCLIPText:
+    """The scene CLIP's text tower of ``recipe`` (fields of ``SceneCLIPRecipe``; today's default when None), trained
+    once and cached under ``cache_dir`` or ``$DITLAB_CACHE``."""
+    return SceneCLIPText(scene_clip(cache_dir, recipe_from(recipe)))
