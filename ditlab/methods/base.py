@@ -347,7 +347,7 @@ class DiffusionModule(L.LightningModule):
         from what the config names today."""
         if self.network is None or not self.text_conditioned:
             return
-        theirs = (recorded.get("condition_options") or {})
+        theirs = recorded.get("condition_options") or {}
         ours = self.network.config.to_record()["condition_options"]
         if theirs.get("encoder") != ours.get("encoder") or "encoder_options" not in theirs:
             return
