@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from ditlab.models.text.features import TextEncoder, TextFeatures
-from ditlab.models.text.registry import build_text_encoder
+from ditlab.models.text.registry import build_text_encoder, pinned_text_options
 
 
 def is_captions(labels) -> bool:
@@ -34,7 +34,8 @@ def text_encoder_of(config) -> TextEncoder:
     if not name:
         raise ValueError("this text-conditioned network names no text encoder: set condition_options.encoder (e.g. "
                          "scene-clip, clip-l, t5) or pass encoded TextFeatures instead of captions")  # fmt: skip
-    return _encoder(name, json.dumps(options.get("encoder_options", {}), sort_keys=True))
+    pinned = pinned_text_options(name, options.get("encoder_options", {}))  # one encoder per set of weights
+    return _encoder(name, json.dumps(pinned, sort_keys=True))
 
 
 def encode_prompts(config, captions: Sequence[str], device: torch.device | str | None = None) -> TextFeatures:
