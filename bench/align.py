@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -49,18 +50,20 @@ from ditlab.atomic import save_text
 from ditlab.callbacks.alignment import AlignmentTermination
 from ditlab.callbacks.evaluation import Evaluation
 from ditlab.data.digits import DigitsDataModule
+from ditlab.data.scenes import ScenesDataModule
 from ditlab.diffusion.config import ObjectiveConfig, SamplingConfig
 from ditlab.methods.align import (
     AlignModule,
     AttentionAlignConfig,
     CleanAlignConfig,
+    EncoderConfig,
     FeatureAlignConfig,
     GuidedAlignConfig,
     PhaseOneTeacherConfig,
     REGModule,
     SelfTranscendenceModule,
 )
-from ditlab.methods.align.encoders import digits_vit
+from ditlab.methods.align.encoders import load_encoder
 from ditlab.methods.base import DiffusionModule
 from ditlab.metrics.features import cache_root
 from ditlab.models.config import DiTConfig
@@ -72,13 +75,55 @@ from moe import StepTimer  # noqa: E402 - wall seconds of every training step
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ARMS = ("vanilla", "repa", "haste", "haste-noterm", "reg", "self-transcendence")
-NETWORK = DiTConfig(preset="digits", input_size=16, depth=4, hidden_size=64, num_heads=4, learn_sigma=False)
-OBJECTIVE = ObjectiveConfig(kind="flow", path="linear", time_sampling="uniform", t_scale=1000.0)
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """What differs between the two testbeds: data, network, objective, encoder, aligned block and FID protocol."""
+
+    name: str
+    title: str
+    network: DiTConfig
+    objective: ObjectiveConfig
+    encoder: str
+    aligned_block: int
+    arms: tuple[str, ...]
+    evaluation: dict  # Evaluation's reference, features and guidance
+    results: str  # stem of the results files
+
+    def data(self, batch_size: int) -> L.LightningDataModule:
+        if self.name == "scenes":
+            return ScenesDataModule(batch_size=batch_size, image_size=32, captions=True)
+        return DigitsDataModule(batch_size=batch_size, image_size=16)
+
+
+TESTBEDS = {
+    "digits": Testbed(
+        "digits", "Alignment on digits",
+        DiTConfig(preset="digits", input_size=16, depth=4, hidden_size=64, num_heads=4, learn_sigma=False),
+        ObjectiveConfig(kind="flow", path="linear", time_sampling="uniform", t_scale=1000.0),
+        "digits-vit", 2, ARMS, dict(reference="digits", features="digits-classifier", cfg_scale=1.0), "align",
+    ),
+    # PixArt-alpha blocks (self-attention, cross-attention to the caption, MLP; adaLN-single) as configs/pixart.yaml,
+    # at half its depth and width (4 blocks of 64; patch 4: the scene CLIP's 8x8 grid) so that three seeds of two
+    # arms fit a session on two cores
+    "scenes": Testbed(
+        "scenes", "Alignment on digit scenes (text-to-image)",
+        DiTConfig(input_size=32, in_channels=3, patch_size=4, hidden_size=64, depth=4, num_heads=4, learn_sigma=False,
+                  block="pixart", block_options={"cross_attention_init": "xavier"}, condition="text",
+                  condition_options={"encoder": "scene-clip", "text_dim": 64, "text_length": 32, "projection": "mlp",
+                                     "projection_init": "xavier", "adaln": "single", "dropout_prob": 0.1}),
+        ObjectiveConfig(kind="flow", path="linear", time_sampling="logit_normal", t_scale=1000.0),
+        "scene-clip", 2, ("vanilla", "repa"),
+        dict(reference="scenes", features="scene-clip-first", cfg_scale=3.0), "align_scenes",
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------- arms
 def feature(args: argparse.Namespace, **changes) -> FeatureAlignConfig:
-    values = dict(blocks=[2], weight=0.5, projector="mlp", projector_hidden=4 * NETWORK.hidden_size, projector_layers=3)
+    values = dict(blocks=[args.bed.aligned_block], weight=0.5, projector="mlp",
+                  projector_hidden=4 * args.bed.network.hidden_size, projector_layers=3)  # fmt: skip
     return FeatureAlignConfig(**{**values, **changes})
 
 
@@ -87,8 +132,8 @@ def attention(**changes) -> AttentionAlignConfig:
 
 
 def common(args: argparse.Namespace) -> dict:
-    sampling = SamplingConfig(sampler="euler", steps=args.sampling_steps, cfg_scale=1.0)
-    return dict(network=NETWORK, objective=OBJECTIVE, sampling=sampling, lr=args.lr, warmup_steps=args.warmup,
+    sampling = SamplingConfig(sampler="euler", steps=args.sampling_steps, cfg_scale=args.bed.evaluation["cfg_scale"])
+    return dict(network=args.bed.network, objective=args.bed.objective, sampling=sampling, lr=args.lr, warmup_steps=args.warmup,
                 ema_decay=args.ema)  # fmt: skip
 
 
@@ -97,11 +142,13 @@ def build(arm: str, args: argparse.Namespace, variant: dict | None = None) -> tu
     variant = dict(variant or {})
     if arm == "vanilla":
         return DiffusionModule(**common(args)), []
+    if arm not in args.bed.arms:
+        raise ValueError(f"arm {arm!r} is not offered on the {args.bed.name} testbed; choices: {list(args.bed.arms)}")
     if arm == "repa":
-        return AlignModule(**common(args), feature=feature(args)), []
+        return AlignModule(**common(args), encoder=EncoderConfig(args.bed.encoder), feature=feature(args)), []
     if arm in ("haste", "haste-noterm"):
         stop = variant.pop("stop", args.haste_stop)
-        module = AlignModule(**common(args), feature=feature(args, **variant.pop("feature", {})),
+        module = AlignModule(**common(args), encoder=EncoderConfig(args.bed.encoder), feature=feature(args, **variant.pop("feature", {})),
                              attention=attention(**variant.pop("attention", {})))  # fmt: skip
         return module, [AlignmentTermination(stop)] if arm == "haste" and stop is not None else []
     if arm == "reg":
@@ -109,8 +156,8 @@ def build(arm: str, args: argparse.Namespace, variant: dict | None = None) -> tu
     if arm == "self-transcendence":
         teacher = st_teacher(args)
         module = SelfTranscendenceModule(
-            phase=2, **common(args), clean=CleanAlignConfig(block=1, hidden=4 * NETWORK.hidden_size),
-            guided=GuidedAlignConfig(teacher_block=3, block=2, guidance=30.0, hidden=4 * NETWORK.hidden_size),
+            phase=2, **common(args), clean=CleanAlignConfig(block=1, hidden=4 * args.bed.network.hidden_size),
+            guided=GuidedAlignConfig(teacher_block=3, block=2, guidance=30.0, hidden=4 * args.bed.network.hidden_size),
             teacher=PhaseOneTeacherConfig(checkpoint=str(teacher)),
         )  # fmt: skip
         return module, [AlignmentTermination(args.steps // 4)]
@@ -126,10 +173,10 @@ def st_teacher(args: argparse.Namespace) -> Path:
     if path.is_file():
         return path
     L.seed_everything(args.selection_seed, verbose=False)
-    module = SelfTranscendenceModule(phase=1, **common(args), clean=CleanAlignConfig(block=1, hidden=4 * NETWORK.hidden_size))
+    module = SelfTranscendenceModule(phase=1, **common(args), clean=CleanAlignConfig(block=1, hidden=4 * args.bed.network.hidden_size))
     trainer = trainer_for(args.st_teacher_steps, [])
     started = time.perf_counter()
-    trainer.fit(module, DigitsDataModule(batch_size=args.batch_size, image_size=16))
+    trainer.fit(module, args.bed.data(args.batch_size))
     trainer.save_checkpoint(path)
     (path.with_suffix(".json")).write_text(json.dumps({"steps": args.st_teacher_steps, "seed": args.selection_seed,
                                                        "seconds": round(time.perf_counter() - started, 1)}))  # fmt: skip
@@ -147,13 +194,16 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, variant: dict | None 
     L.seed_everything(seed, verbose=False)
     module, callbacks = build(arm, args, variant)
     timer = StepTimer()
-    curve = Evaluation(every_n_steps=args.every, num_samples=args.samples, reference="digits",
-                     features="digits-classifier", sampler="euler", steps=args.sampling_steps, cfg_scale=1.0, seed=0)  # fmt: skip
+    protocol = dict(sampler="euler", steps=args.sampling_steps, seed=0, **args.bed.evaluation)
+    curve = Evaluation(every_n_steps=args.every, num_samples=args.samples, **protocol)
+    final = [Evaluation(num_samples=args.final_samples, bootstrap=200, **protocol)] if args.final_samples else []
     started = time.perf_counter()
-    trainer = trainer_for(args.steps, [timer, curve, *callbacks])
-    trainer.fit(module, DigitsDataModule(batch_size=args.batch_size, image_size=16))
+    trainer = trainer_for(args.steps, [timer, curve, *final, *callbacks])
+    trainer.fit(module, args.bed.data(args.batch_size))
     row = {"arm": label or arm, "base_arm": arm, "seed": seed, "variant": variant or {}, "steps": args.steps,
            "curve": curve.curve(), "final_fid": curve.curve()[-1][1], "seconds_per_step": timer.median(),
+           "metrics": [[step, numbers(metrics)] for step, metrics in curve.history],
+           "final": numbers(final[0].last_metrics) if final else None,
            "wall_seconds": round(time.perf_counter() - started, 1),
            "terminated_at": getattr(module, "terminated_at", None),
            "alignment": module.summary.get("alignment", {})}  # fmt: skip
@@ -162,22 +212,27 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, variant: dict | None 
     return row
 
 
+def numbers(metrics: dict) -> dict:
+    """The metrics worth keeping from one evaluation (FID, its interval, CLIP score, compositional accuracy ...)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | list | tuple) and not isinstance(v, bool)}
+
+
 def step_times(args: argparse.Namespace) -> dict[str, float]:
     """Seconds per training step of each arm, interleaved round by round in one process so that load drift on a
     shared machine hits every arm alike (forward, backward, AdamW; no Lightning loop, no evaluation)."""
-    from ditlab.data.digits import digits_tensors
-
-    images, labels = digits_tensors(16)
-    images, labels = images[: args.batch_size], labels[: args.batch_size]
+    data = args.bed.data(args.batch_size)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
     modules = {}
     for arm in args.arms:
         L.seed_everything(args.selection_seed, verbose=False)
         module, _ = build(arm, args)
+        images, labels = module.unpack_batch(batch)
         optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=args.lr)
-        modules[arm] = (module, optimizer)
+        modules[arm] = (module, optimizer, images, labels)
     seconds: dict[str, list[float]] = {arm: [] for arm in modules}
     for round_ in range(args.timing_rounds + 1):
-        for arm, (module, optimizer) in modules.items():
+        for arm, (module, optimizer, images, labels) in modules.items():
             started = time.perf_counter()
             for _ in range(args.timing_steps):
                 loss = module.training_losses(images, labels)["loss"]
@@ -280,6 +335,24 @@ def variants_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def final_table(rows: list[dict], seeds: set[int]) -> str:
+    """Per run, the larger final evaluation (``--final-samples``, 95% bootstrap interval of FID) with the text
+    metrics when the testbed has captions: CLIP score and the recognizer's compositional accuracy."""
+    runs = sorted((r for r in rows if r["seed"] in seeds and not r["variant"] and r.get("final")),
+                  key=lambda r: (ARMS.index(r["base_arm"]), r["seed"]))  # fmt: skip
+    if not runs:
+        return ""
+    keys = [k for k in ("clip_score", "compositional_digit", "compositional_accuracy") if k in runs[0]["final"]]
+    lines = [f"Final evaluation on {runs[0]['final']['num_samples']} samples (step {runs[0]['steps']}):", "",
+             "| arm | seed | FID (95% bootstrap interval) | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for r in runs:
+        f = r["final"]
+        low, high = f.get("fid_interval", (math.nan, math.nan))
+        lines.append(f"| {r['arm']} | {r['seed']} | {f['fid']:.2f} ({low:.2f}-{high:.2f}) | "
+                     + " | ".join(f"{f[k]:.3f}" for k in keys) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def paired_ratios(rows: list[dict], seeds: set[int]) -> dict[str, dict[int, list[float]]]:
     """Per arm and evaluation step, the arm's FID over vanilla's FID of the same seed, one value per seed."""
     reported = [r for r in rows if r["seed"] in seeds and not r["variant"]]
@@ -327,7 +400,7 @@ def paired_table(rows: list[dict], seeds: set[int], columns: int = 8) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], seeds: set[int], path: Path) -> None:
+def plot(rows: list[dict], seeds: set[int], path: Path, bed: Testbed) -> None:
     """FID against step (per arm the mean over seeds, the seeds' min-max as a band), and the paired ratio to
     vanilla's FID of the same seed."""
     from matplotlib.figure import Figure
@@ -350,37 +423,40 @@ def plot(rows: list[dict], seeds: set[int], path: Path) -> None:
                         color=line.get_color(), label=arm)  # fmt: skip
             paired.fill_between(xs, [min(ratios[arm][x]) for x in xs], [max(ratios[arm][x]) for x in xs],
                                 color=line.get_color(), alpha=0.15)  # fmt: skip
-    axis.set(xlabel="training step", ylabel="FID (digits-classifier features)", yscale="log")
+    axis.set(xlabel="training step", ylabel=f"FID ({bed.evaluation['features']} features)", yscale="log")
     axis.set_title("FID against step (band: seed min-max)", fontsize=10)
     axis.legend(fontsize=7)
     paired.axhline(1.0, color="grey", lw=0.8)
     paired.set(xlabel="training step", ylabel="arm FID / vanilla FID, same seed")
     paired.set_title("Paired by seed (< 1: the arm is ahead; band: seed min-max)", fontsize=10)
     paired.legend(fontsize=7)
-    figure.suptitle("Alignment on digits", fontsize=11)
+    figure.suptitle(bed.title, fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
 def write_report(result: dict, seeds: set[int]) -> None:
+    bed = TESTBEDS[result.get("testbed", "digits")]
     table, numbers = summary_table(result["rows"], seeds, result.get("step_seconds"))
     result["summary"] = numbers
-    variants = variants_table(result["rows"])
+    variants, final = variants_table(result["rows"]), final_table(result["rows"], seeds)
     paired, levels = paired_table(result["rows"], seeds), levels_table(result["rows"], seeds)
     encoder = result.get("encoder", {})
     runs = "\n".join(f"- `{json.dumps(r['settings'])}`: {r['machine']}, {r['wall_seconds']} s" for r in result["runs"])
-    text = (f"# Alignment on digits: does it reach vanilla's FID in fewer steps?\n\n{table}\n\n"
+    text = (f"# {bed.title}: does it reach vanilla's FID in fewer steps?\n\n{table}\n\n"
+            + (f"{final}\n\n" if final else "")
             + (f"Paired by seed: the arm's FID / vanilla's FID of the same seed (mean ± sd over seeds; < 1: the arm "
                f"is ahead at that step).\n\n{paired}\n\n" if paired else "")
             + (f"Paired speed-up to vanilla's quality at points of its run (per seed 0, 1, 2 ...: the step at which "
                f"vanilla of that seed reaches its FID at that step / the step at which the arm of that seed reaches it; "
                f"> 1: faster; 'never': not within the run).\n\n{levels}\n\n" if levels else "")
-            + f"Objective: SiT flow matching (linear path, velocity, uniform t), as the REPA / HASTE / REG papers train. "
-            f"Sampler for every FID: Euler ODE, no guidance (see settings). Encoder `digits-vit`: {encoder}.\n\n"
+            + f"Objective: `{bed.objective}` (flow matching, velocity, as the REPA / HASTE / REG papers train). "
+            f"Sampler for every FID: Euler ODE, guidance {bed.evaluation['cfg_scale']} (see settings). FID features: "
+            f"`{bed.evaluation['features']}`. Encoder `{bed.encoder}`: {encoder}.\n\n"
             + (f"## Selection and diagnosis runs (chosen on the selection seed; a chosen variant rerun on the reported seeds)\n\n{variants}\n\n" if variants else "")
             + f"## Runs\n\n{runs}\n")  # fmt: skip
-    save_text(text, RESULTS / "align.md")
-    plot(result["rows"], seeds, RESULTS / "align.png")
+    save_text(text, RESULTS / f"{bed.results}.md")
+    plot(result["rows"], seeds, RESULTS / f"{bed.results}.png", bed)
     print(table)
     if variants:
         print(variants)
@@ -401,6 +477,8 @@ DIAGNOSES = {  # HASTE variants that each change one thing (label -> (arm, varia
 def main() -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--testbed", default="digits", choices=list(TESTBEDS),
+                        help="digits (class-conditional SiT, 16x16) or scenes (text-to-image PixArt, 32x32 digit scenes)")
     parser.add_argument("--part", default="main", choices=["main", "select", "diagnose", "timing"])
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds of --part timing")
     parser.add_argument("--timing-steps", type=int, default=5, help="steps per arm and round of --part timing")
@@ -414,7 +492,9 @@ def main() -> None:
                         default=["haste default", "haste attention only", "haste block 1", "haste block 3", "haste weight 1.0"])
     parser.add_argument("--steps", type=int, default=8000, help="vanilla's FID has stopped improving by then (protocol v2)")
     parser.add_argument("--every", type=int, default=500, help="FID every this many steps")
-    parser.add_argument("--samples", type=int, default=2000, help="images per FID")
+    parser.add_argument("--samples", type=int, default=2000, help="images per FID of the curve")
+    parser.add_argument("--final-samples", type=int, default=0,
+                        help="images of one more evaluation at the end, with a bootstrap interval (0: none)")
     parser.add_argument("--sampling-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -426,12 +506,15 @@ def main() -> None:
     parser.add_argument("--st-teacher-steps", type=int, default=None,
                         help="Self-Transcendence phase-1 steps (default: a quarter of the run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: ditlab's choice from the free cores)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of align.{json,md,png}")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of align[_scenes].{json,md,png}")
     parser.add_argument("--fresh", action="store_true", help="start align.json afresh instead of adding rows")
     parser.add_argument("--report", action="store_true", help="only rewrite align.md and align.png from align.json")
     args = parser.parse_args()
-    RESULTS = args.results
-    path = RESULTS / "align.json"
+    RESULTS, args.bed = args.results, TESTBEDS[args.testbed]
+    path = RESULTS / f"{args.bed.results}.json"
+    unknown = sorted(set(args.arms) - set(args.bed.arms))
+    if unknown and args.part in ("main", "timing"):
+        parser.error(f"--arms {' '.join(unknown)} not offered on the {args.testbed} testbed; choose from {list(args.bed.arms)}")
     if args.report:
         result = json.loads(path.read_text())
         write_report(result, set(args.seeds))
@@ -444,13 +527,14 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()} ({why})", flush=True)
     RESULTS.mkdir(exist_ok=True)
     result = {"rows": [], "runs": []} if args.fresh or not path.is_file() else json.loads(path.read_text())
+    result["testbed"] = args.testbed
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    run = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    run = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "bed"},
            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "commit": commit.strip(),
                        "loadavg_start": [round(v, 2) for v in os.getloadavg()]}}  # fmt: skip
-    encoder = digits_vit()
-    result["encoder"] = {**encoder.scores, "grid": encoder.network.recipe.grid, "dit_grid": NETWORK.input_size // 4}
+    encoder = load_encoder(args.bed.encoder)
+    result["encoder"] = {**encoder.scores, "dit_grid": args.bed.network.input_size // args.bed.network.patch_size}
     started = time.perf_counter()
 
     def add(row: dict) -> None:

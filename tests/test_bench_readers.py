@@ -5,6 +5,7 @@ a refused cache)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -69,3 +71,18 @@ def test_levels_table_finds_an_arm_that_runs_twice_as_fast():
     assert "step 2000" in header and "step 8000" in header
     assert repa.split("|")[2:-1] == [" 2.00x "] * 4
     assert haste.split("|")[2:-1] == [" 0.50x ", " 0.50x ", " never ", " never "]  # it ends at vanilla's step-4000 FID
+
+
+def test_alignment_final_table_lists_each_run_with_its_interval_and_text_metrics():
+    align = load("align")
+    final = {"fid": 20.0, "fid_interval": [18.5, 21.0], "num_samples": 2000, "clip_score": 55.25,
+             "compositional_digit": 0.2, "compositional_accuracy": 0.03}  # fmt: skip
+    rows = [{"arm": arm, "base_arm": arm, "seed": seed, "variant": {}, "steps": 4000, "final": dict(final, fid=fid)}
+            for arm, seed, fid in (("repa", 1, 19.0), ("vanilla", 0, 20.0), ("repa", 0, 18.0), ("vanilla", 9, 1.0))]
+    lines = align.final_table(rows, {0, 1}).splitlines()
+    assert "2000 samples (step 4000)" in lines[0]
+    runs = [line.split(" | ")[:3] for line in lines[4:]]
+    assert runs == [["| vanilla", "0", "20.00 (18.50-21.00)"], ["| repa", "0", "18.00 (18.50-21.00)"],
+                    ["| repa", "1", "19.00 (18.50-21.00)"]]  # vanilla first, seed 9 not reported
+    assert lines[4].endswith("| 55.250 | 0.200 | 0.030 |")
+    assert align.final_table([dict(r, final=None) for r in rows], {0, 1}) == ""

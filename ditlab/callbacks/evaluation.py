@@ -45,19 +45,21 @@ class Evaluation(L.Callback):
         every_n_steps: evaluate every this many optimiser steps (0: only at the end of fit).
         num_samples: images per evaluation (in-loop FID is a tracking number; papers use 50K).
         reference: ``digits``, ``scenes`` (digit scenes), an ADM reference batch ``PATH.npz`` or ``cleanfid:NAME``.
-        features: ``digits-classifier``, ``inception-v3`` or ``scene-clip`` (FID on the scene CLIP, with ``scenes``).
+        features: ``digits-classifier``, ``inception-v3``, ``scene-clip`` (FID on the scene CLIP, with ``scenes``) or
+            ``scene-clip-first`` (on the first recipe's scene CLIP: a space REPA on ``scene-clip`` is not aligned to).
         sampler, steps, cfg_scale: override the module's sampling settings for evaluation.
         seed: seed base; sample ``i`` uses ``seed + i``.
         weights: a local Inception-v3 weight file (``inception-v3`` features only).
         cache_dir: where the digits classifier and reference statistics are cached.
         captions: prompts of text-conditioned runs: a text file (one caption a line) or ``validation`` (the digit
             scenes' validation captions); class-conditional runs ignore it.
+        bootstrap: rounds of FID's 95% bootstrap interval (``eval/fid_interval`` in the summary; 0: none).
     """
 
     def __init__(self, every_n_steps: int = 0, num_samples: int = 1000, reference: str = "digits",
                  features: str = "digits-classifier", sampler: str | None = None, steps: int | None = None,
                  cfg_scale: float | None = None, seed: int = 0, weights: str | None = None,
-                 cache_dir: str | None = None, captions: str = "validation") -> None:  # fmt: skip
+                 cache_dir: str | None = None, captions: str = "validation", bootstrap: int = 0) -> None:  # fmt: skip
         if num_samples < 4:
             raise ValueError(
                 f"Evaluation num_samples={num_samples} is too few; use at least 4 (k=3 neighbours)"
@@ -68,7 +70,7 @@ class Evaluation(L.Callback):
             )
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.reference, self.features = reference, features
-        self.weights, self.cache_dir, self.captions = weights, cache_dir, captions
+        self.weights, self.cache_dir, self.captions, self.bootstrap = weights, cache_dir, captions, bootstrap
         self.overrides = {k: v for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}.items()
                           if v is not None}  # fmt: skip
         self.last_step: int | None = None
@@ -168,7 +170,7 @@ class Evaluation(L.Callback):
         features, logits = self._gather(trainer, features, logits, per_rank)
         image_size = int(self._max(trainer, image_size))
         reference = self.reference_stats(image_size, progress=trainer.is_global_zero)
-        metrics = compute_metrics(features.cpu(), logits.cpu(), reference, extractor.name)
+        metrics = compute_metrics(features.cpu(), logits.cpu(), reference, extractor.name, bootstrap=self.bootstrap)
         if text:  # every rank joins the reduction, a rank without samples with no pairs
             pairs = (images, labels[start:stop]) if stop > start else (None, [])
             metrics.update(clip_score_of(*pairs, device=pl_module.device, cache_dir=self.cache_dir))

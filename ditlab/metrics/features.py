@@ -363,7 +363,18 @@ def scene_clip_features(cache_dir: str | Path | None = None, batch_size: int = 2
     return build(cache_dir, batch_size)
 
 
-EXTRACTORS = {"inception-v3": inception_v3, "digits-classifier": digits_classifier, "scene-clip": scene_clip_features}
+def scene_clip_first_features(cache_dir: str | Path | None = None, batch_size: int = 256) -> FeatureExtractor:
+    """The first recipe's scene CLIP (``FIRST_RECIPE``: no digit losses, separately trained weights): a FID space
+    for the digit scenes that a run aligned to the default scene CLIP (REPA with ``encoder: scene-clip``) was not
+    trained towards, so alignment cannot score itself."""
+    from ditlab.metrics.scene_clip import FIRST_RECIPE
+    from ditlab.metrics.scene_clip import scene_clip_features as build
+
+    return build(cache_dir, batch_size, FIRST_RECIPE, "scene-clip-first")
+
+
+EXTRACTORS = {"inception-v3": inception_v3, "digits-classifier": digits_classifier, "scene-clip": scene_clip_features,
+              "scene-clip-first": scene_clip_first_features}  # fmt: skip
 
 
 def feature_extractor(name: str, **kwargs) -> FeatureExtractor:

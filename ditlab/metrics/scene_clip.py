@@ -409,9 +409,9 @@ class SceneCLIPFeatures(FeatureExtractor):
 
     name = "scene-clip"
 
-    def __init__(self, model: SceneCLIP, batch_size: int = 256) -> None:
+    def __init__(self, model: SceneCLIP, batch_size: int = 256, name: str = "scene-clip") -> None:
         super().__init__(batch_size)
-        self.model = model.eval()
+        self.model, self.name = model.eval(), name
         self.num_features, self.fingerprint = model.recipe.embed_dim, model.fingerprint
 
     def _batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,6 +420,7 @@ class SceneCLIPFeatures(FeatureExtractor):
         return self.model.image_tokens(images.clamp(-1, 1))[0], images.new_zeros(len(images), 0)
 
 
-def scene_clip_features(cache_dir: str | Path | None = None, batch_size: int = 256) -> SceneCLIPFeatures:
-    """The scene CLIP (trained once and cached) as a :class:`FeatureExtractor`."""
-    return SceneCLIPFeatures(scene_clip(cache_dir), batch_size)
+def scene_clip_features(cache_dir: str | Path | None = None, batch_size: int = 256,
+                        recipe: SceneCLIPRecipe = SceneCLIPRecipe(), name: str = "scene-clip") -> SceneCLIPFeatures:
+    """The scene CLIP of ``recipe`` (trained once and cached) as a :class:`FeatureExtractor`."""
+    return SceneCLIPFeatures(scene_clip(cache_dir, recipe), batch_size, name)

@@ -79,6 +79,21 @@ def test_metrics_reach_loggers_summary_and_checkpoint(tmp_path):
     assert [step for step, _ in curve] == [1, 2] and curve[-1][1] == pytest.approx(metrics["eval/fid"])
 
 
+def test_a_final_evaluation_with_bootstrap_sits_beside_a_tracking_curve(tmp_path):
+    tracking = Evaluation(every_n_steps=1, num_samples=8, steps=2)
+    final = Evaluation(num_samples=24, steps=2, bootstrap=40)  # only at the end of fit, with FID's interval
+    L.seed_everything(0)
+    module = DiffusionModule(network=TINY_NET, sampling=SamplingConfig(sampler="ddim", steps=2), ema_decay=0.9)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[tracking, final])  # fmt: skip
+    trainer.fit(module, DigitsDataModule(batch_size=16, image_size=8))
+    assert [step for step, _ in tracking.history] == [1, 2] and [step for step, _ in final.history] == [2]
+    assert final.last_metrics["num_samples"] == 24 and tracking.last_metrics["num_samples"] == 8
+    low, high = final.last_metrics["fid_interval"]
+    assert 0 <= low < high and "fid_interval" not in tracking.last_metrics
+
+
 def test_state_round_trip_skips_a_repeated_final_evaluation():
     first = Evaluation(num_samples=8)
     first.last_step, first.last_metrics = 40, {"fid": 3.0, "fid_features": "digits-classifier"}
