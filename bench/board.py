@@ -1,6 +1,10 @@
-"""The digits board: every method family's best setting side by side, read only from ``bench/results/*.json``.
+"""The board: every method family's best setting side by side, read only from ``bench/results/*.json``.
 
-The testbed is the class-conditional 16x16 scikit-learn digits, FID on digits-classifier features (lower is better).
+Two testbeds. Digits: the class-conditional 16x16 scikit-learn digits, FID on digits-classifier features (lower is
+better). Digit scenes (text-to-image, 32x32, captions from a grammar): FID on the first recipe's scene CLIP
+(``scene-clip-first``, a space no arm aligns to), CLIP score on the default scene CLIP and the scene recognizer's
+digit check, from ``align_scenes.json`` (alignment) and ``t2i_caching.json`` (caches and learned routers on a T2I
+teacher; that file holds no FID, so its rows show CLIP score and the paired PSNR).
 Nothing is run: each results file is read, split into its baseline groups (one baseline FID each: a sampler and step
 count, a teacher, a from-scratch twin at the same budget), and every group becomes one row. Missing files and keys
 are skipped with a one-line note. Every number on the board is read from a file (or is a mean, sd or ratio of such
@@ -360,6 +364,60 @@ FILES: list[tuple[str, str, Callable[[dict, str, str], list[dict]]]] = [
 ]  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------- digit scenes
+def scenes_align(data: dict, source: str, family: str) -> list[dict]:
+    """Alignment arms on the digit scenes against vanilla: the final evaluation's FID (scene-clip-first features,
+    which no arm aligns to), CLIP score and digit check; steps to vanilla's final FID from the file's summary."""
+    main = next(run for run in data["runs"] if run["settings"]["part"] == "main")
+    seeds = main["settings"]["seeds"]
+    plain = [r for r in data["rows"] if r["arm"] == r["base_arm"] and not r["variant"] and r["seed"] in seeds
+             and r.get("final")]  # fmt: skip
+    finals = {arm: [r["final"] for r in plain if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in plain)}
+    mean = lambda arm, key: statistics.mean(f[key] for f in finals[arm]) if all(key in f for f in finals[arm]) else None  # noqa: E731
+    rows = []
+    for arm in (a for a in finals if a != "vanilla"):
+        paired = data["summary"][arm]["paired_speedup"]
+        speed = statistics.mean(v or 0.0 for v in paired.values())
+        text = ("paired steps-to-vanilla's-final-FID speed-up per seed " + ", ".join(
+            f"s{k}: " + ("never" if v is None else f"{v:.2f}x") for k, v in paired.items()) + f" (mean {speed:.2f}x, never = 0)")  # fmt: skip
+        one = cand(arm, [f["fid"] for f in finals[arm]], text, steps_speedup=speed)
+        row = make_row(family, source, "training", f"vanilla ({main['settings']['steps']} steps)",
+                       [f["fid"] for f in finals["vanilla"]], [one], main["settings"].get("final_samples"),
+                       [main["machine"]["loadavg_start"][0]], {main["machine"]["threads"]},
+                       ("steps to vanilla's FID read on the tracking curve "
+                        f"({main['settings']['samples']} samples every {main['settings']['every']} steps)",))  # fmt: skip
+        rows.append({**row, "clip_score": mean(arm, "clip_score"), "digit_check": mean(arm, "compositional_digit"),
+                     "baseline_clip_score": mean("vanilla", "clip_score"),
+                     "baseline_digit_check": mean("vanilla", "compositional_digit")})  # fmt: skip
+    return rows
+
+
+def scenes_caching(data: dict, source: str, family: str) -> list[dict]:
+    """Caches and learned routers on a text-to-image teacher: speed-up, CLIP score against the uncached run, PSNR
+    against its samples (the file holds no FID)."""
+    base = next(r for r in data["rows"] if r["method"] == "none")
+    rows = []
+    for r in (r for r in data["rows"] if r["method"] != "none"):
+        seeds, samples = 1, data.get("num")
+        rows.append({"family": "learned caching" if r["row"] == "learned router" else family, "file": source,
+                     "kind": "sampling", "setting": f"{r['method']} {knobs(r['settings'])}", "baseline":
+                     f"uncached {data['sampler']} {data['steps']} steps, CFG {data['cfg_scale']}",
+                     "baseline_fid": None, "baseline_fid_sd": None, "fid": None, "fid_sd": None, "fid_interval": None,
+                     "fid_rel": None, "clip_score": r["clip_score"], "baseline_clip_score": base["clip_score"],
+                     "digit_check": None, "baseline_digit_check": None, "wall_speedup": r["speedup"],
+                     "flop_speedup": None, "param_ratio": None, "steps_speedup": None,
+                     "saving": f"{r['speedup']:.2f}x images/s (paired), {r['computed_share']:.0%} of units computed",
+                     "samples": samples, "seeds": seeds, "load_start": [start_load(data.get("load_start"))],
+                     "threads": [data["threads"]], "protocol_v2": protocol([start_load(data.get("load_start"))], seeds, samples),
+                     "notes": f"PSNR {r['psnr']:.1f} dB vs uncached; {data['block']} teacher; no FID in the file"})  # fmt: skip
+    return rows
+
+
+SCENES_FILES: list[tuple[str, str, Callable[[dict, str, str], list[dict]]]] = [
+    ("alignment", "align_scenes.json", scenes_align), ("caching", "t2i_caching.json", scenes_caching),
+]
+
+
 # ----------------------------------------------------------------------------------------------- outputs
 def fmt(value: float | None, sd: float | None = None, interval: list | None = None) -> str:
     if value is None:
@@ -370,7 +428,7 @@ def fmt(value: float | None, sd: float | None = None, interval: list | None = No
 
 def markdown(board: dict) -> str:
     """The table, with the columns and the protocol-v2 rule spelled out above it."""
-    lines = ["# Digits board: each family's best setting", "",
+    lines = ["# Board: each family's best setting", "", "## Digits (class-conditional)", "",
              "Columns: the results file and its baseline group; the setting the selection rule picks (the fastest / "
              "smallest / fewest-steps setting within 10% of the baseline's FID, else the lowest FID); the baseline's "
              "FID and the setting's (mean ± sample sd over seeds, recomputed from the per-seed FIDs, so it can differ "
@@ -388,22 +446,39 @@ def markdown(board: dict) -> str:
                      f" | {fmt(r['fid'], r['fid_sd'], r['fid_interval'])} | {r['fid_rel']:.3f} | {r['saving']} | "
                      f"{r['samples'] if r['samples'] is not None else 'n/a'} | {r['seeds']} | {load} | "
                      f"{', '.join(map(str, r['threads'])) or 'n/a'} | {r['protocol_v2']} | {r['notes']} |")  # fmt: skip
+    if board.get("scenes"):
+        lines += ["", "## Digit scenes (text-to-image)", "",
+                  "FID on `scene-clip-first` features (the first recipe's scene CLIP, which no arm aligns to); CLIP "
+                  "score on the default scene CLIP and the recognizer's digit check (share of prompted digits found), "
+                  "each as the row's value (the baseline's); the same protocol-v2 rule.", "",
+                  "| family | file | setting | baseline | FID (baseline) | FID / baseline | CLIP score (baseline) | digit "
+                  "check (baseline) | saving | samples | seeds | load at start | threads | protocol v2 | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in board["scenes"]:
+            load = " / ".join("n/a" if x is None else f"{x:g}" for x in dict.fromkeys(r["load_start"]))
+            relative = "n/a" if r["fid_rel"] is None else f"{r['fid_rel']:.3f}"
+            lines.append(f"| {r['family']} | {r['file']} | {r['setting']} | {r['baseline']} | "
+                         f"{fmt(r['fid'], r['fid_sd'], r['fid_interval'])} ({fmt(r['baseline_fid'], r['baseline_fid_sd'])}) | "
+                         f"{relative} | "
+                         f"{fmt(r['clip_score'])} ({fmt(r['baseline_clip_score'])}) | {fmt(r['digit_check'])} "
+                         f"({fmt(r['baseline_digit_check'])}) | {r['saving']} | {r['samples'] or 'n/a'} | {r['seeds']} | "
+                         f"{load} | {', '.join(map(str, r['threads'])) or 'n/a'} | {r['protocol_v2']} | {r['notes']} |")  # fmt: skip
     lines += ["", f"Files read: {', '.join(board['files_read']) or 'none'}.",
               f"Missing or skipped: {'; '.join(board['skipped']) or 'none'}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Two Pareto panels; hollow markers are rows that fail protocol v2."""
+def plot(rows: list[dict], path: Path, scenes: list[dict] = ()) -> None:
+    """Two Pareto panels on digits and one on the digit scenes; hollow markers are rows that fail protocol v2."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    figure = Figure(figsize=(14, 6), layout="constrained")
-    panels = figure.subplots(1, 2)
-    families = list(dict.fromkeys(r["family"] for r in rows if r["kind"] != "training"))
+    figure = Figure(figsize=(20, 6), layout="constrained")
+    panels = figure.subplots(1, 3)
+    families = list(dict.fromkeys([r["family"] for r in rows if r["kind"] != "training"] + [r["family"] for r in scenes]))
     colours = {f: f"C{i % 10}" for i, f in enumerate(families)}
     spec = [(panels[0], ("sampling", "compute"), lambda r: r["flop_speedup"] or r["wall_speedup"],
              "speed-up (FLOPs; wall where no FLOPs are counted)", "sampling-time and compute methods"),
@@ -419,11 +494,25 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.axhline(WITHIN, color="grey", lw=0.8, ls="--")
         axis.margins(x=0.25, y=0.08)
         axis.set(xlabel=xlabel, ylabel="FID / baseline FID (lower is better; dashed: 1.10)", title=title)
+    axis = panels[2]
+    for r in (r for r in scenes if r.get("clip_score") and r.get("baseline_clip_score")):
+        speed = r["steps_speedup"] if r["kind"] == "training" else r["wall_speedup"]
+        colour, ratio = colours[r["family"]], r["clip_score"] / r["baseline_clip_score"]
+        axis.scatter([speed], [ratio], s=60, edgecolors=colour, linewidths=1.5, marker="s" if r["kind"] == "training" else "o",
+                     facecolors=colour if r["protocol_v2"] == "yes" else "none")  # fmt: skip
+        axis.annotate(f"{r['setting'][:36]}\nvs {r['baseline']}", (speed, ratio), fontsize=6.5, xytext=(5, -3),
+                      textcoords="offset points", va="center")  # fmt: skip
+    axis.axhline(1.0, color="grey", lw=0.8)
+    axis.axvline(1.0, color="grey", lw=0.8)
+    axis.margins(x=0.25, y=0.08)
+    axis.set(xlabel="speed-up (squares: training steps to vanilla's final FID, mean over seeds, never = 0; "
+             "circles: sampling images/s)", ylabel="CLIP score / baseline's (higher is better)",
+             title="digit scenes (text-to-image)")  # fmt: skip
     handles = [Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in colours.items()]
     handles += [Line2D([], [], marker="o", ls="", color="k", label="protocol v2: yes"),
                 Line2D([], [], marker="o", ls="", color="k", markerfacecolor="none", label="protocol v2: no")]  # fmt: skip
     panels[1].legend(handles=handles, fontsize=7, loc="center right")
-    figure.suptitle("Digits board: each family's best setting (hollow: protocol v2 'no' - start load >= 1.5, or < 3 "
+    figure.suptitle("Board: each family's best setting, digits (left, middle) and digit scenes (right) (hollow: protocol v2 'no' - start load >= 1.5, or < 3 "
                     "seeds and < 2000 samples); training-time rows are in board.md only")  # fmt: skip
     figure.savefig(path, dpi=120)
 
@@ -436,22 +525,23 @@ def main() -> None:
     paragraphs = [" ".join(p.split()) for p in __doc__.split("\n\n")]
     board = {"rule": next(p for p in paragraphs if p.startswith("Selection rule")),
              "protocol_v2": next(p for p in paragraphs if p.startswith("Protocol v2")),
-             "files_read": [], "files_missing": [], "skipped": SKIPPED, "rows": []}  # fmt: skip
-    for family, name, reader in FILES:
-        path = args.results / name
-        if not path.is_file():
-            board["files_missing"].append(name)
-            skip(f"{name} ({family}): not found")
-            continue
-        board["files_read"].append(name)
-        try:
-            board["rows"] += reader(json.loads(path.read_text()), name, family)
-        except (KeyError, StopIteration, TypeError, IndexError, ZeroDivisionError) as error:
-            skip(f"{name} ({family}): lacks what the board needs ({type(error).__name__}: {error})")
+             "files_read": [], "files_missing": [], "skipped": SKIPPED, "rows": [], "scenes": []}  # fmt: skip
+    for files, key, where in ((FILES, "rows", ""), (SCENES_FILES, "scenes", ", digit scenes")):
+        for family, name, reader in files:
+            path = args.results / name
+            if not path.is_file():
+                board["files_missing"].append(name)
+                skip(f"{name} ({family}{where}): not found")
+                continue
+            board["files_read"].append(name)
+            try:
+                board[key] += reader(json.loads(path.read_text()), name, family)
+            except (KeyError, StopIteration, TypeError, IndexError, ZeroDivisionError) as error:
+                skip(f"{name} ({family}{where}): lacks what the board needs ({type(error).__name__}: {error})")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "board.json").write_text(json.dumps(board, indent=1))
     (args.out / "board.md").write_text(markdown(board))
-    plot(board["rows"], args.out / "board.png")
+    plot(board["rows"], args.out / "board.png", board["scenes"])
     print(f"[board] {len(board['rows'])} rows from {len(board['files_read'])} files -> {args.out}/board.{{json,md,png}}")
 
 

@@ -86,3 +86,22 @@ def test_alignment_final_table_lists_each_run_with_its_interval_and_text_metrics
                     ["| repa", "1", "19.00 (18.50-21.00)"]]  # vanilla first, seed 9 not reported
     assert lines[4].endswith("| 55.250 | 0.200 | 0.030 |")
     assert align.final_table([dict(r, final=None) for r in rows], {0, 1}) == ""
+
+
+def test_board_reads_the_scenes_alignment_file_from_its_final_evaluations():
+    board = load("board")
+    final = lambda fid, clip, digit: {"fid": fid, "clip_score": clip, "compositional_digit": digit}  # noqa: E731
+    rows = [{"arm": arm, "base_arm": arm, "seed": seed, "variant": {}, "final": final(fid, clip, digit)}
+            for arm, seed, fid, clip, digit in (("vanilla", 0, 20.0, 50.0, 0.1), ("vanilla", 1, 22.0, 52.0, 0.3),
+                                                ("repa", 0, 18.0, 54.0, 0.2), ("repa", 1, 19.0, 56.0, 0.4),
+                                                ("repa", 100, 1.0, 99.0, 1.0))]  # fmt: skip
+    data = {"rows": rows, "summary": {"repa": {"paired_speedup": {"0": 2.0, "1": None}}},
+            "runs": [{"settings": {"part": "main", "seeds": [0, 1], "steps": 4000, "samples": 500, "every": 500,
+                                   "final_samples": 2000},
+                      "machine": {"loadavg_start": [0.9, 1.0, 1.1], "threads": 2}}]}  # fmt: skip
+    (row,) = board.scenes_align(data, "align_scenes.json", "alignment")
+    assert row["fid"] == pytest.approx(18.5) and row["baseline_fid"] == pytest.approx(21.0)
+    assert row["clip_score"] == pytest.approx(55.0) and row["baseline_clip_score"] == pytest.approx(51.0)
+    assert row["digit_check"] == pytest.approx(0.3) and row["baseline_digit_check"] == pytest.approx(0.2)
+    assert row["steps_speedup"] == pytest.approx(1.0)  # (2.0 + never = 0) / 2
+    assert row["samples"] == 2000 and row["seeds"] == 2 and row["protocol_v2"] == "yes"
