@@ -134,9 +134,11 @@ def test_board_notebook_shows_the_rows_board_py_writes(tmp_path, only_v2):
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.get("output_type") == "error"]
     text = "".join(output.get("text", "") for output in outputs)
-    shown = int(re.search(r"(\d+) of (\d+) rows shown", text).group(1))
+    counts = re.search(r"(\d+) of (\d+) digits rows and (\d+) of (\d+) scenes rows shown", text)
     expected = [r for r in board["rows"] if r["protocol_v2"] == "yes" or not only_v2]
-    assert shown == len(expected)
+    scenes = [r for r in board["scenes"] if r["protocol_v2"] == "yes" or not only_v2]
+    assert (int(counts.group(1)), int(counts.group(3))) == (len(expected), len(scenes))
+    expected += scenes
     tables = "".join(output.get("data", {}).get("text/markdown", "") for output in outputs)
     assert all(row["setting"] in tables for row in expected)
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 1
