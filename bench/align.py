@@ -459,8 +459,9 @@ def write_report(result: dict, seeds: set[int]) -> None:
             + (f"Paired speed-up to vanilla's quality at points of its run (per seed 0, 1, 2 ...: the step at which "
                f"vanilla of that seed reaches its FID at that step / the step at which the arm of that seed reaches it; "
                f"> 1: faster; 'never': not within the run).\n\n{levels}\n\n" if levels else "")
-            + f"Objective: `{bed.objective}` (flow matching, velocity, as the REPA / HASTE / REG papers train). "
-            f"Sampler for every FID: Euler ODE, guidance {bed.evaluation['cfg_scale']} (see settings). FID features: "
+            + f"Objective: flow matching ({bed.objective.path} path, velocity, {bed.objective.time_sampling} t), as the "
+            f"REPA / HASTE / REG papers train. "
+            f"Sampler for every FID: Euler ODE, {'no guidance' if bed.evaluation['cfg_scale'] == 1.0 else 'CFG ' + str(bed.evaluation['cfg_scale'])} (see settings). FID features: "
             f"`{bed.evaluation['features']}`. Encoder `{bed.encoder}`: {encoder}.\n\n"
             + (f"## Selection and diagnosis runs (chosen on the selection seed; a chosen variant rerun on the reported seeds)\n\n{variants}\n\n" if variants else "")
             + f"## Runs\n\n{runs}\n")  # fmt: skip

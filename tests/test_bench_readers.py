@@ -91,7 +91,8 @@ def test_alignment_final_table_lists_each_run_with_its_interval_and_text_metrics
 def test_board_reads_the_scenes_alignment_file_from_its_final_evaluations():
     board = load("board")
     final = lambda fid, clip, digit: {"fid": fid, "clip_score": clip, "compositional_digit": digit}  # noqa: E731
-    rows = [{"arm": arm, "base_arm": arm, "seed": seed, "variant": {}, "final": final(fid, clip, digit)}
+    rows = [{"arm": arm, "base_arm": arm, "seed": seed, "variant": {}, "final": final(fid, clip, digit),
+             "curve": [[2000, 10.0], [4000, 9.8]]}
             for arm, seed, fid, clip, digit in (("vanilla", 0, 20.0, 50.0, 0.1), ("vanilla", 1, 22.0, 52.0, 0.3),
                                                 ("repa", 0, 18.0, 54.0, 0.2), ("repa", 1, 19.0, 56.0, 0.4),
                                                 ("repa", 100, 1.0, 99.0, 1.0))]  # fmt: skip
@@ -105,3 +106,7 @@ def test_board_reads_the_scenes_alignment_file_from_its_final_evaluations():
     assert row["digit_check"] == pytest.approx(0.3) and row["baseline_digit_check"] == pytest.approx(0.2)
     assert row["steps_speedup"] == pytest.approx(1.0)  # (2.0 + never = 0) / 2
     assert row["samples"] == 2000 and row["seeds"] == 2 and row["protocol_v2"] == "yes"
+    for r in rows:  # vanilla still falling 30% over its last interval: the horizon was too short for protocol v2
+        r["curve"] = [[2000, 10.0], [4000, 7.0]]
+    (row,) = board.scenes_align(data, "align_scenes.json", "alignment")
+    assert row["protocol_v2"] == "no (vanilla still improving: FID -30% over its last interval)"

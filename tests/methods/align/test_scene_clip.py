@@ -234,3 +234,14 @@ def test_a_timm_trunk_replaces_the_stem_and_keeps_the_8x8_token_grid():
         SceneCLIP(replace(TINY, trunk="no-such-net"), grammar_vocabulary(Tokenizer(TINY.context_length)))
     with pytest.raises(ValueError, match="pool must be tok"):
         replace(TINY, pool="max")
+
+
+def test_scene_clip_first_features_measure_on_the_first_recipe(tiny, monkeypatch):
+    from ditlab.metrics.features import feature_extractor
+    from ditlab.metrics.scene_clip import FIRST_RECIPE
+
+    asked = []
+    monkeypatch.setattr(scene_clip_module, "scene_clip", lambda cache_dir, recipe: asked.append(recipe) or tiny[0])
+    first, default = feature_extractor("scene-clip-first"), feature_extractor("scene-clip")
+    assert asked == [FIRST_RECIPE, SceneCLIPRecipe()]  # a separately trained network, not the default's
+    assert (first.name, default.name) == ("scene-clip-first", "scene-clip")
