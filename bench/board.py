@@ -262,6 +262,16 @@ def attention(data: dict, source: str, family: str) -> list[dict]:
                      [start_load(data.get("load_start"))], {threads} if threads else set())]  # fmt: skip
 
 
+def paired_speedups(paired: dict) -> tuple[float, str]:
+    """Mean and wording of per-seed speed-ups against vanilla of the same seed; a seed that never gets there counts
+    as 0x."""
+    speed = statistics.mean(v or 0.0 for v in paired.values())
+    text = ("paired steps-to-vanilla's-final-FID speed-up per seed " +
+            ", ".join(f"s{k}: " + ("never" if v is None else f"{v:.2f}x") for k, v in paired.items()) +
+            f" (mean {speed:.2f}x, never = 0)")  # fmt: skip
+    return speed, text
+
+
 def align(data: dict, source: str, family: str) -> list[dict]:
     """Alignment arms against vanilla: steps to vanilla's final FID, from the file's own summary."""
     summary, main = data["summary"], next(run for run in data["runs"] if run["settings"]["part"] == "main")
@@ -273,11 +283,8 @@ def align(data: dict, source: str, family: str) -> list[dict]:
     for arm in (a for a in summary if a not in ("vanilla", "vanilla_final_fid")):
         time = f"{step_s[arm] / step_s['vanilla']:.2f}x" if arm in step_s and "vanilla" in step_s else "n/a"
         paired = summary[arm].get("paired_speedup")
-        if paired:  # per seed, against vanilla of the same seed; a seed that never gets there counts as 0x
-            speed = statistics.mean(v or 0.0 for v in paired.values())
-            text = ("paired steps-to-vanilla's-final-FID speed-up per seed " +
-                    ", ".join(f"s{k}: " + ("never" if v is None else f"{v:.2f}x") for k, v in paired.items()) +
-                    f" (mean {speed:.2f}x, never = 0)")  # fmt: skip
+        if paired:
+            speed, text = paired_speedups(paired)
         else:
             reach = [s for s in summary[arm]["steps_to_vanilla"] if s is not None]
             speed = statistics.mean(own) / statistics.mean(reach) if reach and own else None
@@ -396,10 +403,7 @@ def scenes_align(data: dict, source: str, family: str) -> list[dict]:
     mean = lambda arm, key: statistics.mean(f[key] for f in finals[arm]) if all(key in f for f in finals[arm]) else None  # noqa: E731
     rows = []
     for arm in (a for a in finals if a != "vanilla"):
-        paired = data["summary"][arm]["paired_speedup"]
-        speed = statistics.mean(v or 0.0 for v in paired.values())
-        text = ("paired steps-to-vanilla's-final-FID speed-up per seed " + ", ".join(
-            f"s{k}: " + ("never" if v is None else f"{v:.2f}x") for k, v in paired.items()) + f" (mean {speed:.2f}x, never = 0)")  # fmt: skip
+        speed, text = paired_speedups(data["summary"][arm]["paired_speedup"])
         one = cand(arm, [f["fid"] for f in finals[arm]], text, steps_speedup=speed)
         row = make_row(family, source, "training", f"vanilla ({main['settings']['steps']} steps)",
                        [f["fid"] for f in finals["vanilla"]], [one], main["settings"].get("final_samples"),
