@@ -351,17 +351,18 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.9, help="EMA of the fine-tune (sampled); <0: none")
     parser.add_argument("--clear-radii", type=float, nargs=2, default=[2.0, 3.0])
     parser.add_argument("--graft-radius", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the graft part (ops cells: 1)")
     parser.add_argument("--fresh", action="store_true", help="start a new attention.json instead of adding to it")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of attention.{json,md,png}")
     args = parser.parse_args()
     args.ema_decay = None if args.ema_decay < 0 else args.ema_decay
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     results = args.results
     results.mkdir(parents=True, exist_ok=True)
     path = results / "attention.json"
     report = json.loads(path.read_text()) if path.is_file() and not args.fresh else {}
     report.setdefault("graft", [])
-    report.update(machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
+    report.update(machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread{'s' if args.threads > 1 else ''}",
                   load_start=load(), command="python bench/attention.py " + " ".join(os.sys.argv[1:]))  # fmt: skip
 
     def save() -> None:

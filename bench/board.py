@@ -298,12 +298,25 @@ def align(data: dict, source: str, family: str) -> list[dict]:
     return [unconverged(row, [r["curve"] for r in plain if r["arm"] == "vanilla"])]
 
 
+def chain_start_loads(runs: list[dict]) -> dict[int, float | None]:
+    """Each run's start load, read as the load its bench process found: a run whose start load is exactly the
+    previous run's end load was started by the same process right after it (the bench's own threads, not another
+    job), so it inherits the first run of that chain's load."""
+    loads, previous = {}, None
+    for run in runs:
+        chained = previous is not None and run.get("load_start") == previous.get("load_end")
+        loads[id(run)] = loads[id(previous)] if chained else start_load(run.get("load_start"))
+        previous = run
+    return loads
+
+
 BACKBONE_PAIRS = {"rae": "sit", "ofa-kd": "output-kd", "dico": "dit", "d2it": "dit"}
 
 
 def backbones(data: dict, source: str, family: str) -> list[dict]:
     """Training curves (arm vs its pair, longest budget) and the speed groups (first row, or ``dit``, as baseline)."""
     out, train = [], data.get("train", [])
+    chain_loads = chain_start_loads(train)
     for baseline in dict.fromkeys(BACKBONE_PAIRS.values()):
         arms = [a for a, b in BACKBONE_PAIRS.items() if b == baseline]
         budgets = {r["steps"] for r in train if r["arm"] in arms} & {r["steps"] for r in train if r["arm"] == baseline}
@@ -327,7 +340,7 @@ def backbones(data: dict, source: str, family: str) -> list[dict]:
                               f"{text}; params {params:.3f}" if params else text, steps_speedup=speed))  # fmt: skip
         if any(c["fids"] for c in cands):
             out.append(make_row(family, source, "training", f"{baseline} ({steps} steps)", [r["final_fid"] for r in base],
-                                cands, base[0].get("samples"), [start_load(r.get("load_start")) for r in used],
+                                cands, base[0].get("samples"), [chain_loads[id(r)] for r in used],
                                 {r["threads"] for r in used if "threads" in r}))  # fmt: skip
     for group, rows in data.get("speed", {}).items():
         base = next((r for r in rows if r["name"] == "dit"), rows[0])
@@ -419,22 +432,26 @@ def scenes_align(data: dict, source: str, family: str) -> list[dict]:
 
 def scenes_caching(data: dict, source: str, family: str) -> list[dict]:
     """Caches and learned routers on a text-to-image teacher: speed-up, CLIP score against the uncached run, PSNR
-    against its samples (the file holds no FID)."""
+    against its samples, and FID where the file measured one (files before 2026-12-08 hold none)."""
     base = next(r for r in data["rows"] if r["method"] == "none")
+    base_fid = base.get("fid")
     rows = []
     for r in (r for r in data["rows"] if r["method"] != "none"):
         seeds, samples = 1, data.get("num")
+        fid = r.get("fid") if base_fid else None
+        fid_note = f"FID on {data['fid_features']}" if fid is not None else "no FID in the file"
         rows.append({"family": "learned caching" if r["row"] == "learned router" else family, "file": source,
                      "kind": "sampling", "setting": f"{r['method']} {knobs(r['settings'])}", "baseline":
                      f"uncached {data['sampler']} {data['steps']} steps, CFG {data['cfg_scale']}",
-                     "baseline_fid": None, "baseline_fid_sd": None, "fid": None, "fid_sd": None, "fid_interval": None,
-                     "fid_rel": None, "clip_score": r["clip_score"], "baseline_clip_score": base["clip_score"],
+                     "baseline_fid": base_fid, "baseline_fid_sd": None, "fid": fid, "fid_sd": None,
+                     "fid_interval": r.get("fid_interval") if fid is not None else None,
+                     "fid_rel": None if fid is None else fid / base_fid, "clip_score": r["clip_score"], "baseline_clip_score": base["clip_score"],
                      "digit_check": None, "baseline_digit_check": None, "wall_speedup": r["speedup"],
                      "flop_speedup": None, "param_ratio": None, "steps_speedup": None,
                      "saving": f"{r['speedup']:.2f}x images/s (paired), {r['computed_share']:.0%} of units computed",
                      "samples": samples, "seeds": seeds, "load_start": [start_load(data.get("load_start"))],
                      "threads": [data["threads"]], "protocol_v2": protocol([start_load(data.get("load_start"))], seeds, samples),
-                     "notes": f"PSNR {r['psnr']:.1f} dB vs uncached; {data['block']} teacher; no FID in the file"})  # fmt: skip
+                     "notes": f"PSNR {r['psnr']:.1f} dB vs uncached; {data['block']} teacher; {fid_note}"})  # fmt: skip
     return rows
 
 

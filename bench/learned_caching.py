@@ -108,20 +108,26 @@ def verdict(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def fid_text(row: dict) -> str:
+    """The row's FID with its 95% bootstrap interval where the run measured one."""
+    low_high = row.get("fid_interval")
+    return f"{row['fid']:.3f}" + (f" [{low_high[0]:.1f}, {low_high[1]:.1f}]" if low_high else "")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Learned caching on the digits teacher ({report['num']} samples, DDIM {STEPS} steps, cfg "
              f"{report['cfg_scale']})", "", f"Load average at start {report['load_start']}, at end {report['load_end']}; "
-             "torch threads 1. Speed-ups are ratios to the uncached run of the same process (caching.json rows: to "
+             f"torch threads {report.get('threads', 1)}. Speed-ups are ratios to the uncached run of the same process (caching.json rows: to "
              "that run's own uncached timing). On a shared machine the wall time of single rows follows the load "
              "(the uncached row ran at the highest), so read CPU time, FLOPs and the interleaved wall-clock pairs "
              "below. Training cost is CPU seconds.", "",
              "| source | policy | knobs | units computed | CPU-time speed-up | wall speed-up | FLOPs speed-up | "
-             "full-eq. NFE | FID | FID change | PSNR dB | train CPU-s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "full-eq. NFE | FID [95%] | FID change | PSNR dB | train CPU-s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["rows"]:
         computed = row.get("computed_fraction", row.get("work_share"))
         cells = [row["source"], row["policy"], knob_text(row), "-" if computed is None else f"{computed:.0%}",
                  f"{row['cpu_speedup']:.2f}x", f"{row['wall_speedup']:.2f}x", f"{row['flop_speedup']:.2f}x",
-                 f"{STEPS / row['flop_speedup']:.1f}", f"{row['fid']:.3f}", f"{row['fid_change']:+.1%}",
+                 f"{STEPS / row['flop_speedup']:.1f}", fid_text(row), f"{row['fid_change']:+.1%}",
                  f"{row['psnr']:.1f}", f"{row['train_cpu_s']:.0f}" if "train_cpu_s" in row else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Targets", "", "| learned row | FLOPs speed-up | FID change | >= 2x within 5% FID | best "
@@ -191,6 +197,8 @@ def main() -> None:
     parser.add_argument("--no-fora", dest="fora", action="store_false", help="skip the in-process FORA rows")
     parser.add_argument("--timing-samples", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded in the results)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds of each FID's 95%% interval")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 samples, tiny training")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="learned_caching", help="result file names (.json, .md, .png)")
@@ -198,7 +206,7 @@ def main() -> None:
     if args.quick:
         args.num, args.batch, args.flop_samples, args.router_steps, args.pair_steps = 40, 40, 2, 19, 10
         args.sparsity, args.l2c_sparsity, args.ilf_steps, args.timing_samples, args.repeats = [1e-5], [1e-5], 6, 20, 1
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.teacher is None:
         from ditlab.methods.teacher import build_from_recipe
 
@@ -208,11 +216,11 @@ def main() -> None:
     out, name = Path(args.out), f"{args.name}_quick" if args.quick else args.name
     root = Path("runs") / f"bench_{args.name}"
     report = {"teacher": args.teacher, "num": args.num, "cfg_scale": cfg_scale, "sampler": "ddim", "steps": STEPS,
-              "load_start": load_average(), "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": []}  # fmt: skip
+              "threads": args.threads, "load_start": load_average(), "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": []}  # fmt: skip
     print(f"load average {report['load_start']}", flush=True)
     labels = torch.arange(args.num) % network.num_classes
     run = Run(network, objective, labels, STEPS, cfg_scale, args.batch, args.flop_samples,
-              feature_extractor("digits-classifier"))  # fmt: skip
+              feature_extractor("digits-classifier"), bootstrap=args.bootstrap)  # fmt: skip
     with torch.no_grad():
         run.sample(network, labels[:10])  # warm-up
     reference = run(network)

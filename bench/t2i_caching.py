@@ -87,10 +87,10 @@ class Bench:
         return sample_from_config(self.network, self.bundle.objective, self.sampling, features, seed=0, model=model,
                                   decode=self.decode, batch_size=self.batch)  # fmt: skip
 
-    def timed(self, model) -> tuple[torch.Tensor, float, float]:
+    def timed(self, model, count: int | None = None) -> tuple[torch.Tensor, float, float]:
         started_wall, started_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            images = self.sample(model)
+            images = self.sample(model, count)
         return images, time.perf_counter() - started_wall, time.process_time() - started_cpu
 
 
@@ -137,10 +137,10 @@ def train_router(args, bundle, device: torch.device) -> tuple[Plan, dict]:
                     "train_steps": args.router_steps, "train_s": seconds, "computed_fraction": plan.computed_fraction}
 
 
-def measure(bench: Bench, network, model, reference: dict | None, repeats: int) -> dict:
+def measure(bench: Bench, network, model, reference: dict | None, repeats: int, timing: int | None = None) -> dict:
     """Images, throughput (median images/s over its runs) and the wall and CPU speed-ups of ``model`` (medians over
-    the first run against the reference's and ``repeats - 1`` more adjacent (uncached, model) pairs, order
-    alternating, which cancels most of a shared machine's drift)."""
+    the first run against the reference's and ``repeats - 1`` more adjacent (uncached, model) pairs on the first
+    ``timing`` captions, order alternating, which cancels most of a shared machine's drift)."""
     images, wall, cpu = bench.timed(model)
     result = {"images": images, "wall_s": wall, "cpu_s": cpu, "images_per_s": len(images) / wall}
     if reference is None:
@@ -150,10 +150,10 @@ def measure(bench: Bench, network, model, reference: dict | None, repeats: int) 
         pair = [(network, True), (model, False)][:: 1 if repeat % 2 else -1]
         times = {}
         for which, is_reference in pair:
-            _, times[is_reference, "wall"], times[is_reference, "cpu"] = bench.timed(which)
+            timed, times[is_reference, "wall"], times[is_reference, "cpu"] = bench.timed(which, timing)
         walls.append(times[True, "wall"] / times[False, "wall"])
         cpus.append(times[True, "cpu"] / times[False, "cpu"])
-        rates.append(len(images) / times[False, "wall"])
+        rates.append(len(timed) / times[False, "wall"])
     result.update(images_per_s=statistics.median(rates), speedup=statistics.median(walls),
                   cpu_speedup=statistics.median(cpus), wall_ratios=walls)  # fmt: skip
     return result
@@ -167,23 +167,41 @@ def clip_of(images: torch.Tensor, captions: list[str], device: torch.device, ski
     return clip_score_of(images, captions, device=device)["clip_score"]
 
 
+def fid_of(images: torch.Tensor, args: argparse.Namespace) -> dict:
+    """FID against the digit scenes on features no row was tuned on, with its bootstrap interval."""
+    if args.skip_clip:
+        return {}
+    from ditlab.metrics.fid import evaluate_images
+
+    metrics = evaluate_images(images, reference="scenes", features=args.fid_features, bootstrap=args.bootstrap)
+    return {"fid": metrics["fid"], "fid_interval": metrics.get("fid_interval")}
+
+
+def fid_text(row: dict) -> str:
+    if row.get("fid") is None:
+        return "-"
+    low_high = row.get("fid_interval")
+    return f"{row['fid']:.2f}" + (f" [{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else "")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Caching on a text-to-image {report['block']} ({report['num']} validation captions, {report['sampler']} "
              f"{report['steps']} steps, cfg {report['cfg_scale']})", "",
              f"Checkpoint `{report['checkpoint']}`, device {report['device']}, torch threads {report['threads']}. "
              f"Load average at start {report['load_start']}, at end {report['load_end']}. Speed-ups are ratios of "
              f"images/s to the uncached run in this process (median over {report['repeats']} timing(s), adjacent pairs in "
-             "alternating order); CLIP score on the scene CLIP (change: row minus uncached); PSNR paired against the "
-             "uncached samples.", "",
+             f"alternating order, pairs on the first {report.get('timing_samples', report['num'])} captions); CLIP "
+             "score on the scene CLIP (change: row minus uncached); FID [95% bootstrap interval] against the digit "
+             f"scenes on `{report.get('fid_features', '-')}` features; PSNR paired against the uncached samples.", "",
              "| row | method | settings | units computed | images/s | speed-up | CPU-time speed-up | CLIP score | "
-             "CLIP change | PSNR dB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "CLIP change | FID [95%] | PSNR dB |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["rows"]:
         clip = "-" if row["clip_score"] is None else f"{row['clip_score']:.2f}"
         change = "-" if row.get("clip_change") is None else f"{row['clip_change']:+.2f}"
         knobs = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "-"
         lines.append(f"| {row['row']} | {row['method']} | {knobs} | {row['computed_share']:.0%} | "
                      f"{row['images_per_s']:.2f} | {row.get('speedup', 1.0):.2f}x | {row.get('cpu_speedup', 1.0):.2f}x | "
-                     f"{clip} | {change} | {'-' if row['row'] == 'uncached' else format(row['psnr'], '.1f')} |")  # fmt: skip
+                     f"{clip} | {change} | {fid_text(row)} | {'-' if row['row'] == 'uncached' else format(row['psnr'], '.1f')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -207,12 +225,18 @@ def main() -> None:
                         "run, then adjacent (uncached, row) pairs)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-clip", action="store_true", help="no CLIP score (a smoke run without the scene CLIP)")
+    parser.add_argument("--timing-samples", type=int, default=256, help="captions of each adjacent timing pair")
+    parser.add_argument("--fid-features", default="scene-clip-first", help="FID features (default: the first recipe's "
+                        "scene CLIP, which neither the network nor the router saw)")  # fmt: skip
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds of each FID's 95%% interval")
+    parser.add_argument("--skip-clip", action="store_true", help="no CLIP score or FID (a smoke run without the scene "
+                        "CLIPs)")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="t2i_caching", help="result file names (.json, .md)")
     args = parser.parse_args()
     report = {"checkpoint": args.checkpoint, "load_start": load_average(), "threads": args.threads,
-              "device": args.device, "repeats": args.repeats}  # fmt: skip
+              "device": args.device, "repeats": args.repeats, "timing_samples": args.timing_samples,
+              "fid_features": None if args.skip_clip else args.fid_features}  # fmt: skip
     print(f"load average {report['load_start']}", flush=True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -232,21 +256,24 @@ def main() -> None:
     reference = measure(bench, network, network, None, 1)
     clip_reference = clip_of(reference["images"], captions, device, args.skip_clip)
     rows = [{"row": "uncached", "method": "none", "settings": {}, "computed_share": 1.0,
-             "images_per_s": reference["images_per_s"], "clip_score": clip_reference}]  # fmt: skip
-    print(f"uncached: {reference['images_per_s']:.2f} images/s, CLIP {clip_reference}", flush=True)
+             "images_per_s": reference["images_per_s"], "clip_score": clip_reference,
+             **fid_of(reference["images"], args)}]  # fmt: skip
+    print(f"uncached: {reference['images_per_s']:.2f} images/s, CLIP {clip_reference}, FID {fid_text(rows[0])}",
+          flush=True)
 
     def add(row: str, method: str, settings: dict, model, extra: dict | None = None) -> None:
-        result = measure(bench, network, model, reference, args.repeats)
+        result = measure(bench, network, model, reference, args.repeats, args.timing_samples)
         clip = clip_of(result["images"], captions, device, args.skip_clip)
         work = getattr(model, "computed_share", None)
         rows.append({"row": row, "method": method, "settings": settings, "computed_share": work,
                      "images_per_s": result["images_per_s"], "speedup": result["speedup"],
                      "cpu_speedup": result["cpu_speedup"], "wall_ratios": result["wall_ratios"], "clip_score": clip,
                      "clip_change": None if clip is None else clip - clip_reference,
-                     "psnr": psnr(result["images"], reference["images"]), **(extra or {})})  # fmt: skip
+                     "psnr": psnr(result["images"], reference["images"]), **fid_of(result["images"], args),
+                     **(extra or {})})  # fmt: skip
         last = rows[-1]
         print(f"{row} {method} {settings}: {last['images_per_s']:.2f} images/s ({last['speedup']:.2f}x), "
-              f"{work:.0%} of the units, CLIP {clip}, PSNR {last['psnr']:.1f} dB", flush=True)  # fmt: skip
+              f"{work:.0%} of the units, CLIP {clip}, FID {fid_text(last)}, PSNR {last['psnr']:.1f} dB", flush=True)  # fmt: skip
 
     options = dict(parse_option(text) for text in args.cache_option)
     rest = {k: v for k, v in sampling_options(sampling).items()

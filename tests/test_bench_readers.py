@@ -110,3 +110,46 @@ def test_board_reads_the_scenes_alignment_file_from_its_final_evaluations():
         r["curve"] = [[2000, 10.0], [4000, 7.0]]
     (row,) = board.scenes_align(data, "align_scenes.json", "alignment")
     assert row["protocol_v2"] == "no (vanilla still improving: FID -30% over its last interval)"
+
+
+def test_runs_chained_in_one_bench_process_inherit_its_start_load():
+    """The backbones bench runs its arms one after another; only the first run's start load says whether another
+    job shared the machine. A run started by something else (its start load is not the previous end) counts alone."""
+    board = load("board")
+
+    def run(arm: str, seed: int, start: list, end: list, fid: float) -> dict:
+        return {"arm": arm, "seed": seed, "steps": 100, "curve": [[50, fid + 10], [100, fid]], "final_fid": fid,
+                "samples": 500, "parameters": 10, "threads": 2, "load_start": start, "load_end": end}  # fmt: skip
+
+    chained = [run("sit", 0, [1.2, 1, 1], [2.0, 1, 1], 50.0), run("rae", 0, [2.0, 1, 1], [2.1, 1, 1], 30.0),
+               run("sit", 1, [2.1, 1, 1], [2.0, 1, 1], 52.0), run("rae", 1, [2.0, 1, 1], [1.9, 1, 1], 31.0),
+               run("sit", 2, [1.9, 1, 1], [2.0, 1, 1], 51.0), run("rae", 2, [2.0, 1, 1], [2.0, 1, 1], 29.0)]  # fmt: skip
+    loads = board.chain_start_loads(chained)
+    assert [loads[id(r)] for r in chained] == [1.2] * 6
+    [row] = board.backbones({"train": chained}, "backbones.json", "backbones")
+    assert row["setting"] == "rae" and row["protocol_v2"] == "yes"
+
+    chained[3]["load_start"] = [6.5, 3, 2]  # seed 1's rae arm started by another process, beside other jobs
+    loads = board.chain_start_loads(chained)
+    assert [loads[id(r)] for r in chained] == [1.2, 1.2, 1.2, 6.5, 6.5, 6.5]
+    [row] = board.backbones({"train": chained}, "backbones.json", "backbones")
+    assert row["protocol_v2"] == "no (load 6.5)"
+
+
+def test_board_reads_scene_caching_fids_when_the_file_has_them():
+    board = load("board")
+    base = {"row": "uncached", "method": "none", "settings": {}, "computed_share": 1.0, "images_per_s": 3.0,
+            "clip_score": 90.0}  # fmt: skip
+    cached = {"row": "caching", "method": "magcache", "settings": {"threshold": 0.06}, "computed_share": 0.5,
+              "images_per_s": 6.0, "speedup": 2.0, "clip_score": 89.0, "psnr": 35.0}  # fmt: skip
+    data = {"rows": [base, cached], "num": 2000, "threads": 2, "load_start": "1.10 1.00 0.90", "sampler": "euler",
+            "steps": 50, "cfg_scale": 3.0, "block": "mmdit"}  # fmt: skip
+    [old] = board.scenes_caching(data, "t2i_caching.json", "caching")
+    assert old["fid"] is None and old["fid_rel"] is None and "no FID in the file" in old["notes"]
+    assert old["protocol_v2"] == "yes"  # 2,000 samples, alone
+
+    base.update(fid=4.0, fid_interval=[3.5, 4.4])
+    cached.update(fid=5.0, fid_interval=[4.4, 5.5])
+    [row] = board.scenes_caching(dict(data, fid_features="scene-clip-first"), "t2i_caching.json", "caching")
+    assert (row["baseline_fid"], row["fid"], row["fid_interval"]) == (4.0, 5.0, [4.4, 5.5])
+    assert row["fid_rel"] == pytest.approx(1.25) and "FID on scene-clip-first" in row["notes"]
