@@ -227,16 +227,19 @@ def moe(data: dict, source: str, family: str) -> list[dict]:
         steps = max(r["train_steps"] for r in mine)
         mine = [r for r in mine if r["train_steps"] == steps]
         base = [r for r in rows if r["method"] == baseline and r["train_steps"] in (0, steps)]
-        b = base[0]
-        active, total = mine[0]["params_active"] / b["params_active"], mine[0]["params_total"] / b["params_total"]
-        flops = mine[0]["flops_per_image"] / b["flops_per_image"]
-        text = (f"active params {active:.3f} ({mine[0]['params_active'] / 1e6:.2f}M of {b['params_active'] / 1e6:.2f}M;"
-                f" total {total:.3f}x), FLOPs {flops:.3f} ({1 / flops:.2f}x)")  # fmt: skip
+        b, cands = base[0], []
+        for method in dict.fromkeys(r["method"] for r in mine):  # each variant its own candidate (experts only, MoB)
+            runs_of_method = [r for r in mine if r["method"] == method]
+            first = runs_of_method[0]
+            active, total = first["params_active"] / b["params_active"], first["params_total"] / b["params_total"]
+            flops = first["flops_per_image"] / b["flops_per_image"]
+            text = (f"active params {active:.3f} ({first['params_active'] / 1e6:.2f}M of {b['params_active'] / 1e6:.2f}M;"
+                    f" total {total:.3f}x), FLOPs {flops:.3f} ({1 / flops:.2f}x)")  # fmt: skip
+            cands.append(cand(f"{method} ({steps} steps)", [r["fid"] for r in runs_of_method], text,
+                              param_ratio=active, flop_speedup=1 / flops))  # fmt: skip
         made = list({id(run): run for r in mine + base for run in runs_of(r)}.values())
         out.append(make_row(family, source, "size", f"{baseline} ({steps} steps)" if prefix == "DiT-MoE" else baseline,
-                            [r["fid"] for r in base],
-                            [cand(f"{mine[0]['method']} ({steps} steps)", [r["fid"] for r in mine], text,
-                                  param_ratio=active, flop_speedup=1 / flops)],
+                            [r["fid"] for r in base], cands,
                             mine[0].get("num_samples"), [run["machine"]["loadavg_start"][0] for run in made] or [None],
                             {run["machine"]["threads"] for run in made}))  # fmt: skip
     return out

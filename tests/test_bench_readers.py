@@ -153,3 +153,21 @@ def test_board_reads_scene_caching_fids_when_the_file_has_them():
     [row] = board.scenes_caching(dict(data, fid_features="scene-clip-first"), "t2i_caching.json", "caching")
     assert (row["baseline_fid"], row["fid"], row["fid_interval"]) == (4.0, 5.0, [4.4, 5.5])
     assert row["fid_rel"] == pytest.approx(1.25) and "FID on scene-clip-first" in row["notes"]
+
+
+def test_board_keeps_each_dense2moe_variant_apart_and_picks_the_smallest_within_reach():
+    board = load("board")
+
+    def row(method: str, seed: int, fid: float, active: float, steps: int = 300) -> dict:
+        return {"method": method, "knob": {"experts": 7}, "seed": seed, "fid": fid, "train_steps": steps,
+                "params_active": active, "params_total": 3.7e6, "flops_per_image": active * 20, "num_samples": 500}  # fmt: skip
+
+    teacher = [row("dense teacher", s, 29.0 + s / 10, 3.65e6, steps=0) for s in range(3)]
+    experts = [row("Dense2MoE: carve + KD (experts only)", s, 30.5, 2.68e6) for s in range(3)]
+    mixture = [row("Dense2MoE: carve + KD + Mixture of Blocks", s, 28.0 + s, 2.03e6) for s in range(3)]
+    run = {"settings": {"parts": ["dense2moe"], "seeds": [0, 1, 2], "distill_steps": 300},
+           "machine": {"loadavg_start": [1.2, 1.0, 0.9], "threads": 2}}  # fmt: skip
+    [moe_row] = board.moe({"rows": teacher + experts + mixture, "runs": [run]}, "moe.json", "MoE")
+    assert moe_row["setting"] == "Dense2MoE: carve + KD + Mixture of Blocks (300 steps)" and moe_row["candidates"] == 2
+    assert moe_row["fid"] == pytest.approx(29.0) and moe_row["param_ratio"] == pytest.approx(2.03 / 3.65)
+    assert moe_row["protocol_v2"] == "yes"

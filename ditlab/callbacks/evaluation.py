@@ -80,9 +80,11 @@ class Evaluation(L.Callback):
 
     @property
     def state_key(self) -> str:
-        """Distinct per protocol, so two Evaluation callbacks (say digits and Inception) checkpoint apart."""
+        """Distinct per protocol, so two Evaluation callbacks (say digits and Inception, or a tracking curve and a
+        final evaluation with a bootstrap interval) checkpoint apart."""
+        interval = {"bootstrap": self.bootstrap} if self.bootstrap else {}  # keys of runs without one stay as they were
         return self._generate_state_key(
-            reference=self.reference, features=self.features, num_samples=self.num_samples
+            reference=self.reference, features=self.features, num_samples=self.num_samples, **interval
         )
 
     # ------------------------------------------------------------------------------- feature network

@@ -94,6 +94,13 @@ def test_a_final_evaluation_with_bootstrap_sits_beside_a_tracking_curve(tmp_path
     assert 0 <= low < high and "fid_interval" not in tracking.last_metrics
 
 
+def test_two_evaluations_differing_only_in_their_interval_checkpoint_apart():
+    plain, with_interval = Evaluation(num_samples=24), Evaluation(num_samples=24, bootstrap=200)
+    assert plain.state_key != with_interval.state_key
+    assert plain.state_key == Evaluation(num_samples=24, bootstrap=0).state_key  # old checkpoints keep their key
+    assert "bootstrap" not in plain.state_key
+
+
 def test_state_round_trip_skips_a_repeated_final_evaluation():
     first = Evaluation(num_samples=8)
     first.last_step, first.last_metrics = 40, {"fid": 3.0, "fid_features": "digits-classifier"}
