@@ -15,11 +15,15 @@ own sampler, steps and guidance (the empty caption as the null condition):
 Each row samples the same captions and seeds and reports the throughput in images/s and its speed-up over the uncached
 run (wall clock; the median over ``--repeats`` adjacent (uncached, row) pairs in alternating order), the CPU-time
 speed-up, the share of the network's branch work computed, the CLIP score (the scene CLIP,
-``ditlab.metrics.text_eval.clip_score_of``) and its change from the uncached samples, and the paired PSNR against the
-uncached samples. Writes ``bench/results/t2i_caching.{json,md}`` with the load average at the start and the end.
+``ditlab.metrics.text_eval.clip_score_of``) and its change from the uncached samples, the FID against the digit
+scenes on features neither the network nor the router was tuned on (default ``scene-clip-first``, with a bootstrap
+interval), and the paired PSNR against the uncached samples. The adjacent timing pairs sample the first
+``--timing-samples`` captions, so a 2,000-caption run is not timed three times over. Writes
+``bench/results/t2i_caching.{json,md}`` with the load average at the start and the end.
 
-    python bench/t2i_caching.py RUN/checkpoints/final.ckpt [--num 256] [--cache magcache --cache-option threshold=0.06]
-        [--router-mode harmonica --router-steps 196 --sparsity 3e-5] [--device cpu] [--threads 1]
+    python bench/t2i_caching.py RUN/checkpoints/final.ckpt [--num 2000] [--timing-samples 256]
+        [--cache magcache --cache-option threshold=0.06] [--router-mode harmonica --router-steps 196 --sparsity 3e-5]
+        [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
